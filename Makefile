@@ -1,0 +1,24 @@
+# The two commands of the README. Each creates or reuses .venv first (seconds when ready).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup serve test test-fast bench-kernels clean-venv
+
+setup:
+	@bash scripts/setup_venv.sh
+
+serve: setup
+	$(VENV)/bin/sae-serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# Unit tests only: no vLLM engine.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+bench-kernels: setup
+	$(PY) benchmarks/kernels.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,73 @@
+"""Hook point names.
+
+The server can only hook one thing: the residual stream between decoder layers. Its
+canonical name is ``layers.{L}``, the stream *after* decoder layer ``L`` (0-based), which
+is what layer ``L+1`` reads. Dictionaries trained elsewhere name the same place
+differently, so names are parsed here once and every other module works with the
+canonical form.
+
+Accepted spellings (all map to ``layers.L``):
+
+- ``layers.L`` and ``model.layers.L`` (EleutherAI sparsify / Hugging Face module paths;
+  the output of a decoder layer module is its residual stream),
+- ``blocks.L.hook_resid_post`` (SAELens / TransformerLens),
+- ``blocks.{L+1}.hook_resid_pre`` (the stream entering block L+1 is the one leaving
+  block L; ``blocks.0.hook_resid_pre`` is the embedding output and is refused).
+"""
+
+from __future__ import annotations
+
+import re
+
+_PATTERNS: list[tuple[re.Pattern[str], int]] = [
+    # (pattern, offset added to the captured block index)
+    (re.compile(r"(?:model\.)?layers\.(\d+)"), 0),
+    (re.compile(r"blocks\.(\d+)\.hook_resid_post"), 0),
+    (re.compile(r"blocks\.(\d+)\.hook_resid_pre"), -1),
+]
+
+
+def parse_hook_point(name: str) -> int:
+    """Return the layer index ``L`` of a residual-stream hook point name.
+
+    Raises ``ValueError`` naming the accepted forms for anything else (attention or
+    MLP outputs, ``hook_z``, the embedding output), since the server cannot hook those.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"hook point must be a string, got {type(name).__name__}")
+    text = name.strip()
+    for pattern, offset in _PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        layer = int(match.group(1)) + offset
+        if layer < 0:
+            raise ValueError(
+                f"hook point {name!r} is the embedding output, not the output of a "
+                "decoder layer; only residual streams after a layer can be hooked"
+            )
+        return layer
+    raise ValueError(
+        f"unsupported hook point {name!r}: expected 'layers.L' (residual stream after "
+        "decoder layer L, 0-based), or SAELens' 'blocks.L.hook_resid_post'"
+    )
+
+
+def canonical_hook_point(name: str) -> str:
+    """Canonical spelling ``layers.L`` of any accepted hook point name."""
+    return f"layers.{parse_hook_point(name)}"
+
+
+def validate_hook_point(name: str, num_layers: int) -> str:
+    """Check that ``name`` is a hook point of a model with ``num_layers`` decoder layers.
+
+    Returns the canonical name; raises ``ValueError`` if it does not parse or the layer
+    does not exist.
+    """
+    layer = parse_hook_point(name)
+    if layer >= num_layers:
+        raise ValueError(
+            f"hook point {name!r} is layer {layer}, but the model has {num_layers} "
+            f"decoder layers (valid: layers.0 .. layers.{num_layers - 1})"
+        )
+    return f"layers.{layer}"

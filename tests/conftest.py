@@ -1,20 +1,28 @@
-"""Shared fixtures: one prepared model, and at most one vLLM engine per test session.
+"""Shared fixtures: one prepared model, and one SAE engine (real vLLM) per test session.
 
 Starting vLLM costs tens of seconds on these CPUs, so every test that needs an engine
-shares the session-scoped one below instead of starting its own.
+shares the session-scoped one below. The engine is asyncio-based; it lives on its own
+event loop in a background thread and tests submit coroutines to it with ``harness.run``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Coroutine
 
 import pytest
 import torch
 
-# Keep vLLM's CPU KV cache small (the default takes a share of all RAM) and quiet its logs.
+# Keep vLLM's CPU KV cache small (the default takes a share of all RAM) and its logs short.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DICTIONARY = REPO / "sae_runtime" / "data" / "default_dictionary"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,17 +41,49 @@ def default_model_dir() -> Path:
     return prepare_default_model(progress=False)
 
 
-@pytest.fixture(scope="session")
-def vllm_llm(default_model_dir):
-    """A plain vLLM engine on the default model (float32, eager), shared by the session."""
-    from vllm import LLM
+@dataclass
+class EngineHarness:
+    engine: Any
+    loop: asyncio.AbstractEventLoop
+    dictionaries: dict[str, Path]  # role -> directory ("topk", "jumprelu", "trained" if present)
+    ids: dict[str, str]  # role -> served dictionary id
 
-    llm = LLM(
-        model=str(default_model_dir),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=2048,
-        seed=0,
+    def run(self, coro: Coroutine, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.fixture(scope="session")
+def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
+    from tests.dictionary_factory import make_dictionary
+
+    root = tmp_path_factory.mktemp("dictionaries")
+    dicts = {
+        "topk": make_dictionary(root / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1),
+        "jumprelu": make_dictionary(root / "jr10", layer=10, d_sae=256, architecture="jumprelu", seed=2),
+    }
+    if (DEFAULT_DICTIONARY / "cfg.json").is_file():
+        dicts["trained"] = DEFAULT_DICTIONARY
+    return dicts
+
+
+@pytest.fixture(scope="session")
+def sae_engine(default_model_dir, engine_dictionaries) -> EngineHarness:
+    """The session's engine: default model, eager, float32, with the test dictionaries."""
+    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="engine-loop", daemon=True)
+    thread.start()
+    roles = list(engine_dictionaries)
+    config = EngineConfig(
+        dictionaries=[str(engine_dictionaries[r]) for r in roles],
+        max_model_len=1024,
+        max_num_seqs=16,
     )
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(900)
+    ids = dict(zip(roles, engine.registry.ids()))
+    harness = EngineHarness(engine, loop, engine_dictionaries, ids)
+    yield harness
+    engine.shutdown()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)

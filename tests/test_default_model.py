@@ -72,13 +72,14 @@ def test_transformers_completes_paris(default_model_dir):
 
 
 @pytest.mark.slow
-def test_vllm_completes_paris(vllm_llm):
+def test_vllm_completes_paris(sae_engine):
+    """The engine is real vLLM in float32; a request without a spec is plain vLLM."""
     from vllm import SamplingParams
 
-    out = vllm_llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
-    assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
-    chat = vllm_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(max_tokens=16, temperature=0),
-    )
-    assert "Paris" in chat[0].outputs[0].text, chat[0].outputs[0].text
+    eng = sae_engine.engine
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    out = sae_engine.run(eng.complete(eng.encode_text("The capital of France is"), greedy))
+    assert "Paris" in out.text, out.text
+    chat_ids = eng.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    out = sae_engine.run(eng.complete(chat_ids, SamplingParams(max_tokens=16, temperature=0)))
+    assert "Paris" in out.text, out.text

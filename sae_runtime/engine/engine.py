@@ -1,0 +1,315 @@
+"""The engine wrapper: vLLM's async engine (V1) with the SAE runtime in its worker.
+
+One :class:`SAEEngine` per server replica. It loads the dictionary registry in the API
+process (for validation and the feature endpoints), starts vLLM with the worker extension,
+installs the SAE runtime in the worker with one ``collective_rpc``, and opens the feature
+side channel. :meth:`SAEEngine.generate` validates a request's spec *before* the request
+reaches vLLM, carries it in ``SamplingParams.extra_args``, and streams
+:class:`~sae_runtime.engine.outputs.GenerationChunk` objects that hold new text and the
+features of the tokens the model has read so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pydantic import BaseModel, Field
+
+from sae_runtime.engine.feature_channel import FeatureReceiver, RequestFeatures
+from sae_runtime.engine.outputs import DictionaryFeatures, GenerationChunk, TokenFeatures
+from sae_runtime.engine.spec import (
+    DictionaryInfo,
+    ModelShape,
+    SAERequestSpec,
+    SpecError,
+    SpecLimits,
+    steering_salt,
+    to_worker_spec,
+    validate_spec,
+)
+from sae_runtime.registry import DictionaryRegistry
+from sae_runtime.worker.runtime import SPEC_KEY
+
+WORKER_EXTENSION = "sae_runtime.worker.extension.SAEWorkerExtension"
+
+
+class EngineConfig(BaseModel):
+    """How to start one engine. Defaults serve the embedded model on this CPU."""
+
+    model: str | None = Field(default=None, description="checkpoint directory; None = the embedded default model")
+    dictionaries: list[str] = Field(default_factory=list, description="dictionary directories to serve")
+    dictionary_ids: list[str] | None = Field(default=None, description="client-facing ids, one per dictionary")
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    feature_timeout_s: float = 60.0
+    limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields")
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request for a reason other than its input."""
+
+
+class SAEEngine:
+    def __init__(self, config: EngineConfig, llm: Any, registry: DictionaryRegistry, model_dir: Path,
+                 model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any):
+        self.config = config
+        self.llm = llm
+        self.registry = registry
+        self.model_dir = model_dir
+        self.model_name = model_name
+        self.shape = shape
+        self.receiver = receiver
+        self.tokenizer = tokenizer
+        self.limits = SpecLimits(**config.limits)
+        self.dictionary_info = {
+            r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k) for r in registry
+        }
+
+    # -- start / stop -------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, config: EngineConfig | None = None) -> "SAEEngine":
+        config = config or EngineConfig()
+        if not config.enforce_eager:
+            raise ValueError(
+                "compiled mode is not supported with SAE hooks yet (Python hooks do not run inside "
+                "vLLM's compiled graph); start the engine with enforce_eager=True"
+            )
+        # Worker processes inherit the environment: size the CPU KV cache explicitly (the
+        # default is a share of all RAM) and force the V1 model runner, whose persistent
+        # input batch the hooks read.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(config.kv_cache_gib)))))
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from sae_runtime.default_model import MODEL_NAME, prepare_default_model
+
+        if config.model is None:
+            model_dir, model_name = prepare_default_model(), MODEL_NAME
+        else:
+            model_dir = Path(config.model).expanduser()
+            model_name = model_dir.name
+        hf_cfg = json.loads((model_dir / "config.json").read_text())
+        shape = ModelShape(num_layers=int(hf_cfg["num_hidden_layers"]), hidden_size=int(hf_cfg["hidden_size"]))
+        registry = DictionaryRegistry.load(
+            config.dictionaries,
+            model_name=model_name,
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
+            ids=config.dictionary_ids,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            served_model_name=model_name,
+            dtype=config.dtype,
+            enforce_eager=True,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+            enable_prefix_caching=config.enable_prefix_caching,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        receiver = FeatureReceiver()
+        try:
+            receiver.start()
+            await llm.collective_rpc(
+                "sae_install",
+                args=({
+                    "dictionaries": [{"id": r.id, "path": str(r.path)} for r in registry],
+                    "feature_address": receiver.address,
+                    "dtype": None,
+                },),
+            )
+        except BaseException:
+            receiver.close()
+            llm.shutdown()
+            raise
+        return cls(config, llm, registry, model_dir, model_name, shape, receiver, tokenizer)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        self.receiver.close()
+
+    async def worker_stats(self) -> list[dict[str, Any]]:
+        """Per-worker SAE state counters (tests assert finished requests are freed)."""
+        return await self.llm.collective_rpc("sae_stats")
+
+    # -- requests -----------------------------------------------------------------------
+
+    def validate(self, spec: SAERequestSpec | None) -> None:
+        """Raise :class:`SpecError` (naming the field) if ``spec`` cannot be served."""
+        if spec is not None:
+            validate_spec(spec, self.dictionary_info, self.shape, self.limits)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, with the model's chat template and the assistant prompt."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: Any,
+        spec: SAERequestSpec | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream one request. ``sampling_params`` is a vLLM ``SamplingParams`` (copied).
+
+        Invalid specs raise :class:`SpecError` before anything is sent to vLLM. Closing the
+        iterator early aborts the request in vLLM (and so frees its worker state).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError("sampling_params must be a vllm.SamplingParams")
+        if not prompt_token_ids:
+            raise SpecError("prompt", "is empty")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise SpecError(
+                "prompt",
+                f"has {len(prompt_token_ids)} tokens; the model's context is {self.config.max_model_len}",
+            )
+        self.validate(spec)
+        request_id = request_id or uuid.uuid4().hex
+        params = sampling_params.clone()
+        params.output_kind = RequestOutputKind.DELTA
+        salt = steering_salt(spec) if spec is not None else None
+
+        wants = spec is not None and (spec.wants_features or spec.has_steering)
+        features: RequestFeatures | None = None
+        rid = request_id
+        if wants:
+            if spec.wants_features and params.n != 1:
+                raise SpecError("n", "features can be returned only with n=1")
+            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info)}
+            if spec.wants_features:
+                if spec.features.scope != "generated":
+                    # Cached prefix tokens skip the forward pass and with it the hook:
+                    # recompute them so every prompt token gets its features.
+                    params.skip_reading_prefix_cache = True
+                features = self.receiver.register(rid, spec.features.dictionaries)
+
+        prompt = tokens_input(list(prompt_token_ids), cache_salt=salt)
+        prompt_len = len(prompt_token_ids)
+        generated: list[int] = []
+        emitted_upto = 0  # positions below this have been handed out (or are out of scope)
+        scope = spec.features.scope if features is not None else None
+        if scope == "generated":
+            emitted_upto = prompt_len
+        first = True
+        try:
+            async for out in self.llm.generate(prompt, params, request_id):
+                comp = out.outputs[0]
+                generated.extend(comp.token_ids)
+                chunk = GenerationChunk(
+                    request_id=request_id,
+                    token_ids=list(comp.token_ids),
+                    text=comp.text,
+                    finished=out.finished,
+                    finish_reason=comp.finish_reason,
+                    prompt_token_ids=list(prompt_token_ids) if first else None,
+                    num_generated_tokens=len(generated),
+                    logprobs=None if comp.logprobs is None else [
+                        {int(t): float(lp.logprob) for t, lp in step.items()} for step in comp.logprobs
+                    ],
+                )
+                first = False
+                if features is not None:
+                    # Positions the model has read so far: the prompt and every generated
+                    # token but the newest.
+                    read_upto = prompt_len + max(len(generated) - 1, 0)
+                    if scope == "prompt":
+                        read_upto = min(read_upto, prompt_len)
+                    if read_upto > emitted_upto:
+                        wanted = range(emitted_upto, read_upto)
+                        await self._wait_for(features, wanted)
+                        chunk.features = self._take(features, wanted, prompt_token_ids, generated, prompt_len)
+                        emitted_upto = read_upto
+                yield chunk
+        finally:
+            if features is not None:
+                self.receiver.unregister(rid)
+
+    async def _wait_for(self, features: RequestFeatures, wanted: range) -> None:
+        # The worker sends a step's features before it returns that step's tokens, but the
+        # two travel on different sockets: wait for the side channel to catch up.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.feature_timeout_s
+        while not features.covers(wanted):
+            features.changed.clear()
+            if features.covers(wanted):
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineError("features of some tokens never arrived from the worker")
+            try:
+                await asyncio.wait_for(features.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+
+    @staticmethod
+    def _take(features: RequestFeatures, wanted: range, prompt_ids: list[int], generated: list[int],
+              prompt_len: int) -> list[TokenFeatures]:
+        out = []
+        for pos in wanted:
+            per_dict = []
+            for name in features.dictionaries:
+                idx, vals = features.rows[name].pop(pos)
+                per_dict.append(DictionaryFeatures(
+                    dictionary=name,
+                    indices=None if idx is None else idx.tolist(),
+                    values=vals.tolist(),
+                ))
+            is_prompt = pos < prompt_len
+            token = prompt_ids[pos] if is_prompt else generated[pos - prompt_len]
+            out.append(TokenFeatures(position=pos, token_id=token, is_prompt=is_prompt, features=per_dict))
+        return out
+
+    async def complete(self, prompt_token_ids: list[int], sampling_params: Any,
+                       spec: SAERequestSpec | None = None, request_id: str | None = None) -> GenerationChunk:
+        """Run a request to the end and return one chunk holding all of it."""
+        total: GenerationChunk | None = None
+        async for chunk in self.generate(prompt_token_ids, sampling_params, spec, request_id):
+            if total is None:
+                total = chunk.model_copy(deep=True)
+            else:
+                total.token_ids += chunk.token_ids
+                total.text += chunk.text
+                total.features += chunk.features
+                if chunk.logprobs is not None:
+                    total.logprobs = (total.logprobs or []) + chunk.logprobs
+                total.finished, total.finish_reason = chunk.finished, chunk.finish_reason
+                total.num_generated_tokens = chunk.num_generated_tokens
+        assert total is not None
+        return total
+
+    async def extract(self, prompt_token_ids: list[int], features: Any) -> list[TokenFeatures]:
+        """Features of every prompt token (one forward pass over the prompt)."""
+        from vllm import SamplingParams
+
+        spec = SAERequestSpec(features=features.model_copy(update={"scope": "prompt"}))
+        result = await self.complete(prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0), spec)
+        return result.features

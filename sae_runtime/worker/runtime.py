@@ -1,0 +1,268 @@
+"""The SAE runtime inside the vLLM worker process: hooks at hook points, per-step plans.
+
+Installed once per worker by :class:`sae_runtime.worker.extension.SAEWorkerExtension`.
+It wraps the model runner's ``execute_model`` (to know where a step starts and ends and
+to free finished requests) and registers a forward hook on every decoder layer. In a step
+where no request has a spec, each hook returns at its first line and the layer's output
+is untouched.
+
+At a hook on layer ``L`` the layer has returned ``(hidden_states, residual)``; the residual
+stream the design notes call ``layers.L`` is their sum ``x``. Steering adds its ``delta``
+to ``hidden_states`` of the edited rows only, so layer ``L+1`` (which sums the two again)
+sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
+the stream after this hook's edits, i.e. from what layer ``L+1`` actually reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_runtime import kernels
+from sae_runtime.dictionary import SparseDictionary
+from sae_runtime.engine.feature_channel import FeatureChunk, FeatureSender
+from sae_runtime.worker.step_plan import (
+    EditBatch,
+    ExtractJob,
+    RequestState,
+    StepPlan,
+    build_step_plan,
+    parse_request,
+)
+
+logger = logging.getLogger(__name__)
+
+SPEC_KEY = "sae"
+"""Key of the SAE spec in ``SamplingParams.extra_args``."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama-style vLLM model (``model.model.layers``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise RuntimeError(f"cannot find decoder layers in {type(model).__name__}: SAE hooks need model.model.layers")
+    return layers
+
+
+class SAEWorkerRuntime:
+    def __init__(self, runner: Any, dictionaries: dict[str, SparseDictionary], sender: FeatureSender | None):
+        if not hasattr(runner, "input_batch") or not hasattr(runner, "query_start_loc"):
+            raise RuntimeError(
+                "SAE hooks need vLLM's V1 model runner (input_batch / query_start_loc); "
+                "set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        self.runner = runner
+        self.dictionaries = dictionaries
+        self.dict_layers = {name: d.layer for name, d in dictionaries.items()}
+        self.sender = sender
+        model = runner.get_model()
+        self.layers = decoder_layers(model)
+        self.hidden_size = int(runner.model_config.get_hidden_size())
+        self.device = next(model.parameters()).device
+        self.requests: dict[str, RequestState] = {}
+        self.steps = 0
+        self._plan: StepPlan | None = None
+        self._chunks: list[FeatureChunk] = []
+        self._handles: list[Any] = []
+        self._orig_execute = None
+
+    # -- installation -------------------------------------------------------------------
+
+    def install(self) -> None:
+        for L, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._make_hook(L)))
+        self._orig_execute = self.runner.execute_model
+        self.runner.execute_model = self._execute_model
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._orig_execute is not None:
+            self.runner.execute_model = self._orig_execute
+            self._orig_execute = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "tracked_requests": len(self.requests),
+            "requests_with_spec": sum(1 for s in self.requests.values() if s is not None),
+            "steps": self.steps,
+            "dictionaries": sorted(self.dictionaries),
+        }
+
+    # -- per step -----------------------------------------------------------------------
+
+    def _execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        self.steps += 1
+        # The runner lays the batch out inside execute_model, so the plan is resolved at
+        # the first hook of the step, when input_batch / query_start_loc / positions hold
+        # this step's layout.
+        self._plan = _LAZY if scheduler_output.total_num_scheduled_tokens else None
+        try:
+            return self._orig_execute(scheduler_output, *args, **kwargs)
+        finally:
+            self._plan = None
+            if self._chunks:
+                chunks, self._chunks = self._chunks, []
+                if self.sender is not None:
+                    self.sender.send(chunks)
+
+    def _state_of(self, req_id: str) -> RequestState | None:
+        """The parsed spec of a request (``None`` if it has none), parsed on first sight."""
+        try:
+            return self.requests[req_id]
+        except KeyError:
+            pass
+        state = None
+        cached = self.runner.requests.get(req_id)
+        params = getattr(cached, "sampling_params", None)
+        spec = (params.extra_args or {}).get(SPEC_KEY) if params is not None else None
+        if spec is not None:
+            state = parse_request(spec, int(cached.num_prompt_tokens), self.hidden_size)
+        # Requests without a spec are remembered too, so each is looked at once.
+        self.requests[req_id] = state
+        return state
+
+    def _resolve_plan(self) -> StepPlan | None:
+        """Build the step plan from the runner's prepared batch (first hook of a step)."""
+        runner = self.runner
+        ib = runner.input_batch
+        num_reqs = ib.num_reqs
+        qsl = runner.query_start_loc.cpu[: num_reqs + 1].numpy()
+        items = []
+        positions = None
+        for i, req_id in enumerate(ib.req_ids[:num_reqs]):
+            state = self._state_of(req_id)
+            if state is None:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if end > start:
+                if positions is None:
+                    total = int(qsl[num_reqs])
+                    positions = runner.positions[:total].cpu().numpy()
+                items.append((state, start, positions[start:end]))
+        if not items:
+            return None
+        return build_step_plan(items, self.dict_layers, self.device)
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def _make_hook(self, L: int):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            plan = self._plan
+            if plan is None:
+                return None
+            if plan is _LAZY:
+                plan = self._plan = self._resolve_plan()
+                if plan is None:
+                    return None
+            lp = plan.layers.get(L)
+            if lp is None:
+                return None
+            return self._apply_layer(L, lp, output)
+
+        return hook
+
+    def _apply_layer(self, L: int, lp: Any, output: Any) -> Any:
+        hidden, residual = output
+        new_hidden = hidden
+        if lp.edits or lp.vectors is not None:
+            new_hidden = hidden.clone()
+            for name, batch in lp.edits.items():
+                x = (hidden[batch.rows] + residual[batch.rows])
+                delta = self._edit_delta(self.dictionaries[name], x, batch)
+                new_hidden.index_add_(0, batch.rows, delta.to(hidden.dtype))
+            if lp.vectors is not None:
+                new_hidden.index_add_(0, lp.vectors.rows, lp.vectors.vectors.to(hidden.dtype))
+        for name, jobs in lp.extract.items():
+            self._extract(self.dictionaries[name], name, new_hidden, residual, jobs)
+        if new_hidden is hidden:
+            return None
+        return (new_hidden, residual)
+
+    def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+        """``edited − x`` for the edit batch rows (each edit computed from the original x)."""
+        xd = x.to(d.dtype)
+        if d.activation == "gated":
+            return _gated_edit_delta(d, xd, batch).float()
+        token_kth = None
+        if d.activation == "topk" and batch.needs_activation:
+            pre = d.encode_pre(xd)
+            token_kth = torch.topk(pre, d.k, dim=-1).values[:, -1].contiguous()
+        edited = kernels.steering_edit(
+            xd,
+            batch.token_slot,
+            batch.features,
+            batch.modes,
+            batch.values,
+            W_enc=d.W_enc,
+            b_enc=d.b_enc,
+            W_dec=d.W_dec,
+            b_dec=d.b_dec,
+            activation=d.activation,
+            threshold=getattr(d, "threshold", None) if d.activation == "jumprelu" else None,
+            token_kth=token_kth,
+            apply_b_dec_to_input=d.cfg.apply_b_dec_to_input,
+        )
+        return edited.float() - xd.float()
+
+    def _extract(self, d: SparseDictionary, name: str, hidden: torch.Tensor, residual: torch.Tensor,
+                 jobs: list[ExtractJob]) -> None:
+        topk_jobs = [j for j in jobs if j.feature_ids is None]
+        if topk_jobs:
+            rows = torch.cat([j.rows for j in topk_jobs])
+            x = (hidden[rows] + residual[rows]).to(d.dtype)
+            k = max(j.top_k or 8 for j in topk_jobs)
+            if d.k is not None and d.activation == "topk":
+                k = min(k, d.k)
+            k = min(k, d.d_sae)
+            if d.activation == "gated":
+                vals, idx = torch.topk(d.encode(x), k, dim=-1)
+            else:
+                idx, vals = kernels.encode_features(
+                    x, d.W_enc, d.b_enc, d.b_dec, k,
+                    activation=d.activation,
+                    threshold=getattr(d, "threshold", None) if d.activation == "jumprelu" else None,
+                    apply_b_dec_to_input=d.cfg.apply_b_dec_to_input,
+                )
+            idx = idx.to(torch.int32).cpu().numpy()
+            vals = vals.float().cpu().numpy()
+            off = 0
+            for j in topk_jobs:
+                n = j.rows.numel()
+                kj = min(j.top_k or 8, k)
+                self._chunks.append(FeatureChunk(j.rid, name, j.positions, idx[off:off + n, :kj], vals[off:off + n, :kj]))
+                off += n
+        for j in jobs:
+            if j.feature_ids is None:
+                continue
+            x = (hidden[j.rows] + residual[j.rows]).to(d.dtype)
+            vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
+            self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))
+
+
+def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+    """Torch path for gated dictionaries (the steering kernel covers relu/jumprelu/topk)."""
+    feats = batch.features[batch.token_slot.long()]  # [n, E]
+    modes = batch.modes[batch.token_slot.long()]
+    vals = batch.values[batch.token_slot.long()]
+    acts = d.encode(x).float().gather(1, feats)
+    coef = torch.zeros_like(vals)
+    coef = torch.where(modes == kernels.EditMode.ADD, vals, coef)
+    coef = torch.where(modes == kernels.EditMode.CLAMP, vals - acts, coef)
+    coef = torch.where(modes == kernels.EditMode.SCALE, (vals - 1) * acts, coef)
+    coef = torch.where(modes == kernels.EditMode.ABLATE, -acts, coef)
+    return torch.einsum("ne,ned->nd", coef, d.W_dec.float()[feats])
+
+
+class _Lazy:
+    """Marker: this step has specs, the plan is resolved at the first hook."""
+
+
+_LAZY: Any = _Lazy()

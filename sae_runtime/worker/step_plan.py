@@ -1,0 +1,218 @@
+"""Per-step plan: which rows of the flattened token batch belong to which request, and what
+each hook point must do to them.
+
+vLLM flattens every scheduled token of every running request into one batch per step
+(prefill chunks and decode tokens mixed). The model runner has already laid the step out
+when the first hook runs: ``input_batch.req_ids`` gives the request of each row,
+``query_start_loc`` the row boundaries in the token batch, ``positions`` each token's
+position in its request. From those and each request's parsed spec this module builds,
+once per step, everything the hooks need as ready tensors, so the hooks themselves only
+index and call kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_runtime.kernels import edit_mode_from_name
+
+
+@dataclass
+class ScopedEdits:
+    """The edits of one request on one dictionary for one kind of token."""
+
+    features: torch.Tensor  # [E] int64
+    modes: torch.Tensor  # [E] int32
+    values: torch.Tensor  # [E] float32
+
+
+@dataclass
+class RequestState:
+    """A request's spec, parsed once when the worker first sees it, freed when it ends."""
+
+    rid: str
+    prompt_len: int
+    # dictionary id -> {"prompt": ScopedEdits, "generated": ScopedEdits} (either may be absent)
+    edits: dict[str, dict[str, ScopedEdits]]
+    # layer -> {"prompt": [d_in] vector, "generated": [d_in] vector}
+    vectors: dict[int, dict[str, torch.Tensor]]
+    feature_dicts: list[str]
+    top_k: int | None
+    feature_ids: torch.Tensor | None
+    feature_scope: str | None
+
+
+def _in_scope(scope: str, kind: str) -> bool:
+    return scope == "all" or scope == kind
+
+
+def parse_request(spec: dict[str, Any], prompt_len: int, hidden_size: int) -> RequestState:
+    """Turn the plain worker spec (see ``engine.spec.to_worker_spec``) into tensors."""
+    edits: dict[str, dict[str, ScopedEdits]] = {}
+    by_dict: dict[str, list[dict[str, Any]]] = {}
+    for e in spec.get("edits") or []:
+        by_dict.setdefault(e["dict"], []).append(e)
+    for name, items in by_dict.items():
+        scoped = {}
+        for kind in ("prompt", "generated"):
+            sel = [e for e in items if _in_scope(e["scope"], kind)]
+            if sel:
+                scoped[kind] = ScopedEdits(
+                    features=torch.tensor([e["feature"] for e in sel], dtype=torch.int64),
+                    modes=torch.tensor([int(edit_mode_from_name(e["mode"])) for e in sel], dtype=torch.int32),
+                    values=torch.tensor([e["value"] for e in sel], dtype=torch.float32),
+                )
+        if scoped:
+            edits[name] = scoped
+
+    vectors: dict[int, dict[str, torch.Tensor]] = {}
+    for v in spec.get("vectors") or []:
+        vec = torch.tensor(v["vector"], dtype=torch.float32) * float(v["scale"])
+        if vec.shape != (hidden_size,):
+            raise ValueError(f"steering vector of size {vec.shape[0]}, expected {hidden_size}")
+        per_layer = vectors.setdefault(int(v["layer"]), {})
+        for kind in ("prompt", "generated"):
+            if _in_scope(v["scope"], kind):
+                per_layer[kind] = per_layer[kind] + vec if kind in per_layer else vec
+
+    feats = spec.get("features")
+    return RequestState(
+        rid=spec["rid"],
+        prompt_len=prompt_len,
+        edits=edits,
+        vectors=vectors,
+        feature_dicts=list(feats["dicts"]) if feats else [],
+        top_k=feats.get("top_k") if feats else None,
+        feature_ids=torch.tensor(feats["feature_ids"], dtype=torch.int64) if feats and feats.get("feature_ids") else None,
+        feature_scope=feats["scope"] if feats else None,
+    )
+
+
+@dataclass
+class EditBatch:
+    """All edits on one dictionary in this step, in the steering kernel's layout."""
+
+    rows: torch.Tensor  # [n] int64 rows of the token batch that have edits
+    token_slot: torch.Tensor  # [n] int32 slot of each such row
+    features: torch.Tensor  # [S, E] int64
+    modes: torch.Tensor  # [S, E] int32 (0 pads)
+    values: torch.Tensor  # [S, E] float32
+    needs_activation: bool  # any edit other than ADD
+
+
+@dataclass
+class VectorBatch:
+    rows: torch.Tensor  # [n] int64
+    vectors: torch.Tensor  # [n, d_in] float32, the summed vector of each row
+
+
+@dataclass
+class ExtractJob:
+    rid: str
+    rows: torch.Tensor  # [n] int64
+    positions: np.ndarray  # [n] int32
+    top_k: int | None
+    feature_ids: torch.Tensor | None
+
+
+@dataclass
+class LayerPlan:
+    edits: dict[str, EditBatch] = field(default_factory=dict)
+    vectors: VectorBatch | None = None
+    extract: dict[str, list[ExtractJob]] = field(default_factory=dict)
+
+
+@dataclass
+class StepPlan:
+    layers: dict[int, LayerPlan]
+
+
+def _pack_slots(slots: list[ScopedEdits]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(s.features.numel() for s in slots)
+    feats = torch.zeros(len(slots), width, dtype=torch.int64)
+    modes = torch.zeros(len(slots), width, dtype=torch.int32)
+    vals = torch.zeros(len(slots), width, dtype=torch.float32)
+    for i, s in enumerate(slots):
+        n = s.features.numel()
+        feats[i, :n], modes[i, :n], vals[i, :n] = s.features, s.modes, s.values
+    return feats, modes, vals
+
+
+def build_step_plan(
+    rows_of_requests: list[tuple[RequestState, int, np.ndarray]],
+    dict_layers: dict[str, int],
+    device: torch.device,
+) -> StepPlan | None:
+    """Build the plan for one step.
+
+    ``rows_of_requests``: for each request with a spec in this step, its state, the first
+    row of its tokens in the flattened batch and the positions of those tokens.
+    ``dict_layers``: dictionary id → layer of its hook point.
+    Returns ``None`` when nothing in this step needs a hook.
+    """
+    layers: dict[int, LayerPlan] = {}
+
+    def layer(L: int) -> LayerPlan:
+        return layers.setdefault(L, LayerPlan())
+
+    # dictionary -> ([row index tensors], [slot per row tensors], [slots])
+    edit_acc: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[ScopedEdits]]] = {}
+    vec_acc: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    for state, start, positions in rows_of_requests:
+        n = positions.shape[0]
+        rows = torch.arange(start, start + n, dtype=torch.int64)
+        is_prompt = torch.from_numpy(positions < state.prompt_len)
+        kinds = {"prompt": is_prompt, "generated": ~is_prompt}
+
+        for name, scoped in state.edits.items():
+            rows_l, slot_l, slots = edit_acc.setdefault(name, ([], [], []))
+            for kind, edits in scoped.items():
+                mask = kinds[kind]
+                if bool(mask.any()):
+                    rows_l.append(rows[mask])
+                    slot_l.append(torch.full((int(mask.sum()),), len(slots), dtype=torch.int32))
+                    slots.append(edits)
+
+        for L, scoped_vecs in state.vectors.items():
+            rows_l, vecs_l = vec_acc.setdefault(L, ([], []))
+            for kind, vec in scoped_vecs.items():
+                mask = kinds[kind]
+                cnt = int(mask.sum())
+                if cnt:
+                    rows_l.append(rows[mask])
+                    vecs_l.append(vec.expand(cnt, -1))
+
+        if state.feature_dicts:
+            scope = state.feature_scope
+            mask = torch.ones(n, dtype=torch.bool) if scope == "all" else kinds[scope]
+            if bool(mask.any()):
+                sel_rows = rows[mask]
+                sel_pos = positions[mask.numpy()]
+                for name in state.feature_dicts:
+                    layer(dict_layers[name]).extract.setdefault(name, []).append(
+                        ExtractJob(state.rid, sel_rows.to(device), sel_pos.astype(np.int32), state.top_k,
+                                   None if state.feature_ids is None else state.feature_ids.to(device))
+                    )
+
+    for name, (rows_l, slot_l, slots) in edit_acc.items():
+        if not rows_l:
+            continue
+        feats, modes, vals = _pack_slots(slots)
+        layer(dict_layers[name]).edits[name] = EditBatch(
+            rows=torch.cat(rows_l).to(device),
+            token_slot=torch.cat(slot_l).to(device),
+            features=feats.to(device),
+            modes=modes.to(device),
+            values=vals.to(device),
+            needs_activation=bool((modes > 1).any()),
+        )
+    for L, (rows_l, vecs_l) in vec_acc.items():
+        if rows_l:
+            layer(L).vectors = VectorBatch(rows=torch.cat(rows_l).to(device), vectors=torch.cat(vecs_l).to(device))
+
+    return StepPlan(layers) if layers else None

@@ -1,0 +1,302 @@
+"""The engine: real vLLM (CPU, float32, eager) with SAE hooks; extraction and steering.
+
+All tests share the session engine (see conftest). References are computed with
+transformers on the same checkpoint, stopping at the hook point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from sae_runtime.dictionary import SparseDictionary
+from sae_runtime.engine.spec import SAERequestSpec, SpecError
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in"
+
+# vLLM's CPU kernels (fused RMSNorm, its attention) and transformers' eager ones sum in
+# different orders; in float32 the residual streams then differ by ~1e-5 relative, which
+# moves activations (dot products with unit directions over norms up to ~100) by a few
+# 1e-4 absolute. 2e-3 absolute + 1e-3 relative leaves margin and still catches any real
+# mismatch (a wrong token, layer or position moves values by O(1)).
+ATOL, RTOL = 2e-3, 1e-3
+
+
+def greedy(max_tokens: int, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def spec(**kw) -> SAERequestSpec:
+    return SAERequestSpec.model_validate(kw)
+
+
+@pytest.fixture(scope="module")
+def hf_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+def hf_stream(hf_model, ids: list[int], layer: int) -> torch.Tensor:
+    """Residual stream after decoder layer ``layer`` for every token (the hook point)."""
+    captured = {}
+
+    def grab(module, args, output):
+        captured["x"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = hf_model.model.layers[layer].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            hf_model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return captured["x"][0].float()
+
+
+def test_extraction_matches_transformers_reference(sae_engine, hf_model):
+    eng = sae_engine.engine
+    ids = eng.encode_text(PROMPT)
+    roles = ["topk", "jumprelu"]
+    s = spec(features={"dictionaries": [sae_engine.ids[r] for r in roles], "top_k": 8, "scope": "all"})
+    out = sae_engine.run(eng.complete(ids, greedy(6), s))
+    # Every prompt token and every generated token the model read (all but the last).
+    assert [f.position for f in out.features] == list(range(len(ids) + len(out.token_ids) - 1))
+    full = ids + out.token_ids[:-1]
+    assert [f.token_id for f in out.features] == full
+
+    checked = 0
+    for j, role in enumerate(roles):
+        d = SparseDictionary.load(sae_engine.dictionaries[role])
+        ref = d.encode(hf_stream(hf_model, full, d.layer))
+        for tok in out.features:
+            got = tok.features[j]
+            assert got.dictionary == sae_engine.ids[role]
+            vals = torch.tensor(got.values)
+            want_at_idx = ref[tok.position, torch.tensor(got.indices)]
+            torch.testing.assert_close(vals, want_at_idx, atol=ATOL, rtol=RTOL)
+            # ...and they are the strongest ones: the reference's top-8 values agree.
+            ref_top = torch.sort(ref[tok.position], descending=True).values[: len(vals)]
+            torch.testing.assert_close(vals, ref_top, atol=ATOL, rtol=RTOL)
+            checked += int((vals > 0).sum())
+    assert checked > 50  # the comparison saw real, non-zero activations
+
+
+def test_extraction_of_given_feature_ids_and_prompt_scope(sae_engine, hf_model):
+    eng = sae_engine.engine
+    ids = eng.encode_text(PROMPT)
+    fids = [0, 5, 17, 300, 511]
+    s = spec(features={"dictionaries": [sae_engine.ids["topk"]], "feature_ids": fids})
+    feats = sae_engine.run(eng.extract(ids, s.features))
+    assert [f.position for f in feats] == list(range(len(ids)))
+    d = SparseDictionary.load(sae_engine.dictionaries["topk"])
+    ref = d.encode(hf_stream(hf_model, ids, d.layer))[:, fids]
+    got = torch.tensor([f.features[0].values for f in feats])
+    assert feats[0].features[0].indices is None
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_prompt_features_complete_even_when_prefix_is_cached(sae_engine):
+    eng = sae_engine.engine
+    ids = eng.encode_text(PROMPT + " a second request that shares the prefix")
+    s = spec(features={"dictionaries": [sae_engine.ids["topk"]], "top_k": 4, "scope": "prompt"})
+    sae_engine.run(eng.complete(ids, greedy(2)))  # warm the prefix cache
+    feats = sae_engine.run(eng.extract(ids, s.features))
+    assert [f.position for f in feats] == list(range(len(ids)))
+
+
+def _steered_edits():
+    return [
+        None,
+        {"edits": [{"dictionary": "topk", "feature": 3, "mode": "add", "value": 30.0}]},
+        None,
+        {"edits": [{"dictionary": "jumprelu", "feature": 7, "mode": "clamp", "value": 25.0, "scope": "generated"}]},
+        None,
+        {"edits": [{"dictionary": "topk", "feature": 11, "mode": "scale", "value": 4.0},
+                   {"dictionary": "topk", "feature": 40, "mode": "add", "value": -20.0, "scope": "prompt"}]},
+        {"edits": [{"dictionary": "jumprelu", "feature": 1, "mode": "add", "value": 20.0}],
+         "vectors": [{"hook_point": "layers.3", "vector": [0.5] * 576, "scale": 1.0}]},
+        None,
+    ]
+
+
+def test_isolation_in_one_batch(sae_engine):
+    """Unsteered requests are untouched by their steered neighbours; steered ones are the
+    same as when run alone."""
+    eng = sae_engine.engine
+    prompts = [f"Story {i}: once upon a time, in a town called" for i in range(8)]
+    ids = [eng.encode_text(p) for p in prompts]
+    steering = _steered_edits()
+    specs = []
+    for s in steering:
+        if s is None:
+            specs.append(None)
+            continue
+        for e in s.get("edits", []):
+            e["dictionary"] = sae_engine.ids[e["dictionary"]]
+        specs.append(spec(steering=s))
+
+    async def batch(with_specs):
+        return await asyncio.gather(*[
+            eng.complete(i, greedy(16), sp if with_specs else None) for i, sp in zip(ids, specs)
+        ])
+
+    plain = sae_engine.run(batch(False))
+    mixed = sae_engine.run(batch(True))
+    alone = {k: sae_engine.run(eng.complete(ids[k], greedy(16), specs[k])) for k in range(8) if specs[k]}
+    for k in range(8):
+        if specs[k] is None:
+            assert mixed[k].token_ids == plain[k].token_ids, k
+        else:
+            assert mixed[k].token_ids == alone[k].token_ids, k
+    # The steering did something (else the test above proves nothing).
+    assert sum(mixed[k].token_ids != plain[k].token_ids for k in alone) >= 3
+
+
+def _promoted_tokens(hf_model, direction: torch.Tensor, n: int) -> list[int]:
+    g = hf_model.model.norm.weight.detach()
+    logits = hf_model.lm_head.weight.detach() @ (direction * g)
+    return torch.topk(logits, n).indices.tolist()
+
+
+def test_clamp_raises_promoted_tokens_and_ablate_zeroes_feature(sae_engine, hf_model):
+    eng = sae_engine.engine
+    role = "trained" if "trained" in sae_engine.ids else "topk"
+    did = sae_engine.ids[role]
+    d = SparseDictionary.load(sae_engine.dictionaries[role])
+    ids = eng.encode_chat([{"role": "user", "content": "Tell me about the weather today."}])
+
+    # Clamp: the tokens feature i's decoder direction promotes gain probability.
+    feature = 5
+    promoted = _promoted_tokens(hf_model, d.W_dec[feature].float(), 10)
+    params = greedy(1, logprob_token_ids=promoted)
+    clamp = spec(steering={"edits": [{"dictionary": did, "feature": feature, "mode": "clamp", "value": 200.0}]})
+    base = sae_engine.run(eng.complete(ids, params))
+    steered = sae_engine.run(eng.complete(ids, params, clamp))
+    p_base = sum(torch.tensor(base.logprobs[0][t]).exp() for t in promoted)
+    p_steer = sum(torch.tensor(steered.logprobs[0][t]).exp() for t in promoted)
+    assert p_steer > 10 * p_base, (p_base, p_steer)
+
+    # Ablate: the feature's activation in the stream the next layer reads goes to what the
+    # design notes' formula predicts from the unsteered stream.
+    read = {"dictionaries": [did], "feature_ids": list(range(d.d_sae)), "scope": "prompt"}
+    before = sae_engine.run(eng.extract(ids, SAERequestSpec.model_validate({"features": read}).features))
+    acts = torch.tensor([t.features[0].values for t in before])
+    target = int(acts.sum(0).argmax())
+    assert acts[:, target].max() > 0
+    ablate = spec(steering={"edits": [{"dictionary": did, "feature": target, "mode": "ablate"}]},
+                  features={**read, "feature_ids": [target]})
+    after = sae_engine.run(eng.complete(ids, greedy(1), ablate))
+    got = torch.tensor([t.features[0].values[0] for t in after.features])
+    x = hf_stream(hf_model, ids, d.layer)
+    a = d.feature_activations(x, [target])[:, 0]
+    expected = d.feature_activations(x - a[:, None] * d.W_dec[target].float(), [target])[:, 0]
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=1e-3)
+    assert got.abs().max() < acts[:, target].max()
+
+
+def test_raw_vector_equals_add_edit(sae_engine):
+    eng = sae_engine.engine
+    did = sae_engine.ids["topk"]
+    d = SparseDictionary.load(sae_engine.dictionaries["topk"])
+    ids = eng.encode_text("My favourite colour is")
+    v, i = 120.0, 9
+    by_edit = spec(steering={"edits": [{"dictionary": did, "feature": i, "mode": "add", "value": v}]})
+    by_vector = spec(steering={"vectors": [{"hook_point": "layers.6", "vector": (v * d.W_dec[i]).tolist()}]})
+    a = sae_engine.run(eng.complete(ids, greedy(12, logprobs=1), by_edit))
+    b = sae_engine.run(eng.complete(ids, greedy(12, logprobs=1), by_vector))
+    plain = sae_engine.run(eng.complete(ids, greedy(12)))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != plain.token_ids
+    for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+        assert abs(la[t] - lb[t]) < 1e-3
+
+
+def test_abort_frees_worker_state(sae_engine):
+    eng = sae_engine.engine
+    ids = eng.encode_text("Count from one to one hundred: one, two,")
+    s = spec(features={"dictionaries": [sae_engine.ids["topk"]], "top_k": 4},
+             steering={"edits": [{"dictionary": sae_engine.ids["topk"], "feature": 2, "mode": "add", "value": 5.0}]})
+
+    async def start_then_abort():
+        gen = eng.generate(ids, greedy(300), s)
+        n = 0
+        async for _ in gen:
+            n += 1
+            if n == 3:
+                break
+        during = await eng.worker_stats()
+        live_during = eng.receiver.live_requests
+        await gen.aclose()
+        for _ in range(100):
+            stats = await eng.worker_stats()
+            if stats[0]["tracked_requests"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        return during, live_during, stats
+
+    during, live_during, after = sae_engine.run(start_then_abort())
+    assert during[0]["requests_with_spec"] == 1 and live_during == 1
+    assert after[0]["tracked_requests"] == 0
+    assert eng.receiver.live_requests == 0
+
+
+@pytest.mark.parametrize(
+    "body, field, not_found",
+    [
+        ({"features": {"dictionaries": ["nope"]}}, "features.dictionaries[0]", True),
+        ({"steering": {"edits": [{"dictionary": "nope", "feature": 1, "value": 1.0}]}}, "steering.edits[0].dictionary", True),
+        ({"steering": {"edits": [{"dictionary": "@topk", "feature": 512, "value": 1.0}]}}, "steering.edits[0].feature", True),
+        ({"features": {"dictionaries": ["@topk"], "feature_ids": [9999]}}, "features.feature_ids[0]", False),
+        ({"steering": {"vectors": [{"hook_point": "layers.3", "vector": [1.0] * 10}]}}, "steering.vectors[0].vector", False),
+        ({"steering": {"vectors": [{"hook_point": "layers.30", "vector": [1.0] * 576}]}}, "steering.vectors[0].hook_point", True),
+        ({"steering": {"vectors": [{"hook_point": "attn.3", "vector": [1.0] * 576}]}}, "steering.vectors[0].hook_point", False),
+    ],
+)
+def test_invalid_specs_are_refused_before_the_engine(sae_engine, body, field, not_found):
+    eng = sae_engine.engine
+    import json
+
+    raw = json.loads(json.dumps(body).replace("@topk", sae_engine.ids["topk"]))
+    steps_before = sae_engine.run(eng.worker_stats())[0]["steps"]
+
+    async def attempt():
+        async for _ in eng.generate(eng.encode_text("hi"), greedy(2), spec(**raw)):
+            pass
+
+    with pytest.raises(SpecError) as info:
+        sae_engine.run(attempt())
+    assert info.value.field == field and info.value.not_found is not_found
+    assert sae_engine.run(eng.worker_stats())[0]["steps"] == steps_before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"steering": {"edits": [{"dictionary": "d", "feature": 1, "mode": "clamp", "value": float("nan")}]}},
+        {"steering": {"edits": [{"dictionary": "d", "feature": 1, "mode": "add", "value": 1.0, "scope": "middle"}]}},
+        {"steering": {"edits": [{"dictionary": "d", "feature": -1, "value": 1.0}]}},
+        {"steering": {"edits": [{"dictionary": "d", "feature": 1, "mode": "boost", "value": 1.0}]}},
+        {"steering": {"edits": [{"dictionary": "d", "feature": 1, "mode": "add"}]}},
+        {"steering": {"vectors": [{"hook_point": "layers.1", "vector": [1.0, float("inf")]}]}},
+        {"features": {"dictionaries": ["d"], "top_k": 0}},
+        {"features": {"dictionaries": ["d"], "scope": "everything"}},
+        {"features": {"dictionaries": ["d"]}, "unknown_field": 1},
+    ],
+)
+def test_malformed_specs_fail_validation(body):
+    with pytest.raises(ValidationError):
+        SAERequestSpec.model_validate(body)
+
+
+def test_compiled_mode_with_hooks_is_refused():
+    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+
+    with pytest.raises(ValueError, match="enforce_eager"):
+        asyncio.run(SAEEngine.start(EngineConfig(enforce_eager=False)))

@@ -1,0 +1,149 @@
+"""Throughput cost of SAE hooks in the engine, side by side in one run.
+
+The same 32 concurrent requests × 64 new tokens (greedy, ignore_eos) go through:
+
+1. plain vLLM (AsyncLLM, no worker extension, no hooks);
+2. the SAE engine with no spec on any request (hooks installed, idle);
+3. top-8 feature extraction at one hook point on every request;
+4. steering (a clamp and an add) on half of the requests;
+5. extraction on all and steering on half.
+
+Each configuration runs ``--repeats`` times after a warm-up; tokens/s is the median, and
+the ratio is to plain vLLM. Run: ``.venv/bin/python benchmarks/engine_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+PROMPTS = [
+    f"Write a short paragraph about topic number {i}: the history of {topic}."
+    for i, topic in enumerate(
+        ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"] * 4
+    )
+]
+
+
+def dictionary_dir(tmp: Path) -> Path:
+    default = REPO / "sae_runtime" / "data" / "default_dictionary"
+    if (default / "cfg.json").is_file():
+        return default
+    from tests.dictionary_factory import make_dictionary
+
+    # Same shape as the default dictionary: 8× width topk at a middle layer.
+    return make_dictionary(tmp / "bench", layer=12, d_sae=4608, architecture="topk", k=32)
+
+
+async def run_batch(submit, n_tokens: int) -> float:
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*[submit(i) for i in range(len(PROMPTS))])
+    dt = time.perf_counter() - t0
+    total = sum(outs)
+    assert total == len(PROMPTS) * n_tokens, total
+    return total / dt
+
+
+async def bench_plain(args) -> float:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs.engine import tokens_input
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from sae_runtime.default_model import prepare_default_model
+
+    model_dir = prepare_default_model()
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
+        max_num_seqs=64, seed=0,
+    ))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    counter = iter(range(10**9))
+
+    async def submit(i):
+        n = 0
+        async for out in llm.generate(tokens_input(ids[i]), params, f"p{next(counter)}"):
+            n = len(out.outputs[0].token_ids)
+        return n
+
+    try:
+        await run_batch(submit, args.tokens)  # warm-up
+        rates = [await run_batch(submit, args.tokens) for _ in range(args.repeats)]
+    finally:
+        llm.shutdown()
+    return statistics.median(rates)
+
+
+async def bench_sae(args, dict_dir: Path) -> dict[str, float]:
+    from vllm import SamplingParams
+
+    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+    from sae_runtime.engine.spec import SAERequestSpec
+
+    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir)], max_model_len=1024, max_num_seqs=64))
+    did = eng.registry.ids()[0]
+    ids = [eng.encode_text(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    extract = {"dictionaries": [did], "top_k": 8}
+    steer = {"edits": [{"dictionary": did, "feature": 10, "mode": "clamp", "value": 5.0},
+                       {"dictionary": did, "feature": 20, "mode": "add", "value": 3.0}]}
+    configs = {
+        "hooks idle (no spec)": lambda i: None,
+        "extract top-8, all requests": lambda i: SAERequestSpec.model_validate({"features": extract}),
+        "steer half the requests": lambda i: SAERequestSpec.model_validate({"steering": steer}) if i % 2 else None,
+        "extract all + steer half": lambda i: SAERequestSpec.model_validate(
+            {"features": extract, **({"steering": steer} if i % 2 else {})}),
+    }
+    results = {}
+    try:
+        for name, make_spec in configs.items():
+            async def submit(i, make_spec=make_spec):
+                out = await eng.complete(ids[i], params, make_spec(i))
+                return out.num_generated_tokens
+
+            await run_batch(submit, args.tokens)
+            results[name] = statistics.median([await run_batch(submit, args.tokens) for _ in range(args.repeats)])
+    finally:
+        eng.shutdown()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dict_dir = dictionary_dir(Path(tmp))
+        plain = asyncio.run(bench_plain(args))
+        sae = asyncio.run(bench_sae(args, dict_dir))
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "(vLLM default)")
+    print(f"\n{len(PROMPTS)} requests × {args.tokens} tokens, eager, float32, "
+          f"VLLM_CPU_OMP_THREADS_BIND={bind}, dictionary {dict_dir.name}\n")
+    print("| configuration | tokens/s | ratio to plain |")
+    print("|---|---:|---:|")
+    print(f"| plain vLLM | {plain:.1f} | 1.00 |")
+    for name, rate in sae.items():
+        print(f"| {name} | {rate:.1f} | {rate / plain:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -143,7 +143,13 @@ class SAEEngine:
         return cls(config, llm, registry, model_dir, model_name, shape, receiver, tokenizer)
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        """Stop vLLM (engine core and worker processes) and close the side channel."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
+            # noisily if it only runs at interpreter exit.
+            del llm
         self.receiver.close()
 
     async def worker_stats(self) -> list[dict[str, Any]]:

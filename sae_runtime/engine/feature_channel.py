@@ -157,6 +157,8 @@ class FeatureReceiver:
         return len(self._requests)
 
     def close(self) -> None:
+        if self._sock.closed:
+            return
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -67,6 +67,7 @@ async def bench_plain(args) -> float:
 
     model_dir = prepare_default_model()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ.pop("SAE_SERVE_HOOKS", None)  # plain vLLM: no SAE step op in the layers
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
         max_num_seqs=64, seed=0,

@@ -47,6 +47,7 @@ class EngineHarness:
     loop: asyncio.AbstractEventLoop
     dictionaries: dict[str, Path]  # role -> directory ("topk", "jumprelu", "trained" if present)
     ids: dict[str, str]  # role -> served dictionary id
+    mode: str  # "eager" or "compiled"
 
     def run(self, coro: Coroutine, timeout: float = 600) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -66,9 +67,14 @@ def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
     return dicts
 
 
-@pytest.fixture(scope="session")
-def sae_engine(default_model_dir, engine_dictionaries) -> EngineHarness:
-    """The session's engine: default model, eager, float32, with the test dictionaries."""
+@pytest.fixture(scope="session", params=["eager", "compiled"])
+def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness:
+    """The session's engine: default model, float32, with the test dictionaries.
+
+    Parametrized over vLLM's eager and compiled modes: every test that uses it runs in
+    both, and pytest keeps one engine alive at a time (session-scoped parameters are
+    grouped, the eager engine is shut down before the compiled one starts).
+    """
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
 
     loop = asyncio.new_event_loop()
@@ -79,10 +85,11 @@ def sae_engine(default_model_dir, engine_dictionaries) -> EngineHarness:
         dictionaries=[str(engine_dictionaries[r]) for r in roles],
         max_model_len=1024,
         max_num_seqs=16,
+        enforce_eager=request.param == "eager",
     )
     engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(900)
     ids = dict(zip(roles, engine.registry.ids()))
-    harness = EngineHarness(engine, loop, engine_dictionaries, ids)
+    harness = EngineHarness(engine, loop, engine_dictionaries, ids, request.param)
     yield harness
     engine.shutdown()
     loop.call_soon_threadsafe(loop.stop)

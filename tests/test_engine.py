@@ -295,8 +295,9 @@ def test_malformed_specs_fail_validation(body):
         SAERequestSpec.model_validate(body)
 
 
-def test_compiled_mode_with_hooks_is_refused():
-    from sae_runtime.engine.engine import EngineConfig, SAEEngine
-
-    with pytest.raises(ValueError, match="enforce_eager"):
-        asyncio.run(SAEEngine.start(EngineConfig(enforce_eager=False)))
+def test_engine_mode_is_the_one_asked_for(sae_engine):
+    """The parametrization really gives an eager and a compiled engine."""
+    cfg = sae_engine.engine.llm.vllm_config
+    assert cfg.model_config.enforce_eager is (sae_engine.mode == "eager")
+    if sae_engine.mode == "compiled":
+        assert cfg.compilation_config.mode != 0  # CompilationMode.NONE

@@ -33,6 +33,8 @@ from sae_runtime.engine.spec import (
     validate_spec,
 )
 from sae_runtime.registry import DictionaryRegistry
+from sae_runtime.worker.plugin import HOOKS_ENV
+from sae_runtime.worker.residual_op import OP_NAME
 from sae_runtime.worker.runtime import SPEC_KEY
 
 WORKER_EXTENSION = "sae_runtime.worker.extension.SAEWorkerExtension"
@@ -45,7 +47,7 @@ class EngineConfig(BaseModel):
     dictionaries: list[str] = Field(default_factory=list, description="dictionary directories to serve")
     dictionary_ids: list[str] | None = Field(default=None, description="client-facing ids, one per dictionary")
     dtype: str = "float32"
-    enforce_eager: bool = True
+    enforce_eager: bool = False
     max_model_len: int = 2048
     max_num_seqs: int = 64
     kv_cache_gib: float = 1.0
@@ -53,6 +55,22 @@ class EngineConfig(BaseModel):
     seed: int = 0
     feature_timeout_s: float = 60.0
     limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields")
+
+
+def _compilation_config(eager: bool) -> dict[str, Any] | None:
+    """On CUDA, make the SAE step a graph split point so it runs outside CUDA graphs.
+
+    The step builds its plan on the host each step, which a captured graph could not
+    replay. vLLM splits at its attention ops by default; we add ours to that list. On CPU
+    there are no CUDA graphs, the op just stays opaque inside the compiled graph.
+    """
+    import torch
+
+    if eager or not torch.cuda.is_available():
+        return None
+    from vllm.config.compilation import CompilationConfig
+
+    return {"splitting_ops": list(CompilationConfig._attention_ops) + [OP_NAME]}
 
 
 class EngineError(RuntimeError):
@@ -80,16 +98,13 @@ class SAEEngine:
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> "SAEEngine":
         config = config or EngineConfig()
-        if not config.enforce_eager:
-            raise ValueError(
-                "compiled mode is not supported with SAE hooks yet (Python hooks do not run inside "
-                "vLLM's compiled graph); start the engine with enforce_eager=True"
-            )
         # Worker processes inherit the environment: size the CPU KV cache explicitly (the
-        # default is a share of all RAM) and force the V1 model runner, whose persistent
-        # input batch the hooks read.
+        # default is a share of all RAM), force the V1 model runner, whose persistent input
+        # batch the SAE step reads, and have our vLLM plugin put the SAE step op into the
+        # decoder layers before the model is compiled.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(config.kv_cache_gib)))))
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        os.environ[HOOKS_ENV] = "1"
 
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -117,13 +132,16 @@ class SAEEngine:
             model=str(model_dir),
             served_model_name=model_name,
             dtype=config.dtype,
-            enforce_eager=True,
+            enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             seed=config.seed,
             enable_prefix_caching=config.enable_prefix_caching,
             worker_extension_cls=WORKER_EXTENSION,
         )
+        compilation = _compilation_config(config.enforce_eager)
+        if compilation is not None:
+            args.compilation_config = compilation
         llm = AsyncLLM.from_engine_args(args)
         receiver = FeatureReceiver()
         try:

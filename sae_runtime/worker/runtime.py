@@ -1,16 +1,17 @@
-"""The SAE runtime inside the vLLM worker process: hooks at hook points, per-step plans.
+"""The SAE runtime inside the vLLM worker process: the step at each hook point, per-step plans.
 
 Installed once per worker by :class:`sae_runtime.worker.extension.SAEWorkerExtension`.
 It wraps the model runner's ``execute_model`` (to know where a step starts and ends and
-to free finished requests) and registers a forward hook on every decoder layer. In a step
-where no request has a spec, each hook returns at its first line and the layer's output
-is untouched.
+to free finished requests) and becomes the implementation of the custom op
+``sae_serve::residual_step`` that ``plugin.py`` put at the end of every decoder layer, in
+eager and compiled mode alike. In a step where no request has a spec, the step returns at
+its first line and the layer's output passes through unchanged.
 
-At a hook on layer ``L`` the layer has returned ``(hidden_states, residual)``; the residual
-stream the design notes call ``layers.L`` is their sum ``x``. Steering adds its ``delta``
-to ``hidden_states`` of the edited rows only, so layer ``L+1`` (which sums the two again)
+At layer ``L`` the layer has returned ``(hidden_states, residual)``; the residual stream
+the design notes call ``layers.L`` is their sum ``x``. Steering adds its ``delta`` to
+``hidden_states`` of the edited rows only, so layer ``L+1`` (which sums the two again)
 sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
-the stream after this hook's edits, i.e. from what layer ``L+1`` actually reads.
+the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from sae_runtime import kernels
 from sae_runtime.dictionary import SparseDictionary
 from sae_runtime.engine.feature_channel import FeatureChunk, FeatureSender
+from sae_runtime.worker import residual_op
+from sae_runtime.worker.plugin import HOOKS_ENV, LAYER_ATTR
 from sae_runtime.worker.step_plan import (
     EditBatch,
     ExtractJob,
@@ -67,21 +70,24 @@ class SAEWorkerRuntime:
         self.steps = 0
         self._plan: StepPlan | None = None
         self._chunks: list[FeatureChunk] = []
-        self._handles: list[Any] = []
         self._orig_execute = None
 
     # -- installation -------------------------------------------------------------------
 
     def install(self) -> None:
-        for L, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(self._make_hook(L)))
+        missing = [L for L, layer in enumerate(self.layers) if getattr(layer, LAYER_ATTR, None) != L]
+        if missing:
+            raise RuntimeError(
+                f"the SAE step is not in decoder layers {missing[:5]}...: the sae_serve vLLM plugin "
+                f"did not patch this model (is sae-serve installed in this environment, is the "
+                f"model Llama-style, and was {HOOKS_ENV}=1 set before the engine started?)"
+            )
+        residual_op.set_step_function(self._step)
         self._orig_execute = self.runner.execute_model
         self.runner.execute_model = self._execute_model
 
     def uninstall(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        residual_op.set_step_function(None)
         if self._orig_execute is not None:
             self.runner.execute_model = self._orig_execute
             self._orig_execute = None
@@ -153,38 +159,33 @@ class SAEWorkerRuntime:
 
     # -- hooks --------------------------------------------------------------------------
 
-    def _make_hook(self, L: int):
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            plan = self._plan
+    def _step(self, L: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """The op's implementation at layer ``L``: new hidden states, or None if untouched."""
+        plan = self._plan
+        if plan is None:
+            return None
+        if plan is _LAZY:
+            plan = self._plan = self._resolve_plan()
             if plan is None:
                 return None
-            if plan is _LAZY:
-                plan = self._plan = self._resolve_plan()
-                if plan is None:
-                    return None
-            lp = plan.layers.get(L)
-            if lp is None:
-                return None
-            return self._apply_layer(L, lp, output)
+        lp = plan.layers.get(L)
+        if lp is None:
+            return None
+        return self._apply_layer(lp, hidden, residual)
 
-        return hook
-
-    def _apply_layer(self, L: int, lp: Any, output: Any) -> Any:
-        hidden, residual = output
+    def _apply_layer(self, lp: Any, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         new_hidden = hidden
         if lp.edits or lp.vectors is not None:
             new_hidden = hidden.clone()
             for name, batch in lp.edits.items():
-                x = (hidden[batch.rows] + residual[batch.rows])
+                x = hidden[batch.rows] + residual[batch.rows]
                 delta = self._edit_delta(self.dictionaries[name], x, batch)
                 new_hidden.index_add_(0, batch.rows, delta.to(hidden.dtype))
             if lp.vectors is not None:
                 new_hidden.index_add_(0, lp.vectors.rows, lp.vectors.vectors.to(hidden.dtype))
         for name, jobs in lp.extract.items():
             self._extract(self.dictionaries[name], name, new_hidden, residual, jobs)
-        if new_hidden is hidden:
-            return None
-        return (new_hidden, residual)
+        return None if new_hidden is hidden else new_hidden
 
     def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
         """``edited − x`` for the edit batch rows (each edit computed from the original x)."""

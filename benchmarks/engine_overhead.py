@@ -1,15 +1,17 @@
-"""Throughput cost of SAE hooks in the engine, side by side in one run.
+"""Throughput cost of the SAE step in the engine, side by side in one run.
 
-The same 32 concurrent requests × 64 new tokens (greedy, ignore_eos) go through:
+For each mode (vLLM compiled, the default, and eager), the same 32 concurrent requests ×
+64 new tokens (greedy, ignore_eos) go through:
 
-1. plain vLLM (AsyncLLM, no worker extension, no hooks);
-2. the SAE engine with no spec on any request (hooks installed, idle);
+1. plain vLLM (AsyncLLM, no worker extension, no SAE op in the layers);
+2. the SAE engine with no spec on any request (op in every layer, idle);
 3. top-8 feature extraction at one hook point on every request;
 4. steering (a clamp and an add) on half of the requests;
 5. extraction on all and steering on half.
 
-Each configuration runs ``--repeats`` times after a warm-up; tokens/s is the median, and
-the ratio is to plain vLLM. Run: ``.venv/bin/python benchmarks/engine_overhead.py``.
+Each configuration runs ``--repeats`` times after a warm-up; tokens/s is the median. The
+ratios are to plain vLLM in the same mode and to plain compiled vLLM.
+Run: ``.venv/bin/python benchmarks/engine_overhead.py [--modes compiled,eager]``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ async def run_batch(submit, n_tokens: int) -> float:
     return total / dt
 
 
-async def bench_plain(args) -> float:
+async def bench_plain(args, eager: bool) -> float:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -69,7 +71,7 @@ async def bench_plain(args) -> float:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.pop("SAE_SERVE_HOOKS", None)  # plain vLLM: no SAE step op in the layers
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
+        model=str(model_dir), dtype="float32", enforce_eager=eager, max_model_len=1024,
         max_num_seqs=64, seed=0,
     ))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -92,13 +94,14 @@ async def bench_plain(args) -> float:
     return statistics.median(rates)
 
 
-async def bench_sae(args, dict_dir: Path) -> dict[str, float]:
+async def bench_sae(args, dict_dir: Path, eager: bool) -> dict[str, float]:
     from vllm import SamplingParams
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
     from sae_runtime.engine.spec import SAERequestSpec
 
-    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir)], max_model_len=1024, max_num_seqs=64))
+    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir)], max_model_len=1024, max_num_seqs=64,
+                                             enforce_eager=eager))
     did = eng.registry.ids()[0]
     ids = [eng.encode_text(p) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
@@ -130,19 +133,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="compiled,eager", help="comma-separated: compiled, eager")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         dict_dir = dictionary_dir(Path(tmp))
-        plain = asyncio.run(bench_plain(args))
-        sae = asyncio.run(bench_sae(args, dict_dir))
+        for mode in modes:
+            eager = mode == "eager"
+            rows.append((mode, "plain vLLM", asyncio.run(bench_plain(args, eager))))
+            for name, rate in asyncio.run(bench_sae(args, dict_dir, eager)).items():
+                rows.append((mode, name, rate))
+    plain = {mode: rate for mode, name, rate in rows if name == "plain vLLM"}
+    base = plain.get("compiled", next(iter(plain.values())))
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "(vLLM default)")
-    print(f"\n{len(PROMPTS)} requests × {args.tokens} tokens, eager, float32, "
+    print(f"\n{len(PROMPTS)} requests × {args.tokens} tokens, float32, "
           f"VLLM_CPU_OMP_THREADS_BIND={bind}, dictionary {dict_dir.name}\n")
-    print("| configuration | tokens/s | ratio to plain |")
-    print("|---|---:|---:|")
-    print(f"| plain vLLM | {plain:.1f} | 1.00 |")
-    for name, rate in sae.items():
-        print(f"| {name} | {rate:.1f} | {rate / plain:.2f} |")
+    print("| mode | configuration | tokens/s | ratio to plain (same mode) | ratio to plain compiled |")
+    print("|---|---|---:|---:|---:|")
+    for mode, name, rate in rows:
+        print(f"| {mode} | {name} | {rate:.1f} | {rate / plain[mode]:.2f} | {rate / base:.2f} |")
     return 0
 
 

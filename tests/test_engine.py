@@ -104,11 +104,31 @@ def test_extraction_of_given_feature_ids_and_prompt_scope(sae_engine, hf_model):
 
 def test_prompt_features_complete_even_when_prefix_is_cached(sae_engine):
     eng = sae_engine.engine
-    ids = eng.encode_text(PROMPT + " a second request that shares the prefix")
+    ids = eng.encode_text(PROMPT * 12)  # several full KV blocks
     s = spec(features={"dictionaries": [sae_engine.ids["topk"]], "top_k": 4, "scope": "prompt"})
-    sae_engine.run(eng.complete(ids, greedy(2)))  # warm the prefix cache
+    sae_engine.run(eng.complete(ids, greedy(2)))  # warm the prefix cache...
+    assert sae_engine.run(eng.complete(ids, greedy(2))).num_cached_tokens > 0  # ...it is warm
     feats = sae_engine.run(eng.extract(ids, s.features))
     assert [f.position for f in feats] == list(range(len(ids)))
+
+
+def test_prefix_cache_is_shared_only_under_identical_steering(sae_engine):
+    eng = sae_engine.engine
+    did = sae_engine.ids["topk"]
+    # Long enough to fill several KV blocks (vLLM's CPU block size is 128 tokens).
+    ids = eng.encode_text("A long shared preamble about the cache. " * 40)
+
+    def steer(value):
+        return spec(steering={"edits": [{"dictionary": did, "feature": 4, "mode": "add", "value": value}]})
+
+    def cached(s):
+        return sae_engine.run(eng.complete(ids, greedy(2), s)).num_cached_tokens
+
+    cached(None)
+    assert cached(None) > 0  # plain requests share their prefix
+    assert cached(steer(10.0)) == 0  # steered: never reuses unsteered blocks
+    assert cached(steer(10.0)) > 0  # the same steering shares its own blocks
+    assert cached(steer(11.0)) == 0  # other steering does not
 
 
 def _steered_edits():

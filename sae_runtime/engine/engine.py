@@ -256,6 +256,7 @@ class SAEEngine:
                     finish_reason=comp.finish_reason,
                     prompt_token_ids=list(prompt_token_ids) if first else None,
                     num_generated_tokens=len(generated),
+                    num_cached_tokens=out.num_cached_tokens,
                     logprobs=None if comp.logprobs is None else [
                         {int(t): float(lp.logprob) for t, lp in step.items()} for step in comp.logprobs
                     ],
@@ -325,6 +326,8 @@ class SAEEngine:
                 total.features += chunk.features
                 if chunk.logprobs is not None:
                     total.logprobs = (total.logprobs or []) + chunk.logprobs
+                if chunk.num_cached_tokens is not None:
+                    total.num_cached_tokens = chunk.num_cached_tokens
                 total.finished, total.finish_reason = chunk.finished, chunk.finish_reason
                 total.num_generated_tokens = chunk.num_generated_tokens
         assert total is not None

@@ -42,6 +42,7 @@ class GenerationChunk(BaseModel):
     finish_reason: str | None = None
     prompt_token_ids: list[int] | None = Field(default=None, description="set on the first chunk only")
     num_generated_tokens: int = 0
+    num_cached_tokens: int | None = Field(default=None, description="prompt tokens served from the prefix cache")
     logprobs: list[dict[int, float]] | None = Field(
         default=None, description="per new token: token id -> logprob (when the sampling params asked for them)"
     )

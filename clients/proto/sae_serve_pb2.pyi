@@ -1,0 +1,257 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_UNSPECIFIED: _ClassVar[Scope]
+    SCOPE_PROMPT: _ClassVar[Scope]
+    SCOPE_GENERATED: _ClassVar[Scope]
+    SCOPE_ALL: _ClassVar[Scope]
+
+class EditMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EDIT_MODE_UNSPECIFIED: _ClassVar[EditMode]
+    EDIT_MODE_ADD: _ClassVar[EditMode]
+    EDIT_MODE_CLAMP: _ClassVar[EditMode]
+    EDIT_MODE_SCALE: _ClassVar[EditMode]
+    EDIT_MODE_ABLATE: _ClassVar[EditMode]
+SCOPE_UNSPECIFIED: Scope
+SCOPE_PROMPT: Scope
+SCOPE_GENERATED: Scope
+SCOPE_ALL: Scope
+EDIT_MODE_UNSPECIFIED: EditMode
+EDIT_MODE_ADD: EditMode
+EDIT_MODE_CLAMP: EditMode
+EDIT_MODE_SCALE: EditMode
+EDIT_MODE_ABLATE: EditMode
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Chat(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class FeatureRequest(_message.Message):
+    __slots__ = ("dictionaries", "top_k", "feature_ids", "scope")
+    DICTIONARIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    dictionaries: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    feature_ids: _containers.RepeatedScalarFieldContainer[int]
+    scope: Scope
+    def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+
+class SteeringEdit(_message.Message):
+    __slots__ = ("dictionary", "feature", "mode", "value", "scope")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    feature: int
+    mode: EditMode
+    value: float
+    scope: Scope
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+
+class SteeringVector(_message.Message):
+    __slots__ = ("hook_point", "vector", "scale", "scope")
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    hook_point: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    scale: float
+    scope: Scope
+    def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+
+class Steering(_message.Message):
+    __slots__ = ("edits", "vectors")
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    edits: _containers.RepeatedCompositeFieldContainer[SteeringEdit]
+    vectors: _containers.RepeatedCompositeFieldContainer[SteeringVector]
+    def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ...) -> None: ...
+
+class SamplingOptions(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "stop", "seed")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DictionaryFeatures(_message.Message):
+    __slots__ = ("dictionary", "indices", "values")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, dictionary: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TokenFeatures(_message.Message):
+    __slots__ = ("position", "token_id", "token", "is_prompt", "features")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IS_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    token_id: int
+    token: str
+    is_prompt: bool
+    features: _containers.RepeatedCompositeFieldContainer[DictionaryFeatures]
+    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., token: _Optional[str] = ..., is_prompt: _Optional[bool] = ..., features: _Optional[_Iterable[_Union[DictionaryFeatures, _Mapping]]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+
+class ExtractFeaturesRequest(_message.Message):
+    __slots__ = ("text", "chat", "features")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: Chat
+    features: FeatureRequest
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., features: _Optional[_Union[FeatureRequest, _Mapping]] = ...) -> None: ...
+
+class ExtractFeaturesResponse(_message.Message):
+    __slots__ = ("model", "tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
+    def __init__(self, model: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("text", "chat", "sampling", "features", "steering")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    STEERING_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: Chat
+    sampling: SamplingOptions
+    features: FeatureRequest
+    steering: Steering
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., features: _Optional[_Union[FeatureRequest, _Mapping]] = ..., steering: _Optional[_Union[Steering, _Mapping]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token_ids", "text", "features", "finished", "finish_reason", "usage")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
+    finished: bool
+    finish_reason: str
+    usage: Usage
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class ListDictionariesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DictionaryInfo(_message.Message):
+    __slots__ = ("id", "model", "hook_point", "architecture", "d_in", "d_sae", "k", "metrics")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    D_IN_FIELD_NUMBER: _ClassVar[int]
+    D_SAE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    hook_point: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int
+    metrics: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., hook_point: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., k: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListDictionariesResponse(_message.Message):
+    __slots__ = ("dictionaries",)
+    DICTIONARIES_FIELD_NUMBER: _ClassVar[int]
+    dictionaries: _containers.RepeatedCompositeFieldContainer[DictionaryInfo]
+    def __init__(self, dictionaries: _Optional[_Iterable[_Union[DictionaryInfo, _Mapping]]] = ...) -> None: ...
+
+class GetFeatureRequest(_message.Message):
+    __slots__ = ("dictionary", "feature", "top_n")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    feature: int
+    top_n: int
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., top_n: _Optional[int] = ...) -> None: ...
+
+class TokenScore(_message.Message):
+    __slots__ = ("token_id", "token", "score")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    score: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class FeatureInfo(_message.Message):
+    __slots__ = ("dictionary", "feature", "hook_point", "decoder_norm", "top_promoted", "top_suppressed", "density")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    DECODER_NORM_FIELD_NUMBER: _ClassVar[int]
+    TOP_PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    TOP_SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    feature: int
+    hook_point: str
+    decoder_norm: float
+    top_promoted: _containers.RepeatedCompositeFieldContainer[TokenScore]
+    top_suppressed: _containers.RepeatedCompositeFieldContainer[TokenScore]
+    density: float
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., hook_point: _Optional[str] = ..., decoder_norm: _Optional[float] = ..., top_promoted: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., top_suppressed: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ...) -> None: ...

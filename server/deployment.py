@@ -1,0 +1,101 @@
+"""The Ray Serve deployment: one :class:`SAEEngine` per replica, HTTP and gRPC on it.
+
+HTTP goes through Ray Serve's HTTP proxy to the FastAPI app this class builds at replica
+start (``__serve_build_asgi_app__``, so routes close over the replica's own service);
+gRPC goes through Ray Serve's gRPC proxy to the methods inherited from
+:class:`SAEGrpcMethods`. Replicas are independent engines; Ray Serve load-balances them
+and, with ``autoscaling`` set, scales them between bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from sae_runtime.engine.engine import SAEEngine
+from server.config import ServeConfig
+from server.grpc_service import SAEGrpcMethods
+from server.http_api import build_http_app
+from server.metrics import ServiceMetrics
+from server.service import SAEService
+
+logger = logging.getLogger("sae_serve.deployment")
+DEPLOYMENT_NAME = "SAEDeployment"
+
+
+@serve.ingress()
+class SAEDeployment(SAEGrpcMethods):
+    """One replica: starts the engine (tens of seconds on CPU) before taking requests."""
+
+    async def __init__(self, config_json: str):
+        self.config = ServeConfig.model_validate_json(config_json)
+        self.max_request_bytes = self.config.max_request_bytes
+        engine_config = self.config.resolved_engine()
+        if not engine_config.dictionaries:
+            logger.warning("sae-serve: serving without dictionaries; feature and steering requests will be refused")
+        self.engine: SAEEngine | None = None
+        self.engine = await SAEEngine.start(engine_config)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (unit use)
+            replica = None
+        self.service = SAEService(self.engine, ServiceMetrics(replica), self.config.feature_top_n)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_http_app(self.service, self.config.max_request_bytes)
+
+    async def check_health(self) -> None:
+        """Ray Serve restarts the replica when this raises (the vLLM engine died)."""
+        if self.engine is None or self.engine.llm.errored:
+            raise RuntimeError("the vLLM engine of this replica is not running")
+
+    def __del__(self) -> None:
+        # Called by Ray Serve on graceful replica shutdown: stop vLLM's engine process
+        # so that no process outlives the server.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            try:
+                engine.shutdown()
+            except Exception:  # shutting down anyway; nothing useful to do
+                logger.exception("engine shutdown failed")
+
+
+def replica_env(config: ServeConfig) -> dict[str, str]:
+    """Environment of each replica (and of the vLLM processes it spawns)."""
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(config.engine.kv_cache_gib)))),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    if config.cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+    return env
+
+
+def build_app(config: ServeConfig) -> Application:
+    """The Serve application for ``config`` (bind it with ``serve.run``)."""
+    options: dict[str, Any] = {
+        "name": DEPLOYMENT_NAME,
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.replica_num_cpus,
+                              "runtime_env": {"env_vars": replica_env(config)}},
+        # vLLM start-up on CPU takes tens of seconds; give health checks room.
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if config.autoscaling is not None:
+        a = config.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.replicas
+    return serve.deployment(SAEDeployment).options(**options).bind(config.model_dump_json())

@@ -1,0 +1,99 @@
+"""One error type for the service, mapped to HTTP statuses and gRPC codes in one place.
+
+Everything a client can get wrong becomes an :class:`ApiError` *before* the engine sees
+the request (the engine's own :class:`SpecError` is converted here too), so bad input is
+answered with 400/404/413/422 or INVALID_ARGUMENT/NOT_FOUND/RESOURCE_EXHAUSTED and never
+reaches vLLM or takes a replica down.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import grpc
+from pydantic import ValidationError
+
+from sae_runtime.engine.spec import SpecError
+from sae_runtime.registry import UnknownDictionaryError
+
+
+class ErrorKind(str, Enum):
+    INVALID = "invalid_request_error"
+    NOT_FOUND = "not_found_error"
+    TOO_LARGE = "request_too_large"
+    UNSUPPORTED = "unsupported_parameter"
+    INTERNAL = "internal_error"
+
+
+HTTP_STATUS = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED: 400,
+    ErrorKind.INTERNAL: 500,
+}
+
+GRPC_CODE = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNSUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses; ``field`` names the offending request field."""
+
+    def __init__(self, kind: ErrorKind, message: str, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.kind = kind
+        self.field = field
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.kind]
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return GRPC_CODE[self.kind]
+
+    @classmethod
+    def invalid(cls, field: str | None, message: str) -> "ApiError":
+        return cls(ErrorKind.INVALID, message, field)
+
+    @classmethod
+    def not_found(cls, field: str | None, message: str) -> "ApiError":
+        return cls(ErrorKind.NOT_FOUND, message, field)
+
+    @classmethod
+    def unsupported(cls, field: str, message: str) -> "ApiError":
+        return cls(ErrorKind.UNSUPPORTED, message, field)
+
+    @classmethod
+    def from_spec_error(cls, exc: SpecError) -> "ApiError":
+        kind = ErrorKind.NOT_FOUND if exc.not_found else ErrorKind.INVALID
+        return cls(kind, exc.message, exc.field)
+
+    @classmethod
+    def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> "ApiError":
+        """First pydantic error, with its location as a dotted field path."""
+        err = exc.errors()[0]
+        field = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else (prefix.rstrip(".") or None)
+        more = len(exc.errors()) - 1
+        msg = err["msg"] + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+        return cls(ErrorKind.INVALID, msg, field)
+
+
+def translate(exc: BaseException) -> ApiError | None:
+    """The :class:`ApiError` for a known client-caused exception, else ``None``."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, SpecError):
+        return ApiError.from_spec_error(exc)
+    if isinstance(exc, UnknownDictionaryError):
+        return ApiError.not_found("dictionary", str(exc))
+    if isinstance(exc, ValidationError):
+        return ApiError.from_validation_error(exc)
+    return None

@@ -1,0 +1,130 @@
+"""gRPC methods of the deployment, served through Ray Serve's gRPC proxy.
+
+Ray's proxy routes ``/sae_serve.v1.SAEService/Generate`` to the deployment method named
+``Generate`` (the last path segment) and ``/grpc.health.v1.Health/Check`` to ``Check``,
+so these are methods of a mixin the deployment class inherits. Ray passes a
+serialisable ``grpc_context``; a status set on it before raising is what the client
+receives (Ray otherwise reports INTERNAL), which is how :class:`ApiError` becomes
+INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED.
+
+Server reflection is provided by the proxy itself (``gRPCOptions.enable_reflection``);
+the standard health service's ``Check`` is answered by grpcio-health-checking's
+servicer running in the replica, so SERVING means "a replica with a loaded engine
+answered", not merely "the proxy is up".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from clients.proto import sae_serve_pb2 as pb
+from server import grpc_convert as conv
+from server.errors import ApiError, ErrorKind, translate
+from server.service import SAEService
+
+logger = logging.getLogger("sae_serve.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SAEService"].full_name  # "sae_serve.v1.SAEService"
+SERVICER_FUNCTIONS = [
+    "clients.proto.sae_serve_pb2_grpc.add_SAEServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+WATCH_POLL_S = 5.0
+
+
+class GrpcRequestError(Exception):
+    """Raised after the status was set on the context, so Ray reports that status."""
+
+
+def _fail(context: Any, exc: BaseException) -> GrpcRequestError:
+    api = translate(exc)
+    if api is None:
+        raise exc
+    if context is not None:
+        context.set_code(api.grpc_code)
+        context.set_details(str(api))
+    return GrpcRequestError(str(api))
+
+
+class SAEGrpcMethods:
+    """Mixin: requires ``self.service`` (:class:`SAEService`) and ``self.max_request_bytes``."""
+
+    service: SAEService
+    max_request_bytes: int | None = None
+    _health: health.HealthServicer | None = None
+
+    def _check_size(self, request: Any) -> None:
+        """The HTTP body limit, applied to gRPC messages too (RESOURCE_EXHAUSTED over it)."""
+        size = request.ByteSize()
+        if self.max_request_bytes is not None and size > self.max_request_bytes:
+            raise ApiError(ErrorKind.TOO_LARGE, f"request is {size} bytes; the limit is {self.max_request_bytes}")
+
+    async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, grpc_context: Any = None) -> pb.ExtractFeaturesResponse:
+        try:
+            async with self.service.observed("features.extract", "grpc"):
+                self._check_size(request)
+                resp = await self.service.extract(conv.extract_request(request))
+        except (ApiError, ValueError) as exc:
+            raise _fail(grpc_context, exc) from None
+        return conv.extract_response_pb(resp)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async with self.service.observed("generate", "grpc"):
+                self._check_size(request)
+                chunks = await self.service.generate(conv.generate_request(request))
+        except (ApiError, ValueError) as exc:
+            raise _fail(grpc_context, exc) from None
+        async with self.service.observed("generate.stream", "grpc"):
+            async for chunk in chunks:
+                yield conv.generate_chunk_pb(chunk)
+
+    async def ListDictionaries(self, request: pb.ListDictionariesRequest, grpc_context: Any = None) -> pb.ListDictionariesResponse:
+        async with self.service.observed("dictionaries.list", "grpc"):
+            listing = self.service.list_dictionaries()
+        return pb.ListDictionariesResponse(dictionaries=[conv.dictionary_pb(d) for d in listing.data])
+
+    async def GetFeature(self, request: pb.GetFeatureRequest, grpc_context: Any = None) -> pb.FeatureInfo:
+        try:
+            async with self.service.observed("dictionaries.feature", "grpc"):
+                info = self.service.feature_info(request.dictionary, request.feature,
+                                                 request.top_n if request.HasField("top_n") else None)
+        except ApiError as exc:
+            raise _fail(grpc_context, exc) from None
+        return conv.feature_info_pb(info)
+
+    # -- grpc.health.v1.Health --------------------------------------------------------------
+
+    def _health_servicer(self) -> health.HealthServicer:
+        if self._health is None:
+            servicer = health.HealthServicer()
+            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            self._health = servicer
+        return self._health
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
+        response = self._health_servicer().Check(request, grpc_context)
+        if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
+            raise GrpcRequestError(grpc_context.details() or f"unknown service {request.service!r}")
+        return response
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Send the status now and again whenever it changes (it does not while the replica lives)."""
+        last = None
+        while True:
+            current = self._health_servicer().Check(request, grpc_context)
+            if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
+                # Unknown service: the standard says SERVICE_UNKNOWN in-band, not an error.
+                current = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                grpc_context.set_code(grpc.StatusCode.OK)
+                grpc_context.set_details("")
+            if current.status != last:
+                last = current.status
+                yield current
+            await asyncio.sleep(WATCH_POLL_S)

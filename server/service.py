@@ -1,0 +1,271 @@
+"""The transport-independent service: what HTTP routes and gRPC methods both call.
+
+It owns the replica's :class:`SAEEngine` and turns the shared request models
+(:mod:`server.models`) into engine calls. Every check that can fail because of the
+client happens here, *before* a request is handed to vLLM, and raises :class:`ApiError`
+(field named); the transports only map that to a status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from pydantic import ValidationError
+
+from sae_runtime.engine.engine import SAEEngine
+from sae_runtime.engine.outputs import GenerationChunk, TokenFeatures
+from sae_runtime.engine.spec import FeatureRequest, SAERequestSpec, SpecError, SteeringSpec
+from sae_runtime.registry import UnknownDictionaryError
+from server.errors import ApiError, ErrorKind, translate
+from server.metrics import ServiceMetrics
+from server.models import (
+    DictionaryFeaturesOut,
+    DictionaryInfoOut,
+    DictionaryList,
+    ExtractRequest,
+    ExtractResponse,
+    FeatureInfoOut,
+    GenerateChunkOut,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    PromptInput,
+    TokenFeaturesOut,
+    TokenScore,
+    Usage,
+)
+from server.unembedding import Unembedding
+
+DEFAULT_GENERATE_MAX_TOKENS = 64
+
+
+class SAEService:
+    """One replica's API over its engine."""
+
+    def __init__(self, engine: SAEEngine, metrics: ServiceMetrics | None = None, feature_top_n: int = 10):
+        self.engine = engine
+        self.metrics = metrics or ServiceMetrics()
+        self.feature_top_n = feature_top_n
+        self._unembedding: Unembedding | None = None
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def observed(self, endpoint: str, transport: str) -> AsyncIterator[None]:
+        """Count and time a request; the outcome label is ok / client_error / error."""
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            yield
+        except ApiError as exc:
+            outcome = "client_error" if exc.http_status < 500 else "error"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            self.metrics.observe(endpoint, transport, outcome, time.perf_counter() - start)
+
+    # -- prompts and specs ---------------------------------------------------------------
+
+    def encode(self, prompt: PromptInput, field: str = "messages") -> list[int]:
+        """Token ids of a text prompt or of a chat (with the model's chat template)."""
+        if prompt.text is not None:
+            ids = self.engine.encode_text(prompt.text)
+            field = "text"
+        else:
+            try:
+                messages = [{"role": m.role, "content": m.text()} for m in prompt.messages or []]
+                ids = self.engine.encode_chat(messages)
+            except ValueError as exc:
+                raise ApiError.invalid(field, str(exc)) from None
+            except Exception as exc:  # a chat template rejects e.g. a bad role order
+                raise ApiError.invalid(field, f"cannot apply the chat template: {exc}") from None
+        if not ids:
+            raise ApiError.invalid(field, "is empty")
+        return ids
+
+    def check_budget(self, prompt_ids: list[int], max_tokens: int | None, field: str = "max_tokens") -> int:
+        """Refuse prompts over the context; return max_tokens (default: what fits)."""
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise ApiError.invalid(
+                "prompt", f"has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ApiError.invalid(
+                field, f"{max_tokens} tokens requested but the prompt has {len(prompt_ids)} tokens and the "
+                f"model's context is {self.max_model_len}: at most {room} can be generated")
+        return max_tokens
+
+    def build_spec(self, features: FeatureRequest | None, steering: SteeringSpec | None) -> SAERequestSpec | None:
+        """The engine spec for a request, validated against the served dictionaries."""
+        if features is None and (steering is None or steering.empty):
+            return None
+        spec = SAERequestSpec(features=features, steering=steering)
+        try:
+            self.engine.validate(spec)
+        except SpecError as exc:
+            raise ApiError.from_spec_error(exc) from None
+        return spec
+
+    # -- token text and features ---------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.engine.tokenizer.decode([token_id])
+            if len(self._token_text) < 200_000:
+                self._token_text[token_id] = text
+        return text
+
+    def features_out(self, tokens: list[TokenFeatures]) -> list[TokenFeaturesOut]:
+        return [
+            TokenFeaturesOut(
+                position=t.position,
+                token_id=t.token_id,
+                token=self.token_text(t.token_id),
+                is_prompt=t.is_prompt,
+                features=[DictionaryFeaturesOut(dictionary=d.dictionary, indices=d.indices, values=d.values)
+                          for d in t.features],
+            )
+            for t in tokens
+        ]
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def open_stream(self, prompt_ids: list[int], params: Any, spec: SAERequestSpec | None,
+                          request_id: str | None = None) -> tuple[GenerationChunk, AsyncIterator[GenerationChunk]]:
+        """Start a generation and return its first chunk plus the rest.
+
+        Waiting for the first chunk before answering lets streaming transports report a
+        refused request with a proper status instead of failing inside a 200 stream.
+        """
+        if spec is not None and spec.has_steering:
+            self.metrics.steered_request()
+        self.metrics.tokens(prompt=len(prompt_ids))
+        stream = self.engine.generate(prompt_ids, params, spec, request_id)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(ErrorKind.INTERNAL, "the engine returned no output") from None
+        except Exception as exc:
+            await stream.aclose()
+            api = translate(exc)
+            if api is not None:
+                raise api from None
+            raise
+        return first, self._counted(first, stream)
+
+    async def _counted(self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+        try:
+            for chunk in [first]:
+                self._count_chunk(chunk)
+                yield chunk
+            async for chunk in rest:
+                self._count_chunk(chunk)
+                yield chunk
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]  # aborts the request if the client left
+
+    def _count_chunk(self, chunk: GenerationChunk) -> None:
+        self.metrics.tokens(generated=len(chunk.token_ids), extracted=len(chunk.features))
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunkOut]:
+        """gRPC Generate: stream :class:`GenerateChunkOut`, usage on the last one."""
+        from vllm import SamplingParams
+
+        prompt_ids = self.encode(req)
+        s = req.sampling
+        max_tokens = self.check_budget(prompt_ids, s.max_tokens or min(DEFAULT_GENERATE_MAX_TOKENS,
+                                                                        self.max_model_len - len(prompt_ids)),
+                                       "sampling.max_tokens")
+        spec = self.build_spec(req.features, req.steering)
+        params = SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                stop=s.stop or None, seed=s.seed)
+        first, stream = await self.open_stream(prompt_ids, params, spec)
+        return self._generate_chunks(len(prompt_ids), stream)
+
+    async def _generate_chunks(self, prompt_len: int, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerateChunkOut]:
+        generated = 0
+        async for chunk in stream:
+            generated = chunk.num_generated_tokens
+            yield GenerateChunkOut(
+                token_ids=chunk.token_ids,
+                text=chunk.text,
+                features=self.features_out(chunk.features),
+                finished=chunk.finished,
+                finish_reason=chunk.finish_reason,
+                usage=Usage(prompt_tokens=prompt_len, completion_tokens=generated,
+                            total_tokens=prompt_len + generated) if chunk.finished else None,
+            )
+
+    # -- features ------------------------------------------------------------------------
+
+    async def extract(self, req: ExtractRequest) -> ExtractResponse:
+        """Features of every prompt token: one forward pass, nothing generated."""
+        prompt_ids = self.encode(req)
+        self.check_budget(prompt_ids, 1, "text" if req.text is not None else "messages")
+        spec = self.build_spec(req.features.model_copy(update={"scope": "prompt"}), None)
+        assert spec is not None
+        try:
+            tokens = await self.engine.extract(prompt_ids, spec.features)
+        except (SpecError, ValidationError) as exc:
+            raise translate(exc) from None  # type: ignore[misc]
+        self.metrics.tokens(prompt=len(prompt_ids), extracted=len(tokens))
+        return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens))
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
+
+    def list_dictionaries(self) -> DictionaryList:
+        return DictionaryList(data=[
+            DictionaryInfoOut(**{k: v for k, v in d.items() if k in DictionaryInfoOut.model_fields})
+            for d in self.engine.registry.describe()
+        ])
+
+    def unembedding(self) -> Unembedding:
+        if self._unembedding is None:
+            self._unembedding = Unembedding.load(self.engine.model_dir)
+        return self._unembedding
+
+    def feature_info(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
+        """Decoder norm, density and the tokens feature ``feature`` promotes/suppresses."""
+        try:
+            entry = self.engine.registry.get(dictionary)
+        except UnknownDictionaryError as exc:
+            raise ApiError.not_found("dictionary", str(exc)) from None
+        if not 0 <= feature < entry.d_sae:
+            raise ApiError.not_found("feature", f"feature {feature} out of range for '{dictionary}' (d_sae={entry.d_sae})")
+        top_n = self.feature_top_n if top_n is None else top_n
+        if not 1 <= top_n <= 1000:
+            raise ApiError.invalid("top_n", f"must be between 1 and 1000 (got {top_n})")
+        d_i = entry.dictionary.W_dec[feature].detach().float().cpu()
+        promoted, suppressed = self.unembedding().top_tokens(d_i, top_n)
+        sparsity = entry.dictionary.sparsity
+        density = None if sparsity is None else float(10.0 ** sparsity[feature])
+        return FeatureInfoOut(
+            dictionary=entry.id,
+            feature=feature,
+            hook_point=entry.hook_point,
+            decoder_norm=float(d_i.norm()),
+            top_promoted=[TokenScore(token_id=t, token=self.token_text(t), score=s) for t, s in promoted],
+            top_suppressed=[TokenScore(token_id=t, token=self.token_text(t), score=s) for t, s in suppressed],
+            density=density,
+        )

@@ -1,0 +1,156 @@
+"""The session's sae-serve server: the real ``sae-serve`` command, started once.
+
+Starting a replica (vLLM on CPU) takes one to several minutes on the shared 2-core test
+machines, so every server test shares one server. It is started exactly as a user starts
+it (the ``sae-serve`` console script: Ray on 127.0.0.1, Ray Serve's HTTP and gRPC
+proxies, one replica with an eager engine on the default model) with a small test
+dictionary and free ports. ``tests/test_server_shutdown.py`` ends it with SIGTERM and
+checks that no process of its tree is left; if that test did not run, the fixture's
+teardown does the same check.
+
+Import the fixtures into a test module with ``from tests.server_fixtures import sae_server  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAE_SERVE = Path(sys.executable).parent / "sae-serve"
+DICTIONARY_ID = "topk6"
+START_TIMEOUT_S = float(os.environ.get("SAE_SERVE_TEST_START_TIMEOUT", "900"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerHandle:
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    dictionary_dir: Path
+    log_path: Path
+    dictionary_id: str = DICTIONARY_ID
+    stopped: bool = False
+    tree: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def snapshot_tree(self) -> list[psutil.Process]:
+        """The server and every descendant (Ray's GCS/raylet/workers, vLLM processes)."""
+        root = psutil.Process(self.proc.pid)
+        self.tree = [root] + root.children(recursive=True)
+        return self.tree
+
+    def stop(self, timeout_s: float = 120) -> tuple[int | None, list[str]]:
+        """SIGTERM the server; return its exit code and any process of its tree still alive."""
+        if self.stopped:
+            return self.proc.returncode, []
+        self.stopped = True
+        tree = self.snapshot_tree() if self.proc.poll() is None else self.tree
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        left = []
+        for p in alive:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                pass
+        for p in alive:  # never leave them behind for the rest of the session
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return rc, left
+
+
+def start_server(tmp: Path, dictionary_dir: Path) -> ServerHandle:
+    http_port, grpc_port = free_port(), free_port()
+    while grpc_port == http_port:
+        grpc_port = free_port()
+    log_path = tmp / "sae-serve.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    cmd = [str(SAE_SERVE), "--no-default-dictionary", "--dictionary", str(dictionary_dir),
+           "--dictionary-id", DICTIONARY_ID, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--max-model-len", "512", "--max-num-seqs", "8", "--max-request-bytes", "200000"]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    server = ServerHandle(proc, http_port, grpc_port, dictionary_dir, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sae-serve exited with {proc.returncode} before it was ready:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+                server.snapshot_tree()
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    server.stop()
+    raise RuntimeError(f"sae-serve not healthy after {START_TIMEOUT_S:.0f}s:\n{server.log_tail()}")
+
+
+# Each test module that imports the fixture gets its own fixture definition, and pytest
+# would run a session-scoped fixture once per definition: the server is kept here so
+# that every module shares the one process (conftest.py, which would avoid this, is not
+# ours to change).
+_SERVER: ServerHandle | None = None
+
+
+@pytest.fixture(scope="session")
+def sae_server(default_model_dir, tmp_path_factory) -> ServerHandle:
+    """One running ``sae-serve`` for the session (see the module docstring)."""
+    global _SERVER
+    from tests.dictionary_factory import make_dictionary
+
+    if _SERVER is None:
+        tmp = tmp_path_factory.mktemp("sae_serve")
+        # Same seed and shape as conftest's "topk" dictionary, under an explicit id.
+        dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
+        _SERVER = start_server(tmp, dictionary)
+    yield _SERVER
+    rc, left = _SERVER.stop()  # idempotent: the first teardown stops it, later ones see it stopped
+    assert not left, f"processes left after SIGTERM: {left}"
+
+
+@pytest.fixture
+def live_server(sae_server: ServerHandle) -> ServerHandle:
+    """The session server, asserted to be still running (the shutdown test stops it)."""
+    if sae_server.stopped:
+        pytest.fail("the session sae-serve was already stopped (tests/test_server_shutdown.py runs last)")
+    if sae_server.proc.poll() is not None:
+        pytest.fail(f"sae-serve died (exit {sae_server.proc.returncode}):\n{sae_server.log_tail()}")
+    return sae_server

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sae_runtime.engine.outputs import TokenFeatures
 from sae_runtime.engine.spec import FeatureRequest, SteeringSpec
 
 
@@ -62,20 +63,10 @@ class ExtractRequest(PromptInput):
     features: FeatureRequest
 
 
-class DictionaryFeaturesOut(BaseModel):
-    dictionary: str
-    indices: list[int] | None = Field(default=None, description="feature ids, strongest first; None for feature_ids requests")
-    values: list[float]
+class TokenFeaturesOut(TokenFeatures):
+    """The engine's per-token features plus the token's text, so clients need no tokenizer."""
 
-
-class TokenFeaturesOut(BaseModel):
-    """One token's features, with the token's text so clients need no tokenizer."""
-
-    position: int
-    token_id: int
     token: str
-    is_prompt: bool
-    features: list[DictionaryFeaturesOut]
 
 
 class ExtractResponse(BaseModel):

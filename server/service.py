@@ -22,7 +22,6 @@ from sae_runtime.registry import UnknownDictionaryError
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
 from server.models import (
-    DictionaryFeaturesOut,
     DictionaryInfoOut,
     DictionaryList,
     ExtractRequest,
@@ -136,17 +135,7 @@ class SAEService:
         return text
 
     def features_out(self, tokens: list[TokenFeatures]) -> list[TokenFeaturesOut]:
-        return [
-            TokenFeaturesOut(
-                position=t.position,
-                token_id=t.token_id,
-                token=self.token_text(t.token_id),
-                is_prompt=t.is_prompt,
-                features=[DictionaryFeaturesOut(dictionary=d.dictionary, indices=d.indices, values=d.values)
-                          for d in t.features],
-            )
-            for t in tokens
-        ]
+        return [TokenFeaturesOut(**dict(t), token=self.token_text(t.token_id)) for t in tokens]
 
     # -- generation ----------------------------------------------------------------------
 

@@ -96,10 +96,21 @@ def test_extraction_of_given_feature_ids_and_prompt_scope(sae_engine, hf_model):
     feats = sae_engine.run(eng.extract(ids, s.features))
     assert [f.position for f in feats] == list(range(len(ids)))
     d = SparseDictionary.load(sae_engine.dictionaries["topk"])
-    ref = d.encode(hf_stream(hf_model, ids, d.layer))[:, fids]
+    ref_full = d.encode(hf_stream(hf_model, ids, d.layer))
+    ref = ref_full[:, fids]
     got = torch.tensor([f.features[0].values for f in feats])
     assert feats[0].features[0].indices is None
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
+
+    # Both at once: the top-k in indices/values, the asked ids in feature_values.
+    both = spec(features={"dictionaries": [sae_engine.ids["topk"]], "feature_ids": fids, "top_k": 3})
+    feats2 = sae_engine.run(eng.extract(ids, both.features))
+    assert [f.features[0].feature_values for f in feats2] == [f.features[0].values for f in feats]
+    for f in feats2:
+        d0 = f.features[0]
+        assert len(d0.indices) == len(d0.values) == 3
+        torch.testing.assert_close(torch.tensor(d0.values), ref_full[f.position, torch.tensor(d0.indices)],
+                                   atol=ATOL, rtol=RTOL)
 
 
 def test_prompt_features_complete_even_when_prefix_is_cached(sae_engine):

@@ -234,7 +234,9 @@ class SAEEngine:
                     # Cached prefix tokens skip the forward pass and with it the hook:
                     # recompute them so every prompt token gets its features.
                     params.skip_reading_prefix_cache = True
-                features = self.receiver.register(rid, spec.features.dictionaries)
+                kinds = tuple(k for k, asked in (("top", spec.features.top_k is not None),
+                                                 ("ids", spec.features.feature_ids is not None)) if asked)
+                features = self.receiver.register(rid, spec.features.dictionaries, kinds)
 
         prompt = tokens_input(list(prompt_token_ids), cache_salt=salt)
         prompt_len = len(prompt_token_ids)
@@ -302,12 +304,14 @@ class SAEEngine:
         for pos in wanted:
             per_dict = []
             for name in features.dictionaries:
-                idx, vals = features.rows[name].pop(pos)
-                per_dict.append(DictionaryFeatures(
-                    dictionary=name,
-                    indices=None if idx is None else idx.tolist(),
-                    values=vals.tolist(),
-                ))
+                top = features.pop("top", name, pos)
+                ids = features.pop("ids", name, pos)
+                if top is not None:
+                    item = DictionaryFeatures(dictionary=name, indices=top[0].tolist(), values=top[1].tolist(),
+                                              feature_values=None if ids is None else ids[1].tolist())
+                else:
+                    item = DictionaryFeatures(dictionary=name, values=ids[1].tolist())
+                per_dict.append(item)
             is_prompt = pos < prompt_len
             token = prompt_ids[pos] if is_prompt else generated[pos - prompt_len]
             out.append(TokenFeatures(position=pos, token_id=token, is_prompt=is_prompt, features=per_dict))

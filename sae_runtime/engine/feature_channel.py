@@ -97,14 +97,20 @@ class FeatureSender:
 
 @dataclass
 class RequestFeatures:
-    """Everything received so far for one request: per dictionary, position → row."""
+    """Everything received so far for one request.
+
+    ``rows[kind][dictionary][position]``: kind ``"top"`` holds ``(indices, values)`` of a
+    top-k request, kind ``"ids"`` the values of explicitly requested feature ids.
+    """
 
     dictionaries: list[str]
-    rows: dict[str, dict[int, tuple[np.ndarray | None, np.ndarray]]] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ("top",)
+    rows: dict[str, dict[str, dict[int, tuple[np.ndarray | None, np.ndarray]]]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, chunk: FeatureChunk) -> None:
-        table = self.rows.setdefault(chunk.dictionary, {})
+        kind = "ids" if chunk.indices is None else "top"
+        table = self.rows.setdefault(kind, {}).setdefault(chunk.dictionary, {})
         for j, pos in enumerate(chunk.positions.tolist()):
             # A recomputed position (preemption, recompute) overwrites: same numbers.
             idx = chunk.indices[j] if chunk.indices is not None else None
@@ -112,7 +118,15 @@ class RequestFeatures:
         self.changed.set()
 
     def covers(self, positions: range) -> bool:
-        return all(all(p in self.rows.get(d, {}) for p in positions) for d in self.dictionaries)
+        return all(
+            p in self.rows.get(kind, {}).get(d, {})
+            for kind in self.kinds for d in self.dictionaries for p in positions
+        )
+
+    def pop(self, kind: str, dictionary: str, position: int) -> tuple[np.ndarray | None, np.ndarray] | None:
+        if kind not in self.kinds:
+            return None
+        return self.rows[kind][dictionary].pop(position)
 
 
 class FeatureReceiver:
@@ -144,8 +158,8 @@ class FeatureReceiver:
                 else:
                     req.add(chunk)
 
-    def register(self, rid: str, dictionaries: list[str]) -> RequestFeatures:
-        req = RequestFeatures(dictionaries=list(dictionaries))
+    def register(self, rid: str, dictionaries: list[str], kinds: tuple[str, ...] = ("top",)) -> RequestFeatures:
+        req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds)
         self._requests[rid] = req
         return req
 

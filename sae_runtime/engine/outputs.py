@@ -13,9 +13,14 @@ class DictionaryFeatures(BaseModel):
 
     dictionary: str
     indices: list[int] | None = Field(
-        default=None, description="feature ids, strongest first (top-k requests); None when feature_ids were asked"
+        default=None, description="feature ids, strongest first (top-k requests); None when only feature_ids were asked"
     )
-    values: list[float] = Field(description="activations, aligned with indices or with the requested feature_ids")
+    values: list[float] = Field(
+        description="activations, aligned with indices; when only feature_ids were asked, with the feature_ids"
+    )
+    feature_values: list[float] | None = Field(
+        default=None, description="activations of the requested feature_ids when top_k was asked as well"
+    )
 
 
 class TokenFeatures(BaseModel):

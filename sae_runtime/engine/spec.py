@@ -53,11 +53,15 @@ class FeatureRequest(_Strict):
 
     dictionaries: list[str] = Field(min_length=1, description="dictionary ids to read")
     top_k: int | None = Field(default=None, ge=1, description="return the k strongest features per token")
-    feature_ids: list[int] | None = Field(default=None, min_length=1, description="return these features' values")
+    feature_ids: list[int] | None = Field(
+        default=None, min_length=1, description="return these features' values (with top_k: as well)"
+    )
     scope: Scope = "all"
 
     @model_validator(mode="after")
     def _something_asked(self) -> "FeatureRequest":
+        # Neither asked: the strongest 8. Both asked: both come back (values aligned with
+        # indices for the top-k, feature_values aligned with feature_ids).
         if self.top_k is None and self.feature_ids is None:
             self.top_k = 8
         return self

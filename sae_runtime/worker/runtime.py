@@ -215,11 +215,11 @@ class SAEWorkerRuntime:
 
     def _extract(self, d: SparseDictionary, name: str, hidden: torch.Tensor, residual: torch.Tensor,
                  jobs: list[ExtractJob]) -> None:
-        topk_jobs = [j for j in jobs if j.feature_ids is None]
+        topk_jobs = [j for j in jobs if j.top_k is not None]
         if topk_jobs:
             rows = torch.cat([j.rows for j in topk_jobs])
             x = (hidden[rows] + residual[rows]).to(d.dtype)
-            k = max(j.top_k or 8 for j in topk_jobs)
+            k = max(j.top_k for j in topk_jobs)
             if d.k is not None and d.activation == "topk":
                 k = min(k, d.k)
             k = min(k, d.d_sae)
@@ -237,7 +237,7 @@ class SAEWorkerRuntime:
             off = 0
             for j in topk_jobs:
                 n = j.rows.numel()
-                kj = min(j.top_k or 8, k)
+                kj = min(j.top_k, k)
                 self._chunks.append(FeatureChunk(j.rid, name, j.positions, idx[off:off + n, :kj], vals[off:off + n, :kj]))
                 off += n
         for j in jobs:

@@ -11,6 +11,7 @@ replicas (and their vLLM processes) and Ray.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default-dictionary", action="store_true", help="serve no dictionary unless given")
     p.add_argument("--dtype", help="model dtype (float32 on CPU: bfloat16 gives garbage there)")
     p.add_argument("--eager", dest="enforce_eager", action="store_true", default=None,
-                   help="eager mode (the only mode SAE hooks support now; the default)")
+                   help="run vLLM in eager mode (starts faster, decodes slower); default: compiled")
     p.add_argument("--max-model-len", type=int, help="context length in tokens")
     p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
     p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per replica, GiB (default 1)")
@@ -41,10 +42,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    p.add_argument("--max-request-bytes", type=int, help="largest accepted HTTP request body")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="largest accepted HTTP body / gRPC message (default 4 MiB; over it: 413 / RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-edits", type=int, help="steering edits per request (default 256)")
+    p.add_argument("--max-vectors", type=int, help="raw steering vectors per request (default 32)")
+    p.add_argument("--max-top-k", type=int, help="largest features.top_k (default 256)")
+    p.add_argument("--max-feature-ids", type=int, help="most features.feature_ids per request (default 1024)")
+    p.add_argument("--max-concurrent-streams", type=int,
+                   help="streaming requests open at once per replica (default 32; more get 429 / RESOURCE_EXHAUSTED)")
+    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="accept this API key (repeatable; also SAE_SERVE_API_KEYS=k1,k2 or --api-key-file). "
+                   "With keys, every route but /health needs 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of `ps`)")
     p.add_argument("--ray-num-cpus", type=int, help="CPUs Ray may schedule (default: this machine's)")
     p.add_argument("--cpu-threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for the engine, e.g. 0-1")
     return p
+
+
+def api_keys_from(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key, --api-key-file and SAE_SERVE_API_KEYS (all of them; none = no auth)."""
+    from server.config import API_KEYS_ENV
+
+    keys = list(args.api_keys or [])
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return list(dict.fromkeys(keys))
+
+
+def exposure_warnings(config: Any) -> list[str]:
+    """What to tell a user who serves beyond this machine without keys."""
+    if config.api_keys:
+        return []
+    out = []
+    if config.exposed:
+        out.append(f"sae-serve: WARNING: HTTP is bound to {config.host}, not 127.0.0.1, and no API key is set: "
+                   "anyone who can reach this port can use the model. Set --api-key / SAE_SERVE_API_KEYS.")
+    out.append(f"sae-serve: note: Ray 2.60's gRPC proxy listens on all interfaces (port {config.grpc_port}) and no "
+               "API key is set; firewall that port or set --api-key / SAE_SERVE_API_KEYS.")
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -56,7 +93,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
                                              "max_model_len", "max_num_seqs", "kv_cache_gib")
               if getattr(args, k) is not None}
     top = {k: getattr(args, k) for k in ("replicas", "host", "http_port", "grpc_port", "max_request_bytes",
-                                          "ray_num_cpus", "cpu_threads_bind") if getattr(args, k) is not None}
+                                          "ray_num_cpus", "cpu_threads_bind", "max_edits", "max_vectors",
+                                          "max_top_k", "max_feature_ids", "max_concurrent_streams")
+           if getattr(args, k) is not None}
+    keys = api_keys_from(args)
+    if keys:
+        top["api_keys"] = keys
     if args.no_default_dictionary:
         top["use_default_dictionary"] = False
     if args.min_replicas is not None or args.max_replicas is not None:
@@ -75,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"sae-serve: bad configuration: {exc}", file=sys.stderr)
         return 2
+    for line in exposure_warnings(config):
+        print(line, file=sys.stderr, flush=True)
+    if config.api_keys:
+        print(f"sae-serve: API keys required ({len(config.api_keys)} configured); /health stays open",
+              file=sys.stderr, flush=True)
 
     stop = threading.Event()
 

@@ -91,6 +91,11 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
     ids = dict(zip(roles, engine.registry.ids()))
     harness = EngineHarness(engine, loop, engine_dictionaries, ids, request.param)
     yield harness
-    engine.shutdown()
+
+    async def close():
+        engine.shutdown()
+        await asyncio.sleep(0.2)  # let the cancelled output handler finish on this loop
+
+    asyncio.run_coroutine_threadsafe(close(), loop).result(120)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)

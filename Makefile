@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test test-fast bench-kernels clean-venv
+.PHONY: setup serve test test-fast bench-kernels clean-venv load
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -22,3 +22,9 @@ bench-kernels: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Bounded load run (benchmarks/load.py): starts sae-serve, runs Locust headless, stops it,
+# prints requests/s, p50/p95/p99 per route, failures and generated tokens/s.
+# make load LOAD_ARGS="--users 8 --duration 120"
+load: setup
+	$(PY) benchmarks/load.py $(LOAD_ARGS)

@@ -16,6 +16,14 @@ YAML example (every key optional)::
       dictionaries: [sae_runtime/data/default_dictionary]
       dtype: float32
       kv_cache_gib: 1
+    # limits (per request unless said otherwise); over them: 400/413/429
+    max_request_bytes: 4194304   # HTTP body / gRPC message
+    max_edits: 256               # steering edits per request
+    max_vectors: 32              # raw steering vectors per request
+    max_top_k: 256               # features.top_k
+    max_feature_ids: 1024        # len(features.feature_ids)
+    max_concurrent_streams: 32   # streaming requests at once, per replica (429 / RESOURCE_EXHAUSTED)
+    api_keys: []                 # or SAE_SERVE_API_KEYS=k1,k2 / --api-key K (repeatable)
 """
 
 from __future__ import annotations
@@ -24,13 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from sae_runtime.engine.engine import EngineConfig
+from sae_runtime.engine.spec import SpecLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DICTIONARY_DIR = REPO_ROOT / "sae_runtime" / "data" / "default_dictionary"
 APP_NAME = "sae-serve"
+API_KEYS_ENV = "SAE_SERVE_API_KEYS"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LIMIT_FIELDS = ("max_edits", "max_vectors", "max_top_k", "max_feature_ids")  # -> engine SpecLimits
 
 
 class AutoscalingConfig(BaseModel):
@@ -45,7 +57,8 @@ class AutoscalingConfig(BaseModel):
 class ServeConfig(BaseModel):
     """Everything ``sae-serve`` needs to start; defaults serve the default model locally."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field but never echo its value: it may be an API key.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     host: str = Field(default="127.0.0.1", description="HTTP bind address (gRPC: see README)")
@@ -55,7 +68,23 @@ class ServeConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(default=64, ge=1, description="per replica, before queueing")
     max_queued_requests: int = Field(default=256, ge=-1, description="beyond this: 503 / RESOURCE_EXHAUSTED; -1 = unbounded")
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger HTTP bodies get 413")
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
+                                   description="larger HTTP bodies get 413, larger gRPC messages RESOURCE_EXHAUSTED")
+    grpc_max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024,
+        description="hard cap of Ray's gRPC proxy on any message, either way (Ray's default is 2 GiB); "
+        "requests between max_request_bytes and this are refused by the replica")
+    max_edits: int | None = Field(default=None, ge=0, description=f"steering edits per request (default {SpecLimits.max_edits})")
+    max_vectors: int | None = Field(default=None, ge=0, description=f"steering vectors per request (default {SpecLimits.max_vectors})")
+    max_top_k: int | None = Field(default=None, ge=1, description=f"largest features.top_k (default {SpecLimits.max_top_k})")
+    max_feature_ids: int | None = Field(default=None, ge=1,
+                                        description=f"most features.feature_ids (default {SpecLimits.max_feature_ids})")
+    max_concurrent_streams: int = Field(default=32, ge=1,
+                                        description="streaming requests open at once per replica; more get 429")
+    api_keys: list[SecretStr] = Field(default_factory=list,
+                                      description="accepted API keys (Bearer); empty = no authentication")
+    health_check_period_s: float = Field(default=5.0, gt=0,
+                                         description="Ray Serve health-check period (3 failures restart a replica)")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs given to ray.init; None = enough for the replicas")
     cpu_threads_bind: str | None = Field(
@@ -67,6 +96,29 @@ class ServeConfig(BaseModel):
     use_default_dictionary: bool = Field(
         default=True, description="serve sae_runtime/data/default_dictionary when no dictionaries are given")
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_usable(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for i, k in enumerate(keys):
+            v = k.get_secret_value()
+            if len(v) < 8 or any(c.isspace() for c in v) or not v.isprintable():
+                raise ValueError(f"API key #{i + 1} must be at least 8 printable characters without spaces")
+        return keys
+
+    def api_key_digests(self) -> list[str]:
+        """What replicas get instead of the keys (see :mod:`server.auth`)."""
+        from server.auth import key_digest
+
+        return [key_digest(k.get_secret_value()) for k in self.api_keys]
+
+    def replica_config_json(self) -> str:
+        """This config for the replicas, without the API keys (they get digests only)."""
+        return self.model_dump_json(exclude={"api_keys"})
+
+    @property
+    def exposed(self) -> bool:
+        return self.host not in LOCAL_HOSTS
+
     @model_validator(mode="after")
     def _ports_differ(self) -> "ServeConfig":
         if self.http_port == self.grpc_port:
@@ -74,12 +126,15 @@ class ServeConfig(BaseModel):
         return self
 
     def resolved_engine(self) -> EngineConfig:
-        """The engine config with the default dictionary filled in (if wanted and present)."""
-        if self.engine.dictionaries or not self.use_default_dictionary:
-            return self.engine
-        if (DEFAULT_DICTIONARY_DIR / "cfg.json").is_file():
-            return self.engine.model_copy(update={"dictionaries": [str(DEFAULT_DICTIONARY_DIR)]})
-        return self.engine
+        """The engine config with the default dictionary filled in (if wanted and present)
+        and the request limits set here (they win over ``engine.limits``)."""
+        update: dict[str, Any] = {}
+        limits = {**self.engine.limits, **{f: getattr(self, f) for f in LIMIT_FIELDS if getattr(self, f) is not None}}
+        if limits != self.engine.limits:
+            update["limits"] = limits
+        if not self.engine.dictionaries and self.use_default_dictionary and (DEFAULT_DICTIONARY_DIR / "cfg.json").is_file():
+            update["dictionaries"] = [str(DEFAULT_DICTIONARY_DIR)]
+        return self.engine.model_copy(update=update) if update else self.engine
 
     def total_ray_cpus(self) -> int:
         if self.ray_num_cpus is not None:

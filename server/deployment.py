@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from sae_runtime.engine.engine import SAEEngine
+from server.auth import ApiKeys
 from server.config import ServeConfig
 from server.grpc_service import SAEGrpcMethods
 from server.http_api import build_http_app
@@ -31,9 +32,10 @@ DEPLOYMENT_NAME = "SAEDeployment"
 class SAEDeployment(SAEGrpcMethods):
     """One replica: starts the engine (tens of seconds on CPU) before taking requests."""
 
-    async def __init__(self, config_json: str):
+    async def __init__(self, config_json: str, api_key_digests: list[str] | None = None):
         self.config = ServeConfig.model_validate_json(config_json)
         self.max_request_bytes = self.config.max_request_bytes
+        self.api_keys = ApiKeys(api_key_digests or [])
         engine_config = self.config.resolved_engine()
         if not engine_config.dictionaries:
             logger.warning("sae-serve: serving without dictionaries; feature and steering requests will be refused")
@@ -43,14 +45,18 @@ class SAEDeployment(SAEGrpcMethods):
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit use)
             replica = None
-        self.service = SAEService(self.engine, ServiceMetrics(replica), self.config.feature_top_n)
+        self.service = SAEService(self.engine, ServiceMetrics(replica), self.config.feature_top_n,
+                                  max_concurrent_streams=self.config.max_concurrent_streams)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(self.service, self.config.max_request_bytes)
+        return build_http_app(self.service, self.config.max_request_bytes, self.api_keys)
 
     async def check_health(self) -> None:
-        """Ray Serve restarts the replica when this raises (the vLLM engine died)."""
-        if self.engine is None or self.engine.llm.errored:
+        """Ray Serve restarts the replica when this raises 3 times in a row (the vLLM engine died).
+
+        Meanwhile the replica answers: requests get 503 / UNAVAILABLE and ``/health`` 503.
+        """
+        if not self.service.engine_alive():
             raise RuntimeError("the vLLM engine of this replica is not running")
 
     def __del__(self) -> None:
@@ -85,7 +91,7 @@ def build_app(config: ServeConfig) -> Application:
         "ray_actor_options": {"num_cpus": config.replica_num_cpus,
                               "runtime_env": {"env_vars": replica_env(config)}},
         # vLLM start-up on CPU takes tens of seconds; give health checks room.
-        "health_check_period_s": 10,
+        "health_check_period_s": config.health_check_period_s,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
     }
@@ -98,4 +104,6 @@ def build_app(config: ServeConfig) -> Application:
         }
     else:
         options["num_replicas"] = config.replicas
-    return serve.deployment(SAEDeployment).options(**options).bind(config.model_dump_json())
+    # The replicas get the config without the API keys, and the keys' digests only.
+    return serve.deployment(SAEDeployment).options(**options).bind(config.replica_config_json(),
+                                                                    config.api_key_digests())

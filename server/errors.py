@@ -22,6 +22,9 @@ class ErrorKind(str, Enum):
     NOT_FOUND = "not_found_error"
     TOO_LARGE = "request_too_large"
     UNSUPPORTED = "unsupported_parameter"
+    UNAUTHENTICATED = "authentication_error"
+    TOO_MANY = "rate_limit_error"
+    UNAVAILABLE = "service_unavailable"
     INTERNAL = "internal_error"
 
 
@@ -30,6 +33,9 @@ HTTP_STATUS = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.TOO_MANY: 429,
+    ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
 }
 
@@ -38,6 +44,9 @@ GRPC_CODE = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNSUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.TOO_MANY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -86,10 +95,27 @@ class ApiError(Exception):
         return cls(ErrorKind.INVALID, msg, field)
 
 
+ENGINE_DEAD_MESSAGE = ("the engine of this replica stopped; the deployment is restarting it, "
+                       "retry in a minute")
+
+
+def engine_dead(exc: BaseException) -> bool:
+    """True for vLLM's 'engine process died' errors (the replica is restarting its engine)."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+    except ImportError:  # unit use without vLLM
+        return False
+    if isinstance(exc, EngineGenerateError) and isinstance(exc.__cause__, EngineDeadError):
+        return True
+    return isinstance(exc, EngineDeadError)
+
+
 def translate(exc: BaseException) -> ApiError | None:
-    """The :class:`ApiError` for a known client-caused exception, else ``None``."""
+    """The :class:`ApiError` for a known client-caused exception (or a dead engine: 503), else ``None``."""
     if isinstance(exc, ApiError):
         return exc
+    if engine_dead(exc):
+        return ApiError(ErrorKind.UNAVAILABLE, ENGINE_DEAD_MESSAGE)
     if isinstance(exc, SpecError):
         return ApiError.from_spec_error(exc)
     if isinstance(exc, UnknownDictionaryError):

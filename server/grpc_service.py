@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2
 
 from clients.proto import sae_serve_pb2 as pb
 from server import grpc_convert as conv
+from server.auth import ApiKeys
 from server.errors import ApiError, ErrorKind, translate
 from server.service import SAEService
 
@@ -52,11 +53,16 @@ def _fail(context: Any, exc: BaseException) -> GrpcRequestError:
 
 
 class SAEGrpcMethods:
-    """Mixin: requires ``self.service`` (:class:`SAEService`) and ``self.max_request_bytes``."""
+    """Mixin: requires ``self.service`` (:class:`SAEService`), ``self.max_request_bytes`` and
+    ``self.api_keys`` (:class:`ApiKeys`; every method but the health service checks it)."""
 
     service: SAEService
     max_request_bytes: int | None = None
+    api_keys: ApiKeys = ApiKeys()
     _health: health.HealthServicer | None = None
+
+    def _authorize(self, grpc_context: Any) -> None:
+        self.api_keys.check_grpc(grpc_context)
 
     def _check_size(self, request: Any) -> None:
         """The HTTP body limit, applied to gRPC messages too (RESOURCE_EXHAUSTED over it)."""
@@ -67,24 +73,44 @@ class SAEGrpcMethods:
     async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, grpc_context: Any = None) -> pb.ExtractFeaturesResponse:
         try:
             async with self.service.observed("features.extract", "grpc"):
+                self._authorize(grpc_context)
                 self._check_size(request)
                 resp = await self.service.extract(conv.extract_request(request))
-        except (ApiError, ValueError) as exc:
+        except Exception as exc:
             raise _fail(grpc_context, exc) from None
         return conv.extract_response_pb(resp)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> AsyncIterator[pb.GenerateResponse]:
+        acquired = False
         try:
-            async with self.service.observed("generate", "grpc"):
-                self._check_size(request)
-                chunks = await self.service.generate(conv.generate_request(request))
-        except (ApiError, ValueError) as exc:
-            raise _fail(grpc_context, exc) from None
-        async with self.service.observed("generate.stream", "grpc"):
-            async for chunk in chunks:
-                yield conv.generate_chunk_pb(chunk)
+            try:
+                async with self.service.observed("generate", "grpc"):
+                    self._authorize(grpc_context)
+                    self._check_size(request)
+                    self.service.acquire_stream()  # RESOURCE_EXHAUSTED over max_concurrent_streams
+                    acquired = True
+                    chunks = await self.service.generate(conv.generate_request(request))
+            except Exception as exc:
+                raise _fail(grpc_context, exc) from None
+            try:
+                # A client that cancels (or disconnects) cancels this generator: closing
+                # ``chunks`` closes the engine stream, which aborts the request in vLLM.
+                async with self.service.observed("generate.stream", "grpc"):
+                    async for chunk in chunks:
+                        yield conv.generate_chunk_pb(chunk)
+            except Exception as exc:  # e.g. the engine died mid-stream: UNAVAILABLE, not INTERNAL
+                raise _fail(grpc_context, exc) from None
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            if acquired:
+                self.service.release_stream()
 
     async def ListDictionaries(self, request: pb.ListDictionariesRequest, grpc_context: Any = None) -> pb.ListDictionariesResponse:
+        try:
+            self._authorize(grpc_context)
+        except ApiError as exc:
+            raise _fail(grpc_context, exc) from None
         async with self.service.observed("dictionaries.list", "grpc"):
             listing = self.service.list_dictionaries()
         return pb.ListDictionariesResponse(dictionaries=[conv.dictionary_pb(d) for d in listing.data])
@@ -92,6 +118,7 @@ class SAEGrpcMethods:
     async def GetFeature(self, request: pb.GetFeatureRequest, grpc_context: Any = None) -> pb.FeatureInfo:
         try:
             async with self.service.observed("dictionaries.feature", "grpc"):
+                self._authorize(grpc_context)
                 info = self.service.feature_info(request.dictionary, request.feature,
                                                  request.top_n if request.HasField("top_n") else None)
         except ApiError as exc:
@@ -102,10 +129,12 @@ class SAEGrpcMethods:
 
     def _health_servicer(self) -> health.HealthServicer:
         if self._health is None:
-            servicer = health.HealthServicer()
-            servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-            servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-            self._health = servicer
+            self._health = health.HealthServicer()
+        # SERVING while the engine lives; NOT_SERVING once it died (the replica is replaced).
+        status = (health_pb2.HealthCheckResponse.SERVING if self.service.engine_alive()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)
         return self._health
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> health_pb2.HealthCheckResponse:

@@ -9,15 +9,19 @@ values 400, unknown dictionaries/features/models 404, oversized bodies 413.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, ErrorKind
+from server.auth import ApiKeyMiddleware, ApiKeys
+from server.errors import ApiError, ErrorKind, translate
 from server.models import (
     DictionaryList,
     ErrorBody,
@@ -74,14 +78,116 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
-def build_http_app(service: SAEService, max_request_bytes: int) -> FastAPI:
+class JsonOnly:
+    """ASGI middleware: a POST body must be JSON (415 naming ``content-type`` otherwise).
+
+    A missing Content-Type or another type (form data, text/plain...) is refused here
+    instead of failing later with a vague "valid dictionary" message.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            ctype = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+            media = ctype.split(b";", 1)[0].strip().lower()
+            if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
+                got = repr(media.decode("latin-1")[:80]) if media else "none"
+                err = ApiError(ErrorKind.INVALID, f"must be application/json (got {got})", "content-type")
+                body = ErrorResponse(error=ErrorBody(message=str(err), type=err.kind.value, param=err.field, code=415))
+                await JSONResponse(body.model_dump(), status_code=415)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BadBody(HTTPException):
+    """A body FastAPI would otherwise answer with a bare 'error parsing the body'."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(status_code=400, detail=message)
+        self.field = field
+
+
+def _first_bad_string(value: Any, path: str) -> str | None:
+    """Path of the first string (key or value) that is not valid Unicode (a lone surrogate from a
+    ``\\ud800`` escape), which the tokenizer and vLLM's IPC could not encode."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return p or "body"
+                stack.append((item, f"{p}.{k}" if p else k))
+        elif isinstance(v, list):
+            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
+    return None
+
+
+class StrictJSONRequest(Request):
+    """JSON bodies must be UTF-8 and valid Unicode; errors name the place (400, not a bare 500)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadBody("body", f"is not valid UTF-8 (invalid byte at offset {exc.start})") from None
+            parsed = json.loads(text)  # JSONDecodeError: FastAPI answers 422 json_invalid
+            bad = _first_bad_string(parsed, "")
+            if bad is not None:
+                raise BadBody(bad, "contains an unpaired UTF-16 surrogate: not valid Unicode text")
+            self._json = parsed
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Any:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKeys | None = None) -> FastAPI:
     app = FastAPI(title="sae-serve", version="1", docs_url="/docs", redoc_url=None)
+    app.router.route_class = StrictJSONRoute
     handler = OpenAIHandler(service)
+    # Starlette runs the last added middleware first: keys, then content type, then size.
     app.add_middleware(BodySizeLimit, limit=max_request_bytes)
+    app.add_middleware(JsonOnly)
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys or ApiKeys())
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        field = getattr(exc, "field", None) or {404: "path", 405: "method"}.get(exc.status_code, "body")
+        kind = ErrorKind.NOT_FOUND if exc.status_code == 404 else ErrorKind.INVALID
+        body = ErrorResponse(error=ErrorBody(message=f"{field}: {exc.detail}", type=kind.value, param=field,
+                                             code=exc.status_code))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        api = translate(exc)  # e.g. the engine died mid-request: 503, not a bare 500
+        if api is None:
+            logger.error("unexpected error: %s: %s", type(exc).__name__, exc)
+            api = ApiError(ErrorKind.INTERNAL, f"internal error ({type(exc).__name__})")
+        return error_response(api)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,7 +195,8 @@ def build_http_app(service: SAEService, max_request_bytes: int) -> FastAPI:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         # Union members add their type name to the location (e.g. 'str'); keep the field path.
-        field = ".".join(loc) or None
+        # An error about the body as a whole (not JSON, not an object, empty) names 'body'.
+        field = ".".join(loc) if loc and first.get("type") != "json_invalid" else "body"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         err = ApiError(ErrorKind.INVALID, f"{first.get('msg')}{more}", field)
         body = ErrorResponse(error=ErrorBody(message=str(err), type=err.kind.value, param=field, code=422))
@@ -99,11 +206,21 @@ def build_http_app(service: SAEService, max_request_bytes: int) -> FastAPI:
 
     async def _stream_response(endpoint: str, lines: AsyncIterator[str], ctx: Any) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
+            # A client that disconnects cancels this (Ray Serve cancels the replica's
+            # request): closing ``lines`` closes the engine streams, which aborts them in vLLM.
+            exc_info: tuple = (None, None, None)
             try:
                 async for line in lines:
                     yield line
+            except BaseException as exc:  # CancelledError when the client left: outcome "cancelled"
+                exc_info = (type(exc), exc, exc.__traceback__)
+                raise
             finally:
-                await ctx.__aexit__(None, None, None)
+                service.release_stream()
+                try:
+                    await lines.aclose()  # type: ignore[attr-defined]
+                finally:
+                    await ctx.__aexit__(*exc_info)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -114,7 +231,12 @@ def build_http_app(service: SAEService, max_request_bytes: int) -> FastAPI:
         try:
             plan = plan_fn(req)
             if req.stream:
-                lines = await handler.stream(req, plan)
+                service.acquire_stream()
+                try:
+                    lines = await handler.stream(req, plan)
+                except BaseException:
+                    service.release_stream()
+                    raise
                 return await _stream_response(endpoint, lines, ctx)
             result = await run_fn(req, plan)
         except BaseException as exc:
@@ -156,8 +278,11 @@ def build_http_app(service: SAEService, max_request_bytes: int) -> FastAPI:
     # -- operations -----------------------------------------------------------------------
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": service.model_name, "dictionaries": service.engine.registry.ids()}
+    async def health(detail: bool = False) -> JSONResponse:
+        """200 ``ok`` with a live engine, 503 ``unhealthy`` otherwise; ``?detail=1`` (needs the
+        API key when keys are set) adds the engine's and the workers' request counts."""
+        body = await service.health(detail)
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

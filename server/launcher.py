@@ -26,6 +26,12 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None)
     graceful shutdown on SIGTERM must install its handler again at that point.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Read by Ray Serve's proxies at import, so set before Ray starts its processes (which
+    # inherit this environment; on a multi-node cluster set them where `ray start` runs):
+    # /health answered in the proxy while no replica runs (server.proxy_health), and a cap
+    # on gRPC messages (Ray's default accepts 2 GiB requests).
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "server.proxy_health.proxy_middlewares")
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.grpc_max_message_bytes))
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions

@@ -80,8 +80,8 @@ class SamplingOptions(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
 
 
 class GenerateRequest(PromptInput):

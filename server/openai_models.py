@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sae_runtime.engine.spec import FeatureRequest, SteeringSpec
 from server.models import ChatMessage, TokenFeaturesOut, Usage
@@ -21,6 +21,7 @@ UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "respo
                     "parallel_tool_calls", "audio", "modalities", "prediction", "reasoning_effort",
                     "web_search_options")
 UNSUPPORTED_COMPLETION = ("suffix", "logit_bias")
+MAX_STOP = 16
 IGNORED = ("user", "metadata", "store", "service_tier")  # informational; accepted and ignored
 
 
@@ -39,8 +40,8 @@ class _OpenAIRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=8)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, description="at most 16 stop strings")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 9, description="a signed 64-bit integer")
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -49,6 +50,13 @@ class _OpenAIRequest(BaseModel):
     features: FeatureRequest | None = None
     steering: SteeringSpec | None = None
     compare: bool = Field(default=False, description="also return the unsteered completion (field 'unsteered')")
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings (got {len(v)})")
+        return v
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

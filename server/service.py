@@ -13,7 +13,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from pydantic import ValidationError
 
 from sae_runtime.engine.engine import SAEEngine
 from sae_runtime.engine.outputs import GenerationChunk, TokenFeatures
@@ -44,10 +43,13 @@ DEFAULT_GENERATE_MAX_TOKENS = 64
 class SAEService:
     """One replica's API over its engine."""
 
-    def __init__(self, engine: SAEEngine, metrics: ServiceMetrics | None = None, feature_top_n: int = 10):
+    def __init__(self, engine: SAEEngine, metrics: ServiceMetrics | None = None, feature_top_n: int = 10,
+                 max_concurrent_streams: int | None = None):
         self.engine = engine
         self.metrics = metrics or ServiceMetrics()
         self.feature_top_n = feature_top_n
+        self.max_concurrent_streams = max_concurrent_streams
+        self.open_streams = 0
         self._unembedding: Unembedding | None = None
         self._token_text: dict[int, str] = {}
 
@@ -79,6 +81,47 @@ class SAEService:
             raise
         finally:
             self.metrics.observe(endpoint, transport, outcome, time.perf_counter() - start)
+
+    # -- limits and health ---------------------------------------------------------------
+
+    def acquire_stream(self) -> None:
+        """Take a streaming slot or refuse with 429 / RESOURCE_EXHAUSTED; pair with :meth:`release_stream`."""
+        if self.max_concurrent_streams is not None and self.open_streams >= self.max_concurrent_streams:
+            raise ApiError(ErrorKind.TOO_MANY, f"this replica already serves {self.open_streams} streams, the limit "
+                           f"(max_concurrent_streams={self.max_concurrent_streams}); retry later", "stream")
+        self.open_streams += 1
+
+    def release_stream(self) -> None:
+        self.open_streams = max(0, self.open_streams - 1)
+
+    def engine_alive(self) -> bool:
+        llm = getattr(self.engine, "llm", None)
+        return llm is not None and not llm.errored
+
+    def check_engine(self) -> None:
+        """503 / UNAVAILABLE at once when the engine died (the replica is about to be replaced)."""
+        if not self.engine_alive():
+            from server.errors import ENGINE_DEAD_MESSAGE
+
+            raise ApiError(ErrorKind.UNAVAILABLE, ENGINE_DEAD_MESSAGE)
+
+    async def health(self, detail: bool = False) -> dict[str, Any]:
+        """``ok`` with a live engine, else ``unhealthy``; ``detail`` adds the engine's request state."""
+        alive = self.engine_alive()
+        out: dict[str, Any] = {"status": "ok" if alive else "unhealthy", "model": self.model_name,
+                               "dictionaries": self.engine.registry.ids()}
+        if detail:
+            out["open_streams"] = self.open_streams
+            out["replica"] = self.metrics.replica
+            if alive:
+                try:
+                    out["engine_unfinished_requests"] = self.engine.llm.output_processor.get_num_unfinished_requests()
+                    stats = await asyncio.wait_for(self.engine.worker_stats(), 10)
+                    out["workers"] = [{k: v for k, v in w.items() if k in ("tracked_requests", "requests_with_spec",
+                                                                            "steps")} for w in stats]
+                except Exception as exc:  # report, never fail the health answer itself
+                    out["detail_error"] = type(exc).__name__
+        return out
 
     # -- prompts and specs ---------------------------------------------------------------
 
@@ -146,6 +189,7 @@ class SAEService:
         Waiting for the first chunk before answering lets streaming transports report a
         refused request with a proper status instead of failing inside a 200 stream.
         """
+        self.check_engine()
         if spec is not None and spec.has_steering:
             self.metrics.steered_request()
         self.metrics.tokens(prompt=len(prompt_ids))
@@ -193,17 +237,20 @@ class SAEService:
 
     async def _generate_chunks(self, prompt_len: int, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
-        async for chunk in stream:
-            generated = chunk.num_generated_tokens
-            yield GenerateChunkOut(
-                token_ids=chunk.token_ids,
-                text=chunk.text,
-                features=self.features_out(chunk.features),
-                finished=chunk.finished,
-                finish_reason=chunk.finish_reason,
-                usage=Usage(prompt_tokens=prompt_len, completion_tokens=generated,
-                            total_tokens=prompt_len + generated) if chunk.finished else None,
-            )
+        try:
+            async for chunk in stream:
+                generated = chunk.num_generated_tokens
+                yield GenerateChunkOut(
+                    token_ids=chunk.token_ids,
+                    text=chunk.text,
+                    features=self.features_out(chunk.features),
+                    finished=chunk.finished,
+                    finish_reason=chunk.finish_reason,
+                    usage=Usage(prompt_tokens=prompt_len, completion_tokens=generated,
+                                total_tokens=prompt_len + generated) if chunk.finished else None,
+                )
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if the client left
 
     # -- features ------------------------------------------------------------------------
 
@@ -213,10 +260,14 @@ class SAEService:
         self.check_budget(prompt_ids, 1, "text" if req.text is not None else "messages")
         spec = self.build_spec(req.features.model_copy(update={"scope": "prompt"}), None)
         assert spec is not None
+        self.check_engine()
         try:
             tokens = await self.engine.extract(prompt_ids, spec.features)
-        except (SpecError, ValidationError) as exc:
-            raise translate(exc) from None  # type: ignore[misc]
+        except Exception as exc:
+            api = translate(exc)  # bad spec: 400/404; dead engine: 503
+            if api is None:
+                raise
+            raise api from None
         self.metrics.tokens(prompt=len(prompt_ids), extracted=len(tokens))
         return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens))
 

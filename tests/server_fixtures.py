@@ -96,17 +96,19 @@ class ServerHandle:
         return rc, left
 
 
-def start_server(tmp: Path, dictionary_dir: Path) -> ServerHandle:
+def start_server(tmp: Path, dictionary_dir: Path, extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None) -> ServerHandle:
     http_port, grpc_port = free_port(), free_port()
     while grpc_port == http_port:
         grpc_port = free_port()
     log_path = tmp / "sae-serve.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1",
+               **(extra_env or {}))
     cmd = [str(SAE_SERVE), "--no-default-dictionary", "--dictionary", str(dictionary_dir),
            "--dictionary-id", DICTIONARY_ID, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--max-model-len", "512", "--max-num-seqs", "8", "--max-request-bytes", "200000"]
+           "--max-model-len", "512", "--max-num-seqs", "8", "--max-request-bytes", "200000", *extra_args]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
     server = ServerHandle(proc, http_port, grpc_port, dictionary_dir, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -154,3 +156,25 @@ def live_server(sae_server: ServerHandle) -> ServerHandle:
     if sae_server.proc.poll() is not None:
         pytest.fail(f"sae-serve died (exit {sae_server.proc.returncode}):\n{sae_server.log_tail()}")
     return sae_server
+
+
+# A second server for tests/test_faults.py (it kills the engine and the replica): started
+# with an API key and small limits, so it also checks those end to end. Stopped by that
+# module's fixture; started at most once per session.
+FAULT_API_KEY = "sk-fault-test-7f3a9c1e5b"
+_FAULT_SERVER: ServerHandle | None = None
+
+
+@pytest.fixture(scope="module")
+def fault_server(default_model_dir, tmp_path_factory) -> ServerHandle:
+    global _FAULT_SERVER
+    from tests.dictionary_factory import make_dictionary
+
+    if _FAULT_SERVER is None:
+        tmp = tmp_path_factory.mktemp("sae_serve_faults")
+        dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
+        _FAULT_SERVER = start_server(tmp, dictionary, ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
+                                     {"SAE_SERVE_API_KEYS": FAULT_API_KEY})
+    yield _FAULT_SERVER
+    rc, left = _FAULT_SERVER.stop()
+    assert not left, f"processes left after SIGTERM: {left}"

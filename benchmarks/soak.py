@@ -1,0 +1,116 @@
+"""Soak: a steady moderate load for ten minutes while sampling the memory of every server process.
+
+    python benchmarks/soak.py                     # 3 users, 600 s
+    python benchmarks/soak.py --users 4 --duration 600 --bound-mib 64
+
+Starts sae-serve (as benchmarks/load.py does), runs Locust headless, and every
+``--every`` seconds records the RSS of each process in the server's tree (sae-serve, Ray's
+GCS/raylet/controller/proxy, the replica, vLLM's engine core and worker). Memory counts as
+flat when, for every process, the largest RSS of the last third of the run exceeds the
+largest RSS of the middle third by less than ``--bound-mib`` (the first third is warm-up:
+caches, the tokenizer, allocator arenas). Exit 1 on failures or growth. Not part of
+``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (benchmarks/load.py)
+
+
+def sample_tree(root_pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            name = " ".join(p.cmdline())[:60] or p.name()
+            key = f"{p.pid} {name}"
+            out[key] = p.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--duration", type=int, default=600)
+    p.add_argument("--every", type=float, default=15.0)
+    p.add_argument("--bound-mib", type=float, default=64.0)
+    p.add_argument("--server-args", default="")
+    args = p.parse_args()
+    out = load.REPO / "benchmarks" / "results" / time.strftime("soak-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    http_port, grpc_port = load.free_port(), load.free_port()
+    dictionary = load.REPO / "tests"
+    sys.path.insert(0, str(load.REPO))
+    from tests.dictionary_factory import make_dictionary
+
+    ns = argparse.Namespace(dictionary_dir=str(make_dictionary(out / "dictionary", layer=6, d_sae=512,
+                                                               architecture="topk", k=16, seed=1)),
+                            dictionary="topk6", server_args=args.server_args, start_timeout=900)
+    del dictionary
+    proc = load.start_server(ns, http_port, grpc_port, out)
+    samples: list[tuple[float, dict[str, float]]] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            samples.append((time.monotonic() - t0, sample_tree(proc.pid)))
+            stop.wait(args.every)
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    try:
+        thread.start()
+        import subprocess
+
+        prefix = out / "locust"
+        rc = subprocess.run([str(load.BIN / "locust"), "-f", str(load.REPO / "benchmarks" / "locustfile.py"),
+                             "--headless", "-u", str(args.users), "-r", "1", "-t", f"{min(args.duration, 3600)}s",
+                             "--csv", str(prefix), "--host", f"http://127.0.0.1:{http_port}",
+                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--only-summary"],
+                            cwd=load.REPO, timeout=min(args.duration, 3600) + 180,
+                            stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(load.REPO)}).returncode
+    finally:
+        stop.set()
+        thread.join(30)
+        load.stop_server(proc)
+    (out / "memory.json").write_text(json.dumps(samples))
+    n = len(samples)
+    grew = []
+    print(f"{'process':<70} {'start':>8} {'mid max':>8} {'end max':>8}  MiB")
+    for key in samples[-1][1] if samples else {}:
+        series = [s.get(key) for _, s in samples]
+        mid = [v for v in series[n // 3: 2 * n // 3] if v is not None]
+        end = [v for v in series[2 * n // 3:] if v is not None]
+        first = next((v for v in series if v is not None), 0.0)
+        if not mid or not end:
+            continue
+        flag = max(end) - max(mid) >= args.bound_mib
+        grew += [key] if flag else []
+        print(f"{key[:70]:<70} {first:>8.0f} {max(mid):>8.0f} {max(end):>8.0f}{'  GREW' if flag else ''}")
+    text = load.summary(prefix, args.duration, float("nan"))
+    print(text)
+    failures = sum(int(r["Failure Count"]) for r in __import__("csv").DictReader(open(f"{prefix}_stats.csv"))
+                   if r["Name"] == "Aggregated")
+    print(f"soak: {failures} failures, {len(grew)} process(es) grew by >= {args.bound_mib:.0f} MiB; locust exit {rc}")
+    return 0 if failures == 0 and not grew else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""``GET /health`` that answers even while no replica is running (in Ray Serve's HTTP proxy).
+
+Ray Serve's proxy queues a request for a deployment that has no running replica until one
+is up, so while a replica restarts (its actor died, or it failed its health check because
+its vLLM engine died) a plain ``/health`` route would hang for the minute a replica takes to
+start. This ASGI middleware runs *inside the proxy* (installed through Ray Serve's
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` hook, which :mod:`server.launcher` sets
+before Ray starts): for ``/health`` it asks the Serve controller (cached for a second)
+whether the deployment has a RUNNING replica. If none, it answers ``503`` at once with
+the replica states; otherwise it forwards the request to a replica, whose own ``/health``
+checks its engine (503 while the engine is dead), and answers ``503`` itself if the
+replica does not answer within :data:`FORWARD_TIMEOUT_S`. Every other path goes straight
+through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+APP_NAME = "sae-serve"  # = server.config.APP_NAME (not imported: keep the proxy's import light)
+DEPLOYMENT_NAME = "SAEDeployment"
+CACHE_S = 1.0
+FORWARD_TIMEOUT_S = 10.0
+
+
+def proxy_middlewares() -> list[Any]:
+    """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(HealthGate)]
+
+
+async def replica_states() -> dict[str, int]:
+    """Replica state -> count for the sae-serve deployment, from the Serve controller."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = await controller.get_serve_instance_details.remote()
+    app = (details.get("applications") or {}).get(APP_NAME) or {}
+    dep = (app.get("deployments") or {}).get(DEPLOYMENT_NAME) or {}
+    states: dict[str, int] = {}
+    for r in dep.get("replicas") or []:
+        state = str(r.get("state", "UNKNOWN")).rsplit(".", 1)[-1]
+        states[state] = states.get(state, 0) + 1
+    return states
+
+
+class HealthGate:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self._cached: tuple[float, dict[str, int]] | None = None
+
+    async def _states(self) -> dict[str, int]:
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > CACHE_S:
+            self._cached = (now, await asyncio.wait_for(replica_states(), 5.0))
+        return self._cached[1]
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/health":
+            await self.app(scope, receive, send)
+            return
+        try:
+            states = await self._states()
+        except Exception as exc:  # controller unreachable: say so rather than guess
+            await self._answer(send, 503, {"status": "unavailable", "reason": f"serve controller: {type(exc).__name__}"})
+            return
+        if not states.get("RUNNING"):
+            await self._answer(send, 503, {"status": "unavailable", "reason": "no replica is running",
+                                           "replicas": states})
+            return
+        # Forward to a replica, buffering its answer so that a timeout can still send a 503.
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            messages.append(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, capture), FORWARD_TIMEOUT_S)
+        except Exception as exc:
+            if not any(m["type"] == "http.response.start" for m in messages):
+                reason = "the replica did not answer in time" if isinstance(exc, asyncio.TimeoutError) \
+                    else f"the replica failed: {type(exc).__name__}"
+                await self._answer(send, 503, {"status": "unavailable", "reason": reason, "replicas": states})
+                return
+        for m in messages:
+            await send(m)

@@ -1,0 +1,280 @@
+"""Faults: clients that leave mid-stream, a killed vLLM engine process, a killed replica actor.
+
+Disconnect tests use the session server. The kill tests use a second server
+(``fault_server``: started once with an API key, ``--max-concurrent-streams 2`` and
+``--max-edits 4``, so the same start also checks keys and limits end to end). Every wait
+is bounded; a request that hangs fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import psutil
+import pytest
+
+from tests.server_fixtures import (  # noqa: F401
+    DICTIONARY_ID,
+    FAULT_API_KEY,
+    ServerHandle,
+    fault_server,
+    live_server,
+    sae_server,
+)
+
+pytestmark = pytest.mark.slow
+
+Q = [{"role": "user", "content": "Write a very long story about a dragon who learns to cook."}]
+FEATS = {"dictionaries": [DICTIONARY_ID], "top_k": 4}
+AUTH = {"Authorization": f"Bearer {FAULT_API_KEY}"}
+
+
+def detail(base_url: str, headers: dict | None = None) -> dict:
+    r = httpx.get(f"{base_url}/health", params={"detail": 1}, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def busy(d: dict) -> int:
+    return d["engine_unfinished_requests"] + sum(w["tracked_requests"] for w in d["workers"]) + d["open_streams"]
+
+
+def wait_idle(base_url: str, headers: dict | None = None, timeout: float = 20) -> tuple[float, dict]:
+    t0 = time.monotonic()
+    while True:
+        d = detail(base_url, headers)
+        if busy(d) == 0:
+            return time.monotonic() - t0, d
+        assert time.monotonic() - t0 < timeout, f"the engine still holds the request after {timeout}s: {d}"
+        time.sleep(0.3)
+
+
+def metric(base_url: str, name: str, headers: dict | None = None, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -- client disconnects (session server) --------------------------------------------------------
+
+
+def test_http_client_leaving_an_sse_stream_aborts_it_in_the_engine(live_server):
+    base = live_server.base_url
+    wait_idle(base)
+    gen0 = metric(base, "sae_serve_generated_tokens_total")
+    body = {"messages": Q, "max_tokens": 400, "temperature": 1.0, "seed": 1, "stream": True, "features": FEATS}
+    with httpx.Client(timeout=120) as c:
+        with c.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(4)]  # a few chunks: the request is running
+            assert all(g.startswith("data: ") or g == "" for g in got)
+            during = detail(base)
+            assert during["engine_unfinished_requests"] >= 1 and during["open_streams"] >= 1, during
+            assert sum(w["tracked_requests"] for w in during["workers"]) >= 1, during
+        # leaving the `with` closes the connection mid-stream
+    took, after = wait_idle(base)
+    assert after["open_streams"] == 0
+    # Nothing more is generated for it, and far fewer than the 400 tokens asked for were.
+    gen = metric(base, "sae_serve_generated_tokens_total")
+    assert gen - gen0 < 400
+    time.sleep(1.0)
+    assert metric(base, "sae_serve_generated_tokens_total") == gen
+
+
+def test_grpc_client_cancelling_a_generate_stream_aborts_it_in_the_engine(live_server):
+    from clients.proto import sae_serve_pb2 as pb
+    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+    base = live_server.base_url
+    wait_idle(base)
+    cancelled = metric(base, "sae_serve_requests_total", endpoint="generate.stream", outcome="cancelled")
+    req = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=Q[0]["content"])]),
+                             sampling=pb.SamplingOptions(max_tokens=400, temperature=1.0, seed=1),
+                             features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID], top_k=4))
+    with grpc.insecure_channel(live_server.grpc_target) as ch:
+        call = pb_grpc.SAEServiceStub(ch).Generate(req, timeout=120)
+        for i, _ in enumerate(call):
+            if i == 3:
+                break
+        during = detail(base)
+        assert during["engine_unfinished_requests"] >= 1 and during["open_streams"] >= 1, during
+        call.cancel()
+    wait_idle(base)
+    deadline = time.monotonic() + 10
+    while metric(base, "sae_serve_requests_total", endpoint="generate.stream", outcome="cancelled") < cancelled + 1:
+        assert time.monotonic() < deadline, "the replica never saw the cancellation"
+        time.sleep(0.3)
+
+
+# -- the fault server: keys and limits end to end ----------------------------------------------
+
+
+def test_api_key_end_to_end_and_never_logged(fault_server: ServerHandle):
+    from clients.proto import sae_serve_pb2 as pb
+    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+    base = fault_server.base_url
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200  # open
+    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong-key-000"}, timeout=30).status_code == 401
+    assert httpx.get(f"{base}/health?detail=1", timeout=30).status_code == 401
+    assert httpx.get(f"{base}/v1/models", headers=AUTH, timeout=30).status_code == 200
+    with grpc.insecure_channel(fault_server.grpc_target) as ch:
+        stub = pb_grpc.SAEServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListDictionaries(pb.ListDictionariesRequest(), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.ListDictionaries(pb.ListDictionariesRequest(), timeout=60,
+                                   metadata=[("authorization", f"Bearer {FAULT_API_KEY}")])
+        assert [d.id for d in ok.dictionaries] == [DICTIONARY_ID]
+    # Never in the server's output, nor anywhere in Ray's logs of this session.
+    assert FAULT_API_KEY not in fault_server.log_path.read_text(errors="replace")
+    logs = Path("/tmp/ray/session_latest/logs")
+    if logs.is_dir():
+        for f in logs.rglob("*"):
+            if f.is_file() and f.stat().st_size < 50 * 2**20:
+                assert FAULT_API_KEY.encode() not in f.read_bytes(), f
+
+
+def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
+    base = fault_server.base_url
+    edit = {"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 1.0}
+    r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"messages": Q, "max_tokens": 2, "steering": {"edits": [edit] * 5}})
+    assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"], r.text
+    # --max-concurrent-streams 2: a third stream is refused with 429 (and RESOURCE_EXHAUSTED).
+    body = {"messages": Q, "max_tokens": 200, "stream": True}
+    with httpx.Client(timeout=120, headers=AUTH) as c:
+        with c.stream("POST", f"{base}/v1/chat/completions", json=body) as s1, \
+                c.stream("POST", f"{base}/v1/chat/completions", json=body) as s2:
+            assert s1.status_code == 200 and s2.status_code == 200
+            r3 = c.post(f"{base}/v1/chat/completions", json=body)
+            assert r3.status_code == 429 and r3.json()["error"]["param"] == "stream", r3.text
+            from clients.proto import sae_serve_pb2 as pb
+            from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+            with grpc.insecure_channel(fault_server.grpc_target) as ch:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(pb_grpc.SAEServiceStub(ch).Generate(
+                        pb.GenerateRequest(text="hi"), timeout=60, metadata=[("authorization", AUTH["Authorization"])]))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_streams" in \
+                    err.value.details()
+            # non-streaming requests are not streams: still served
+            assert c.post(f"{base}/v1/chat/completions", json={"messages": Q, "max_tokens": 1}).status_code == 200
+    wait_idle(base, AUTH)
+
+
+# -- kills under load ---------------------------------------------------------------------------
+
+
+class Load:
+    """A few concurrent clients (streaming and not) that record how each request ended."""
+
+    def __init__(self, base: str, n: int = 4):
+        self.base = base
+        self.results: list[str] = []
+        self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True) for i in range(n)]
+
+    def _one(self, i: int) -> None:
+        body = {"messages": Q, "max_tokens": 300, "temperature": 1.0, "seed": i}
+        try:
+            with httpx.Client(timeout=httpx.Timeout(120, connect=10), headers=AUTH) as c:
+                if i % 2:
+                    r = c.post(f"{self.base}/v1/chat/completions", json=body)
+                    self.results.append(f"http {r.status_code}")
+                    return
+                with c.stream("POST", f"{self.base}/v1/chat/completions", json={**body, "stream": True}) as r:
+                    if r.status_code != 200:
+                        self.results.append(f"http {r.status_code}")
+                        return
+                    last = ""
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            last = line[6:]
+                    self.results.append("done" if last == "[DONE]" else
+                                        "sse-error" if "error" in json.loads(last or "{}") else "cut")
+        except httpx.HTTPError as exc:
+            self.results.append(f"transport {type(exc).__name__}")
+
+    def start(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        hung = sum(t.is_alive() for t in self.threads)
+        assert not hung, f"{hung} request(s) still hanging {timeout:.0f}s after the kill; ended: {self.results}"
+
+
+def running_load(server: ServerHandle) -> Load:
+    load = Load(server.base_url).start()
+    deadline = time.monotonic() + 60
+    while detail(server.base_url, AUTH)["engine_unfinished_requests"] < 2:
+        assert time.monotonic() < deadline, "the load never reached the engine"
+        time.sleep(0.3)
+    return load
+
+
+def find(server: ServerHandle, needle: str) -> psutil.Process:
+    for p in server.snapshot_tree():
+        try:
+            if needle in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no process matching {needle!r} in the server's tree")
+
+
+def recover(server: ServerHandle, timeout: float = 420) -> tuple[float, list[int]]:
+    """Poll /health until 200; return how long it took and the statuses seen."""
+    t0 = time.monotonic()
+    seen = []
+    while time.monotonic() - t0 < timeout:
+        try:
+            status = httpx.get(f"{server.base_url}/health", timeout=15).status_code
+        except httpx.TimeoutException:
+            status = -1  # a hang counts against the test below
+        seen.append(status)
+        if status == 200 and 503 in seen:
+            return time.monotonic() - t0, seen
+        time.sleep(0.5)
+    raise AssertionError(f"not healthy again after {timeout}s; statuses: {sorted(set(seen))}\n{server.log_tail()}")
+
+
+def assert_serves(server: ServerHandle) -> None:
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", headers=AUTH, timeout=120,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+                         "features": FEATS})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+
+@pytest.mark.parametrize("victim", ["VLLM::EngineCore", "ServeReplica:sae-serve:SAEDeployment"],
+                         ids=["engine-process", "replica-actor"])
+def test_killed_under_load_the_deployment_recovers_by_itself(fault_server: ServerHandle, victim: str):
+    assert_serves(fault_server)
+    load = running_load(fault_server)
+    proc = find(fault_server, victim)
+    proc.send_signal(signal.SIGKILL)
+    took, seen = recover(fault_server)
+    load.join(timeout=60)
+    assert -1 not in seen, f"/health hung instead of answering 503: {seen}"
+    assert seen[0] == 503 or 503 in seen[:20], seen  # unhealthy at once, not only after Ray noticed
+    # Every in-flight request ended, and those cut short ended with an error status or event.
+    assert len(load.results) == 4, load.results
+    assert any(r != "done" and r != "http 200" for r in load.results), load.results
+    assert all(r in ("done", "http 200", "http 503", "http 500", "http 502", "sse-error", "cut")
+               or r.startswith("transport") for r in load.results), load.results
+    assert_serves(fault_server)
+    assert fault_server.proc.poll() is None  # sae-serve itself never went down

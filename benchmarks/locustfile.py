@@ -5,7 +5,7 @@ Run it through ``benchmarks/load.py`` (starts the server, runs a bounded headles
 stops the server, prints a summary), or by hand against a running server::
 
     locust -f benchmarks/locustfile.py --headless -u 4 -r 1 -t 60s --csv /tmp/load \\
-        --host http://127.0.0.1:8000 --grpc-target 127.0.0.1:50051 --dictionary topk6
+        --host http://127.0.0.1:8000 --grpc-target 127.0.0.1:50051
 
 Task weights: ``--w-chat``, ``--w-chat-stream``, ``--w-steered``, ``--w-steered-stream``,
 ``--w-extract`` (HTTP user) and ``--w-grpc-extract``, ``--w-grpc-generate`` (gRPC user); 0
@@ -45,7 +45,8 @@ TEXT_64 = ("Sparse autoencoders decompose the activations of a language model in
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
     parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="gRPC host:port (127.0.0.1 only)")
-    parser.add_argument("--dictionary", default="topk6", help="dictionary id to extract/steer with")
+    parser.add_argument("--dictionary", default="layers.12/topk-4608",
+                        help="dictionary id to extract/steer with (default: the default dictionary)")
     parser.add_argument("--feature", type=int, default=3, help="feature to steer")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per generation")
     parser.add_argument("--api-key", default="", help="Bearer key (when the server requires one)")
@@ -101,14 +102,14 @@ class SAEHttpUser(HttpUser):
         return body
 
     def _chat(self, steered: bool) -> None:
-        name = "POST /v1/chat/completions" + (" [steered]" if steered else "")
+        name = "/v1/chat/completions" + (" [steered]" if steered else "")
         with self.client.post("/v1/chat/completions", json=self._body(steered, False), name=name,
                               catch_response=True) as r:
             if r.status_code != 200 or not r.json().get("choices"):
                 r.failure(f"{r.status_code}: {r.text[:200]}")
 
     def _chat_stream(self, steered: bool) -> None:
-        name = "POST /v1/chat/completions stream" + (" [steered]" if steered else "")
+        name = "/v1/chat/completions stream" + (" [steered]" if steered else "")
         t0 = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=self._body(steered, True), name=name, stream=True,
                               catch_response=True) as r:
@@ -130,7 +131,7 @@ class SAEHttpUser(HttpUser):
 
     def _extract(self) -> None:
         body = {"text": TEXT_64, "features": {"dictionaries": [self.o.dictionary], "top_k": 8}}
-        with self.client.post("/v1/features/extract", json=body, name="POST /v1/features/extract",
+        with self.client.post("/v1/features/extract", json=body, name="/v1/features/extract",
                               catch_response=True) as r:
             if r.status_code != 200 or not r.json().get("tokens"):
                 r.failure(f"{r.status_code}: {r.text[:200]}")

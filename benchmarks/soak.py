@@ -55,15 +55,11 @@ def main() -> int:
     out = load.REPO / "benchmarks" / "results" / time.strftime("soak-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     http_port, grpc_port = load.free_port(), load.free_port()
-    dictionary = load.REPO / "tests"
-    sys.path.insert(0, str(load.REPO))
-    from tests.dictionary_factory import make_dictionary
-
-    ns = argparse.Namespace(dictionary_dir=str(make_dictionary(out / "dictionary", layer=6, d_sae=512,
-                                                               architecture="topk", k=16, seed=1)),
-                            dictionary="topk6", server_args=args.server_args, start_timeout=900)
-    del dictionary
+    # The default deployment: default model and dictionary, default limits.
+    ns = argparse.Namespace(dictionary_dir=None, server_args=args.server_args, start_timeout=900)
+    print(f"soak: starting sae-serve (HTTP {http_port}, gRPC {grpc_port}); log in {out / 'server.log'}", flush=True)
     proc = load.start_server(ns, http_port, grpc_port, out)
+    print(f"soak: {args.users} users for {args.duration}s, memory sampled every {args.every:.0f}s", flush=True)
     samples: list[tuple[float, dict[str, float]]] = []
     stop = threading.Event()
 
@@ -82,7 +78,8 @@ def main() -> int:
         rc = subprocess.run([str(load.BIN / "locust"), "-f", str(load.REPO / "benchmarks" / "locustfile.py"),
                              "--headless", "-u", str(args.users), "-r", "1", "-t", f"{min(args.duration, 3600)}s",
                              "--csv", str(prefix), "--host", f"http://127.0.0.1:{http_port}",
-                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--only-summary"],
+                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--dictionary", load.DEFAULT_DICTIONARY_ID,
+                             "--only-summary"],
                             cwd=load.REPO, timeout=min(args.duration, 3600) + 180,
                             stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT,
                             env={**__import__("os").environ, "PYTHONPATH": str(load.REPO)}).returncode

@@ -333,5 +333,8 @@ class OpenAIHandler:
         finally:
             for t in tasks:
                 t.cancel()
+            # Let the cancelled readers leave their streams first: closing a stream that a
+            # reader is still inside raises "aclose(): asynchronous generator is already running".
+            await asyncio.gather(*tasks, return_exceptions=True)
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]  # aborts unfinished requests

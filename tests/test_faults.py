@@ -70,6 +70,8 @@ def test_http_client_leaving_an_sse_stream_aborts_it_in_the_engine(live_server):
     base = live_server.base_url
     wait_idle(base)
     gen0 = metric(base, "sae_serve_generated_tokens_total")
+    outcomes0 = {o: metric(base, "sae_serve_requests_total", endpoint="chat.completions", transport="http", outcome=o)
+                 for o in ("cancelled", "error")}
     body = {"messages": Q, "max_tokens": 400, "temperature": 1.0, "seed": 1, "stream": True, "features": FEATS}
     with httpx.Client(timeout=120) as c:
         with c.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
@@ -88,6 +90,17 @@ def test_http_client_leaving_an_sse_stream_aborts_it_in_the_engine(live_server):
     assert gen - gen0 < 400
     time.sleep(1.0)
     assert metric(base, "sae_serve_generated_tokens_total") == gen
+    # The replica saw a client that left, not a failure of its own (counted once the
+    # stream's clean-up has finished, which may be just after the slot was released).
+    deadline = time.monotonic() + 10
+    while True:
+        outcomes = {o: metric(base, "sae_serve_requests_total", endpoint="chat.completions", transport="http",
+                              outcome=o) for o in ("cancelled", "error")}
+        if outcomes != outcomes0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert outcomes["cancelled"] == outcomes0["cancelled"] + 1, (outcomes0, outcomes)
+    assert outcomes["error"] == outcomes0["error"], (outcomes0, outcomes)
 
 
 def test_grpc_client_cancelling_a_generate_stream_aborts_it_in_the_engine(live_server):

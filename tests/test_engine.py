@@ -329,6 +329,19 @@ def test_malformed_specs_fail_validation(body):
         SAERequestSpec.model_validate(body)
 
 
+def test_top_k_beyond_a_dictionary_width_is_refused():
+    from sae_runtime.engine.spec import DictionaryInfo, ModelShape, SpecError, SpecLimits, validate_spec
+
+    served = {"wide": DictionaryInfo("wide", "layers.3", 512, None), "narrow": DictionaryInfo("narrow", "layers.3", 64, 8)}
+    shape, limits = ModelShape(num_layers=30, hidden_size=576), SpecLimits(max_top_k=256)
+    validate_spec(SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 64}}),
+                  served, shape, limits)
+    with pytest.raises(SpecError) as info:
+        validate_spec(SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 65}}),
+                      served, shape, limits)
+    assert info.value.field == "features.top_k" and "d_sae=64" in str(info.value) and "'narrow'" in str(info.value)
+
+
 def test_engine_mode_is_the_one_asked_for(sae_engine):
     """The parametrization really gives an eager and a compiled engine."""
     cfg = sae_engine.engine.llm.vllm_config

@@ -185,6 +185,12 @@ def validate_spec(
             raise SpecError("features.dictionaries", "lists a dictionary more than once")
         if f.top_k is not None and f.top_k > limits.max_top_k:
             raise SpecError("features.top_k", f"at most {limits.max_top_k} (got {f.top_k})")
+        if f.top_k is not None:
+            # More than a dictionary has would silently return fewer than asked.
+            narrowest = min(f.dictionaries, key=lambda n: dictionaries[n].d_sae)
+            if f.top_k > dictionaries[narrowest].d_sae:
+                raise SpecError("features.top_k", f"at most d_sae={dictionaries[narrowest].d_sae} of "
+                                f"'{narrowest}' (got {f.top_k})")
         if f.feature_ids is not None:
             if len(f.feature_ids) > limits.max_feature_ids:
                 raise SpecError("features.feature_ids", f"at most {limits.max_feature_ids} ids (got {len(f.feature_ids)})")

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "With keys, every route but /health needs 'Authorization: Bearer KEY'")
     p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of `ps`)")
     p.add_argument("--ray-num-cpus", type=int, help="CPUs Ray may schedule (default: this machine's)")
+    p.add_argument("--ray-address", help="join this running Ray cluster (head HOST:PORT, or 'auto') instead of "
+                   "starting one; see the README's multi-node section")
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
+                   help="Ray Serve proxies (HTTP + gRPC ports) on every node (default) or the head only")
+    p.add_argument("--max-replicas-per-node", type=int, help="at most this many replicas on one node (1 = spread)")
     p.add_argument("--cpu-threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for the engine, e.g. 0-1")
     return p
 
@@ -94,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
               if getattr(args, k) is not None}
     top = {k: getattr(args, k) for k in ("replicas", "host", "http_port", "grpc_port", "max_request_bytes",
                                           "ray_num_cpus", "cpu_threads_bind", "max_edits", "max_vectors",
-                                          "max_top_k", "max_feature_ids", "max_concurrent_streams")
+                                          "max_top_k", "max_feature_ids", "max_concurrent_streams", "ray_address",
+                                          "proxy_location", "max_replicas_per_node")
            if getattr(args, k) is not None}
     keys = api_keys_from(args)
     if keys:

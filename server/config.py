@@ -24,12 +24,16 @@ YAML example (every key optional)::
     max_feature_ids: 1024        # len(features.feature_ids)
     max_concurrent_streams: 32   # streaming requests at once, per replica (429 / RESOURCE_EXHAUSTED)
     api_keys: []                 # or SAE_SERVE_API_KEYS=k1,k2 / --api-key K (repeatable)
+    # multi-node: join a running Ray cluster instead of starting one (README: "Multi-node")
+    ray_address: null            # e.g. 10.0.0.5:6379 or auto
+    proxy_location: EveryNode    # HeadOnly / EveryNode: where Serve runs HTTP+gRPC proxies
+    max_replicas_per_node: null  # 1 = at most one engine per node
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -87,6 +91,14 @@ class ServeConfig(BaseModel):
                                          description="Ray Serve health-check period (3 failures restart a replica)")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs given to ray.init; None = enough for the replicas")
+    ray_address: str | None = Field(
+        default=None, min_length=1,
+        description="join this running Ray cluster ('HOST:PORT' of its head, or 'auto') instead of starting a local "
+                    "Ray; the replicas then run wherever the cluster has room")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode", description="Ray Serve's HTTP/gRPC proxies on every node or on the head node only")
+    max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="at most this many replicas (engines) on one Ray node; 1 spreads them")
     cpu_threads_bind: str | None = Field(
         default=None,
         description="VLLM_CPU_OMP_THREADS_BIND for the engine (e.g. '0-1'); None = vLLM's default, "

@@ -95,6 +95,8 @@ def build_app(config: ServeConfig) -> Application:
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
     }
+    if config.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = config.max_replicas_per_node
     if config.autoscaling is not None:
         a = config.autoscaling
         options["autoscaling_config"] = {

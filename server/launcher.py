@@ -1,7 +1,9 @@
 """Start and stop Ray + Ray Serve with the sae-serve application (used by the CLI and tests).
 
 Ray is started locally on 127.0.0.1 with a CPU count sized for the replicas (this
-project's machines have 2 cores), no dashboard, and usage stats off. HTTP binds to
+project's machines have 2 cores), no dashboard, and usage stats off; with
+``ray_address`` set, sae-serve joins that running cluster instead (multi-node) and
+its replicas go wherever the cluster has room. HTTP binds to
 ``config.host``; Ray 2.60's gRPC proxy always listens on all interfaces (``[::]``;
 ``gRPCOptions`` has no host), which the README states.
 """
@@ -40,17 +42,26 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None)
     from server.grpc_service import SERVICER_FUNCTIONS
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=config.total_ray_cpus(),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            namespace="sae-serve",
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        if config.ray_address:
+            # The cluster's nodes were started with `ray start`; their resources are theirs.
+            ray.init(address=config.ray_address, namespace="sae-serve", logging_level=logging.WARNING,
+                     log_to_driver=True)
+        else:
+            ray.init(
+                # "local": a fresh Ray of our own, even when `ray start` left a cluster
+                # address in /tmp/ray for plain ray.init() to join.
+                address="local",
+                num_cpus=config.total_ray_cpus(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                namespace="sae-serve",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
     if after_ray_init is not None:
         after_ray_init()
     serve.start(
+        proxy_location=config.proxy_location,
         http_options=HTTPOptions(host=config.host, port=config.http_port),
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  enable_reflection=True),

@@ -9,8 +9,13 @@ before Ray starts): for ``/health`` it asks the Serve controller (cached for a s
 whether the deployment has a RUNNING replica. If none, it answers ``503`` at once with
 the replica states; otherwise it forwards the request to a replica, whose own ``/health``
 checks its engine (503 while the engine is dead), and answers ``503`` itself if the
-replica does not answer within :data:`FORWARD_TIMEOUT_S`. Every other path goes straight
-through.
+replica does not answer within :data:`FORWARD_TIMEOUT_S`.
+
+A second middleware, :class:`ProxyErrors`, gives errors that Ray's proxy makes itself the
+same JSON shape as the replicas' errors: when the replica serving a request is lost (its
+process or its node died) the proxy answers ``500`` with a plain-text body; clients get
+``503`` (retryable) with ``{"error": {"message", "type": "service_unavailable", ...}}``
+instead. Answers from replicas (always JSON, or a 200 stream) pass through untouched.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def proxy_middlewares() -> list[Any]:
     """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(HealthGate)]
+    return [Middleware(ProxyErrors), Middleware(HealthGate)]
 
 
 async def replica_states() -> dict[str, int]:
@@ -98,3 +103,41 @@ class HealthGate:
                 return
         for m in messages:
             await send(m)
+
+
+class ProxyErrors:
+    """Rewrite the proxy's own non-JSON 5xx answers as sae-serve JSON errors (see the module doc)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        body = b""
+
+        async def rewrite(message: Message) -> None:
+            nonlocal held, body
+            if message["type"] == "http.response.start":
+                headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+                if message["status"] >= 500 and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                    held = message  # the proxy's own error: replace it once its body is complete
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                body += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                text = body.decode(errors="replace").strip()[:300] or f"HTTP {held['status']}"
+                lost = held["status"] == 500
+                message_text = ("no replica answered this request: the one serving it was lost (its process or "
+                                "node stopped) or could not be reached; retry the request" if lost
+                                else f"the server could not serve the request: {text}")
+                await HealthGate._answer(send, 503 if lost else held["status"], {"error": {
+                    "message": message_text, "type": "service_unavailable", "param": None,
+                    "code": 503 if lost else held["status"], "detail": text}})
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)

@@ -287,7 +287,8 @@ def test_killed_under_load_the_deployment_recovers_by_itself(fault_server: Serve
     # Every in-flight request ended, and those cut short ended with an error status or event.
     assert len(load.results) == 4, load.results
     assert any(r != "done" and r != "http 200" for r in load.results), load.results
-    assert all(r in ("done", "http 200", "http 503", "http 500", "http 502", "sse-error", "cut")
+    # (A lost replica's requests get 503 from the proxy too: server.proxy_health.ProxyErrors.)
+    assert all(r in ("done", "http 200", "http 503", "sse-error", "cut")
                or r.startswith("transport") for r in load.results), load.results
     assert_serves(fault_server)
     assert fault_server.proc.poll() is None  # sae-serve itself never went down

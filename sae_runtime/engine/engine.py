@@ -105,6 +105,11 @@ class SAEEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(config.kv_cache_gib)))))
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         os.environ[HOOKS_ENV] = "1"
+        # vLLM 0.32 (CPU) with torch 2.13 writes AOT-compiled artifacts it cannot load back
+        # ("'function' object has no attribute 'finalize_loading'"), so every compiled start
+        # compiled again (~150 s here). The non-AOT compile cache loads: a warm compiled
+        # start takes ~70 s. Measured on this project's 2-core CPU machines.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -70,6 +70,9 @@ def main() -> int:
             stop.wait(args.every)
 
     thread = threading.Thread(target=sampler, daemon=True)
+    base = f"http://127.0.0.1:{http_port}"
+    tokens_before = load.generated_tokens(base, {})
+    tokens_after = float("nan")
     try:
         thread.start()
         import subprocess
@@ -83,6 +86,7 @@ def main() -> int:
                             cwd=load.REPO, timeout=min(args.duration, 3600) + 180,
                             stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT,
                             env={**__import__("os").environ, "PYTHONPATH": str(load.REPO)}).returncode
+        tokens_after = load.generated_tokens(base, {})
     finally:
         stop.set()
         thread.join(30)
@@ -101,7 +105,7 @@ def main() -> int:
         flag = max(end) - max(mid) >= args.bound_mib
         grew += [key] if flag else []
         print(f"{key[:70]:<70} {first:>8.0f} {max(mid):>8.0f} {max(end):>8.0f}{'  GREW' if flag else ''}")
-    text = load.summary(prefix, args.duration, float("nan"))
+    text = load.summary(prefix, args.duration, tokens_after - tokens_before)
     print(text)
     failures = sum(int(r["Failure Count"]) for r in __import__("csv").DictReader(open(f"{prefix}_stats.csv"))
                    if r["Name"] == "Aggregated")

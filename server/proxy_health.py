@@ -11,11 +11,12 @@ the replica states; otherwise it forwards the request to a replica, whose own ``
 checks its engine (503 while the engine is dead), and answers ``503`` itself if the
 replica does not answer within :data:`FORWARD_TIMEOUT_S`.
 
-A second middleware, :class:`ProxyErrors`, gives errors that Ray's proxy makes itself the
-same JSON shape as the replicas' errors: when the replica serving a request is lost (its
-process or its node died) the proxy answers ``500`` with a plain-text body; clients get
-``503`` (retryable) with ``{"error": {"message", "type": "service_unavailable", ...}}``
-instead. Answers from replicas (always JSON, or a 200 stream) pass through untouched.
+A second middleware, :class:`ProxyErrors`, gives the answers that Ray's proxy makes
+itself the same JSON shape as the replicas' errors. When the replica serving a request
+is lost (its process or its node died) Ray's proxy sends no response and uvicorn answers
+a bare ``500 Internal Server Error``; clients get ``503`` (retryable) with
+``{"error": {"message", "type": "service_unavailable", ...}}`` instead. Answers from
+replicas (always JSON, or a 200 stream) pass through untouched.
 """
 
 from __future__ import annotations
@@ -106,38 +107,59 @@ class HealthGate:
 
 
 class ProxyErrors:
-    """Rewrite the proxy's own non-JSON 5xx answers as sae-serve JSON errors (see the module doc)."""
+    """Answer in sae-serve's JSON error shape where Ray's proxy has no proper answer.
+
+    Two cases, both outside any replica: the request's replica was lost (Ray's proxy then
+    sends no response at all, and uvicorn would answer a bare ``500 Internal Server
+    Error``), and the proxy's own plain-text errors (503 while no replica is available,
+    429 / 408). Replicas' answers (JSON errors, 200 bodies and streams) pass untouched.
+    """
+
+    LOST = ("no replica answered this request: the one serving it was lost (its process or node stopped) or "
+            "could not be reached; retry the request")
 
     def __init__(self, app: ASGIApp):
         self.app = app
+
+    @staticmethod
+    async def _error(send: Send, status: int, message: str, detail: str) -> None:
+        await HealthGate._answer(send, status, {"error": {"message": message, "type": "service_unavailable",
+                                                          "param": None, "code": status, "detail": detail}})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
         held: Message | None = None
         body = b""
 
-        async def rewrite(message: Message) -> None:
-            nonlocal held, body
+        async def forward(message: Message) -> None:
+            nonlocal started, held, body
             if message["type"] == "http.response.start":
+                started = True
                 headers = dict((k.lower(), v) for k, v in message.get("headers", []))
-                if message["status"] >= 500 and not headers.get(b"content-type", b"").startswith(b"application/json"):
-                    held = message  # the proxy's own error: replace it once its body is complete
+                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json") \
+                        and message["status"] in (408, 429, 500, 502, 503, 504):
+                    held = message  # the proxy's own plain-text error: rewrite once its body is complete
                     return
             elif message["type"] == "http.response.body" and held is not None:
                 body += message.get("body", b"")
                 if message.get("more_body"):
                     return
                 text = body.decode(errors="replace").strip()[:300] or f"HTTP {held['status']}"
-                lost = held["status"] == 500
-                message_text = ("no replica answered this request: the one serving it was lost (its process or "
-                                "node stopped) or could not be reached; retry the request" if lost
-                                else f"the server could not serve the request: {text}")
-                await HealthGate._answer(send, 503 if lost else held["status"], {"error": {
-                    "message": message_text, "type": "service_unavailable", "param": None,
-                    "code": 503 if lost else held["status"], "detail": text}})
+                status = 503 if held["status"] == 500 else held["status"]
+                await self._error(send, status, self.LOST if held["status"] == 500 else
+                                  f"the server could not serve the request: {text}", text)
                 return
             await send(message)
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, forward)
+        except Exception as exc:
+            if started:
+                raise
+            await self._error(send, 503, self.LOST, f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if not started:  # the proxy gave up on the request without answering it
+            await self._error(send, 503, self.LOST, "the proxy sent no response")

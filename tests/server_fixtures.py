@@ -126,26 +126,36 @@ def start_server(tmp: Path, dictionary_dir: Path, extra_args: tuple[str, ...] = 
 
 
 # Each test module that imports the fixture gets its own fixture definition, and pytest
-# would run a session-scoped fixture once per definition: the server is kept here so
-# that every module shares the one process (conftest.py, which would avoid this, is not
-# ours to change).
-_SERVER: ServerHandle | None = None
+# would run a session-scoped fixture once per definition: the servers are kept here so
+# that every module shares one process per kind (conftest.py, which would avoid this, is
+# not ours to change).
+_SERVERS: dict[str, ServerHandle] = {}
+
+
+def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
+                  extra_env: dict[str, str] | None = None) -> ServerHandle:
+    """The ``name`` server of this session, started on first use with the test dictionary."""
+    from tests.dictionary_factory import make_dictionary
+
+    if name not in _SERVERS:
+        tmp = tmp_path_factory.mktemp(name)
+        # Same seed and shape as conftest's "topk" dictionary, under an explicit id.
+        dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
+        _SERVERS[name] = start_server(tmp, dictionary, extra_args, extra_env)
+    return _SERVERS[name]
+
+
+def stop_shared(name: str) -> None:
+    """Stop it (idempotent: the first teardown stops it, later ones see it stopped)."""
+    rc, left = _SERVERS[name].stop()
+    assert not left, f"processes left after SIGTERM: {left}"
 
 
 @pytest.fixture(scope="session")
 def sae_server(default_model_dir, tmp_path_factory) -> ServerHandle:
     """One running ``sae-serve`` for the session (see the module docstring)."""
-    global _SERVER
-    from tests.dictionary_factory import make_dictionary
-
-    if _SERVER is None:
-        tmp = tmp_path_factory.mktemp("sae_serve")
-        # Same seed and shape as conftest's "topk" dictionary, under an explicit id.
-        dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
-        _SERVER = start_server(tmp, dictionary)
-    yield _SERVER
-    rc, left = _SERVER.stop()  # idempotent: the first teardown stops it, later ones see it stopped
-    assert not left, f"processes left after SIGTERM: {left}"
+    yield shared_server("sae_serve", tmp_path_factory)
+    stop_shared("sae_serve")
 
 
 @pytest.fixture
@@ -162,19 +172,11 @@ def live_server(sae_server: ServerHandle) -> ServerHandle:
 # with an API key and small limits, so it also checks those end to end. Stopped by that
 # module's fixture; started at most once per session.
 FAULT_API_KEY = "sk-fault-test-7f3a9c1e5b"
-_FAULT_SERVER: ServerHandle | None = None
 
 
 @pytest.fixture(scope="module")
 def fault_server(default_model_dir, tmp_path_factory) -> ServerHandle:
-    global _FAULT_SERVER
-    from tests.dictionary_factory import make_dictionary
-
-    if _FAULT_SERVER is None:
-        tmp = tmp_path_factory.mktemp("sae_serve_faults")
-        dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
-        _FAULT_SERVER = start_server(tmp, dictionary, ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
-                                     {"SAE_SERVE_API_KEYS": FAULT_API_KEY})
-    yield _FAULT_SERVER
-    rc, left = _FAULT_SERVER.stop()
-    assert not left, f"processes left after SIGTERM: {left}"
+    yield shared_server("sae_serve_faults", tmp_path_factory,
+                        ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
+                        {"SAE_SERVE_API_KEYS": FAULT_API_KEY})
+    stop_shared("sae_serve_faults")

@@ -135,7 +135,7 @@ def run_ours(train: np.ndarray, held: np.ndarray, order: torch.Tensor, args) -> 
     d_in = train.shape[1]
     cfg = TrainConfig(k=args.k, expansion_factor=args.expansion, batch_size=args.batch_size,
                       steps=args.steps, seed=args.seed, hook_point=f"layers.{args.layer}",
-                      warmup_steps=min(100, args.steps // 10))
+                      warmup_steps=min(100, args.steps // 10), **({"lr": args.lr} if args.lr else {}))
     table = torch.from_numpy(train)
     sample = table[torch.randperm(len(table), generator=torch.Generator().manual_seed(17))[:16384]].float()
     scale = math.sqrt(d_in) / float(sample.norm(dim=1).mean())
@@ -171,6 +171,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="sae-train's learning rate (default: TrainConfig's)")
     p.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum")
     p.add_argument("--env", type=Path, default=ROOT / ".cache" / "sparsify-env")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

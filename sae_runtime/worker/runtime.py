@@ -211,11 +211,16 @@ class SAEWorkerRuntime:
 
     def _extract(self, d: SparseDictionary, name: str, hidden: torch.Tensor, residual: torch.Tensor,
                  jobs: list[ExtractJob]) -> None:
-        topk_jobs = [j for j in jobs if j.top_k is not None]
-        if topk_jobs:
-            rows = torch.cat([j.rows for j in topk_jobs])
-            x = (hidden[rows] + residual[rows]).to(d.dtype)
-            k = max(j.top_k for j in topk_jobs)
+        # The stream at the hook point, gathered once for every job's rows (a request may
+        # ask for both top-k and named features of the same rows).
+        sizes = [j.rows.numel() for j in jobs]
+        rows = torch.cat([j.rows for j in jobs])
+        x_all = (hidden[rows] + residual[rows]).to(d.dtype)
+        x_of = list(torch.split(x_all, sizes))
+        topk = [i for i, j in enumerate(jobs) if j.top_k is not None]
+        if topk:
+            x = x_all if len(topk) == len(jobs) else torch.cat([x_of[i] for i in topk])
+            k = max(jobs[i].top_k for i in topk)
             if d.k is not None and d.activation == "topk":
                 k = min(k, d.k)
             k = min(k, d.d_sae)
@@ -231,17 +236,15 @@ class SAEWorkerRuntime:
             idx = idx.to(torch.int32).cpu().numpy()
             vals = vals.float().cpu().numpy()
             off = 0
-            for j in topk_jobs:
-                n = j.rows.numel()
+            for i in topk:
+                j, n = jobs[i], sizes[i]
                 kj = min(j.top_k, k)
                 self._chunks.append(FeatureChunk(j.rid, name, j.positions, idx[off:off + n, :kj], vals[off:off + n, :kj]))
                 off += n
-        for j in jobs:
-            if j.feature_ids is None:
-                continue
-            x = (hidden[j.rows] + residual[j.rows]).to(d.dtype)
-            vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
-            self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))
+        for j, x in zip(jobs, x_of):
+            if j.feature_ids is not None:
+                vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
+                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))
 
 
 def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:

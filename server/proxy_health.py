@@ -32,6 +32,7 @@ APP_NAME = "sae-serve"  # = server.config.APP_NAME (not imported: keep the proxy
 DEPLOYMENT_NAME = "SAEDeployment"
 CACHE_S = 1.0
 FORWARD_TIMEOUT_S = 10.0
+PROXY_ERROR_STATUSES = (408, 429, 500, 502, 503, 504)  # what Ray's proxy answers by itself
 
 
 def proxy_middlewares() -> list[Any]:
@@ -139,8 +140,8 @@ class ProxyErrors:
             if message["type"] == "http.response.start":
                 started = True
                 headers = dict((k.lower(), v) for k, v in message.get("headers", []))
-                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json") \
-                        and message["status"] in (408, 429, 500, 502, 503, 504):
+                if message["status"] in PROXY_ERROR_STATUSES \
+                        and not headers.get(b"content-type", b"").startswith(b"application/json"):
                     held = message  # the proxy's own plain-text error: rewrite once its body is complete
                     return
             elif message["type"] == "http.response.body" and held is not None:

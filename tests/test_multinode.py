@@ -195,7 +195,7 @@ def test_a_replica_on_each_node_and_losing_one_node_keeps_serving(tmp_path: Path
         assert all(r[2] == 200 for r in after), f"failures after the node was gone: {[r for r in after if r[2] != 200]}"
         assert all(r[1] - r[0] < REQUEST_TIMEOUT_S for r in load.results)
         # The survivor is the head node's replica, and health says so.
-        assert replicas_seen(base, 2, timeout=10).__len__() == 1
+        assert len(replicas_seen(base, 2, timeout=10)) == 1
         assert httpx.get(f"{base}/health", timeout=30).status_code == 200
     finally:
         if server is not None and server.poll() is None:

@@ -78,6 +78,23 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def run_locust(out: Path, base: str, grpc_port: int, users: int, duration: int, dictionary: str,
+               api_key: str = "", spawn_rate: float = 1.0, extra: list[str] | None = None) -> tuple[int, Path]:
+    """Locust headless against ``base`` / ``127.0.0.1:grpc_port``; its CSVs under ``out/locust_*``.
+
+    Returns Locust's exit code (1 when a request failed: the CSVs say which) and the CSV prefix.
+    """
+    prefix = out / "locust"
+    cmd = [str(BIN / "locust"), "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless",
+           "-u", str(users), "-r", str(spawn_rate), "-t", f"{duration}s", "--stop-timeout", "60",
+           "--csv", str(prefix), "--host", base, "--grpc-target", f"127.0.0.1:{grpc_port}",
+           "--dictionary", dictionary, "--only-summary", *(["--api-key", api_key] if api_key else []),
+           *(extra or [])]
+    rc = subprocess.run(cmd, cwd=REPO, timeout=duration + 180, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                        stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT).returncode
+    return rc, prefix
+
+
 def summary(prefix: Path, duration: float, tokens: float) -> str:
     rows = list(csv.DictReader(open(f"{prefix}_stats.csv")))
     lines = [f"{'route':<48} {'reqs':>6} {'fail':>5} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7}  (ms)"]
@@ -127,16 +144,10 @@ def main() -> int:
         print(f"load: server ready in {time.monotonic() - t0:.0f}s", flush=True)
     try:
         before = generated_tokens(base, headers)
-        prefix = out / "locust"
-        cmd = [str(BIN / "locust"), "-f", str(REPO / "benchmarks" / "locustfile.py"), "--headless",
-               "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{duration}s", "--stop-timeout", "60",
-               "--csv", str(prefix), "--host", base, "--grpc-target", f"127.0.0.1:{grpc_port}",
-               "--dictionary", args.dictionary, "--only-summary", *(["--api-key", args.api_key] if args.api_key else []),
-               *args.locust_args]
         print(f"load: {args.users} users for {duration}s", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.run(cmd, cwd=REPO, timeout=duration + 180, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT).returncode
+        rc, prefix = run_locust(out, base, grpc_port, args.users, duration, args.dictionary, args.api_key,
+                                args.spawn_rate, args.locust_args)
         took = time.monotonic() - t0
         after = generated_tokens(base, headers)
     finally:

@@ -74,7 +74,25 @@ def _user_weights(environment, **_kw) -> None:
         SAEGrpcUser.weight = opts.grpc_weight
 
 
-class SAEHttpUser(HttpUser):
+class _WeightedPlan:
+    """Cycles through a user's tasks in proportion to their weights (deterministic mix)."""
+
+    plan: list[str]
+    i: int
+
+    def _set_plan(self, weights: dict[str, int]) -> None:
+        self.plan = [name for name, w in weights.items() for _ in range(max(0, w))]
+        self.i = 0
+
+    def _next_kind(self) -> str | None:
+        if not self.plan:
+            return None
+        kind = self.plan[self.i % len(self.plan)]
+        self.i += 1
+        return kind
+
+
+class SAEHttpUser(_WeightedPlan, HttpUser):
     """OpenAI-compatible chat (plain/steered, streaming or not) and /v1/features/extract."""
 
     wait_time = between(0.1, 0.5)
@@ -87,8 +105,7 @@ class SAEHttpUser(HttpUser):
         self.steering = {"edits": [{"dictionary": o.dictionary, "feature": o.feature, "mode": "add", "value": 8.0}]}
         weights = {"chat": o.w_chat, "chat-stream": o.w_chat_stream, "steered": o.w_steered,
                    "steered-stream": o.w_steered_stream, "extract": o.w_extract}
-        self.plan = [name for name, w in weights.items() for _ in range(max(0, w))]
-        self.i = 0
+        self._set_plan(weights)
 
     def _body(self, steered: bool, stream: bool) -> dict:
         q = QUESTIONS[self.i % len(QUESTIONS)]
@@ -138,10 +155,9 @@ class SAEHttpUser(HttpUser):
 
     @task
     def step(self) -> None:
-        if not self.plan:
+        kind = self._next_kind()
+        if kind is None:
             return
-        kind = self.plan[self.i % len(self.plan)]
-        self.i += 1
         if kind == "extract":
             self._extract()
         elif kind.endswith("stream"):
@@ -150,7 +166,7 @@ class SAEHttpUser(HttpUser):
             self._chat(kind == "steered")
 
 
-class SAEGrpcUser(User):
+class SAEGrpcUser(_WeightedPlan, User):
     """gRPC ExtractFeatures (unary) and Generate (server stream, timed to the last message)."""
 
     wait_time = between(0.1, 0.5)
@@ -164,8 +180,7 @@ class SAEGrpcUser(User):
         self.channel = grpc.insecure_channel(o.grpc_target)
         self.stub = pb_grpc.SAEServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {o.api_key}")] if o.api_key else None
-        self.plan = ["extract"] * max(0, o.w_grpc_extract) + ["generate"] * max(0, o.w_grpc_generate)
-        self.i = 0
+        self._set_plan({"extract": o.w_grpc_extract, "generate": o.w_grpc_generate})
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -176,10 +191,9 @@ class SAEGrpcUser(User):
 
     @task
     def step(self) -> None:
-        if not self.plan:
+        kind = self._next_kind()
+        if kind is None:
             return
-        kind = self.plan[self.i % len(self.plan)]
-        self.i += 1
         pb = self.pb
         t0 = time.perf_counter()
         if kind == "extract":

@@ -15,6 +15,7 @@ caches, the tokenizer, allocator arenas). Exit 1 on failures or growth. Not part
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import threading
@@ -75,17 +76,8 @@ def main() -> int:
     tokens_after = float("nan")
     try:
         thread.start()
-        import subprocess
-
-        prefix = out / "locust"
-        rc = subprocess.run([str(load.BIN / "locust"), "-f", str(load.REPO / "benchmarks" / "locustfile.py"),
-                             "--headless", "-u", str(args.users), "-r", "1", "-t", f"{min(args.duration, 3600)}s",
-                             "--csv", str(prefix), "--host", f"http://127.0.0.1:{http_port}",
-                             "--grpc-target", f"127.0.0.1:{grpc_port}", "--dictionary", load.DEFAULT_DICTIONARY_ID,
-                             "--only-summary"],
-                            cwd=load.REPO, timeout=min(args.duration, 3600) + 180,
-                            stdout=open(out / "locust.log", "wb"), stderr=subprocess.STDOUT,
-                            env={**__import__("os").environ, "PYTHONPATH": str(load.REPO)}).returncode
+        rc, prefix = load.run_locust(out, base, grpc_port, args.users, min(args.duration, 3600),
+                                     load.DEFAULT_DICTIONARY_ID)
         tokens_after = load.generated_tokens(base, {})
     finally:
         stop.set()
@@ -107,7 +99,7 @@ def main() -> int:
         print(f"{key[:70]:<70} {first:>8.0f} {max(mid):>8.0f} {max(end):>8.0f}{'  GREW' if flag else ''}")
     text = load.summary(prefix, args.duration, tokens_after - tokens_before)
     print(text)
-    failures = sum(int(r["Failure Count"]) for r in __import__("csv").DictReader(open(f"{prefix}_stats.csv"))
+    failures = sum(int(r["Failure Count"]) for r in csv.DictReader(open(f"{prefix}_stats.csv"))
                    if r["Name"] == "Aggregated")
     print(f"soak: {failures} failures, {len(grew)} process(es) grew by >= {args.bound_mib:.0f} MiB; locust exit {rc}")
     return 0 if failures == 0 and not grew else 1

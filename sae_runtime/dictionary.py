@@ -9,8 +9,11 @@ A dictionary maps a residual-stream vector ``x [d_in]`` to feature activations
 On disk it is a directory in SAELens' layout (``cfg.json`` + ``sae_weights.safetensors``
 + optional ``sparsity.safetensors``), so SAELens loads ours and we load theirs; EleutherAI
 sparsify directories (``cfg.json`` + ``sae.safetensors``) are imported as top-k
-dictionaries. Everything that would make the served numbers differ from the file's
-meaning (input normalisation, decoder-norm rescaling) is folded into the weights at load
+dictionaries, and Gemma Scope / Llama Scope files through
+:mod:`sae_runtime.dictionary_formats` (``hf:`` and ``sae_lens:`` names are resolved to
+local files by :mod:`sae_runtime.dictionary_sources`). Everything that would make the
+served numbers differ from the file's meaning (input normalisation, decoder-norm
+rescaling, TransformerLens' centred writing weights) is folded into the weights at load
 time, so the rest of the runtime only ever sees the plain formula above, applied to the
 raw residual stream.
 
@@ -54,9 +57,31 @@ _OWN_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
 # Every tensor name a dictionary can hold; the architecture decides which are present.
 _TENSOR_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")
 
-# normalize_activations values we can serve. Per-token schemes (layer_norm,
-# constant_norm_rescale) cannot be folded into fixed weights, so they are refused.
+# normalize_activations values we can serve: "none", and SAELens' constant input scaling
+# (folded into the weights at load). The others SAELens 6.x knows are refused, with why:
 _NORMALIZATIONS = ("none", "expected_average_only_in")
+_REFUSED_NORMALIZATIONS = {
+    # SAELens SAE._setup_activation_normalization: x * sqrt(d_in) / ||x|| per token.
+    "constant_norm_rescale": "it rescales each token to norm sqrt(d_in) before encoding "
+                             "(a per-token factor that cannot be folded into fixed weights)",
+    # SAELens SAE._setup_activation_normalization: (x - mean(x)) / (std(x) + eps) per token.
+    "layer_norm": "it centres each token and divides it by its own standard deviation "
+                  "before encoding (per token, cannot be folded into fixed weights)",
+    # SAELens SAETrainer folds the whitening into the weights when training ends and saves
+    # "none"; a file that still says covariance_whitening has no statistics to fold.
+    "covariance_whitening": "the whitening statistics are not stored with the weights "
+                            "(SAELens folds them in at the end of training and saves 'none')",
+}
+
+# SAELens' LLM metadata keys (sae_lens.loading.pretrained_sae_loaders.LLM_METADATA_KEYS):
+# config overrides with these names go into ``metadata``, everything else to the top level.
+_METADATA_KEYS = frozenset({
+    "model_name", "hook_name", "model_class_name", "hook_head_index",
+    "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id",
+    "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
+    "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name",
+    "hf_hook_name_out",
+})
 
 
 class DictionaryFormatError(ValueError):
@@ -174,10 +199,11 @@ class DictionaryConfig(BaseModel):
     def _foldable_normalization(cls, value: Any) -> Any:
         value = "none" if value is None else value
         if value not in _NORMALIZATIONS:
+            why = _REFUSED_NORMALIZATIONS.get(value, "it is not a normalisation SAELens 6.x knows")
             raise ValueError(
-                f"normalize_activations={value!r} is not supported: only 'none' and "
+                f"normalize_activations={value!r} is not supported: {why}; only 'none' and "
                 "'expected_average_only_in' (a constant factor, folded into the weights "
-                "at load) can be served; per-token normalisation cannot"
+                "at load) can be served"
             )
         return value
 
@@ -331,6 +357,9 @@ class SparseDictionary(nn.Module):
         # log10 feature density, kept on CPU: it is metadata for clients, not compute.
         self.sparsity = None if sparsity is None else sparsity.detach().float().cpu()
         self.path: Path | None = None
+        # What it was loaded from, as given (a directory, an .npz file, hf:..., sae_lens:...);
+        # SparseDictionary.load(source) loads the same dictionary again.
+        self.source: str | None = None
 
     # ------------------------------------------------------------ description
 
@@ -521,49 +550,60 @@ class SparseDictionary(nn.Module):
         *,
         hook_name: str | None = None,
         model_name: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        extra_metadata: Mapping[str, Any] | None = None,
     ) -> SparseDictionary:
-        """Load a SAELens or EleutherAI sparsify dictionary directory.
+        """Load a dictionary from a local directory or file, or from a source string.
+
+        Local layouts (the files present decide): a SAELens directory (``cfg.json`` +
+        ``sae_weights.safetensors``), an EleutherAI sparsify directory (``cfg.json`` +
+        ``sae.safetensors``), a Gemma Scope folder holding ``params.npz`` (or the ``.npz``
+        file itself), a Gemma Scope 2 folder holding ``params.safetensors``, and Llama
+        Scope folders (see :mod:`sae_runtime.dictionary_formats`). A string
+        ``hf:ORG/REPO[@REV][/SUBPATH]`` or ``sae_lens:RELEASE/SAE_ID`` is resolved from the
+        local Hugging Face cache by :mod:`sae_runtime.dictionary_sources` (never downloaded).
 
         ``dtype`` defaults to the config's (SAELens) or the file's (sparsify).
         ``expected_d_in`` is the model's hidden size and ``expected_hook_point`` the hook
         point the caller wants; a mismatch is refused. ``hook_name``/``model_name`` fill
-        in what the directory does not say (sparsify directories name neither, except
-        through a folder named after the hook point, which takes precedence).
+        in what the files do not say (for sparsify a folder named after the hook point, and
+        for Gemma Scope the repository in the path, take precedence over ``model_name``).
+        ``overrides`` replace config values the way SAELens' ``cfg_overrides`` do (its
+        metadata keys such as ``model_name``, ``hook_name``, ``neuronpedia_id`` go into
+        ``metadata``); ``extra_metadata`` is recorded in ``metadata`` (provenance).
         Raises ``DictionaryFormatError`` for anything that cannot be served.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise DictionaryFormatError(f"{path}: dictionary directory does not exist")
-        cfg_path = path / CFG_FILE
-        if not cfg_path.is_file():
-            raise DictionaryFormatError(f"{path}: missing {CFG_FILE}")
-        raw = _read_json(cfg_path)
+        from . import dictionary_sources
 
-        if (path / WEIGHTS_FILE).is_file():
-            cfg, tensors = _read_saelens(path, raw, hook_name, model_name)
-        elif (path / SPARSIFY_WEIGHTS_FILE).is_file():
-            cfg, tensors = _read_sparsify(path, raw, hook_name, model_name)
-        else:
-            raise DictionaryFormatError(
-                f"{path}: missing weights file: expected {WEIGHTS_FILE} (SAELens) "
-                f"or {SPARSIFY_WEIGHTS_FILE} (EleutherAI sparsify)")
+        if isinstance(path, str) and dictionary_sources.is_source_spec(path):
+            return dictionary_sources.load_dictionary(
+                path, device=device, dtype=dtype, expected_d_in=expected_d_in,
+                expected_hook_point=expected_hook_point, hook_name=hook_name,
+                model_name=model_name)
+
+        path = Path(path)
+        data, tensors, cfg_where, weights_where = _read_files(path, hook_name, model_name)
+        data = _apply_overrides(data, overrides, extra_metadata)
+        cfg = _parse_config(data, cfg_where)
+        _check_tensors(_tensor_shapes(cfg), tensors, str(weights_where))
 
         if expected_d_in is not None and cfg.d_in != expected_d_in:
             raise DictionaryFormatError(
-                f"{cfg_path}: d_in={cfg.d_in} does not match the model's hidden size "
+                f"{cfg_where}: d_in={cfg.d_in} does not match the model's hidden size "
                 f"{expected_d_in} at {canonical_hook_point(cfg.metadata.hook_name)}")
         if expected_hook_point is not None:
             want = canonical_hook_point(expected_hook_point)
             got = canonical_hook_point(cfg.metadata.hook_name)
             if want != got:
                 raise DictionaryFormatError(
-                    f"{cfg_path}: hook point {got} does not match the expected {want}")
+                    f"{cfg_where}: hook point {got} does not match the expected {want}")
 
         cfg, tensors = _fold_into_weights(cfg, tensors)
-        sparsity = _read_sparsity(path / SPARSITY_FILE, cfg.d_sae)
+        sparsity = _read_sparsity(path / SPARSITY_FILE, cfg.d_sae) if path.is_dir() else None
         dictionary = cls(cfg, tensors, device=device, dtype=dtype, sparsity=sparsity)
         dictionary.requires_grad_(False)
         dictionary.path = path
+        dictionary.source = str(path)
         return dictionary
 
 
@@ -632,16 +672,66 @@ def _fill_names(data: dict[str, Any], hook_name: str | None,
     return data
 
 
+def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None,
+                     extra_metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Config overrides (SAELens' cfg_overrides; its metadata keys go into metadata) and
+    provenance metadata, over a config dict already brought to one shape."""
+    if not overrides and not extra_metadata:
+        return data
+    data = _merge_metadata(data)
+    metadata = data["metadata"]
+    for key, value in (overrides or {}).items():
+        if key in _METADATA_KEYS:
+            metadata[key] = value
+        else:
+            data[key] = value
+    metadata.update(extra_metadata or {})
+    return data
+
+
+# What a reader returns: config dict (not validated yet), tensors in our names, the file
+# to name in config errors and the file to name in tensor errors.
+_Read = tuple[dict[str, Any], dict[str, Tensor], Path, Path]
+
+
+def _read_files(path: Path, hook_name: str | None, model_name: str | None) -> _Read:
+    """Read whichever known layout ``path`` is in."""
+    from . import dictionary_formats as formats
+
+    if path.is_file():
+        if path.suffix == ".npz":
+            return formats.read_gemma_scope(path, hook_name, model_name)
+        raise DictionaryFormatError(
+            f"{path}: not a dictionary: expected a directory (SAELens, sparsify, Gemma Scope, "
+            "Llama Scope) or a Gemma Scope .npz file")
+    if not path.is_dir():
+        raise DictionaryFormatError(f"{path}: dictionary directory does not exist")
+    cfg_path = path / CFG_FILE
+    if cfg_path.is_file():
+        raw = _read_json(cfg_path)
+        if (path / WEIGHTS_FILE).is_file():
+            return _read_saelens(path, raw, hook_name, model_name)
+        if (path / SPARSIFY_WEIGHTS_FILE).is_file():
+            return _read_sparsify(path, raw, hook_name, model_name)
+        raise DictionaryFormatError(
+            f"{path}: missing weights file: expected {WEIGHTS_FILE} (SAELens) "
+            f"or {SPARSIFY_WEIGHTS_FILE} (EleutherAI sparsify)")
+    reader = formats.reader_for(path)
+    if reader is None:
+        raise DictionaryFormatError(
+            f"{path}: missing {CFG_FILE}: not a SAELens or sparsify directory, and no "
+            f"{formats.describe_other_layouts(path)}")
+    return reader(path, hook_name, model_name)
+
+
 def _read_saelens(path: Path, raw: dict[str, Any], hook_name: str | None,
-                  model_name: str | None) -> tuple[DictionaryConfig, dict[str, Tensor]]:
-    cfg = _parse_config(_fill_names(raw, hook_name, model_name), path / CFG_FILE)
+                  model_name: str | None) -> _Read:
     tensors = _read_safetensors(path / WEIGHTS_FILE)
-    _check_tensors(_tensor_shapes(cfg), tensors, str(path / WEIGHTS_FILE))
-    return cfg, tensors
+    return _fill_names(raw, hook_name, model_name), tensors, path / CFG_FILE, path / WEIGHTS_FILE
 
 
 def _read_sparsify(path: Path, raw: dict[str, Any], hook_name: str | None,
-                   model_name: str | None) -> tuple[DictionaryConfig, dict[str, Tensor]]:
+                   model_name: str | None) -> _Read:
     """Import an EleutherAI sparsify directory as a top-k dictionary.
 
     sparsify stores the encoder as an ``nn.Linear`` (``encoder.weight [d_sae, d_in]``),
@@ -688,16 +778,16 @@ def _read_sparsify(path: Path, raw: dict[str, Any], hook_name: str | None,
                 f"name {folder!r} is not a hook point; pass hook_name") from None
         hook = hook_name
 
-    cfg = _parse_config({
+    data = {
         "architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": raw["k"],
         "dtype": dtype_name(encoder.dtype), "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "metadata": {"model_name": model_name or "unknown", "hook_name": hook,
                      "source_format": "sparsify", "sparsify_cfg": raw},
-    }, cfg_path)
+    }
     mapped = {"W_enc": encoder.T.contiguous(), "b_enc": tensors["encoder.bias"],
               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-    return cfg, mapped
+    return data, mapped, cfg_path, weights_path
 
 
 def _read_sparsity(path: Path, d_sae: int) -> Tensor | None:
@@ -720,6 +810,31 @@ def _fold_into_weights(cfg: DictionaryConfig, tensors: dict[str, Tensor]
     extra = cfg.model_extra or {}
     t = dict(tensors)
     folded = False
+
+    # model_from_pretrained_kwargs: in metadata since SAELens 6, at the top level before.
+    where = next((d for d in (data["metadata"], data)
+                  if isinstance(d.get("model_from_pretrained_kwargs"), dict)), None)
+    if where is not None and where["model_from_pretrained_kwargs"].get("center_writing_weights"):
+        # Trained on a TransformerLens model loaded with center_writing_weights=True
+        # (HookedTransformer.center_writing_weights: every write to the residual stream is
+        # made mean-free), so the dictionary saw x - mean(x) (mean over d_in) of the raw
+        # stream this server hooks. That is the linear map P = I - 11^T/d_in, which folds
+        # into the encoder: (xP - b_dec) W_enc = (x - b_dec)(P W_enc) - mean(b_dec) 1^T W_enc.
+        # TransformerLens only honours the flag for LayerNorm models (GPT-2 and the like),
+        # whose LayerNorm removes the mean again, so decoding needs no change.
+        W = t["W_enc"].float()
+        if cfg.apply_b_dec_to_input:
+            shift = t["b_dec"].float().mean() * W.sum(0)
+            if cfg.architecture == "gated":
+                t["b_gate"] = t["b_gate"].float() - shift
+                t["b_mag"] = t["b_mag"].float() - shift * t["r_mag"].float().exp()
+            else:
+                t["b_enc"] = t["b_enc"].float() - shift
+        t["W_enc"] = W - W.mean(0, keepdim=True)
+        where["model_from_pretrained_kwargs"] = dict(
+            where["model_from_pretrained_kwargs"], center_writing_weights=False)
+        data["metadata"]["folded_center_writing_weights"] = True
+        folded = True
 
     if cfg.architecture == "topk" and extra.get("rescale_acts_by_decoder_norm"):
         # SAELens top-k: pre-activations are multiplied by ||W_dec[i]|| and activations

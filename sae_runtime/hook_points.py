@@ -12,12 +12,20 @@ Accepted spellings (all map to ``layers.L``):
   the output of a decoder layer module is its residual stream),
 - ``blocks.L.hook_resid_post`` (SAELens / TransformerLens),
 - ``blocks.{L+1}.hook_resid_pre`` (the stream entering block L+1 is the one leaving
-  block L; ``blocks.0.hook_resid_pre`` is the embedding output and is refused).
+  block L).
+
+One more hook point comes before every layer: the stream entering layer 0, i.e. the
+embeddings as the model hands them to its first layer (scaled, for Gemma; token plus
+position embeddings, for GPT-2). Its canonical name is ``embeddings``, its index ``-1``;
+``blocks.0.hook_resid_pre`` is its SAELens alias.
 """
 
 from __future__ import annotations
 
 import re
+
+EMBEDDINGS = "embeddings"
+"""Canonical name of the stream entering layer 0 (layer index -1)."""
 
 _PATTERNS: list[tuple[re.Pattern[str], int]] = [
     # (pattern, offset added to the captured block index)
@@ -30,32 +38,34 @@ _PATTERNS: list[tuple[re.Pattern[str], int]] = [
 def parse_hook_point(name: str) -> int:
     """Return the layer index ``L`` of a residual-stream hook point name.
 
-    Raises ``ValueError`` naming the accepted forms for anything else (attention or
-    MLP outputs, ``hook_z``, the embedding output), since the server cannot hook those.
+    ``-1`` is the stream entering layer 0 (``embeddings``). Raises ``ValueError``
+    naming the accepted forms for anything else (attention or MLP outputs, ``hook_z``),
+    since the server can only hook the residual stream.
     """
     if not isinstance(name, str):
         raise ValueError(f"hook point must be a string, got {type(name).__name__}")
     text = name.strip()
+    if text == EMBEDDINGS:
+        return -1
     for pattern, offset in _PATTERNS:
         match = pattern.fullmatch(text)
-        if match is None:
-            continue
-        layer = int(match.group(1)) + offset
-        if layer < 0:
-            raise ValueError(
-                f"hook point {name!r} is the embedding output, not the output of a "
-                "decoder layer; only residual streams after a layer can be hooked"
-            )
-        return layer
+        if match is not None:
+            return int(match.group(1)) + offset
     raise ValueError(
         f"unsupported hook point {name!r}: expected 'layers.L' (residual stream after "
-        "decoder layer L, 0-based), or SAELens' 'blocks.L.hook_resid_post'"
+        "decoder layer L, 0-based), 'embeddings' (the stream entering layer 0), or "
+        "SAELens' 'blocks.L.hook_resid_post' / 'blocks.L.hook_resid_pre'"
     )
 
 
+def hook_point_name(layer: int) -> str:
+    """Canonical name of the hook point with index ``layer`` (``-1``: ``embeddings``)."""
+    return EMBEDDINGS if layer == -1 else f"layers.{layer}"
+
+
 def canonical_hook_point(name: str) -> str:
-    """Canonical spelling ``layers.L`` of any accepted hook point name."""
-    return f"layers.{parse_hook_point(name)}"
+    """Canonical spelling (``layers.L`` or ``embeddings``) of any accepted hook point name."""
+    return hook_point_name(parse_hook_point(name))
 
 
 def validate_hook_point(name: str, num_layers: int) -> str:
@@ -68,6 +78,6 @@ def validate_hook_point(name: str, num_layers: int) -> str:
     if layer >= num_layers:
         raise ValueError(
             f"hook point {name!r} is layer {layer}, but the model has {num_layers} "
-            f"decoder layers (valid: layers.0 .. layers.{num_layers - 1})"
+            f"decoder layers (valid: embeddings, layers.0 .. layers.{num_layers - 1})"
         )
-    return f"layers.{layer}"
+    return hook_point_name(layer)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .dictionary import SparseDictionary
+from .dictionary_sources import load_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class RegisteredDictionary:
     d_sae: int
     k: int | None
     metrics: dict[str, Any] | None = None
+    source: str | None = None
+    """What the dictionary was loaded from (a path, ``hf:...``, ``sae_lens:...``):
+    ``SparseDictionary.load(source)`` loads it again, e.g. in the worker process."""
 
     @property
     def d_in(self) -> int:
@@ -69,21 +73,50 @@ def default_dictionary_id(dictionary: SparseDictionary) -> str:
     return f"{dictionary.hook_point}/{dictionary.architecture}-{dictionary.d_sae}"
 
 
+# TransformerLens / SAELens short names whose Hugging Face repository has another name
+# (lower case; TransformerLens' OFFICIAL_MODEL_NAMES aliases). Names that differ only in
+# case or in the organisation prefix need no entry.
+MODEL_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2",
+    "mistral-7b": "mistral-7b-v0.1",
+    "mistral-7b-instruct": "mistral-7b-instruct-v0.1",
+}
+
+
+def model_identities(name: str) -> set[str]:
+    """The lower-case names a model (name, hub id or local path) goes by.
+
+    The name itself and its last path component; for a path into a Hugging Face cache
+    (``.../models--google--gemma-2-2b/snapshots/<hash>``) the repository id instead
+    (``google/gemma-2-2b``, ``gemma-2-2b``); plus the Hugging Face name of a
+    TransformerLens short name (``gpt2-small`` -> ``gpt2``).
+    """
+    text = name.strip().replace("\\", "/").rstrip("/")
+    parts = [p for p in text.split("/") if p]
+    for part in parts:
+        if part.startswith("models--") and len(part) > len("models--"):
+            text = part[len("models--"):].replace("--", "/", 1)
+            parts = text.split("/")
+            break
+    names = {text.lower(), parts[-1].lower() if parts else ""}
+    names |= {MODEL_ALIASES[n] for n in names if n in MODEL_ALIASES}
+    return names - {""}
+
+
 def same_model(dictionary_model: str | None, served_model: str) -> bool:
     """Whether a dictionary trained on ``dictionary_model`` fits ``served_model``.
 
-    Unknown/empty names are accepted. Otherwise the names must match, or their last path
-    component must (``HuggingFaceTB/SmolLM2-135M-Instruct`` vs ``SmolLM2-135M-Instruct``,
-    or a local checkpoint directory named after the model), ignoring case.
+    Unknown/empty names are accepted. Otherwise the two must share an identity (see
+    :func:`model_identities`), ignoring case: the same name, the same last path component
+    (``HuggingFaceTB/SmolLM2-135M-Instruct`` vs ``SmolLM2-135M-Instruct``, or a local
+    checkpoint directory named after the model), a Hugging Face cache snapshot of the
+    repository (``google/gemma-2-2b`` vs ``.../models--google--gemma-2-2b/snapshots/<hash>``),
+    or a TransformerLens short name (``gpt2-small`` vs ``gpt2``). Different models, base
+    and instruct variants included (``gemma-2-2b`` vs ``gemma-2-2b-it``), do not match.
     """
     if not dictionary_model or dictionary_model.strip().lower() == "unknown":
         return True
-
-    def last(name: str) -> str:
-        return name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
-
-    return dictionary_model.strip() == served_model.strip() or last(dictionary_model) == last(
-        served_model)
+    return bool(model_identities(dictionary_model) & model_identities(served_model))
 
 
 def _read_metrics(path: Path | None) -> dict[str, Any] | None:
@@ -102,8 +135,11 @@ class DictionaryRegistry:
     """The dictionaries of one served model, by id and by hook point."""
 
     def __init__(self, entries: Sequence[RegisteredDictionary], *, model_name: str,
-                 num_layers: int, hidden_size: int):
+                 num_layers: int, hidden_size: int, model_path: str | Path | None = None):
         self.model_name = model_name
+        # Where the served checkpoint is (a hub cache snapshot says which repository it
+        # is when model_name, its folder name, is only a commit hash).
+        self.model_path = model_path
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self._entries: dict[str, RegisteredDictionary] = {}
@@ -120,10 +156,12 @@ class DictionaryRegistry:
         """Refuse a dictionary that does not fit the served model."""
         d = entry.dictionary
         where = entry.path if entry.path is not None else entry.id
-        if not same_model(d.model_name, self.model_name):
+        if not (same_model(d.model_name, self.model_name) or (
+                self.model_path is not None and same_model(d.model_name, str(self.model_path)))):
+            at = f" ({self.model_path})" if self.model_path is not None else ""
             raise RegistryError(
                 f"{where}: dictionary was trained on model {d.model_name!r}, but the "
-                f"served model is {self.model_name!r}")
+                f"served model is {self.model_name!r}{at}")
         if d.layer >= self.num_layers:
             raise RegistryError(
                 f"{where}: hook point {d.hook_point} does not exist: the model has "
@@ -144,24 +182,32 @@ class DictionaryRegistry:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         ids: Sequence[str | None] | None = None,
+        model_path: str | Path | None = None,
     ) -> DictionaryRegistry:
-        """Load dictionary directories for a model with ``num_layers`` decoder layers of
-        width ``hidden_size``. ``ids[i]`` (if given and not None) names ``dirs[i]``.
+        """Load dictionaries for a model with ``num_layers`` decoder layers of width
+        ``hidden_size``. ``ids[i]`` (if given and not None) names ``dirs[i]``.
 
-        Raises ``DictionaryFormatError`` for an unreadable directory and
+        Each of ``dirs`` is a source string (see :mod:`sae_runtime.dictionary_sources`):
+        a dictionary directory in any supported layout, a Gemma Scope ``.npz`` file,
+        ``hf:ORG/REPO[@REV]/FOLDER`` or ``sae_lens:RELEASE/SAE_ID`` (from the local Hugging
+        Face cache only). ``model_path`` is the served checkpoint's folder, used with
+        ``model_name`` to check that each dictionary belongs to the served model.
+
+        Raises ``DictionaryFormatError`` for an unreadable dictionary (its subclass
+        ``DictionarySourceError`` for a source that is malformed or not cached) and
         ``RegistryError`` for a dictionary that does not fit the model or a repeated id.
         """
         if ids is not None and len(ids) != len(dirs):
             raise RegistryError(f"got {len(ids)} ids for {len(dirs)} dictionary directories")
         entries = []
         for i, directory in enumerate(dirs):
-            dictionary = SparseDictionary.load(
+            dictionary = load_dictionary(
                 directory, device=device, dtype=dtype, expected_d_in=hidden_size,
                 model_name=model_name)
             explicit = ids[i] if ids is not None else None
             entries.append(cls.entry(dictionary, id=explicit))
         return cls(entries, model_name=model_name, num_layers=num_layers,
-                   hidden_size=hidden_size)
+                   hidden_size=hidden_size, model_path=model_path)
 
     @staticmethod
     def entry(dictionary: SparseDictionary, *, id: str | None = None) -> RegisteredDictionary:
@@ -175,7 +221,9 @@ class DictionaryRegistry:
             architecture=dictionary.architecture,
             d_sae=dictionary.d_sae,
             k=dictionary.k,
-            metrics=_read_metrics(dictionary.path),
+            metrics=_read_metrics(dictionary.path if dictionary.path is None
+                                  or dictionary.path.is_dir() else None),
+            source=dictionary.source,
         )
 
     # ------------------------------------------------------------ lookup

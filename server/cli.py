@@ -6,6 +6,11 @@ with no dictionary (a warning says so; pass ``--dictionary DIR``), on 127.0.0.1:
 port 8000, gRPC on 50051. Settings come from ``--config FILE.yaml`` (see
 :mod:`server.config`) and are overridden by flags. Ctrl-C or SIGTERM shuts down the
 replicas (and their vLLM processes) and Ray.
+
+Before Ray starts, the model is resolved and every dictionary is checked against it; a
+problem (model not found, a dictionary trained on another model, a hook point beyond the
+model's layers, a d_in that is not its hidden size) ends the command with one line
+``sae-serve: error: REASON`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sae-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="checkpoint directory, or a hub id ORG/NAME already in the local Hugging Face "
+                   "cache (nothing is downloaded); default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dictionary", action="append", dest="dictionaries", metavar="DIR",
                    help="dictionary directory to serve (repeatable); default: the default dictionary if present")
     p.add_argument("--dictionary-id", action="append", dest="dictionary_ids", metavar="ID",
@@ -123,11 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"sae-serve: bad configuration: {exc}", file=sys.stderr)
         return 2
-    for line in exposure_warnings(config):
-        print(line, file=sys.stderr, flush=True)
-    if config.api_keys:
-        print(f"sae-serve: API keys required ({len(config.api_keys)} configured); /health stays open",
-              file=sys.stderr, flush=True)
 
     stop = threading.Event()
 
@@ -143,21 +144,38 @@ def main(argv: list[str] | None = None) -> int:
 
     install_handlers()
 
-    from sae_runtime.default_model import prepare_default_model
     from server import launcher
 
-    if config.engine.model is None:
-        prepare_default_model()  # here, once, rather than racing in every replica
+    try:
+        # Before Ray starts: a model that is not there or a dictionary that does not fit it
+        # ends here with its reason, not as Ray's "Failed to update the deployments".
+        info = launcher.check_model_and_dictionaries(config)
+    except launcher.StartupError as exc:
+        print(f"sae-serve: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    if stop.is_set():  # a signal came during the checks: nothing was started
+        print("sae-serve: stopped", file=sys.stderr, flush=True)
+        return 0
+    for line in exposure_warnings(config):
+        print(line, file=sys.stderr, flush=True)
+    if config.api_keys:
+        print(f"sae-serve: API keys required ({len(config.api_keys)} configured); /health stays open",
+              file=sys.stderr, flush=True)
     engine = config.resolved_engine()
     if not engine.dictionaries:
         print("sae-serve: WARNING: no dictionary to serve (the default dictionary "
               "sae_runtime/data/default_dictionary does not exist yet); features and steering will be "
               "refused. Make one with `sae-train` or pass --dictionary DIR.", file=sys.stderr, flush=True)
+    if info is not None and not info.has_chat_template:
+        print(f"sae-serve: note: model {info.name} has no chat template: /v1/chat/completions and chat prompts "
+              "will be refused (400); use /v1/completions or text prompts", file=sys.stderr, flush=True)
+    served = f"{info.name} ({info.architecture}, {info.num_layers} layers)" if info is not None else engine.model
     print(f"sae-serve: starting {config.replicas if config.autoscaling is None else 'autoscaled'} replica(s) of "
-          f"{engine.model or 'the default model'} with {len(engine.dictionaries)} dictionary(ies); "
+          f"{served} with {len(engine.dictionaries)} dictionary(ies); "
           "this takes about a minute on CPU", file=sys.stderr, flush=True)
     try:
-        launcher.start(config, after_ray_init=install_handlers)  # ray.init replaces SIGTERM's handler
+        # ray.init replaces SIGTERM's handler; the checks above already ran.
+        launcher.start(config, after_ray_init=install_handlers, check=False)
         if not stop.is_set():
             print(f"sae-serve: ready. HTTP (OpenAI-compatible) on http://{config.host}:{config.http_port}/v1  "
                   f"gRPC on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)

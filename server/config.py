@@ -12,7 +12,7 @@ YAML example (every key optional)::
     grpc_port: 50051
     replicas: 1
     engine:
-      model: null                # null = the embedded default model
+      model: null                # null = the embedded default model; a checkpoint dir or a cached hub id ORG/NAME
       dictionaries: [sae_runtime/data/default_dictionary]
       dtype: float32
       kv_cache_gib: 1

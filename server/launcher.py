@@ -13,20 +13,82 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from server.config import APP_NAME, ServeConfig
+
+if TYPE_CHECKING:
+    from sae_runtime.model_info import ModelInfo
 
 logger = logging.getLogger("sae_serve.launcher")
 
 
-def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None) -> None:
+class StartupError(Exception):
+    """The configuration cannot be served; the message (one line) says why.
+
+    ``exit_code`` is 2 for a problem in what the user asked for (a model that is not
+    there, a dictionary that does not fit it), 1 for anything else.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+        self.exit_code = exit_code
+
+
+def check_model_and_dictionaries(config: ServeConfig) -> ModelInfo | None:
+    """Resolve the model and check every configured dictionary against it, before Ray starts.
+
+    The replicas run the same checks when their engines start, but there a failure only
+    shows as Ray's "Failed to update the deployments" with the reason far up in its log.
+    Here it is a :class:`StartupError` whose message names the reason. Loads each
+    dictionary's weights once in this process. The default model is prepared here (once,
+    rather than racing in every replica). With ``ray_address`` set, a model that is not on
+    this machine is left to the replicas to find on their nodes (``None`` is returned).
+    """
+    from sae_runtime.dictionary import DictionaryFormatError
+    from sae_runtime.model_info import ModelNotFoundError, read_model_info
+    from sae_runtime.registry import DictionaryRegistry, RegistryError
+
+    engine = config.resolved_engine()
+    try:
+        if engine.model is None:
+            from sae_runtime.default_model import MODEL_NAME, prepare_default_model
+
+            info = read_model_info(prepare_default_model(), name=MODEL_NAME)
+        else:
+            info = read_model_info(engine.model)
+    except ModelNotFoundError as exc:
+        if config.ray_address:
+            logger.warning("%s; the replicas look for it on their nodes", exc)
+            return None
+        raise StartupError(str(exc)) from None
+    except (ValueError, OSError, AttributeError, KeyError) as exc:  # unreadable config.json
+        raise StartupError(f"cannot read model {engine.model}: {exc}") from None
+    except Exception as exc:  # default model preparation (ModelPreparationError) and the like
+        raise StartupError(f"cannot prepare the model: {exc}", exit_code=1) from None
+    try:
+        DictionaryRegistry.load(engine.dictionaries, model_name=info.name, num_layers=info.num_layers,
+                                hidden_size=info.hidden_size, ids=engine.dictionary_ids)
+    except (RegistryError, DictionaryFormatError) as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot read dictionary: {exc}") from None
+    except Exception as exc:  # anything else a dictionary source raises: still one readable line
+        raise StartupError(f"cannot load the dictionaries: {type(exc).__name__}: {exc}") from None
+    return info
+
+
+def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None, check: bool = True) -> None:
     """Start Ray (if not yet running in this process), Serve's proxies and the app; block until ready.
 
+    With ``check`` (default) :func:`check_model_and_dictionaries` runs first and raises
+    :class:`StartupError` before Ray starts; pass ``False`` when the caller already ran it.
     ``after_ray_init`` runs right after ``ray.init``: Ray's core worker installs its own
     SIGTERM handler in the driver (it aborts the process), so a caller that wants a
     graceful shutdown on SIGTERM must install its handler again at that point.
     """
+    if check:
+        check_model_and_dictionaries(config)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Read by Ray Serve's proxies at import, so set before Ray starts its processes (which
     # inherit this environment; on a multi-node cluster set them where `ray start` runs):

@@ -151,10 +151,16 @@ class FeatureInfoOut(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object plus what a client needs to know before it sends a request."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "sae-serve"
+    max_model_len: int | None = Field(default=None, description="context length in tokens")
+    supports_chat: bool = Field(
+        default=True, description="whether /v1/chat/completions (and chat prompts) can be served: "
+        "false for a model without a chat template (GPT-2, Pythia); use /v1/completions then")
 
 
 class ModelList(BaseModel):

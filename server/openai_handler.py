@@ -124,6 +124,8 @@ class OpenAIHandler:
 
     def plan_chat(self, req: ChatCompletionRequest) -> _Plan:
         self._check_common(req, UNSUPPORTED_CHAT)
+        self.service.require_chat_template(
+            "messages", "chat completions need one: use /v1/completions with a text prompt")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError.invalid("top_logprobs", "needs logprobs=true")
         if req.max_tokens is not None and req.max_completion_tokens is not None \

@@ -125,12 +125,25 @@ class SAEService:
 
     # -- prompts and specs ---------------------------------------------------------------
 
+    @property
+    def supports_chat(self) -> bool:
+        """Whether the model has a chat template (else chat prompts are refused with 400)."""
+        return bool(getattr(self.engine, "has_chat_template", True))
+
+    def require_chat_template(self, field: str = "messages",
+                              instead: str = "send plain text ('text') instead of chat messages") -> None:
+        """Refuse a chat prompt (400 / INVALID_ARGUMENT naming ``field``) for a model without a
+        chat template, before anything reaches the engine."""
+        if not self.supports_chat:
+            raise ApiError.invalid(field, f"model '{self.model_name}' has no chat template; {instead}")
+
     def encode(self, prompt: PromptInput, field: str = "messages") -> list[int]:
         """Token ids of a text prompt or of a chat (with the model's chat template)."""
         if prompt.text is not None:
             ids = self.engine.encode_text(prompt.text)
             field = "text"
         else:
+            self.require_chat_template(field)
             try:
                 messages = [{"role": m.role, "content": m.text()} for m in prompt.messages or []]
                 ids = self.engine.encode_chat(messages)
@@ -272,7 +285,8 @@ class SAEService:
         return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens))
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name)])
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len,
+                                         supports_chat=self.supports_chat)])
 
     def list_dictionaries(self) -> DictionaryList:
         return DictionaryList(data=[

@@ -23,6 +23,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DICTIONARY = REPO / "sae_runtime" / "data" / "default_dictionary"
+PROBE_LAYERS = (6, 10, 12)  # the layers of the engine's test dictionaries
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +58,9 @@ class EngineHarness:
 def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
     from tests.dictionary_factory import make_dictionary
 
+    from sae_runtime.default_model import MODEL_NAME
+    from tests.feature_reference import make_stream_probe
+
     root = tmp_path_factory.mktemp("dictionaries")
     dicts = {
         "topk": make_dictionary(root / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1),
@@ -64,6 +68,10 @@ def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
     }
     if (DEFAULT_DICTIONARY / "cfg.json").is_file():
         dicts["trained"] = DEFAULT_DICTIONARY
+    # Probes that read vLLM's residual stream at every hooked layer (see feature_reference).
+    for layer in PROBE_LAYERS:
+        dicts[f"probe{layer}"] = make_stream_probe(root / f"probe{layer}", hook_point=f"layers.{layer}",
+                                                   d_in=576, model_name=MODEL_NAME)
     return dicts
 
 
@@ -86,6 +94,7 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
         max_model_len=1024,
         max_num_seqs=16,
         enforce_eager=request.param == "eager",
+        limits={"max_feature_ids": 2 * 576},  # a stream probe's features, all at once
     )
     engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(900)
     ids = dict(zip(roles, engine.registry.ids()))

@@ -17,7 +17,9 @@ from sae_runtime.dictionary import DictionaryConfig, SparseDictionary
 
 
 def make_dictionary(path: Path, *, layer: int, d_sae: int, architecture: str, k: int | None = None,
-                    threshold: float = 0.5, d_in: int = 576, seed: int = 0) -> Path:
+                    threshold: float = 0.5, d_in: int = 576, seed: int = 0,
+                    model_name: str = MODEL_NAME, hook_point: str | None = None) -> Path:
+    """Write a dictionary at ``hook_point`` (default ``layers.{layer}``) for ``model_name``."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -29,7 +31,7 @@ def make_dictionary(path: Path, *, layer: int, d_sae: int, architecture: str, k:
         k=k,
         apply_b_dec_to_input=True,
         normalize_activations="none",
-        metadata={"model_name": MODEL_NAME, "hook_name": f"layers.{layer}"},
+        metadata={"model_name": model_name, "hook_name": hook_point or f"layers.{layer}"},
     )
     tensors = {
         "W_enc": W_dec.T.contiguous(),

@@ -463,7 +463,11 @@ def test_hook_point_names():
     assert parse_hook_point("model.layers.0") == 0
     assert canonical_hook_point("blocks.7.hook_resid_post") == "layers.7"
     assert validate_hook_point("layers.29", 30) == "layers.29"
-    for bad in ["layers.x", "blocks.3.hook_mlp_out", "layers.3.mlp", "blocks.0.hook_resid_pre", ""]:
+    # The stream entering layer 0 (the embeddings) is hook point -1.
+    assert parse_hook_point("blocks.0.hook_resid_pre") == parse_hook_point("embeddings") == -1
+    assert canonical_hook_point("blocks.0.hook_resid_pre") == "embeddings"
+    assert canonical_hook_point("blocks.1.hook_resid_pre") == "layers.0"
+    for bad in ["layers.x", "blocks.3.hook_mlp_out", "layers.3.mlp", "layers.-1", "embed", ""]:
         with pytest.raises(ValueError):
             parse_hook_point(bad)
     with pytest.raises(ValueError, match="30 decoder layers"):

@@ -138,3 +138,46 @@ def test_sparsify_directory_in_registry(tmp_path):
               str(directory / "sae.safetensors"))
     reg = DictionaryRegistry.load([directory], **MODEL_KW)
     assert reg.ids() == ["layers.4/topk-96"] and reg.get("layers.4/topk-96").k == 4
+
+
+SNAPSHOT = "/root/.cache/huggingface/hub/models--google--gemma-2-2b/snapshots/" + "0" * 40
+
+
+@pytest.mark.parametrize("dictionary_model,served", [
+    ("google/gemma-2-2b", SNAPSHOT),                       # cfg's hub id vs a cache snapshot
+    ("gemma-2-2b", SNAPSHOT + "/"),                        # SAELens short name vs a snapshot
+    ("google/gemma-2-2b", "/models/gemma-2-2b"),           # a directory named after the model
+    ("gemma-2-2b", "google/gemma-2-2b"),
+    ("gpt2-small", "gpt2"),                                # TransformerLens name vs hub name
+    ("gpt2-small", "openai-community/gpt2"),
+    ("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"),
+    ("meta-llama/Llama-3.1-8B", "Llama-3.1-8B"),
+    ("mistral-7b", "mistralai/Mistral-7B-v0.1"),
+    ("qwen3-0.6b", "/hub/models--Qwen--Qwen3-0.6B/snapshots/abc"),
+])
+def test_same_model_names_snapshots_and_short_names(dictionary_model, served):
+    assert same_model(dictionary_model, served)
+
+
+@pytest.mark.parametrize("dictionary_model,served", [
+    ("gemma-2-2b", "google/gemma-2-2b-it"),                # base vs instruct
+    ("google/gemma-2-2b-it", SNAPSHOT),
+    ("gemma-2-2b", "/hub/models--google--gemma-2-9b/snapshots/" + "0" * 40),
+    ("gemma-2-2b", "/hub/models--google--gemma-2-9b/snapshots/gemma-2-2b"),  # repo decides
+    ("gpt2-small", "gpt2-medium"),
+    ("gpt2-small", "distilgpt2"),
+    ("pythia-70m-deduped", "EleutherAI/pythia-70m"),
+    ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.1"),
+])
+def test_same_model_keeps_different_models_apart(dictionary_model, served):
+    assert not same_model(dictionary_model, served)
+
+
+def test_served_snapshot_path_decides_the_model(tmp_path):
+    d = write_dict(tmp_path / "a", model_name="google/gemma-2-2b")
+    kw = dict(MODEL_KW, model_name="0" * 40)  # a snapshot folder's name is only its commit
+    assert len(DictionaryRegistry.load([d], model_path=SNAPSHOT, **kw)) == 1
+    other = SNAPSHOT.replace("gemma-2-2b", "gemma-2-9b")
+    with pytest.raises(RegistryError, match="trained on model 'google/gemma-2-2b'.*gemma-2-9b"):
+        DictionaryRegistry.load([d], model_path=other, **kw)

@@ -38,7 +38,9 @@ def http(live_server):
 def test_health_models_and_dictionaries(http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["dictionaries"] == [DICTIONARY_ID]
-    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL]
+    models = http.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [MODEL]
+    assert models[0]["supports_chat"] is True and models[0]["max_model_len"] == 512  # tests/server_fixtures.py
     (d,) = http.get("/v1/dictionaries").json()["data"]
     assert (d["id"], d["hook_point"], d["architecture"], d["d_sae"], d["k"]) == (DICTIONARY_ID, "layers.6", "topk", 512, 16)
 

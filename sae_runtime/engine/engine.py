@@ -12,7 +12,6 @@ features of the tokens the model has read so far.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import uuid
 from pathlib import Path
@@ -32,9 +31,10 @@ from sae_runtime.engine.spec import (
     to_worker_spec,
     validate_spec,
 )
+from sae_runtime.model_info import read_model_info
 from sae_runtime.registry import DictionaryRegistry
 from sae_runtime.worker.plugin import HOOKS_ENV
-from sae_runtime.worker.residual_op import OP_NAME
+from sae_runtime.worker.residual_op import OP_NAMES
 from sae_runtime.worker.runtime import SPEC_KEY
 
 WORKER_EXTENSION = "sae_runtime.worker.extension.SAEWorkerExtension"
@@ -48,6 +48,9 @@ class EngineConfig(BaseModel):
     dictionary_ids: list[str] | None = Field(default=None, description="client-facing ids, one per dictionary")
     dtype: str = "float32"
     enforce_eager: bool = False
+    compile_backend: str = Field(
+        default="", description="torch.compile backend in compiled mode: '' = vLLM's default (Inductor); 'eager' "
+        "traces the model with Dynamo and splits it as vLLM does but generates no code (starts in seconds)")
     max_model_len: int = 2048
     max_num_seqs: int = 64
     kv_cache_gib: float = 1.0
@@ -57,7 +60,7 @@ class EngineConfig(BaseModel):
     limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields")
 
 
-def _compilation_config(eager: bool) -> dict[str, Any] | None:
+def _compilation_config(eager: bool, backend: str = "") -> dict[str, Any] | None:
     """On CUDA, make the SAE step a graph split point so it runs outside CUDA graphs.
 
     The step builds its plan on the host each step, which a captured graph could not
@@ -66,11 +69,18 @@ def _compilation_config(eager: bool) -> dict[str, Any] | None:
     """
     import torch
 
-    if eager or not torch.cuda.is_available():
+    if eager:
         return None
-    from vllm.config.compilation import CompilationConfig
+    config: dict[str, Any] = {"backend": backend} if backend else {}
+    if torch.cuda.is_available():
+        from vllm.config.compilation import CompilationConfig
 
-    return {"splitting_ops": list(CompilationConfig._attention_ops) + [OP_NAME]}
+        config["splitting_ops"] = list(CompilationConfig._attention_ops) + list(OP_NAMES)
+    return config or None
+
+
+def _already_shut_down(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``AsyncLLM.shutdown`` once the engine has been shut down."""
 
 
 class EngineError(RuntimeError):
@@ -118,12 +128,11 @@ class SAEEngine:
         from sae_runtime.default_model import MODEL_NAME, prepare_default_model
 
         if config.model is None:
-            model_dir, model_name = prepare_default_model(), MODEL_NAME
+            info = read_model_info(prepare_default_model(), name=MODEL_NAME)
         else:
-            model_dir = Path(config.model).expanduser()
-            model_name = model_dir.name
-        hf_cfg = json.loads((model_dir / "config.json").read_text())
-        shape = ModelShape(num_layers=int(hf_cfg["num_hidden_layers"]), hidden_size=int(hf_cfg["hidden_size"]))
+            info = read_model_info(config.model)
+        model_dir, model_name = info.path, info.name
+        shape = ModelShape(num_layers=info.num_layers, hidden_size=info.hidden_size)
         registry = DictionaryRegistry.load(
             config.dictionaries,
             model_name=model_name,
@@ -144,7 +153,7 @@ class SAEEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             worker_extension_cls=WORKER_EXTENSION,
         )
-        compilation = _compilation_config(config.enforce_eager)
+        compilation = _compilation_config(config.enforce_eager, config.compile_backend)
         if compilation is not None:
             args.compilation_config = compilation
         llm = AsyncLLM.from_engine_args(args)
@@ -154,7 +163,7 @@ class SAEEngine:
             await llm.collective_rpc(
                 "sae_install",
                 args=({
-                    "dictionaries": [{"id": r.id, "path": str(r.path)} for r in registry],
+                    "dictionaries": [{"id": r.id, "path": r.source or str(r.path)} for r in registry],
                     "feature_address": receiver.address,
                     "dtype": None,
                 },),
@@ -170,9 +179,11 @@ class SAEEngine:
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
-            # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails
-            # noisily if it only runs at interpreter exit.
-            del llm
+            # AsyncLLM.__del__ calls shutdown() again. Its own reference cycles keep it
+            # alive until interpreter exit, when the module globals that shutdown() uses
+            # are gone ("TypeError: 'NoneType' object is not callable"). Everything is
+            # already shut down: make that second call a no-op on this instance.
+            llm.shutdown = _already_shut_down
         self.receiver.close()
 
     async def worker_stats(self) -> list[dict[str, Any]]:
@@ -186,8 +197,19 @@ class SAEEngine:
         if spec is not None:
             validate_spec(spec, self.dictionary_info, self.shape, self.limits)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model's tokenizer has a chat template (GPT-2 and Pythia have none)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat, with the model's chat template and the assistant prompt."""
+        """Token ids of a chat, with the model's chat template and the assistant prompt.
+
+        Raises ``ValueError`` naming the model when it has no chat template.
+        """
+        if not self.has_chat_template:
+            raise ValueError(f"model {self.model_name!r} has no chat template, so chat messages cannot be "
+                             "turned into a prompt; send plain text instead")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

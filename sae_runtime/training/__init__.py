@@ -1,7 +1,8 @@
 """Training of sparse dictionaries for sae-serve (command ``sae-train``).
 
 Modules, one job each: ``data`` (documents, held-out split, contexts, default corpus),
-``activations`` (harvesting at hook points, disk cache, shuffled batches), ``trainers``
+``activations`` (harvesting at hook points through ``sae_runtime.hf_streams``, any
+decoder-only transformers model; disk cache, shuffled batches), ``trainers``
 (TopK/BatchTopK/JumpReLU/standard losses), ``evaluate`` (held-out metrics), ``checkpoint``
 (resume), ``config`` (options), ``train`` (the run), ``cli`` (``sae-train``).
 """

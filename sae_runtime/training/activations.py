@@ -1,10 +1,12 @@
 """Residual-stream activations of the served model, harvested for training.
 
-``layers.L`` is the stream after decoder layer ``L``: in Hugging Face terms the output of
-``model.model.layers[L]`` (``output_hidden_states[L + 1]`` except for the last layer, where
-HF applies the final norm). We read it with a forward hook on the layer and stop the forward
-pass right after the deepest requested layer by raising a private exception from that hook,
-so harvesting layer 12 of 30 costs 13/30 of a forward pass.
+Hook point ``layers.L`` is the stream after decoder layer ``L`` and ``embeddings`` (index
+-1) the stream entering layer 0, on any decoder-only transformers model: finding the
+decoder layers and reading the stream at a hook point is ``sae_runtime.hf_streams``' job
+(forward hooks on the layers' outputs, a pre-hook on layer 0's input; the same numbers as
+``output_hidden_states[L + 1]``, except that after the last layer it is the raw layer
+output, before the final norm). The forward pass stops right after the deepest requested
+hook point, so harvesting layer 12 of 30 costs 13/30 of a forward pass.
 
 Which tokens train the dictionary: every real token except position 0 of a context and
 special tokens. Position 0 is the attention sink: its residual norm is tens of times the
@@ -34,17 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hook_points import validate_hook_point, parse_hook_point
+from .. import hf_streams
+from ..hook_points import hook_point_name, parse_hook_point, validate_hook_point
 
 CACHE_VERSION = 1
 
 
-class _StopForward(Exception):
-    """Raised by the hook on the deepest hooked layer: the rest of the model is not needed."""
-
-
 class ModelActivations:
-    """A causal LM (Hugging Face) that returns residual streams at hook points ``layers.L``."""
+    """A decoder-only causal LM (transformers) that returns residual streams at hook points.
+
+    Any architecture whose decoder layers ``hf_streams`` finds (every family in
+    ``tests/tiny_models.py``); hook point indices are ``-1`` (``embeddings``) to
+    ``num_layers - 1``.
+    """
 
     def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -55,9 +59,9 @@ class ModelActivations:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.layers = self.model.model.layers
+        self.layers_path, self.layers = hf_streams.find_decoder_layers(self.model)
         self.num_layers = len(self.layers)
-        self.d_model = int(self.model.config.hidden_size)
+        self.d_model = hf_streams.hidden_size(self.model)
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
@@ -80,28 +84,11 @@ class ModelActivations:
 
     @torch.no_grad()
     def residuals(self, input_ids: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Residual stream after each of ``layers`` for ``input_ids [B, T]`` (float32, [B, T, d])."""
-        wanted = sorted(set(layers))
-        captured: dict[int, Tensor] = {}
-        last = wanted[-1]
+        """Residual stream at each of hook points ``layers`` for ``input_ids [B, T]`` (float32, [B, T, d]).
 
-        def hook_for(layer: int):
-            def hook(_module, _inputs, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                captured[layer] = hidden.detach().float()
-                if layer == last:
-                    raise _StopForward
-            return hook
-
-        handles = [self.layers[L].register_forward_hook(hook_for(L)) for L in wanted]
-        try:
-            self.model.model(input_ids=input_ids.to(self.device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
+        The forward pass stops after the deepest requested hook point.
+        """
+        return hf_streams.residual_streams(self.model, input_ids, layers, stop_early=True)
 
     def harvest(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> dict[int, Tensor]:
         """Training-token activations ``[n, d]`` per layer for a batch of contexts (CPU)."""
@@ -141,7 +128,7 @@ def cache_fingerprint(**parts: Any) -> str:
 class ActivationCache:
     """Activations of one or more hook points in float16 files, harvested resumably.
 
-    Layout: ``meta.json`` (what was harvested and how), ``layers.L.f16`` (raw
+    Layout: ``meta.json`` (what was harvested and how), ``layers.L.f16`` or ``embeddings.f16`` (raw
     ``[capacity, d]`` float16 memmaps) and ``progress.json`` (contexts and tokens done,
     written after the data it describes, so a killed harvest resumes where it stopped).
     """
@@ -163,7 +150,7 @@ class ActivationCache:
                 and bool(self.progress.get("complete")))
 
     def _file(self, layer: int) -> Path:
-        return self.root / f"layers.{layer}.f16"
+        return self.root / f"{hook_point_name(layer)}.f16"
 
     def harvest(self, source: ModelActivations, contexts: Sequence[Tensor], layers: Sequence[int],
                 *, fingerprint: str, tokens_per_batch: int = 4096, progress: bool = True) -> None:
@@ -177,7 +164,7 @@ class ActivationCache:
                 "d": source.d_model, "dtype": "float16", "capacity": capacity,
                 "contexts": len(contexts), "model_path": source.model_path}
         if not (self.root / "meta.json").is_file() or self.meta.get("fingerprint") != fingerprint:
-            for f in self.root.glob("layers.*.f16"):
+            for f in self.root.glob("*.f16"):
                 f.unlink()
             (self.root / "progress.json").unlink(missing_ok=True)
             _write_json(self.root / "meta.json", meta)
@@ -194,7 +181,7 @@ class ActivationCache:
             n = next(iter(acts.values())).shape[0]
             for L, a in acts.items():
                 if a.abs().max() > 60000:
-                    raise OverflowError(f"layers.{L}: activations exceed float16's range")
+                    raise OverflowError(f"{hook_point_name(L)}: activations exceed float16's range")
                 maps[L][done_tok:done_tok + n] = a.numpy().astype(np.float16)
                 maps[L].flush()
             done_ctx += len(group)

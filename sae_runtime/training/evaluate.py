@@ -5,12 +5,17 @@ from the written directory), never from the trainer's internal state, so the met
 describe exactly what a client gets.
 
 Per held-out context the model runs three times, identical up to the hook point (which
-is computed once; the spliced runs re-run only the layers after it):
+is computed once; the spliced runs re-run only the layers after it, then the model's own
+final norm, head and logit soft-capping):
 
-* clean: capture ``x`` at ``layers.L``; feed ``x`` through the dictionary for the
+* clean: capture ``x`` at the hook point; feed ``x`` through the dictionary for the
   reconstruction statistics;
 * spliced: ``x`` replaced by the reconstruction ``x_hat``;
 * zero-ablated: ``x`` replaced by zeros.
+
+Capturing and splicing go through ``sae_runtime.hf_streams``, so this works on every
+decoder-only transformers model it finds the layers of; at ``embeddings`` (index -1) the
+input of layer 0 is replaced.
 
 Only the *evaluated* positions are replaced and scored: real tokens other than position
 0 and special tokens, i.e. the positions the dictionary was trained for (position 0 is
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import hf_streams
 from ..dictionary import SparseDictionary
 from .activations import ModelActivations, batched
 
@@ -93,43 +99,24 @@ def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
 
 
 class _CleanPass:
-    """One clean forward pass that also records what the rest of the model needs.
+    """One clean forward pass that also records the stream ``x`` at hook point ``layer``.
 
-    Records ``x`` (the output of ``layers.L``) and the arguments layer ``L + 1`` was called
-    with (attention mask, rotary embeddings...), so that spliced variants can run only
-    layers ``L+1..`` plus the final norm and head: the part before the hook point is the
-    same for all three runs and is computed once.
+    ``logits_with(h)`` then gives the logits with that stream replaced by ``h``; the layers
+    up to the hook point are not run again (``hf_streams.forward_with_stream``), since
+    the part before the hook point is the same for all three runs.
     """
 
     def __init__(self, source: ModelActivations, ids: Tensor, layer: int):
         self.source, self.layer = source, layer
-        rec: dict[str, object] = {}
-
-        def post(_m, _i, output):
-            rec["x"] = output[0] if isinstance(output, tuple) else output
-
-        def pre(_m, args, kwargs):
-            rec["args"], rec["kwargs"] = args, kwargs
-
-        handles = [source.layers[layer].register_forward_hook(post)]
-        if layer + 1 < source.num_layers:
-            handles.append(source.layers[layer + 1].register_forward_pre_hook(pre, with_kwargs=True))
-        try:
-            self.logits = source.model(input_ids=ids.to(source.device), use_cache=False).logits.float()
-        finally:
-            for h in handles:
-                h.remove()
-        self.x: Tensor = rec["x"]  # type: ignore[assignment]
-        self._args = rec.get("args", ())
-        self._kwargs = rec.get("kwargs", {})
+        self.ids = ids.to(source.device)
+        with hf_streams.capturing_streams(source.model, [layer]) as captured:
+            self.logits = source.model(input_ids=self.ids, use_cache=False).logits.float()
+        self.x: Tensor = captured[layer]
 
     def logits_with(self, h: Tensor) -> Tensor:
-        """Logits when the stream after ``layers.L`` is ``h`` instead of ``x``."""
-        src = self.source
-        for block in src.layers[self.layer + 1:]:
-            out = block(h, *tuple(self._args)[1:], **self._kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return src.model.lm_head(src.model.model.norm(h)).float()
+        """Logits when the stream at the hook point is ``h`` instead of ``x``."""
+        out = hf_streams.forward_with_stream(self.source.model, self.ids, self.layer, h)
+        return out.logits.float()
 
 
 @torch.no_grad()

@@ -45,15 +45,29 @@ SCALE_SAMPLE = 16384
 
 
 def resolve_model(name: str) -> tuple[Path, str]:
-    """``'default'`` -> the prepared embedded model; else a checkpoint directory."""
+    """``'default'`` -> the prepared embedded model; else a checkpoint directory (or a hub
+    id in the local Hugging Face cache). Returns its path and the name the server serves it
+    under (``ModelInfo.name``), which the dictionary records as its ``model_name``."""
     from ..default_model import MODEL_NAME, prepare_default_model
+    from ..model_info import read_model_info
 
     if name in ("default", MODEL_NAME):
         return prepare_default_model(), MODEL_NAME
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {name!r}: not 'default' and not a checkpoint directory")
-    return path.resolve(), path.resolve().name
+    info = read_model_info(name)
+    path = info.path.resolve()
+    return path, info.name or path.name  # `--model .`: a folder name, never an empty one
+
+
+def check_model(cfg: TrainConfig) -> tuple[Path, str, int]:
+    """Resolve ``cfg.model`` and check ``cfg.hook_point`` against its layers, from its config
+    files alone (before any weights load). Returns (path, served name, hook point index);
+    raises ``FileNotFoundError``/``ValueError`` with a message for the user."""
+    from ..hook_points import parse_hook_point, validate_hook_point
+    from ..model_info import read_model_info
+
+    path, name = resolve_model(cfg.model)
+    info = read_model_info(path, name=name)
+    return path, name, parse_hook_point(validate_hook_point(cfg.hook_point, info.num_layers))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,7 +155,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model_path, model_name = resolve_model(cfg.model)
+    model_path, model_name, _ = check_model(cfg)
     if source is None:
         source = ModelActivations(model_path, device=device)
     layer = source.layer_of(cfg.hook_point)

@@ -2,15 +2,15 @@
 
 Installed once per worker by :class:`sae_runtime.worker.extension.SAEWorkerExtension`.
 It wraps the model runner's ``execute_model`` (to know where a step starts and ends and
-to free finished requests) and becomes the implementation of the custom op
-``sae_serve::residual_step`` that ``plugin.py`` put at the end of every decoder layer, in
-eager and compiled mode alike. In a step where no request has a spec, the step returns at
-its first line and the layer's output passes through unchanged.
+to free finished requests) and becomes the implementation of the custom ops of
+``residual_op`` that ``decoder_layers.py`` put at every hook point, in eager and compiled
+mode alike. In a step where no request has a spec, the step returns at its first line and
+the layer's output passes through unchanged.
 
-At layer ``L`` the layer has returned ``(hidden_states, residual)``; the residual stream
-the design notes call ``layers.L`` is their sum ``x``. Steering adds its ``delta`` to
-``hidden_states`` of the edited rows only, so layer ``L+1`` (which sums the two again)
-sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
+At hook point ``L`` the layer has returned either ``(hidden_states, residual)``, whose sum
+is the residual stream ``x`` the design notes call ``layers.L``, or ``x`` itself. Steering
+adds its ``delta`` to ``hidden_states`` (or to ``x``) of the edited rows only, so layer
+``L+1`` sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
 the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.
 """
 
@@ -24,7 +24,7 @@ from sae_runtime import kernels
 from sae_runtime.dictionary import SparseDictionary
 from sae_runtime.engine.feature_channel import FeatureChunk, FeatureSender
 from sae_runtime.worker import residual_op
-from sae_runtime.worker.plugin import HOOKS_ENV, LAYER_ATTR
+from sae_runtime.worker.decoder_layers import LAYER_ATTR, hooked_layers
 from sae_runtime.worker.step_plan import (
     EditBatch,
     ExtractJob,
@@ -36,15 +36,6 @@ from sae_runtime.worker.step_plan import (
 
 SPEC_KEY = "sae"
 """Key of the SAE spec in ``SamplingParams.extra_args``."""
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a Llama-style vLLM model (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RuntimeError(f"cannot find decoder layers in {type(model).__name__}: SAE hooks need model.model.layers")
-    return layers
 
 
 class SAEWorkerRuntime:
@@ -59,7 +50,7 @@ class SAEWorkerRuntime:
         self.dict_layers = {name: d.layer for name, d in dictionaries.items()}
         self.sender = sender
         model = runner.get_model()
-        self.layers = decoder_layers(model)
+        self.layers = hooked_layers(model)
         self.hidden_size = int(runner.model_config.get_hidden_size())
         self.device = next(model.parameters()).device
         self.requests: dict[str, RequestState] = {}
@@ -73,11 +64,7 @@ class SAEWorkerRuntime:
     def install(self) -> None:
         missing = [L for L, layer in enumerate(self.layers) if getattr(layer, LAYER_ATTR, None) != L]
         if missing:
-            raise RuntimeError(
-                f"the SAE step is not in decoder layers {missing[:5]}...: the sae_serve vLLM plugin "
-                f"did not patch this model (is sae-serve installed in this environment, is the "
-                f"model Llama-style, and was {HOOKS_ENV}=1 set before the engine started?)"
-            )
+            raise RuntimeError(f"the SAE step is not in decoder layers {missing[:5]}...")
         residual_op.set_step_function(self._step)
         self._orig_execute = self.runner.execute_model
         self.runner.execute_model = self._execute_model
@@ -155,8 +142,9 @@ class SAEWorkerRuntime:
 
     # -- hooks --------------------------------------------------------------------------
 
-    def _step(self, L: int, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-        """The op's implementation at layer ``L``: new hidden states, or None if untouched."""
+    def _step(self, L: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """The ops' implementation at hook point ``L``: new hidden states (the new stream
+        when ``residual`` is None), or None if untouched."""
         plan = self._plan
         if plan is None:
             return None
@@ -169,12 +157,12 @@ class SAEWorkerRuntime:
             return None
         return self._apply_layer(lp, hidden, residual)
 
-    def _apply_layer(self, lp: Any, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+    def _apply_layer(self, lp: Any, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
         new_hidden = hidden
         if lp.edits or lp.vectors is not None:
             new_hidden = hidden.clone()
             for name, batch in lp.edits.items():
-                x = hidden[batch.rows] + residual[batch.rows]
+                x = _stream_rows(hidden, residual, batch.rows)
                 delta = self._edit_delta(self.dictionaries[name], x, batch)
                 new_hidden.index_add_(0, batch.rows, delta.to(hidden.dtype))
             if lp.vectors is not None:
@@ -209,13 +197,13 @@ class SAEWorkerRuntime:
         )
         return edited.float() - xd.float()
 
-    def _extract(self, d: SparseDictionary, name: str, hidden: torch.Tensor, residual: torch.Tensor,
+    def _extract(self, d: SparseDictionary, name: str, hidden: torch.Tensor, residual: torch.Tensor | None,
                  jobs: list[ExtractJob]) -> None:
         # The stream at the hook point, gathered once for every job's rows (a request may
         # ask for both top-k and named features of the same rows).
         sizes = [j.rows.numel() for j in jobs]
         rows = torch.cat([j.rows for j in jobs])
-        x_all = (hidden[rows] + residual[rows]).to(d.dtype)
+        x_all = _stream_rows(hidden, residual, rows).to(d.dtype)
         x_of = list(torch.split(x_all, sizes))
         topk = [i for i, j in enumerate(jobs) if j.top_k is not None]
         if topk:
@@ -245,6 +233,12 @@ class SAEWorkerRuntime:
             if j.feature_ids is not None:
                 vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
                 self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))
+
+
+def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """The residual stream at ``rows``: ``hidden + residual``, or ``hidden`` itself when the
+    layer hands the stream on whole (``residual`` None)."""
+    return hidden[rows] if residual is None else hidden[rows] + residual[rows]
 
 
 def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Where the SAE step goes in a model vLLM built: its decoder layers, whatever the architecture.
+
+This module is the one place that knows how vLLM's models are shaped. It relies on two
+facts, checked here and nowhere else:
+
+1. A decoder-only model keeps its decoder layers in one ``nn.ModuleList`` with one entry
+   per hidden layer (``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...;
+   models served through vLLM's Transformers backend keep Hugging Face's own list). It is
+   found by shape, not by name: the module list whose length is the config's number of
+   hidden layers, outside any vision/audio tower.
+2. A decoder layer's forward returns the residual stream in one of two shapes: the
+   stream itself (GPT-2, Transformers-backend models such as GPT-NeoX and OLMo 2), or a
+   ``(hidden_states, residual)`` pair whose sum is the stream (Llama, Mistral, Qwen 2/3,
+   Gemma 2/3, Phi-3, ... : the next layer's fused add-norm and the final norm sum them).
+
+Each layer's class gets a forward that calls the original and then the SAE step op of
+``residual_op`` at hook point ``L`` (the stream after layer ``L``); layer 0 also runs the
+step at hook point ``-1`` on its input (the embeddings as the model hands them to layer 0,
+Gemma's scaling included). Patching the class (once) rather than hooking instances is what
+lets the step be traced into vLLM's compiled graph; instances that were not hooked (no
+index attribute) pass straight through. A model whose layers cannot be found, or whose
+layers return anything else, is refused when it loads or at its first (profiling) forward,
+so it is never served unhooked.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from sae_runtime.worker import residual_op  # noqa: F401  (registers the ops)
+
+LAYER_ATTR = "_sae_layer_index"
+"""Instance attribute of a hooked decoder layer: its index ``L``."""
+PRE_STEP_ATTR = "_sae_pre_step"
+"""Instance attribute of layer 0: also run the step at hook point -1 on its input."""
+MODEL_ATTR = "_sae_decoder_layers"
+"""Attribute set on the hooked model: the module path of its decoder layer list."""
+
+TESTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "Olmo2ForCausalLM",
+)
+"""Architectures the test suite serves with features and steering checked against
+transformers. Others are hooked by the same mechanism when their layers have one of the
+two shapes above."""
+
+# Module-path parts of non-text towers whose layer lists must not be taken for the
+# decoder's (a vision encoder can have as many layers as the language model).
+_OTHER_TOWERS = ("vision", "visual", "audio", "image", "encoder", "speech", "mm_projector")
+
+
+class UnsupportedModelError(RuntimeError):
+    """The SAE step cannot be placed in this model."""
+
+
+def _refusal(architecture: str, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"cannot serve {architecture} with SAE hooks: {why}. sae-serve hooks decoder-only "
+        f"models whose decoder layers return the residual stream or a (hidden_states, "
+        f"residual) pair; tested: {', '.join(TESTED_ARCHITECTURES)}")
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int, architecture: str = "") -> tuple[str, nn.ModuleList]:
+    """The module path and list of ``model``'s ``num_layers`` decoder layers."""
+    architecture = architecture or type(model).__name__
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
+            continue
+        parts = name.lower().split(".")
+        if any(tower in part for part in parts for tower in _OTHER_TOWERS):
+            continue
+        candidates.append((name, module))
+    if not candidates:
+        raise _refusal(architecture, f"no list of {num_layers} decoder layers in {type(model).__name__}")
+    # Several lists of the right length (rare: e.g. per-layer norms kept in a list):
+    # the decoder's is the one whose entries hold the most parameters.
+    def weight(entry: tuple[str, nn.ModuleList]) -> int:
+        return sum(p.numel() for p in entry[1].parameters())
+
+    return max(candidates, key=weight)
+
+
+def hook_decoder_layers(model: nn.Module, num_layers: int, architecture: str = "") -> str:
+    """Put the SAE step into every decoder layer of ``model``; returns the layers' path."""
+    architecture = architecture or type(model).__name__
+    path, layers = find_decoder_layers(model, num_layers, architecture)
+    for index, layer in enumerate(layers):
+        _patch_layer_class(type(layer), architecture)
+        setattr(layer, LAYER_ATTR, index)
+    setattr(layers[0], PRE_STEP_ATTR, True)
+    setattr(model, MODEL_ATTR, path)
+    return path
+
+
+def hooked_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers :func:`hook_decoder_layers` hooked in ``model``."""
+    path = getattr(model, MODEL_ATTR, None)
+    if path is None:
+        raise UnsupportedModelError(
+            f"the SAE step is not in {type(model).__name__}: the sae_serve vLLM plugin did not "
+            f"hook this model (is sae-serve installed in this environment, and was "
+            f"SAE_SERVE_HOOKS=1 set before the engine started?)")
+    return model.get_submodule(path)
+
+
+# --------------------------------------------------------------------------- the patch
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """The ops work on ``[tokens, hidden]``; the Transformers backend passes ``[1, T, H]``."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _stream(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.ops.sae_serve.stream_step(_flat(x), layer).view_as(x)
+
+
+def _pair(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.ops.sae_serve.residual_step(_flat(hidden), _flat(residual), layer).view_as(hidden)
+
+
+def _after_layer(out: Any, layer: int, where: str) -> Any:
+    """The layer's output with the step at hook point ``layer`` applied."""
+    if isinstance(out, torch.Tensor):
+        return _stream(out, layer)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        hidden, residual = out
+        if residual is None:
+            return _stream(hidden, layer), None
+        if isinstance(residual, torch.Tensor) and residual.shape == hidden.shape:
+            return _pair(hidden, residual, layer), residual
+    raise UnsupportedModelError(
+        f"{where} returned {type(out).__name__}"
+        f"{'' if not isinstance(out, tuple) else ' of ' + str(len(out))}, neither the residual "
+        f"stream nor a (hidden_states, residual) pair; sae-serve cannot hook this model")
+
+
+def _argument_slots(forward: Any) -> tuple[int | None, int | None]:
+    """Positional indices (after self) of ``hidden_states`` and ``residual``."""
+    names = [p for p in inspect.signature(forward).parameters][1:]
+    hidden = names.index("hidden_states") if "hidden_states" in names else None
+    residual = names.index("residual") if "residual" in names else None
+    return hidden, residual
+
+
+def _before_first_layer(args: tuple, kwargs: dict, slots: tuple[int | None, int | None],
+                        where: str) -> tuple[tuple, dict]:
+    """Arguments of layer 0 with the step at hook point -1 applied to its input stream."""
+    h_slot, r_slot = slots
+
+    def get(name: str, slot: int | None) -> tuple[Any, str | int | None]:
+        if name in kwargs:
+            return kwargs[name], name
+        if slot is not None and slot < len(args):
+            return args[slot], slot
+        return None, None
+
+    hidden, h_at = get("hidden_states", h_slot)
+    if not isinstance(hidden, torch.Tensor):
+        raise UnsupportedModelError(f"{where}: cannot find the hidden_states argument of layer 0")
+    residual, _ = get("residual", r_slot)
+    new = _stream(hidden, -1) if residual is None else _pair(hidden, residual, -1)
+    if isinstance(h_at, str):
+        kwargs = {**kwargs, h_at: new}
+    else:
+        args = args[:h_at] + (new,) + args[h_at + 1:]
+    return args, kwargs
+
+
+def _patch_layer_class(cls: type, architecture: str) -> None:
+    if cls.__dict__.get("_sae_patched", False):
+        return
+    orig_forward = cls.forward
+    slots = _argument_slots(orig_forward)
+    where = f"{architecture} decoder layer {cls.__name__}"
+
+    @functools.wraps(orig_forward)
+    def forward(self, *args, **kwargs):
+        layer = getattr(self, LAYER_ATTR, None)
+        if layer is None:
+            return orig_forward(self, *args, **kwargs)
+        if getattr(self, PRE_STEP_ATTR, False):
+            args, kwargs = _before_first_layer(args, kwargs, slots, where)
+        return _after_layer(orig_forward(self, *args, **kwargs), layer, where)
+
+    cls.forward = forward
+    cls._sae_patched = True

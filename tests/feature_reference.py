@@ -41,11 +41,16 @@ MAX_UNDECIDED = 0.05
 a decision boundary; a few percent would already mean the margins are not rounding."""
 
 
-def preact_error_bound(d: SparseDictionary, x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+def preact_error_bound(d: SparseDictionary, x: torch.Tensor, factor: float = 1.0,
+                       stream_error: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token bound ``[tokens]`` on how far a pre-activation can move between the two
-    forward passes. ``factor`` widens it for streams derived from ``x`` (e.g. ablated)."""
+    forward passes: ``||W_enc[:, j]|| * ||Δx||`` with ``||Δx||`` the measured
+    ``stream_error`` ``[tokens]`` when the test has it (read through a probe), else the
+    checked bound ``STREAM_RTOL * ||x||``. ``factor`` widens it for streams derived from
+    ``x`` (e.g. ablated)."""
     w = d.W_enc.float().norm(dim=0).max()
-    return factor * STREAM_RTOL * x.float().norm(dim=-1) * w + 1e-6
+    dx = STREAM_RTOL * x.float().norm(dim=-1) if stream_error is None else stream_error.float()
+    return factor * dx * w + 1e-6
 
 
 def decision_margin(d: SparseDictionary, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +81,11 @@ def decision_margin(d: SparseDictionary, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0], d.d_sae), float("inf"))
 
 
-def decided(d: SparseDictionary, x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-    """``[tokens, d_sae]`` bool: features whose firing decision is certain on any machine."""
-    return decision_margin(d, x) > 2 * preact_error_bound(d, x, factor)[:, None]
+def decided(d: SparseDictionary, x: torch.Tensor, factor: float = 1.0,
+            stream_error: torch.Tensor | None = None) -> torch.Tensor:
+    """``[tokens, d_sae]`` bool: features whose firing decision is certain given the stream
+    error (see :func:`preact_error_bound`), with a factor 2 of safety."""
+    return decision_margin(d, x) > 2 * preact_error_bound(d, x, factor, stream_error)[:, None]
 
 
 def assert_close_where_decided(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor,

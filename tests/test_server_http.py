@@ -11,13 +11,13 @@ import httpx
 import pytest
 import torch
 
+from tests.feature_reference import assert_close_where_decided, assert_topk_extraction_matches, decided
 from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-ATOL, RTOL = 2e-3, 1e-3  # see tests/test_engine.py for why
 # Feature 3 of the test dictionary, added strongly at layer 6, visibly changes the answer.
 STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0}]}
 
@@ -111,36 +111,35 @@ def _reference(live_server, text: str) -> tuple[list[int], torch.Tensor]:
     with torch.no_grad():
         model(torch.tensor([ids]))
     handle.remove()
-    return ids, d.encode(captured["x"][0].float())
+    return ids, d, captured["x"][0].float()
 
 
 def test_extraction_over_http_and_grpc_matches_reference(live_server, http):
     from clients.grpc_client import SAEClient
 
     text = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in"
-    ids, ref = _reference(live_server, text)
+    ids, d, x = _reference(live_server, text)
     body = {"text": text, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 8}}
     over_http = http.post("/v1/features/extract", json=body).json()["tokens"]
     with SAEClient(live_server.grpc_target) as c:
         over_grpc = c.extract(text, features=body["features"]).tokens
     assert [t["token_id"] for t in over_http] == ids == [t.token_id for t in over_grpc]
-    checked = 0
+    assert [t["position"] for t in over_http] == list(range(len(ids)))
+    # Against the reference (robust to rounding at the top-k boundary: tests/feature_reference.py).
+    checked = assert_topk_extraction_matches([t["features"][0]["values"] for t in over_http],
+                                             [t["features"][0]["indices"] for t in over_http], d, x)
+    assert checked > 50
     for t_http, t_grpc in zip(over_http, over_grpc):
         (f,) = t_http["features"]
-        vals = torch.tensor(f["values"])
-        torch.testing.assert_close(vals, ref[t_http["position"], torch.tensor(f["indices"])], atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(vals, torch.sort(ref[t_http["position"]], descending=True).values[:8],
-                                   atol=ATOL, rtol=RTOL)
-        # gRPC carries float32: the same numbers to float32 precision.
+        # gRPC carries float32: the same numbers as HTTP to float32 precision (same engine).
         assert t_grpc.features[0].indices == f["indices"]
-        torch.testing.assert_close(torch.tensor(t_grpc.features[0].values), vals, atol=1e-5, rtol=1e-6)
-        checked += int((vals > 0).sum())
-    assert checked > 50
+        torch.testing.assert_close(torch.tensor(t_grpc.features[0].values), torch.tensor(f["values"]),
+                                   atol=1e-5, rtol=1e-6)
     fids = [0, 5, 300]
     by_id = http.post("/v1/features/extract", json={"text": text, "features": {
         "dictionaries": [DICTIONARY_ID], "feature_ids": fids}}).json()["tokens"]
     got = torch.tensor([t["features"][0]["values"] for t in by_id])
-    torch.testing.assert_close(got, ref[:, fids], atol=ATOL, rtol=RTOL)
+    assert_close_where_decided(got, d.encode(x)[:, fids], decided(d, x)[:, fids])
 
 
 def test_feature_info_reads_the_unembedding(http):

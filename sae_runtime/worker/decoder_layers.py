@@ -175,7 +175,9 @@ def _before_first_layer(args: tuple, kwargs: dict, slots: tuple[int | None, int 
 
 
 def _patch_layer_class(cls: type, architecture: str) -> None:
-    if cls.__dict__.get("_sae_patched", False):
+    # Once per class; a subclass that inherits an already wrapped forward (Mistral's layer
+    # from Llama's) must not wrap it again, or the step would run twice.
+    if cls.__dict__.get("_sae_patched", False) or getattr(cls.forward, "_sae_wrapped", False):
         return
     orig_forward = cls.forward
     slots = _argument_slots(orig_forward)
@@ -190,5 +192,6 @@ def _patch_layer_class(cls: type, architecture: str) -> None:
             args, kwargs = _before_first_layer(args, kwargs, slots, where)
         return _after_layer(orig_forward(self, *args, **kwargs), layer, where)
 
+    forward._sae_wrapped = True  # type: ignore[attr-defined]
     cls.forward = forward
     cls._sae_patched = True

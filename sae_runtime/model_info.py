@@ -42,7 +42,7 @@ def served_name(model_dir: Path) -> str:
     match = _SNAPSHOT.search(model_dir.resolve().as_posix())
     if match is None:
         match = _SNAPSHOT.search(model_dir.as_posix())
-    return f"{match['org']}/{match['name']}" if match else model_dir.name
+    return f"{match['org']}/{match['name']}" if match else model_dir.resolve().name
 
 
 def resolve_model_path(model: str | Path) -> Path:

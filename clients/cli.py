@@ -7,18 +7,23 @@
     sae-client feature layers.6/topk-512 123
 
 Tokens are printed one per line with their strongest features as ``#id=value``.
+A server started with API keys needs ``--api-key KEY`` (or ``SAE_SERVE_API_KEY=KEY``);
+one serving TLS needs ``--tls`` (``--tls-ca ca.pem`` for a self-signed certificate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Iterable
 
 import grpc
 
 from clients.grpc_client import DEFAULT_TARGET, SAEClient
+
+API_KEY_ENV = "SAE_SERVE_API_KEY"
 from server.models import TokenFeaturesOut
 
 
@@ -68,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"server gRPC address (default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     p.add_argument("--json", action="store_true", help="print JSON instead of the readable form")
+    p.add_argument("--api-key", default=None,
+                   help=f"API key of a server started with keys (default: ${API_KEY_ENV}; prefer the variable, "
+                   "a flag shows in `ps`)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (a server started with --tls-cert)")
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust for TLS (implies --tls), e.g. the "
+                   "server's self-signed certificate; default: the system's roots")
     sub = p.add_subparsers(dest="command", required=True)
 
     def prompt_args(sp: argparse.ArgumentParser) -> None:
@@ -137,7 +148,8 @@ def _stream(client: SAEClient, args: argparse.Namespace, steering: dict | None, 
 
 
 def run(args: argparse.Namespace) -> int:
-    with SAEClient(args.target, timeout_s=args.timeout) as client:
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    with SAEClient(args.target, timeout_s=args.timeout, api_key=api_key, tls=args.tls, tls_ca=args.tls_ca) as client:
         if args.command == "dictionaries":
             dicts = client.list_dictionaries()
             if args.json:
@@ -185,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"sae-client: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --tls-ca not readable
+        print(f"sae-client: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # pydantic validation of the request, before sending
         print(f"sae-client: invalid request: {exc}", file=sys.stderr)
         return 2

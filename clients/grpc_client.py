@@ -7,6 +7,11 @@ sides. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeat
 read-only, idempotent) and only on UNAVAILABLE (replica starting or restarting) with
 exponential backoff; Generate is never retried, since a retry could duplicate a
 (sampled) generation the caller already partly consumed.
+
+A server started with API keys needs ``api_key=`` (sent as ``authorization: Bearer KEY``
+metadata on every call); one started with ``--tls-cert`` needs ``tls=True`` and, for a
+certificate not signed by a public CA (self-signed), ``tls_ca="ca.pem"`` (a path or PEM
+bytes; implies ``tls``).
 """
 
 from __future__ import annotations
@@ -157,17 +162,44 @@ class _RetryPolicy:
             d = min(d * 2, self.max_delay_s)
 
 
+def call_metadata(application: str | None, api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Metadata sent with every call: Ray Serve's ``application`` routing and the API key."""
+    md: list[tuple[str, str]] = []
+    if application:  # Ray Serve routes by the 'application' metadata when several apps are served
+        md.append(("application", application))
+    if api_key:
+        if any(c.isspace() for c in api_key) or not api_key.isprintable():
+            raise ValueError("api_key must be printable without spaces")
+        md.append(("authorization", f"Bearer {api_key}"))
+    return tuple(md) or None
+
+
+def channel_credentials(tls: bool, tls_ca: str | bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (``tls_ca``: a PEM file path or PEM bytes; None = the system's roots), or None."""
+    if not tls and tls_ca is None:
+        return None
+    root = None
+    if tls_ca is not None:
+        if isinstance(tls_ca, bytes):
+            root = tls_ca
+        else:
+            with open(tls_ca, "rb") as f:
+                root = f.read()
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
 class SAEClient:
-    """Blocking client. ``with SAEClient() as c: c.extract("Hello", features={...})``."""
+    """Blocking client. ``with SAEClient(api_key=...) as c: c.extract("Hello", features={...})``."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = 120.0, retry_attempts: int = 4,
-                 application: str | None = None):
-        self.channel = grpc.insecure_channel(target)
+                 application: str | None = None, api_key: str | None = None, tls: bool = False,
+                 tls_ca: str | bytes | None = None):
+        creds = channel_credentials(tls, tls_ca)
+        self.channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
         self.stub = pb_grpc.SAEServiceStub(self.channel)
         self.timeout_s = timeout_s
         self.retry = _RetryPolicy(retry_attempts)
-        # Ray Serve routes by the 'application' metadata when several apps are served.
-        self.metadata = (("application", application),) if application else None
+        self.metadata = call_metadata(application, api_key)
 
     def close(self) -> None:
         self.channel.close()
@@ -221,12 +253,14 @@ class AsyncSAEClient:
     """asyncio client with the same methods as :class:`SAEClient` (``await`` / ``async for``)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = 120.0, retry_attempts: int = 4,
-                 application: str | None = None):
-        self.channel = grpc.aio.insecure_channel(target)
+                 application: str | None = None, api_key: str | None = None, tls: bool = False,
+                 tls_ca: str | bytes | None = None):
+        creds = channel_credentials(tls, tls_ca)
+        self.channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.SAEServiceStub(self.channel)
         self.timeout_s = timeout_s
         self.retry = _RetryPolicy(retry_attempts)
-        self.metadata = (("application", application),) if application else None
+        self.metadata = call_metadata(application, api_key)
 
     async def close(self) -> None:
         await self.channel.close()

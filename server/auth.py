@@ -8,9 +8,15 @@ over every digest, so neither timing nor an early exit tells which key nearly ma
 and presented credentials are never logged; refusals say only "missing" or "invalid".
 
 With keys set, every HTTP route but ``GET /health`` (the plain liveness answer; its
-``?detail=1`` form needs a key) and every gRPC method but ``grpc.health.v1.Health``
-refuse a request without a valid key: 401 / UNAUTHENTICATED. gRPC server reflection is
-answered by Ray's proxy itself and stays open (it only describes the public proto).
+``?detail=1`` form needs a key, however the query is spelled: it is parsed the way
+Starlette parses it for the route) and every gRPC method but
+``grpc.health.v1.Health/Check`` refuse a request without a valid key: 401 /
+UNAUTHENTICATED. That holds in the replicas (this module's middleware and
+:class:`server.grpc_service.SAEGrpcMethods`) and, for what Ray's proxies answer by
+themselves (``/-/routes``, ``/-/healthz``, ``ray.serve.RayServeAPIService``), in the
+proxies (:mod:`server.proxy_auth`). gRPC server reflection is turned off when keys are set.
+
+This module imports nothing heavy at the top (it also runs inside Ray's proxy actors).
 """
 
 from __future__ import annotations
@@ -19,12 +25,29 @@ import hashlib
 import hmac
 import json
 from typing import Any, Iterable
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import ApiError, ErrorKind
-
 OPEN_HTTP_PATHS = frozenset({"/health"})
+# gRPC methods answered without a key: the standard health check only (not Watch, which
+# holds a stream open, and not Ray's own RayServeAPIService).
+OPEN_GRPC_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
+INVALID_KEY = "invalid API key"
+
+
+def is_open_http_request(scope: Scope) -> bool:
+    """Whether an HTTP request may pass without a key: plain ``/health`` only.
+
+    The query string is parsed exactly as Starlette parses it for the route
+    (``parse_qsl(query.decode('latin-1'), keep_blank_values=True)``), so a
+    percent-encoded ``d%65tail=1`` is the ``detail`` parameter here too.
+    """
+    if scope.get("path", "") not in OPEN_HTTP_PATHS:
+        return False
+    query = (scope.get("query_string") or b"").decode("latin-1")
+    return not any(name == "detail" for name, _ in parse_qsl(query, keep_blank_values=True))
 
 
 def key_digest(key: str) -> str:
@@ -61,28 +84,58 @@ class ApiKeys:
             ok |= hmac.compare_digest(presented, d)
         return ok
 
-    def check(self, authorization: str | None) -> None:
-        """Accept (return) or raise 401; a no-op when no keys are configured."""
+    def problem(self, authorization: str | None) -> str | None:
+        """None when the credential is accepted (or no keys are set), else why not (never the key)."""
         if not self.enabled:
-            return
+            return None
         token = bearer_token(authorization)
         if token is None:
-            raise ApiError(ErrorKind.UNAUTHENTICATED,
-                           "missing API key: send the header 'Authorization: Bearer <key>'", "authorization")
+            return MISSING_KEY
         if not self.valid(token):
-            raise ApiError(ErrorKind.UNAUTHENTICATED, "invalid API key", "authorization")
+            return INVALID_KEY
+        return None
+
+    def check(self, authorization: str | None) -> None:
+        """Accept (return) or raise 401; a no-op when no keys are configured."""
+        why = self.problem(authorization)
+        if why is not None:
+            from server.errors import ApiError, ErrorKind
+
+            raise ApiError(ErrorKind.UNAUTHENTICATED, why, "authorization")
 
     def check_grpc(self, grpc_context: Any) -> None:
         """The gRPC form: the ``authorization`` metadata entry (``Bearer <key>``)."""
         if not self.enabled:
             return
-        value = None
-        if grpc_context is not None:
-            for key, v in grpc_context.invocation_metadata() or ():
-                if key.lower() == "authorization":
-                    value = v.decode("latin-1") if isinstance(v, bytes) else v
-                    break
-        self.check(value)
+        self.check(grpc_authorization(grpc_context))
+
+
+def grpc_authorization(grpc_context: Any) -> str | None:
+    """The ``authorization`` metadata value of a gRPC call, if any."""
+    if grpc_context is None:
+        return None
+    for key, v in grpc_context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            return v.decode("latin-1") if isinstance(v, bytes) else v
+    return None
+
+
+def http_authorization(scope: Scope) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == b"authorization":
+            return v.decode("latin-1")
+    return None
+
+
+async def send_unauthorized(send: Send, why: str) -> None:
+    """The 401 answer (OpenAI error envelope, ``WWW-Authenticate: Bearer``)."""
+    body = json.dumps({"error": {"message": f"authorization: {why}", "type": "authentication_error",
+                                 "param": "authorization", "code": 401}}).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b'Bearer realm="sae-serve"')]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ApiKeyMiddleware:
@@ -93,30 +146,11 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or self._open(scope):
+        if scope["type"] != "http" or not self.keys.enabled or is_open_http_request(scope):
             await self.app(scope, receive, send)
             return
-        header = None
-        for k, v in scope.get("headers", []):
-            if k == b"authorization":
-                header = v.decode("latin-1")
-                break
-        try:
-            self.keys.check(header)
-        except ApiError as exc:
-            body = json.dumps({"error": {"message": str(exc), "type": exc.kind.value, "param": exc.field,
-                                         "code": exc.http_status}}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b'Bearer realm="sae-serve"')]})
-            await send({"type": "http.response.body", "body": body})
+        why = self.keys.problem(http_authorization(scope))
+        if why is not None:
+            await send_unauthorized(send, why)
             return
         await self.app(scope, receive, send)
-
-    @staticmethod
-    def _open(scope: Scope) -> bool:
-        path = scope.get("path", "")
-        if path not in OPEN_HTTP_PATHS:
-            return False
-        return b"detail" not in (scope.get("query_string") or b"")

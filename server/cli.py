@@ -54,12 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-vectors", type=int, help="raw steering vectors per request (default 32)")
     p.add_argument("--max-top-k", type=int, help="largest features.top_k (default 256)")
     p.add_argument("--max-feature-ids", type=int, help="most features.feature_ids per request (default 1024)")
+    p.add_argument("--max-response-feature-values", type=int,
+                   help="most feature values one response may carry: tokens x (top_k + feature ids) x dictionaries "
+                        "x choices, checked before generation (default 2,000,000; over it: 400)")
     p.add_argument("--max-concurrent-streams", type=int,
                    help="streaming requests open at once per replica (default 32; more get 429 / RESOURCE_EXHAUSTED)")
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="accept this API key (repeatable; also SAE_SERVE_API_KEYS=k1,k2 or --api-key-file). "
-                   "With keys, every route but /health needs 'Authorization: Bearer KEY'")
-    p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of `ps`)")
+                   "With keys, every route and RPC but plain /health and gRPC Health/Check needs "
+                   "'Authorization: Bearer KEY' (Ray's /-/* routes included; gRPC reflection is off)")
+    p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of your "
+                   "shell history; sae-serve also hides --api-key values from `ps` and Ray once started)")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): serve HTTPS and gRPC over TLS "
+                   "(with --tls-key); keys are bearer tokens, so use TLS beyond this machine")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--ray-num-cpus", type=int, help="CPUs Ray may schedule (default: this machine's)")
     p.add_argument("--ray-address", help="join this running Ray cluster (head HOST:PORT, or 'auto') instead of "
                    "starting one; see the README's multi-node section")
@@ -80,6 +88,32 @@ def api_keys_from(args: argparse.Namespace) -> list[str]:
             keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
     return list(dict.fromkeys(keys))
+
+
+def hide_keys(config: Any, rewrite_title: bool = True) -> None:
+    """Keep the keys out of what other processes can read once they are parsed.
+
+    Removes ``SAE_SERVE_API_KEYS`` (and the client's ``SAE_SERVE_API_KEY``) from this
+    process's environment, so that no child (Ray, its workers, vLLM) inherits them, and
+    rewrites this process's title (``/proc/PID/cmdline``, what ``ps`` and Ray's job table
+    show) with every key replaced by ``***``, which also clears the original environment
+    block (``/proc/PID/environ``). The launcher redacts Ray's job entrypoint as well, in
+    case the title cannot be changed.
+    """
+    from server.launcher import redact, scrub_key_environment
+
+    secrets = [k.get_secret_value() for k in config.api_keys]
+    if rewrite_title and secrets:
+        # Before the environment is changed: setproctitle relocates the environment and
+        # reuses (and clears) the kernel's original argv+environ block, so the keys also
+        # leave /proc/PID/environ of this process. It refuses once unsetenv has run.
+        try:
+            import setproctitle  # installed with vLLM; optional here
+
+            setproctitle.setproctitle(" ".join(redact(a, secrets) for a in sys.argv))
+        except Exception:  # no setproctitle: Ray's job table is still redacted by the launcher
+            pass
+    scrub_key_environment()
 
 
 def exposure_warnings(config: Any) -> list[str]:
@@ -105,8 +139,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
               if getattr(args, k) is not None}
     top = {k: getattr(args, k) for k in ("replicas", "host", "http_port", "grpc_port", "max_request_bytes",
                                           "ray_num_cpus", "cpu_threads_bind", "max_edits", "max_vectors",
-                                          "max_top_k", "max_feature_ids", "max_concurrent_streams", "ray_address",
-                                          "proxy_location", "max_replicas_per_node")
+                                          "max_top_k", "max_feature_ids", "max_response_feature_values",
+                                          "max_concurrent_streams", "ray_address",
+                                          "proxy_location", "max_replicas_per_node", "tls_cert", "tls_key")
            if getattr(args, k) is not None}
     keys = api_keys_from(args)
     if keys:
@@ -129,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"sae-serve: bad configuration: {exc}", file=sys.stderr)
         return 2
+    hide_keys(config, rewrite_title=argv is None)  # argv given: called in-process, not our command line
 
     stop = threading.Event()
 
@@ -159,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in exposure_warnings(config):
         print(line, file=sys.stderr, flush=True)
     if config.api_keys:
-        print(f"sae-serve: API keys required ({len(config.api_keys)} configured); /health stays open",
-              file=sys.stderr, flush=True)
+        print(f"sae-serve: API keys required ({len(config.api_keys)} configured); /health stays open; "
+              "gRPC reflection is off", file=sys.stderr, flush=True)
+        if not config.tls_enabled and config.exposed:
+            print("sae-serve: WARNING: API keys travel in clear text without TLS; set --tls-cert/--tls-key",
+                  file=sys.stderr, flush=True)
     engine = config.resolved_engine()
     if not engine.dictionaries:
         print("sae-serve: WARNING: no dictionary to serve (the default dictionary "
@@ -177,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         # ray.init replaces SIGTERM's handler; the checks above already ran.
         launcher.start(config, after_ray_init=install_handlers, check=False)
         if not stop.is_set():
-            print(f"sae-serve: ready. HTTP (OpenAI-compatible) on http://{config.host}:{config.http_port}/v1  "
-                  f"gRPC on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)
+            scheme, grpc_tls = ("https", " over TLS") if config.tls_enabled else ("http", "")
+            print(f"sae-serve: ready. HTTP (OpenAI-compatible) on {scheme}://{config.host}:{config.http_port}/v1  "
+                  f"gRPC{grpc_tls} on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)
             while not stop.wait(1.0):
                 pass
     except KeyboardInterrupt:

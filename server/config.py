@@ -22,8 +22,11 @@ YAML example (every key optional)::
     max_vectors: 32              # raw steering vectors per request
     max_top_k: 256               # features.top_k
     max_feature_ids: 1024        # len(features.feature_ids)
+    max_response_feature_values: 2000000  # tokens x (top_k + feature ids) x dictionaries x choices (n, x2 with compare)
     max_concurrent_streams: 32   # streaming requests at once, per replica (429 / RESOURCE_EXHAUSTED)
     api_keys: []                 # or SAE_SERVE_API_KEYS=k1,k2 / --api-key K (repeatable)
+    tls_cert: null               # PEM certificate (chain) file: HTTPS and gRPC over TLS (with tls_key)
+    tls_key: null                # PEM private key file
     # multi-node: join a running Ray cluster instead of starting one (README: "Multi-node")
     ray_address: null            # e.g. 10.0.0.5:6379 or auto
     proxy_location: EveryNode    # HeadOnly / EveryNode: where Serve runs HTTP+gRPC proxies
@@ -45,8 +48,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DICTIONARY_DIR = REPO_ROOT / "sae_runtime" / "data" / "default_dictionary"
 APP_NAME = "sae-serve"
 API_KEYS_ENV = "SAE_SERVE_API_KEYS"
+CLIENT_API_KEY_ENV = "SAE_SERVE_API_KEY"  # what clients (sae-client) read; never passed to a server child either
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-LIMIT_FIELDS = ("max_edits", "max_vectors", "max_top_k", "max_feature_ids")  # -> engine SpecLimits
+LIMIT_FIELDS = ("max_edits", "max_vectors", "max_top_k", "max_feature_ids",
+                "max_response_feature_values")  # -> engine SpecLimits
 
 
 class AutoscalingConfig(BaseModel):
@@ -83,10 +88,18 @@ class ServeConfig(BaseModel):
     max_top_k: int | None = Field(default=None, ge=1, description=f"largest features.top_k (default {SpecLimits.max_top_k})")
     max_feature_ids: int | None = Field(default=None, ge=1,
                                         description=f"most features.feature_ids (default {SpecLimits.max_feature_ids})")
+    max_response_feature_values: int | None = Field(
+        default=None, ge=1,
+        description="most feature values one response may carry: tokens (prompt and/or max_tokens, by "
+        "features.scope) x (top_k + len(feature_ids)) x dictionaries x choices (n, doubled by compare); "
+        f"more is refused with 400 before generation (default {SpecLimits.max_response_feature_values:,})")
     max_concurrent_streams: int = Field(default=32, ge=1,
                                         description="streaming requests open at once per replica; more get 429")
     api_keys: list[SecretStr] = Field(default_factory=list,
                                       description="accepted API keys (Bearer); empty = no authentication")
+    tls_cert: str | None = Field(default=None, min_length=1,
+                                 description="PEM certificate (chain): serve HTTPS and gRPC over TLS (needs tls_key)")
+    tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert")
     health_check_period_s: float = Field(default=5.0, gt=0,
                                          description="Ray Serve health-check period (3 failures restart a replica)")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
@@ -124,8 +137,9 @@ class ServeConfig(BaseModel):
         return [key_digest(k.get_secret_value()) for k in self.api_keys]
 
     def replica_config_json(self) -> str:
-        """This config for the replicas, without the API keys (they get digests only)."""
-        return self.model_dump_json(exclude={"api_keys"})
+        """This config for the replicas, without the API keys (they get digests only) and the
+        TLS files (only the proxies use them)."""
+        return self.model_dump_json(exclude={"api_keys", "tls_cert", "tls_key"})
 
     @property
     def exposed(self) -> bool:
@@ -136,6 +150,30 @@ class ServeConfig(BaseModel):
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}")
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (--tls-cert FILE --tls-key FILE) or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None:
+                resolved = Path(path).expanduser().resolve()
+                if not resolved.is_file():
+                    raise ValueError(f"{name}: {path} is not a readable file")
+                setattr(self, name, str(resolved))  # the proxies read it from their own working directory
+        if self.tls_cert is not None:
+            import ssl
+
+            try:  # a clear error now rather than a proxy that fails to start
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"tls_cert/tls_key: cannot load the certificate and key: {exc}") from None
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
     def resolved_engine(self) -> EngineConfig:
         """The engine config with the default dictionary filled in (if wanted and present)

@@ -52,12 +52,15 @@ class SAEDeployment(SAEGrpcMethods):
         return build_http_app(self.service, self.config.max_request_bytes, self.api_keys)
 
     async def check_health(self) -> None:
-        """Ray Serve restarts the replica when this raises 3 times in a row (the vLLM engine died).
+        """Ray Serve restarts the replica when this raises 3 times in a row (the vLLM engine
+        died, or the feature side channel gave up restarting itself).
 
         Meanwhile the replica answers: requests get 503 / UNAVAILABLE and ``/health`` 503.
         """
         if not self.service.engine_alive():
-            raise RuntimeError("the vLLM engine of this replica is not running")
+            failure = self.service.channel_failure()
+            raise RuntimeError(f"the feature side channel of this replica failed: {failure}" if failure
+                               else "the vLLM engine of this replica is not running")
 
     def __del__(self) -> None:
         # Called by Ray Serve on graceful replica shutdown: stop vLLM's engine process

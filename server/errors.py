@@ -13,6 +13,7 @@ from enum import Enum
 import grpc
 from pydantic import ValidationError
 
+from sae_runtime.engine.engine import FeatureTimeoutError
 from sae_runtime.engine.spec import SpecError
 from sae_runtime.registry import UnknownDictionaryError
 
@@ -111,11 +112,14 @@ def engine_dead(exc: BaseException) -> bool:
 
 
 def translate(exc: BaseException) -> ApiError | None:
-    """The :class:`ApiError` for a known client-caused exception (or a dead engine: 503), else ``None``."""
+    """The :class:`ApiError` for a known client-caused exception (or a dead engine, or features
+    that never arrived: 503), else ``None``."""
     if isinstance(exc, ApiError):
         return exc
     if engine_dead(exc):
         return ApiError(ErrorKind.UNAVAILABLE, ENGINE_DEAD_MESSAGE)
+    if isinstance(exc, FeatureTimeoutError):  # features never came over the side channel: retryable
+        return ApiError(ErrorKind.UNAVAILABLE, str(exc))
     if isinstance(exc, SpecError):
         return ApiError.from_spec_error(exc)
     if isinstance(exc, UnknownDictionaryError):

@@ -7,7 +7,8 @@ serialisable ``grpc_context``; a status set on it before raising is what the cli
 receives (Ray otherwise reports INTERNAL), which is how :class:`ApiError` becomes
 INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED.
 
-Server reflection is provided by the proxy itself (``gRPCOptions.enable_reflection``);
+Server reflection is provided by the proxy itself (``gRPCOptions.enable_reflection``,
+off when API keys are set);
 the standard health service's ``Check`` is answered by grpcio-health-checking's
 servicer running in the replica, so SERVING means "a replica with a loaded engine
 answered", not merely "the proxy is up".
@@ -43,9 +44,15 @@ class GrpcRequestError(Exception):
 
 
 def _fail(context: Any, exc: BaseException) -> GrpcRequestError:
+    """Set the status for ``exc`` on the context and return the exception to raise.
+
+    A known error maps to its code; anything else is INTERNAL with a short message, its
+    traceback logged here (Ray would otherwise send the client its whole traceback).
+    """
     api = translate(exc)
     if api is None:
-        raise exc
+        logger.error("unexpected error in a gRPC method", exc_info=(type(exc), exc, exc.__traceback__))
+        api = ApiError(ErrorKind.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the details")
     if context is not None:
         context.set_code(api.grpc_code)
         context.set_details(str(api))
@@ -54,7 +61,7 @@ def _fail(context: Any, exc: BaseException) -> GrpcRequestError:
 
 class SAEGrpcMethods:
     """Mixin: requires ``self.service`` (:class:`SAEService`), ``self.max_request_bytes`` and
-    ``self.api_keys`` (:class:`ApiKeys`; every method but the health service checks it)."""
+    ``self.api_keys`` (:class:`ApiKeys`; every method but the health service's ``Check`` checks it)."""
 
     service: SAEService
     max_request_bytes: int | None = None
@@ -76,9 +83,9 @@ class SAEGrpcMethods:
                 self._authorize(grpc_context)
                 self._check_size(request)
                 resp = await self.service.extract(conv.extract_request(request))
+            return conv.extract_response_pb(resp)
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
-        return conv.extract_response_pb(resp)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> AsyncIterator[pb.GenerateResponse]:
         acquired = False
@@ -109,11 +116,11 @@ class SAEGrpcMethods:
     async def ListDictionaries(self, request: pb.ListDictionariesRequest, grpc_context: Any = None) -> pb.ListDictionariesResponse:
         try:
             self._authorize(grpc_context)
-        except ApiError as exc:
+            async with self.service.observed("dictionaries.list", "grpc"):
+                listing = self.service.list_dictionaries()
+            return pb.ListDictionariesResponse(dictionaries=[conv.dictionary_pb(d) for d in listing.data])
+        except Exception as exc:
             raise _fail(grpc_context, exc) from None
-        async with self.service.observed("dictionaries.list", "grpc"):
-            listing = self.service.list_dictionaries()
-        return pb.ListDictionariesResponse(dictionaries=[conv.dictionary_pb(d) for d in listing.data])
 
     async def GetFeature(self, request: pb.GetFeatureRequest, grpc_context: Any = None) -> pb.FeatureInfo:
         try:
@@ -121,9 +128,9 @@ class SAEGrpcMethods:
                 self._authorize(grpc_context)
                 info = self.service.feature_info(request.dictionary, request.feature,
                                                  request.top_n if request.HasField("top_n") else None)
-        except ApiError as exc:
+            return conv.feature_info_pb(info)
+        except Exception as exc:
             raise _fail(grpc_context, exc) from None
-        return conv.feature_info_pb(info)
 
     # -- grpc.health.v1.Health --------------------------------------------------------------
 
@@ -144,7 +151,13 @@ class SAEGrpcMethods:
         return response
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """Send the status now and again whenever it changes (it does not while the replica lives)."""
+        """Send the status now and again whenever it changes (it does not while the replica lives).
+
+        Needs a key when keys are set (it holds a stream open); ``Check`` does not."""
+        try:
+            self._authorize(grpc_context)
+        except ApiError as exc:
+            raise _fail(grpc_context, exc) from None
         last = None
         while True:
             current = self._health_servicer().Check(request, grpc_context)

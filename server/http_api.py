@@ -9,6 +9,7 @@ values 400, unknown dictionaries/features/models 404, oversized bodies 413.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, AsyncIterator, Callable
@@ -47,8 +48,10 @@ def error_response(exc: ApiError) -> JSONResponse:
 class BodySizeLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
 
-    Checks Content-Length up front and counts streamed (chunked) bodies as they arrive,
-    so an oversized body is never buffered whole.
+    Checks Content-Length up front. A body without one (chunked transfer encoding) is read
+    here, at most ``limit`` bytes of it, before the route sees it: one byte more and the
+    answer is 413 (raising inside the route's body read would turn into FastAPI's 400
+    "error parsing the body"). Either way an oversized body is never buffered whole.
     """
 
     def __init__(self, app: ASGIApp, limit: int):
@@ -60,9 +63,15 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         too_big = ApiError(ErrorKind.TOO_LARGE, f"request body is larger than the limit of {self.limit} bytes")
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await error_response(too_big)(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await error_response(too_big)(scope, receive, send)
+            return
+        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            receive = await self._prefetch(receive)
+            if receive is None:
+                await error_response(too_big)(scope, _disconnected, send)
                 return
         seen = 0
 
@@ -76,6 +85,33 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited, send)
+
+    async def _prefetch(self, receive: Receive) -> Receive | None:
+        """Read a body of unknown length; None when it exceeds the limit, else a ``receive``
+        that replays it (and then hands on to the client's, for disconnects)."""
+        parts, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client left: let the app see it
+                replay = [message]
+                break
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                return None
+            parts.append(body)
+            if not message.get("more_body", False):
+                replay = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+                break
+
+        async def replayed() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        return replayed
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}
 
 
 class JsonOnly:
@@ -160,6 +196,53 @@ class StrictJSONRoute(APIRoute):
         return strict
 
 
+class OwnedStreamingResponse(StreamingResponse):
+    """A streaming response that owns a resource: ``cleanup(exc_info)`` runs exactly once when
+    the response ends, however it ends: finished, failed, or cancelled because the client
+    left (Ray Serve then cancels the replica's request), even before the first byte.
+
+    Cleaning up in the body generator's ``finally`` is not enough: a generator that never
+    started (the request cancelled while the headers were being sent) never runs it, and
+    the stream slot and the engine requests would stay taken. ``exc_info`` is that of the
+    exception that ended the body (a ``CancelledError`` when the client left), so the
+    request is counted with the right outcome.
+    """
+
+    def __init__(self, lines: AsyncIterator[str], cleanup: Callable[[tuple], Any], **kwargs: Any):
+        self._lines = lines
+        self._cleanup: Callable[[tuple], Any] | None = cleanup
+        self._exc_info: tuple = (None, None, None)
+        self._finished = False
+        super().__init__(self._body(), **kwargs)
+
+    async def _body(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._lines:
+                yield line
+        except BaseException as exc:
+            self._exc_info = (type(exc), exc, exc.__traceback__)
+            raise
+        self._finished = True
+
+    async def run_cleanup(self, exc_info: tuple = (None, None, None)) -> None:
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            await cleanup(exc_info)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException as exc:
+            await asyncio.shield(self.run_cleanup(
+                self._exc_info if self._exc_info[0] is not None else (type(exc), exc, exc.__traceback__)))
+            raise
+        exc_info = self._exc_info
+        if exc_info[0] is None and not self._finished:  # Starlette saw the disconnect and stopped the body
+            cancelled = asyncio.CancelledError("the client disconnected")
+            exc_info = (asyncio.CancelledError, cancelled, None)
+        await self.run_cleanup(exc_info)
+
+
 def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKeys | None = None) -> FastAPI:
     app = FastAPI(title="sae-serve", version="1", docs_url="/docs", redoc_url=None)
     app.router.route_class = StrictJSONRoute
@@ -205,25 +288,15 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     # -- OpenAI-compatible ----------------------------------------------------------------
 
     async def _stream_response(endpoint: str, lines: AsyncIterator[str], ctx: Any) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            # A client that disconnects cancels this (Ray Serve cancels the replica's
-            # request): closing ``lines`` closes the engine streams, which aborts them in vLLM.
-            exc_info: tuple = (None, None, None)
+        async def cleanup(exc_info: tuple) -> None:
+            service.release_stream()
             try:
-                async for line in lines:
-                    yield line
-            except BaseException as exc:  # CancelledError when the client left: outcome "cancelled"
-                exc_info = (type(exc), exc, exc.__traceback__)
-                raise
+                await lines.aclose()  # type: ignore[attr-defined]  # closes the engine streams: aborts them in vLLM
             finally:
-                service.release_stream()
-                try:
-                    await lines.aclose()  # type: ignore[attr-defined]
-                finally:
-                    await ctx.__aexit__(*exc_info)
+                await ctx.__aexit__(*exc_info)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return OwnedStreamingResponse(lines, cleanup, media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _openai(endpoint: str, req: Any, plan_fn: Any, run_fn: Any) -> Any:
         ctx = service.observed(endpoint, "http")

@@ -10,10 +10,12 @@ its replicas go wherever the cluster has room. HTTP binds to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from server.config import APP_NAME, ServeConfig
 
@@ -89,6 +91,9 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
     """
     if check:
         check_model_and_dictionaries(config)
+    # Keys never reach a child's environment: Ray's processes (and through them the
+    # replicas and vLLM's) inherit this process's environment from here on.
+    scrub_key_environment()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Read by Ray Serve's proxies at import, so set before Ray starts its processes (which
     # inherit this environment; on a multi-node cluster set them where `ray start` runs):
@@ -104,31 +109,84 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
     from server.grpc_service import SERVICER_FUNCTIONS
 
     if not ray.is_initialized():
-        if config.ray_address:
-            # The cluster's nodes were started with `ray start`; their resources are theirs.
-            ray.init(address=config.ray_address, namespace="sae-serve", logging_level=logging.WARNING,
-                     log_to_driver=True)
-        else:
-            ray.init(
-                # "local": a fresh Ray of our own, even when `ray start` left a cluster
-                # address in /tmp/ray for plain ray.init() to join.
-                address="local",
-                num_cpus=config.total_ray_cpus(),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                namespace="sae-serve",
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-            )
+        with entrypoint_without_keys(config):
+            _ray_init(config)
     if after_ray_init is not None:
         after_ray_init()
+    # What Ray's proxies need for keys and TLS (digests and file paths only), read by each
+    # proxy when it starts (server.proxy_auth).
+    from server import proxy_auth
+
+    proxy_auth.publish(config.api_key_digests(), config.tls_cert, config.tls_key)
+    tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_enabled else {}
     serve.start(
         proxy_location=config.proxy_location,
-        http_options=HTTPOptions(host=config.host, port=config.http_port),
+        http_options=HTTPOptions(host=config.host, port=config.http_port, **tls),
+        # Reflection is answered by Ray's proxy itself, past any key check: off with keys.
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
-                                 enable_reflection=True),
+                                 enable_reflection=not config.api_keys),
     )
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def scrub_key_environment() -> None:
+    """Remove API keys from this process's environment before any child is started."""
+    from server.config import API_KEYS_ENV, CLIENT_API_KEY_ENV
+
+    for name in (API_KEYS_ENV, CLIENT_API_KEY_ENV):
+        os.environ.pop(name, None)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+@contextlib.contextmanager
+def entrypoint_without_keys(config: ServeConfig) -> Iterator[None]:
+    """While ``ray.init`` runs: the command line Ray records as the job's entrypoint (its
+    ``get_entrypoint_name``, this process's command line) with every key replaced by ``***``.
+    ``sae-serve`` also rewrites its own process title (``ps``); this covers callers that do not."""
+    import ray._private.utils as ray_utils
+
+    secrets = [k.get_secret_value() for k in config.api_keys]
+    original = ray_utils.get_entrypoint_name
+    if not secrets:
+        yield
+        return
+
+    def redacted() -> str:
+        # A rewritten title reads back as one argument plus empty ones: drop those.
+        return redact(re.sub(r'(?: "")+$', "", original()), secrets)
+
+    ray_utils.get_entrypoint_name = redacted
+    try:
+        yield
+    finally:
+        ray_utils.get_entrypoint_name = original
+
+
+def _ray_init(config: ServeConfig) -> None:
+    import ray
+
+    if config.ray_address:
+        # The cluster's nodes were started with `ray start`; their resources are theirs.
+        ray.init(address=config.ray_address, namespace="sae-serve", logging_level=logging.WARNING,
+                 log_to_driver=True)
+    else:
+        ray.init(
+            # "local": a fresh Ray of our own, even when `ray start` left a cluster
+            # address in /tmp/ray for plain ray.init() to join.
+            address="local",
+            num_cpus=config.total_ray_cpus(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            namespace="sae-serve",
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
 
 
 def stop() -> None:

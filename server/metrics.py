@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -48,8 +51,40 @@ class ServiceMetrics:
         if extracted:
             self.extracted_tokens.labels(self.replica).inc(extracted)
 
+    def watch_feature_channel(self, receiver: Any) -> None:
+        """Export the feature side channel's counters (read from ``receiver`` at each scrape)."""
+        self.registry.register(_FeatureChannelCollector(self.replica, receiver))
+
     def steered_request(self) -> None:
         self.steered.labels(self.replica).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FeatureChannelCollector:
+    """``sae_serve_feature_channel_*``: the receiver's own counters, read when scraped."""
+
+    COUNTERS = (
+        ("messages", "Feature side-channel messages received and decoded"),
+        ("bad_frames", "Feature side-channel messages dropped because they could not be decoded"),
+        ("dropped_chunks", "Feature chunks dropped because their request had already ended"),
+        ("restarts", "Times the feature side channel's receiving task was restarted"),
+    )
+
+    def __init__(self, replica: str, receiver: Any):
+        self.replica = replica
+        self.receiver = receiver
+
+    def collect(self):
+        for name, doc in self.COUNTERS:
+            family = CounterMetricFamily(f"sae_serve_feature_channel_{name}", doc, labels=["replica"])
+            family.add_metric([self.replica], float(getattr(self.receiver, name, 0)))
+            yield family
+        up = GaugeMetricFamily("sae_serve_feature_channel_up", "1 while the feature side channel's receiver runs",
+                               labels=["replica"])
+        up.add_metric([self.replica], 1.0 if self.receiver.healthy else 0.0)
+        yield up
+
+    def describe(self):
+        return list(self.collect())

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Union
 
 from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import SAERequestSpec
-from server.errors import ApiError
+from server.errors import ApiError, translate
 from server.models import PromptInput, TokenFeaturesOut, Usage
 from server.openai_models import (
     IGNORED,
@@ -44,7 +44,7 @@ from server.openai_models import (
     UnsteeredChat,
     UnsteeredCompletion,
 )
-from server.service import SAEService
+from server.service import ClosingStream, SAEService
 
 AnyRequest = Union[ChatCompletionRequest, CompletionRequest]
 
@@ -99,12 +99,16 @@ class OpenAIHandler:
 
     def _plan(self, req: AnyRequest, prompt_ids: list[int], max_tokens: int | None,
               logprobs: int | None) -> _Plan:
+        defaulted = max_tokens is None
         max_tokens = self.service.check_budget(prompt_ids, max_tokens)
         spec = self.service.build_spec(req.features, req.steering)
         plain = self.service.build_spec(req.features, None) if req.compare else None
         runs = [(i, True) for i in range(req.n)]
         if req.compare:
             runs += [(i, False) for i in range(req.n)]
+        # Every run returns its own features: n choices, twice with compare.
+        self.service.check_response_budget(req.features, len(prompt_ids), max_tokens, len(runs),
+                                           max_tokens_defaulted=defaulted)
         return _Plan(prompt_ids, max_tokens, spec, plain, logprobs, runs)
 
     def _params(self, req: AnyRequest, plan: _Plan, index: int) -> Any:
@@ -190,7 +194,17 @@ class OpenAIHandler:
                 acc.finish_reason = chunk.finish_reason or acc.finish_reason
             return acc
 
-        done = await asyncio.gather(*(drain(s) for s in streams))
+        # One failed run fails the request: its siblings are cancelled and aborted in the
+        # engine at once rather than left generating for nobody (a TaskGroup does both).
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(drain(s)) for s in streams]
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]  # aborts unfinished requests
+        done = [t.result() for t in tasks]
         steered = [a for a, (_, s) in zip(done, plan.runs) if s]
         plain = [a for a, (_, s) in zip(done, plan.runs) if not s]
         return steered, plain
@@ -268,7 +282,8 @@ class OpenAIHandler:
     async def stream(self, req: AnyRequest, plan: _Plan) -> AsyncIterator[str]:
         """Open the runs (errors raise here, before any byte is sent) and return SSE lines."""
         streams = await self._open_all(req, plan)
-        return self._sse(req, plan, streams)
+        # Closing what this returns closes the engine streams too, even if no line was read.
+        return ClosingStream(self._sse(req, plan, streams), *streams)
 
     async def _sse(self, req: AnyRequest, plan: _Plan, streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[str]:
         is_chat = isinstance(req, ChatCompletionRequest)
@@ -300,9 +315,10 @@ class OpenAIHandler:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
-                    api = item if isinstance(item, ApiError) else None
+                    api = translate(item)  # e.g. features that never arrived: 503's message
                     msg = api.message if api else "the engine failed while generating"
-                    yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
+                    kind = api.kind.value if api else "server_error"
+                    yield f"data: {json.dumps({'error': {'message': msg, 'type': kind}})}\n\n"
                     return
                 chunk: GenerationChunk = item
                 generated[index] = chunk.num_generated_tokens

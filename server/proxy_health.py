@@ -36,10 +36,19 @@ PROXY_ERROR_STATUSES = (408, 429, 500, 502, 503, 504)  # what Ray's proxy answer
 
 
 def proxy_middlewares() -> list[Any]:
-    """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
+    """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``).
+
+    It also installs sae-serve's API-key checks and gRPC TLS in the proxy
+    (:mod:`server.proxy_auth`; it raises, so the proxy does not start, when the settings
+    cannot be read). Ray applies the list in order, each wrapping the previous: the key
+    check (last) runs first.
+    """
     from starlette.middleware import Middleware
 
-    return [Middleware(ProxyErrors), Middleware(HealthGate)]
+    from server import proxy_auth
+
+    keys = proxy_auth.install()
+    return [Middleware(ProxyErrors), Middleware(HealthGate), Middleware(proxy_auth.ProxyApiKeys, keys=keys)]
 
 
 async def replica_states() -> dict[str, int]:

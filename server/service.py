@@ -16,7 +16,14 @@ from typing import Any, AsyncIterator
 
 from sae_runtime.engine.engine import SAEEngine
 from sae_runtime.engine.outputs import GenerationChunk, TokenFeatures
-from sae_runtime.engine.spec import FeatureRequest, SAERequestSpec, SpecError, SteeringSpec
+from sae_runtime.engine.spec import (
+    FeatureRequest,
+    SAERequestSpec,
+    SpecError,
+    SpecLimits,
+    SteeringSpec,
+    check_response_budget,
+)
 from sae_runtime.registry import UnknownDictionaryError
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
@@ -40,6 +47,37 @@ from server.unembedding import Unembedding
 DEFAULT_GENERATE_MAX_TOKENS = 64
 
 
+class ClosingStream:
+    """An async iterator over ``outer`` whose :meth:`aclose` also closes ``inner`` streams.
+
+    An async generator that never started ignores ``aclose()`` (its ``finally`` never ran),
+    so a request cancelled between opening its engine streams and reading them would leave
+    them running in vLLM. This wrapper closes ``outer`` and then every ``inner`` stream
+    whether or not iteration began; closing twice is harmless.
+    """
+
+    def __init__(self, outer: AsyncIterator[Any], *inner: Any):
+        self._outer = outer
+        self._inner = inner
+        self.closed = False
+
+    def __aiter__(self) -> "ClosingStream":
+        return self
+
+    def __anext__(self) -> Any:
+        return self._outer.__anext__()
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._outer.aclose()  # type: ignore[attr-defined]
+        finally:
+            for stream in self._inner:
+                await stream.aclose()
+
+
 class SAEService:
     """One replica's API over its engine."""
 
@@ -52,6 +90,9 @@ class SAEService:
         self.open_streams = 0
         self._unembedding: Unembedding | None = None
         self._token_text: dict[int, str] = {}
+        receiver = getattr(engine, "receiver", None)
+        if receiver is not None:
+            self.metrics.watch_feature_channel(receiver)
 
     @property
     def model_name(self) -> str:
@@ -60,6 +101,11 @@ class SAEService:
     @property
     def max_model_len(self) -> int:
         return self.engine.config.max_model_len
+
+    @property
+    def limits(self) -> SpecLimits:
+        limits = getattr(self.engine, "limits", None)
+        return limits if isinstance(limits, SpecLimits) else SpecLimits()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -94,25 +140,49 @@ class SAEService:
     def release_stream(self) -> None:
         self.open_streams = max(0, self.open_streams - 1)
 
-    def engine_alive(self) -> bool:
+    def _engine_running(self) -> bool:
         llm = getattr(self.engine, "llm", None)
         return llm is not None and not llm.errored
 
-    def check_engine(self) -> None:
-        """503 / UNAVAILABLE at once when the engine died (the replica is about to be replaced)."""
-        if not self.engine_alive():
+    def channel_failure(self) -> str | None:
+        """Why the feature side channel cannot deliver features (None while it works)."""
+        receiver = getattr(self.engine, "receiver", None)
+        if receiver is None or receiver.healthy:
+            return None
+        return (f"{receiver.failure or 'the feature side channel is closed'}; the deployment is replacing this "
+                "replica, retry in a minute")
+
+    def engine_alive(self) -> bool:
+        """True while this replica can serve everything: a running vLLM engine and a working
+        feature side channel. ``/health``, gRPC health and Ray Serve's health check
+        (``SAEDeployment.check_health``) use it, so a failed side channel makes Ray replace
+        the replica like a dead engine does."""
+        return self._engine_running() and self.channel_failure() is None
+
+    def check_engine(self, needs_features: bool = False) -> None:
+        """503 / UNAVAILABLE at once when the engine died, or when the request needs features
+        and the side channel failed (the replica is about to be replaced)."""
+        if not self._engine_running():
             from server.errors import ENGINE_DEAD_MESSAGE
 
             raise ApiError(ErrorKind.UNAVAILABLE, ENGINE_DEAD_MESSAGE)
+        failure = self.channel_failure() if needs_features else None
+        if failure is not None:
+            raise ApiError(ErrorKind.UNAVAILABLE, failure)
 
     async def health(self, detail: bool = False) -> dict[str, Any]:
         """``ok`` with a live engine, else ``unhealthy``; ``detail`` adds the engine's request state."""
         alive = self.engine_alive()
         out: dict[str, Any] = {"status": "ok" if alive else "unhealthy", "model": self.model_name,
                                "dictionaries": self.engine.registry.ids()}
+        if not alive:
+            out["reason"] = "the vLLM engine stopped" if not self._engine_running() else self.channel_failure()
         if detail:
             out["open_streams"] = self.open_streams
             out["replica"] = self.metrics.replica
+            receiver = getattr(self.engine, "receiver", None)
+            if receiver is not None:
+                out["feature_channel"] = receiver.stats()
             if alive:
                 try:
                     out["engine_unfinished_requests"] = self.engine.llm.output_processor.get_num_unfinished_requests()
@@ -169,6 +239,28 @@ class SAEService:
                 f"model's context is {self.max_model_len}: at most {room} can be generated")
         return max_tokens
 
+    def check_response_budget(self, features: FeatureRequest | None, prompt_tokens: int, max_tokens: int,
+                              choices: int = 1, *, max_tokens_field: str = "max_tokens",
+                              max_tokens_defaulted: bool = False,
+                              lower: str = "lower max_tokens, n, top_k or feature_ids") -> None:
+        """Refuse (400 naming ``features``) a response that would carry more feature values than
+        ``max_response_feature_values``; call it after :meth:`build_spec`, before the engine."""
+        if features is None:
+            return
+        parts = []
+        if features.scope in ("prompt", "all"):
+            parts.append(f"{prompt_tokens} prompt")
+        if features.scope in ("generated", "all"):
+            parts.append(f"{max_tokens} {max_tokens_field}"
+                         + (f" (not given: the rest of the {self.max_model_len}-token context)"
+                            if max_tokens_defaulted else ""))
+        try:
+            check_response_budget(features, prompt_tokens, max_tokens, choices,
+                                  self.limits.max_response_feature_values,
+                                  tokens_note=f" ({' + '.join(parts)})", lower=lower)
+        except SpecError as exc:
+            raise ApiError.from_spec_error(exc) from None
+
     def build_spec(self, features: FeatureRequest | None, steering: SteeringSpec | None) -> SAERequestSpec | None:
         """The engine spec for a request, validated against the served dictionaries."""
         if features is None and (steering is None or steering.empty):
@@ -202,7 +294,7 @@ class SAEService:
         Waiting for the first chunk before answering lets streaming transports report a
         refused request with a proper status instead of failing inside a 200 stream.
         """
-        self.check_engine()
+        self.check_engine(needs_features=spec is not None and spec.wants_features)
         if spec is not None and spec.has_steering:
             self.metrics.steered_request()
         self.metrics.tokens(prompt=len(prompt_ids))
@@ -217,7 +309,8 @@ class SAEService:
             if api is not None:
                 raise api from None
             raise
-        return first, self._counted(first, stream)
+        # ClosingStream: closing it aborts the request in vLLM even if it was never read.
+        return first, ClosingStream(self._counted(first, stream), stream)
 
     async def _counted(self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
         try:
@@ -243,10 +336,12 @@ class SAEService:
                                                                         self.max_model_len - len(prompt_ids)),
                                        "sampling.max_tokens")
         spec = self.build_spec(req.features, req.steering)
+        self.check_response_budget(req.features, len(prompt_ids), max_tokens, max_tokens_field="sampling.max_tokens",
+                                   lower="lower sampling.max_tokens, top_k or feature_ids")
         params = SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 stop=s.stop or None, seed=s.seed)
         first, stream = await self.open_stream(prompt_ids, params, spec)
-        return self._generate_chunks(len(prompt_ids), stream)
+        return ClosingStream(self._generate_chunks(len(prompt_ids), stream), stream)
 
     async def _generate_chunks(self, prompt_len: int, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
@@ -273,7 +368,9 @@ class SAEService:
         self.check_budget(prompt_ids, 1, "text" if req.text is not None else "messages")
         spec = self.build_spec(req.features.model_copy(update={"scope": "prompt"}), None)
         assert spec is not None
-        self.check_engine()
+        self.check_response_budget(spec.features, len(prompt_ids), 0,
+                                   lower="send a shorter prompt, or lower top_k or feature_ids")
+        self.check_engine(needs_features=True)
         try:
             tokens = await self.engine.extract(prompt_ids, spec.features)
         except Exception as exc:

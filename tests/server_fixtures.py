@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -48,10 +49,20 @@ class ServerHandle:
     dictionary_id: str = DICTIONARY_ID
     stopped: bool = False
     tree: list[psutil.Process] = field(default_factory=list)
+    tls_ca: Path | None = None  # set for a server started with --tls-cert: HTTPS, and trust this certificate
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls_ca else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> Any:
+        """httpx's ``verify=`` for this server."""
+        if self.tls_ca is None:
+            return True
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.tls_ca))
 
     @property
     def grpc_target(self) -> str:
@@ -97,7 +108,7 @@ class ServerHandle:
 
 
 def start_server(tmp: Path, dictionary_dir: Path, extra_args: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None) -> ServerHandle:
+                 extra_env: dict[str, str] | None = None, tls_ca: Path | None = None) -> ServerHandle:
     http_port, grpc_port = free_port(), free_port()
     while grpc_port == http_port:
         grpc_port = free_port()
@@ -109,13 +120,13 @@ def start_server(tmp: Path, dictionary_dir: Path, extra_args: tuple[str, ...] = 
            "--max-model-len", "512", "--max-num-seqs", "8", "--max-request-bytes", "200000", *extra_args]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
-    server = ServerHandle(proc, http_port, grpc_port, dictionary_dir, log_path)
+    server = ServerHandle(proc, http_port, grpc_port, dictionary_dir, log_path, tls_ca=tls_ca)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"sae-serve exited with {proc.returncode} before it was ready:\n{server.log_tail()}")
         try:
-            if httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{server.base_url}/health", timeout=5, verify=server.verify).status_code == 200:
                 server.snapshot_tree()
                 return server
         except httpx.HTTPError:
@@ -133,12 +144,18 @@ _SERVERS: dict[str, ServerHandle] = {}
 
 
 def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
-                  extra_env: dict[str, str] | None = None) -> ServerHandle:
-    """The ``name`` server of this session, started on first use with the test dictionary."""
+                  extra_env: dict[str, str] | None = None, config: dict | None = None) -> ServerHandle:
+    """The ``name`` server of this session, started on first use with the test dictionary
+    (and ``config`` as its ``--config`` YAML file, for settings without a flag)."""
     from tests.dictionary_factory import make_dictionary
 
     if name not in _SERVERS:
         tmp = tmp_path_factory.mktemp(name)
+        if config:
+            import yaml
+
+            (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+            extra_args = ("--config", str(tmp / "serve.yaml"), *extra_args)
         # Same seed and shape as conftest's "topk" dictionary, under an explicit id.
         dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
         _SERVERS[name] = start_server(tmp, dictionary, extra_args, extra_env)
@@ -151,10 +168,16 @@ def stop_shared(name: str) -> None:
     assert not left, f"processes left after SIGTERM: {left}"
 
 
+# The session server's response budget: low enough that one request on its 512-token
+# context can exceed it (tests/test_bad_input.py), far above what the other tests ask for.
+SESSION_MAX_RESPONSE_FEATURE_VALUES = 300_000
+
+
 @pytest.fixture(scope="session")
 def sae_server(default_model_dir, tmp_path_factory) -> ServerHandle:
     """One running ``sae-serve`` for the session (see the module docstring)."""
-    yield shared_server("sae_serve", tmp_path_factory)
+    yield shared_server("sae_serve", tmp_path_factory,
+                        config={"max_response_feature_values": SESSION_MAX_RESPONSE_FEATURE_VALUES})
     stop_shared("sae_serve")
 
 

@@ -1,9 +1,11 @@
 """API keys (HTTP Bearer, gRPC metadata), the exposure warning, and what a request can never reach.
 
 The key checks run against the real FastAPI app and the real gRPC methods with an
-engine-free stand-in service (starting a server costs minutes here); the end-to-end check
-against a real server started with a key is in tests/test_faults.py, which needs its own
-server anyway.
+engine-free stand-in service (starting a server costs minutes here), Ray's own gRPC
+server with sae-serve's proxy patch, and in-process gRPC servers for the clients. The
+end-to-end checks (issue 18: keys on Ray's own routes and RPCs, keys out of children and
+Ray's job table, TLS) run against one real server started with two keys and TLS
+(``tls_server``, module-scoped, eager); tests/test_faults.py checks keys end to end too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import hashlib
 import inspect
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -240,3 +243,519 @@ def test_dictionary_and_model_fields_are_ids_not_paths(app_client):
 
     src = inspect.getsource(DictionaryRegistry.get)
     assert "open(" not in src and "Path(" not in src and "load" not in src
+
+
+# -- issue 18: keys everywhere they are promised, keys out of children, clients, TLS ---------------
+
+FLAG_KEY = "sk-flag-key-5e1d0c9b8a"  # given as --api-key on the live server's command line
+
+
+def make_self_signed(directory) -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize("query", ["detail=1", "d%65tail=1", "%64etail=true", "detail", "x=1&detail=0",
+                                   "detail=1&detail=0", "x=1;detail=1".replace(";", "&")])
+def test_health_detail_needs_a_key_however_the_query_is_spelled(app_client, query):
+    """Issue 18: ``/health?d%65tail=1`` was answered with the detail (the check looked for the
+    bytes ``detail``; Starlette decodes the query)."""
+    from server.auth import is_open_http_request
+
+    r = app_client.get(f"/health?{query}")
+    assert r.status_code == 401, (query, r.status_code, r.text)
+    assert "open_streams" not in r.text
+    assert not is_open_http_request({"path": "/health", "query_string": query.encode()})
+    for fine in ("", "x=1", "details=1", "de%20tail=1"):  # no 'detail' parameter: plain /health
+        r = app_client.get(f"/health?{fine}" if fine else "/health")
+        assert r.status_code == 200 and "open_streams" not in r.json(), (fine, r.text)
+
+
+def _asgi_call(app, path: str, query: bytes = b"", headers=()) -> tuple[int, bytes]:
+    out: dict = {"status": None, "body": b""}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": query, "headers": list(headers)}
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["body"]
+
+
+def test_proxy_refuses_rays_own_routes_without_a_key(monkeypatch):
+    """Issue 18: ``GET /-/routes`` was answered by Ray's proxy without a key. The proxy callback
+    now puts the key check in front of everything the proxy answers (outermost middleware)."""
+    from server import proxy_auth, proxy_health
+
+    reached: list[str] = []
+
+    async def ray_proxy(scope, receive, send):  # stands for Ray's HTTP proxy (it answers /-/routes itself)
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"/":"sae-serve"}'})
+
+    monkeypatch.setattr(proxy_auth, "load_settings", lambda: {"api_key_digests": [key_digest(KEY)]})
+    monkeypatch.setattr(proxy_auth, "_installed", {})
+    from ray.serve._private import default_impl
+
+    monkeypatch.setattr(default_impl, "add_grpc_address", default_impl.add_grpc_address)  # undone after the test
+    middlewares = proxy_health.proxy_middlewares()
+    assert middlewares[-1].cls is proxy_auth.ProxyApiKeys  # applied last = runs first
+    app = middlewares[-1].cls(ray_proxy, *middlewares[-1].args, **middlewares[-1].kwargs)
+    for path in ("/-/routes", "/-/healthz", "/v1/models", "/anything"):
+        for headers in ((), ((b"authorization", b"Bearer wrong-key-123"),)):
+            status, body = _asgi_call(app, path, headers=headers)
+            assert status == 401 and b"authorization" in body, (path, status, body)
+    assert _asgi_call(app, "/health", b"d%65tail=1")[0] == 401
+    assert reached == []
+    assert _asgi_call(app, "/-/routes", headers=((b"authorization", f"Bearer {KEY}".encode()),))[0] == 200
+    assert _asgi_call(app, "/health")[0] == 200
+    assert reached == ["/-/routes", "/health"]
+    # Without keys the proxy lets everything through, as before.
+    assert _asgi_call(proxy_auth.ProxyApiKeys(ray_proxy, ApiKeys()), "/-/routes")[0] == 200
+
+
+def test_grpc_watch_needs_a_key_check_does_not():
+    """Issue 18: ``Health/Watch`` held streams open for anyone; now only ``Check`` is open."""
+    from grpc_health.v1 import health_pb2
+
+    m = grpc_methods()
+
+    async def watch(ctx):
+        async for resp in m.Watch(health_pb2.HealthCheckRequest(service=""), ctx):
+            return resp
+
+    ctx = FakeContext()
+    with pytest.raises(Exception):
+        asyncio.run(watch(ctx))
+    assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in ctx.details()
+    ok = FakeContext([("authorization", f"Bearer {KEY}")])
+    assert asyncio.run(watch(ok)).status == health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(m.Check(health_pb2.HealthCheckRequest(service=""), FakeContext())).status == \
+        health_pb2.HealthCheckResponse.SERVING
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_proxy_grpc_guard_and_tls_on_rays_own_grpc_server(tmp_path, monkeypatch):
+    """Ray's gRPC proxy server (``start_grpc_server``, as the proxy actor starts it) with the
+    sae-serve patch: Ray's ``ListApplications``/``Healthz`` and ``Health/Watch`` need the key,
+    ``Health/Check`` does not; with TLS the port speaks TLS only."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray.serve._private import default_impl
+    from ray.serve._private.grpc_util import start_grpc_server
+    from ray.serve.config import gRPCOptions
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    from server import proxy_auth
+    from server.grpc_service import SERVICER_FUNCTIONS
+
+    monkeypatch.setattr(default_impl, "add_grpc_address", default_impl.add_grpc_address)
+    monkeypatch.setattr(proxy_auth, "_installed", {})
+    cert, key = make_self_signed(tmp_path)
+    calls: list[str] = []
+
+    def factory(service_method, streaming_type):  # stands for Ray's gRPCProxy.service_handler_factory
+        if getattr(streaming_type, "value", streaming_type) == "unary_stream":
+            async def stream(request, context):
+                calls.append(service_method)
+                yield b""
+            return stream
+
+        async def unary(request, context):
+            calls.append(service_method)
+            return b""
+        return unary
+
+    good = (("authorization", f"Bearer {KEY}"),)
+
+    async def probe(tls: bool) -> dict:
+        port = _free_port()
+        _, server = await start_grpc_server(
+            factory, gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS, enable_reflection=False),
+            event_loop=asyncio.get_running_loop())
+        target = f"127.0.0.1:{port}"
+        got = {}
+        try:
+            creds = grpc.ssl_channel_credentials(open(cert, "rb").read()) if tls else None
+            async with (grpc.aio.secure_channel(target, creds) if tls else grpc.aio.insecure_channel(target)) as ch:
+                ray_api = serve_pb2_grpc.RayServeAPIServiceStub(ch)
+                health = health_pb2_grpc.HealthStub(ch)
+
+                async def watch(md):
+                    async for _ in health.Watch(health_pb2.HealthCheckRequest(), metadata=md, timeout=10):
+                        return
+
+                for name, call in [
+                    ("ListApplications", lambda md: ray_api.ListApplications(serve_pb2.ListApplicationsRequest(),
+                                                                             metadata=md, timeout=10)),
+                    ("Healthz", lambda md: ray_api.Healthz(serve_pb2.HealthzRequest(), metadata=md, timeout=10)),
+                    ("Watch", watch),
+                    ("Check", lambda md: health.Check(health_pb2.HealthCheckRequest(), metadata=md, timeout=10)),
+                ]:
+                    for label, md in (("none", None), ("wrong", (("authorization", "Bearer nope-nope-nope"),)),
+                                      ("good", good)):
+                        try:
+                            await call(md)
+                            got[(name, label)] = "OK"
+                        except grpc.aio.AioRpcError as exc:
+                            got[(name, label)] = exc.code().name
+            if tls:  # a plaintext client gets nothing from a TLS port
+                async with grpc.aio.insecure_channel(target) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    got["plaintext"] = err.value.code().name
+        finally:
+            await server.stop(0)
+        return got
+
+    for tls in (False, True):
+        proxy_auth.install({"api_key_digests": [key_digest(KEY)],
+                            "tls": {"cert": cert, "key": key} if tls else None})
+        calls.clear()
+        got = asyncio.run(probe(tls))
+        for name in ("ListApplications", "Healthz", "Watch"):
+            assert got[(name, "none")] == got[(name, "wrong")] == "UNAUTHENTICATED", (tls, name, got)
+            assert got[(name, "good")] == "OK", (tls, name, got)
+        assert got[("Check", "none")] == got[("Check", "good")] == "OK", got
+        # Refused calls never reached Ray's handler (that is, never a replica).
+        assert sorted(calls) == sorted(["/ray.serve.RayServeAPIService/ListApplications",
+                                        "/ray.serve.RayServeAPIService/Healthz", "/grpc.health.v1.Health/Watch"]
+                                       + ["/grpc.health.v1.Health/Check"] * 3), calls
+        if tls:
+            assert got["plaintext"] == "UNAVAILABLE"
+
+
+def test_keys_leave_the_environment_and_rays_entrypoint(monkeypatch):
+    """Issue 18: the keys stayed in the environment every Ray/vLLM child inherits, and Ray
+    recorded ``--api-key K`` as the job's entrypoint."""
+    import ray._private.utils as ray_utils
+
+    from server import launcher
+    from server.cli import hide_keys
+
+    monkeypatch.setenv("SAE_SERVE_API_KEYS", f"{KEY},{OTHER}")
+    monkeypatch.setenv("SAE_SERVE_API_KEY", OTHER)
+    config = config_from_args(build_parser().parse_args(["--api-key", FLAG_KEY]))
+    assert len(config.api_keys) == 3
+    hide_keys(config, rewrite_title=False)
+    import os
+
+    assert "SAE_SERVE_API_KEYS" not in os.environ and "SAE_SERVE_API_KEY" not in os.environ
+    monkeypatch.setattr(ray_utils, "get_entrypoint_name",
+                        lambda: f'"/venv/bin/sae-serve --api-key {FLAG_KEY} --api-key={KEY} --http-port 1" "" ""')
+    with launcher.entrypoint_without_keys(config):
+        recorded = ray_utils.get_entrypoint_name()
+    assert recorded == '"/venv/bin/sae-serve --api-key *** --api-key=*** --http-port 1"'
+    assert FLAG_KEY in ray_utils.get_entrypoint_name()  # restored afterwards
+
+
+class _RecordingServicer:
+    """An in-process SAEService gRPC server that records the metadata of each call."""
+
+    def __init__(self, tls: tuple[str, str] | None = None):
+        from concurrent import futures
+
+        from clients.proto import sae_serve_pb2 as pb
+        from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+        self.seen: list[dict] = []
+        outer = self
+
+        class Servicer(pb_grpc.SAEServiceServicer):
+            def ListDictionaries(self, request, context):
+                md = dict(context.invocation_metadata())
+                outer.seen.append(md)
+                if md.get("authorization") != f"Bearer {KEY}":
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing API key")
+                return pb.ListDictionariesResponse(dictionaries=[pb.DictionaryInfo(id="d0", model="m")])
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_SAEServiceServicer_to_server(Servicer(), self.server)
+        port = _free_port()
+        if tls:
+            cert, key = tls
+            creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())])
+            self.server.add_secure_port(f"127.0.0.1:{port}", creds)
+        else:
+            self.server.add_insecure_port(f"127.0.0.1:{port}")
+        self.target = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def test_both_python_clients_and_sae_client_send_the_key(monkeypatch, capsys):
+    """Issue 18: neither client could send a key."""
+    from clients import cli as client_cli
+    from clients.grpc_client import AsyncSAEClient, SAEClient
+
+    server = _RecordingServicer()
+    try:
+        with SAEClient(server.target, api_key=KEY, retry_attempts=1) as c:
+            assert [d.id for d in c.list_dictionaries()] == ["d0"]
+
+        async def async_call():
+            async with AsyncSAEClient(server.target, api_key=KEY, retry_attempts=1, application="sae-serve") as c:
+                return await c.list_dictionaries()
+
+        assert [d.id for d in asyncio.run(async_call())] == ["d0"]
+        assert server.seen[-1]["application"] == "sae-serve"
+        with SAEClient(server.target, retry_attempts=1) as c, pytest.raises(grpc.RpcError) as err:
+            c.list_dictionaries()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(ValueError):
+            SAEClient(server.target, api_key="two words")
+
+        monkeypatch.delenv("SAE_SERVE_API_KEY", raising=False)
+        assert client_cli.main(["--target", server.target, "dictionaries"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert client_cli.main(["--target", server.target, "--api-key", KEY, "dictionaries"]) == 0
+        monkeypatch.setenv("SAE_SERVE_API_KEY", KEY)
+        assert client_cli.main(["--target", server.target, "dictionaries"]) == 0
+        assert "d0" in capsys.readouterr().out
+    finally:
+        server.stop()
+    assert all(md.get("authorization") in (None, f"Bearer {KEY}") for md in server.seen)
+
+
+def test_clients_speak_tls_with_a_self_signed_certificate(tmp_path, monkeypatch, capsys):
+    from clients import cli as client_cli
+    from clients.grpc_client import SAEClient
+
+    cert, key = make_self_signed(tmp_path)
+    server = _RecordingServicer(tls=(cert, key))
+    try:
+        with SAEClient(server.target, api_key=KEY, tls_ca=cert, retry_attempts=1) as c:
+            assert [d.id for d in c.list_dictionaries()] == ["d0"]
+        with SAEClient(server.target, api_key=KEY, tls_ca=open(cert, "rb").read(), retry_attempts=1) as c:
+            assert [d.id for d in c.list_dictionaries()] == ["d0"]
+        with SAEClient(server.target, api_key=KEY, retry_attempts=1, timeout_s=5) as c, \
+                pytest.raises(grpc.RpcError):
+            c.list_dictionaries()  # plaintext to a TLS port
+        monkeypatch.setenv("SAE_SERVE_API_KEY", KEY)
+        assert client_cli.main(["--target", server.target, "--tls-ca", cert, "dictionaries"]) == 0
+        assert "d0" in capsys.readouterr().out
+    finally:
+        server.stop()
+
+
+def test_tls_settings_are_checked_at_start(tmp_path):
+    cert, key = make_self_signed(tmp_path)
+    config = config_from_args(build_parser().parse_args(["--tls-cert", cert, "--tls-key", key]))
+    assert config.tls_enabled and config.tls_cert == cert
+    assert "cert.pem" not in config.replica_config_json()  # only the proxies use them
+    for args in (["--tls-cert", cert], ["--tls-key", key], ["--tls-cert", cert, "--tls-key", str(tmp_path / "no")],
+                 ["--tls-cert", key, "--tls-key", cert]):
+        with pytest.raises(Exception) as err:
+            config_from_args(build_parser().parse_args(args))
+        assert "tls" in str(err.value)
+
+
+# -- the live server: keys (one from SAE_SERVE_API_KEYS, one from --api-key) and TLS ----------------
+# One server for all of them, started as a user starts it (eager, to start sooner): the key
+# probes of issue 18 run against it over HTTPS / gRPC+TLS, so TLS is checked along the way.
+
+LIVE_ENV_KEY = "sk-live-env-key-3c2b1a0f9e"
+
+
+@pytest.fixture(scope="module")
+def tls_server(default_model_dir, tmp_path_factory):
+    from tests.dictionary_factory import make_dictionary
+    from tests.server_fixtures import start_server
+
+    tmp = tmp_path_factory.mktemp("sae_serve_tls")
+    cert, key = make_self_signed(tmp)
+    dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
+    server = start_server(tmp, dictionary, ("--eager", "--tls-cert", cert, "--tls-key", key, "--api-key", FLAG_KEY),
+                          {"SAE_SERVE_API_KEYS": LIVE_ENV_KEY}, tls_ca=Path(cert))
+    yield server
+    rc, left = server.stop()
+    assert not left, f"processes left after SIGTERM: {left}"
+
+
+LIVE_AUTH = {"Authorization": f"Bearer {LIVE_ENV_KEY}"}
+
+
+@pytest.mark.slow
+def test_live_http_every_route_but_plain_health_needs_a_key(tls_server):
+    import httpx
+
+    base = tls_server.base_url
+    with httpx.Client(verify=tls_server.verify, timeout=60) as c:
+        h = c.get(f"{base}/health")
+        assert h.status_code == 200 and "open_streams" not in h.json()
+        for path in ("/health?d%65tail=1", "/health?detail=1", "/-/routes", "/-/healthz", "/v1/models", "/metrics"):
+            r = c.get(f"{base}{path}")
+            assert r.status_code == 401, (path, r.status_code, r.text)
+            assert r.json()["error"]["param"] == "authorization"
+            assert c.get(f"{base}{path}", headers={"Authorization": "Bearer wrong-key-123"}).status_code == 401
+        for auth in (LIVE_AUTH, {"Authorization": f"Bearer {FLAG_KEY}"}):  # the env key and the flag key
+            d = c.get(f"{base}/health?d%65tail=1", headers=auth)
+            assert d.status_code == 200 and "open_streams" in d.json(), d.text
+            assert c.get(f"{base}/-/routes", headers=auth).json() == {"/": "sae-serve"}
+            assert c.get(f"{base}/-/healthz", headers=auth).status_code == 200
+            assert c.get(f"{base}/v1/models", headers=auth).status_code == 200
+    # HTTPS only: plain HTTP to the port gets no answer.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=10)
+    log = tls_server.log_path.read_text(errors="replace")
+    assert f"https://127.0.0.1:{tls_server.http_port}/v1" in log
+    assert LIVE_ENV_KEY not in log and FLAG_KEY not in log
+
+
+@pytest.mark.slow
+def test_live_grpc_every_rpc_but_check_needs_a_key_over_tls(tls_server, monkeypatch, capsys):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    from clients import cli as client_cli
+    from clients.grpc_client import SAEClient
+
+    creds = grpc.ssl_channel_credentials(tls_server.tls_ca.read_bytes())
+    good = [("authorization", f"Bearer {LIVE_ENV_KEY}")]
+    with grpc.secure_channel(tls_server.grpc_target, creds) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=60).status == \
+            health_pb2.HealthCheckResponse.SERVING  # open
+        # Watch x40 without a key: every one refused at once, none held open.
+        for _ in range(40):
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(health.Watch(health_pb2.HealthCheckRequest(), timeout=10)))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60, metadata=good)
+        assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        ray_api = serve_pb2_grpc.RayServeAPIServiceStub(ch)
+        for call, req in ((ray_api.ListApplications, serve_pb2.ListApplicationsRequest()),
+                          (ray_api.Healthz, serve_pb2.HealthzRequest())):
+            with pytest.raises(grpc.RpcError) as err:
+                call(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call(req, timeout=30, metadata=good)
+        assert list(ray_api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=30,
+                                             metadata=good).application_names) == ["sae-serve"]
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as err:  # reflection is off with keys
+            list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=30, metadata=good))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(tls_server.grpc_target) as plain, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    with SAEClient(tls_server.grpc_target, api_key=FLAG_KEY, tls_ca=str(tls_server.tls_ca)) as c:
+        assert [d.id for d in c.list_dictionaries()] == [tls_server.dictionary_id]
+    with SAEClient(tls_server.grpc_target, tls_ca=str(tls_server.tls_ca), retry_attempts=1) as c, \
+            pytest.raises(grpc.RpcError) as err:
+        c.list_dictionaries()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    monkeypatch.setenv("SAE_SERVE_API_KEY", LIVE_ENV_KEY)
+    argv = ["--target", tls_server.grpc_target, "--tls-ca", str(tls_server.tls_ca)]
+    assert client_cli.main([*argv, "extract", "Paris is", "-d", tls_server.dictionary_id, "-k", "2"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def _environ(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_live_keys_never_reach_children_or_rays_job_table(tls_server):
+    """Issue 18: every Ray and vLLM child inherited SAE_SERVE_API_KEYS, and Ray stored the
+    ``--api-key K`` command line as the job's entrypoint."""
+    import psutil
+
+    secrets = [LIVE_ENV_KEY.encode(), FLAG_KEY.encode()]
+    tree = tls_server.snapshot_tree()
+    root, children = tree[0], tree[1:]
+    names = []
+    for p in children:
+        try:
+            env, cmd = _environ(p.pid), " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+            continue
+        names.append(cmd)
+        for s in secrets:
+            assert s not in env, f"key in the environment of {p.pid} {cmd[:100]}"
+            assert s.decode() not in cmd, f"key on the command line of {p.pid} {cmd[:100]}"
+        assert b"SAE_SERVE_API_KEYS=" not in env and b"SAE_SERVE_API_KEY=" not in env, cmd[:100]
+    joined = " ".join(names)
+    assert "raylet" in joined and "gcs_server" in joined and "SAEDeployment" in joined and "VLLM" in joined, joined
+    # The command itself no longer shows the --api-key value (its title is rewritten), and the
+    # rewrite cleared the environment block the kernel kept from its start.
+    assert FLAG_KEY not in " ".join(root.cmdline()) and "--api-key ***" in " ".join(root.cmdline())
+    assert all(s not in _environ(root.pid) for s in secrets)
+
+    # Ray's job table, read from the GCS of this server.
+    import os
+    import re
+    import subprocess
+    import sys
+
+    raylet_cmd = " ".join(next(" ".join(p.cmdline()) for p in children
+                               if p.name() == "raylet" or "/raylet " in " ".join(p.cmdline())).split())
+    gcs_address = re.search(r"--gcs-address=(\S+)", raylet_cmd).group(1)
+    # In a child process: a local ray.init turns on Ray's token authentication (RAY_AUTH_MODE=token
+    # in the server's children, the token in ~/.ray/auth_token), which a client must use too.
+    script = ("import json, sys\nfrom ray._raylet import GcsClient\n"
+              "jobs = GcsClient(address=sys.argv[1]).get_all_job_info()\n"
+              "print(json.dumps([[j.entrypoint, j.SerializeToString().hex()] for j in jobs.values()]))\n")
+    auth_mode = "token" if any(b"RAY_AUTH_MODE=token" in _environ(p.pid) for p in children
+                               if "/raylet " in " ".join(p.cmdline())) else "disabled"
+    out = subprocess.run([sys.executable, "-c", script, gcs_address], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, RAY_AUTH_MODE=auth_mode))
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = json.loads(out.stdout.strip().splitlines()[-1])
+    entrypoints = [e for e, _ in jobs]
+    assert any("sae-serve" in e and "--api-key ***" in e for e in entrypoints), entrypoints
+    for entrypoint, blob in jobs:
+        assert all(s not in bytes.fromhex(blob) for s in secrets), entrypoint
+    # Nor anywhere in this Ray session's files (logs, runtime resources).
+    session = re.search(r"--session_dir=(\S+)", raylet_cmd)
+    assert session, "no --session_dir on the raylet's command line"
+    leaked = []
+    for path in Path(session.group(1)).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 50_000_000:
+                data = path.read_bytes()
+                leaked += [str(path) for s in secrets if s in data]
+        except OSError:
+            continue
+    assert not leaked, leaked

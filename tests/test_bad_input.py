@@ -5,7 +5,9 @@ After every case the test asks ``/health`` (HTTP) or ``grpc.health.v1.Health/Che
 (gRPC): both are answered by the replica and report its vLLM engine, so a case that
 killed the engine or the replica fails right there; the last test of the module runs a
 real generation and extraction. The session server runs with ``--max-request-bytes
-200000`` and the default limits (256 edits, top_k 256, 1024 feature ids, context 512).
+200000``, the default limits (256 edits, top_k 256, 1024 feature ids, context 512) and a
+response budget of 300,000 feature values (``max_response_feature_values``, from its config
+file; the test dictionary has d_sae 512, so top_k 256 + 512 ids = 768 values per token).
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def vec(**kw) -> dict:
 
 def raw(s: str) -> bytes:
     return s.encode()
+
+
+# 768 feature values per token: with the session server's budget of 300,000, a few hundred
+# tokens (or several choices) exceed it.
+BIG = {"dictionaries": [D], "top_k": 256, "feature_ids": list(range(512))}
+BUDGET = "max_response_feature_values"
 
 
 # (id, method, path, body: dict | bytes | None, headers, status, field named in the message)
@@ -151,6 +159,28 @@ HTTP_CASES = [
     ("feature-route-path-id", "GET", "/v1/dictionaries/..%2F..%2Fetc%2Fpasswd/features/1", None, None, 404,
      "dictionary"),
     ("feature-route-top-n-zero", "GET", f"/v1/dictionaries/{D}/features/1?top_n=0", None, None, 400, "top_n"),
+    # the response budget: tokens × values × dictionaries × choices, refused before generation
+    ("budget-n-compare", "POST", "/v1/chat/completions",
+     chat(max_tokens=64, n=8, compare=True, steering={"edits": [edit()]},
+          features={"dictionaries": [D], "top_k": 64, "feature_ids": list(range(512))}), None, 400, BUDGET),
+    ("budget-max-tokens-default-is-the-context", "POST", "/v1/chat/completions",
+     {"messages": Q, "n": 2, "features": BIG}, None, 400, BUDGET),
+    ("budget-stream", "POST", "/v1/chat/completions", chat(max_tokens=100, n=8, stream=True, features=BIG), None,
+     400, BUDGET),
+    ("budget-completions", "POST", "/v1/completions", {"prompt": "a", "max_tokens": 300, "n": 3, "features": BIG},
+     None, 400, BUDGET),
+    ("budget-extract", "POST", "/v1/features/extract", {"text": "word " * 450, "features": BIG}, None, 400, BUDGET),
+    # finite JSON numbers that overflow float32 in the worker (alone or after scaling)
+    ("vector-overflows-float32", "POST", "/v1/chat/completions", chat(steering={"vectors": [vec(vector=[1e39] * 576)]}),
+     None, 400, "steering.vectors[0].vector[0]"),
+    ("vector-times-scale-overflows", "POST", "/v1/chat/completions",
+     chat(steering={"vectors": [vec(vector=[1e30] * 576, scale=1e10)]}), None, 400, "steering.vectors[0].scale"),
+    ("vector-norm-overflows-normalisation", "POST", "/v1/chat/completions",
+     chat(steering={"vectors": [vec(vector=[1e18] * 576)]}), None, 400, "steering.vectors[0].scale"),
+    ("edit-value-overflows-float32", "POST", "/v1/chat/completions", chat(steering={"edits": [edit(value=1e39)]}),
+     None, 400, "steering.edits[0].value"),
+    ("edit-value-times-decoder-overflows", "POST", "/v1/chat/completions",
+     chat(steering={"edits": [edit(value=1e30)]}), None, 400, "steering.edits[0].value"),
     ("unknown-route", "GET", "/v1/admin/shutdown", None, None, 404, "path"),
     ("wrong-method", "GET", "/v1/chat/completions", None, None, 405, "method"),
 ]
@@ -251,6 +281,16 @@ def grpc_cases() -> list[tuple]:
          "steering.vectors.0.vector"),
         ("vector-bad-hook", "Generate", gen(vectors=[v(hook_point="blocks.6.hook_resid_post; drop")]),
          C.INVALID_ARGUMENT, "steering.vectors[0].hook_point"),
+        ("budget-generate", "Generate",
+         pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=450),
+                            features=F(dictionaries=[D], top_k=256, feature_ids=list(range(512)))),
+         C.INVALID_ARGUMENT, "max_response_feature_values"),
+        ("budget-extract", "ExtractFeatures", ex(text="word " * 450, top_k=256, feature_ids=list(range(512))),
+         C.INVALID_ARGUMENT, "max_response_feature_values"),
+        ("edit-value-overflows-float32", "Generate", gen([e(value=1e39)]), C.INVALID_ARGUMENT,
+         "steering.edits[0].value"),
+        ("vector-times-scale-overflows", "Generate", gen(vectors=[v(vector=[1e30] * 576, scale=1e10)]),
+         C.INVALID_ARGUMENT, "steering.vectors[0].scale"),
         ("get-feature-unknown", "GetFeature", pb.GetFeatureRequest(dictionary="nope", feature=1), C.NOT_FOUND,
          "dictionary"),
         ("get-feature-out-of-range", "GetFeature", pb.GetFeatureRequest(dictionary=D, feature=4096), C.NOT_FOUND,
@@ -324,6 +364,20 @@ def test_grpc_message_over_the_proxy_cap_is_refused_before_the_replica(channel):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
     assert "larger than max" in err.value.details() or "limit" in err.value.details()
     assert_serving_grpc(channel)
+
+
+def test_oversized_chunked_body_is_413(live_server, http):
+    """A body without Content-Length (chunked) over max_request_bytes: 413 like a declared one."""
+    def body():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(25):
+            yield b"a" * 10_000
+        yield b'"}]}'
+
+    r = http.post("/v1/chat/completions", content=body(), headers=J)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["type"] == "request_too_large"
+    assert_serving_http(http)
 
 
 def test_still_generates_and_extracts_after_all_of_it(http, channel):

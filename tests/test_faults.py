@@ -128,6 +128,114 @@ def test_grpc_client_cancelling_a_generate_stream_aborts_it_in_the_engine(live_s
         time.sleep(0.3)
 
 
+# -- the feature side channel under attack (session server) ------------------------------------
+
+
+def feature_socket(server: ServerHandle) -> str:
+    """The replica's feature side-channel address (the IPC socket its receiver binds)."""
+    replica = find(server, "ServeReplica:sae-serve:SAEDeployment")
+    for conn in replica.net_connections(kind="unix"):
+        if isinstance(conn.laddr, str) and conn.laddr.endswith("features.sock"):
+            return f"ipc://{conn.laddr}"
+    raise AssertionError("the replica has no feature side-channel socket")
+
+
+def garbage_messages() -> list[list[bytes]]:
+    """Messages the receiver cannot decode (each one ended its receiving task before issue 18)."""
+    entry = {"rid": "nobody", "dict": DICTIONARY_ID, "n": 4, "m": 4, "has_idx": True}
+    return [
+        [b"\xff\xfe not json"],
+        [b'{"a": 1}'],
+        [json.dumps([entry]).encode(), b"\0" * 3],
+        [json.dumps([{**entry, "n": -1}]).encode(), b"", b""],
+        [json.dumps([{**entry, "rid": 7}]).encode()],
+        [json.dumps([entry]).encode(), b"\0" * 16, b"\0" * 64, b"\0" * 64, b"extra"],
+    ]
+
+
+def test_feature_side_channel_survives_undecodable_frames_mid_load(live_server: ServerHandle):
+    """Chaos: feed the replica's feature socket frames it cannot decode while feature requests
+    run. Every request ends within a bound (success, or a clear 503), the frames are counted,
+    and the replica keeps serving features. Before issue 18 the first frame ended the
+    receiving task: every feature request then waited 60 s and got a 500 while /health
+    stayed green."""
+    import zmq
+
+    base = live_server.base_url
+    wait_idle(base)
+    address = feature_socket(live_server)
+    bad0 = metric(base, "sae_serve_feature_channel_bad_frames_total")
+    bound_s = 45.0
+    outcomes: list[tuple[str, float]] = []
+
+    def one(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": f"Count to {i + 20}."}], "max_tokens": 24,
+                "temperature": 1.0, "seed": i, "features": FEATS}
+        t0 = time.monotonic()
+        try:
+            with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as c:
+                if i % 2:
+                    r = c.post(f"{base}/v1/chat/completions", json=body)
+                    ok = r.status_code == 200 and len(r.json()["choices"][0]["features"]) >= 1
+                    outcome = "ok" if ok else f"http {r.status_code} {r.text[:200]}"
+                else:
+                    with c.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}) as r:
+                        outcome = f"http {r.status_code}"
+                        if r.status_code == 200:
+                            last = ""
+                            for line in r.iter_lines():
+                                if line.startswith("data: "):
+                                    last = line[6:]
+                                    if "error" in last and "service_unavailable" in last:
+                                        outcome = "sse 503"
+                            outcome = "ok" if last == "[DONE]" and outcome == "http 200" else \
+                                (outcome if outcome == "sse 503" else f"sse-end {last[:200]}")
+        except httpx.HTTPError as exc:
+            outcome = f"transport {type(exc).__name__}"
+        outcomes.append((outcome, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while detail(base)["engine_unfinished_requests"] < 1:
+        assert time.monotonic() < deadline, "the load never reached the engine"
+        time.sleep(0.2)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDTIMEO, 2000)
+    sock.connect(address)
+    sent = 0
+    try:
+        for _ in range(5):  # spread over the load
+            for msg in garbage_messages():
+                sock.send_multipart(msg)
+                sent += 1
+            time.sleep(0.3)
+    finally:
+        sock.close(linger=2000)
+        ctx.term()
+    join_by = time.monotonic() + bound_s + 30
+    for t in threads:
+        t.join(max(0.0, join_by - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"requests still hanging; ended: {outcomes}"
+    assert len(outcomes) == 6
+    slow = [(o, round(d, 1)) for o, d in outcomes if d > bound_s]
+    assert not slow, f"requests took longer than {bound_s}s: {slow}"
+    assert all(o in ("ok", "http 503", "sse 503") for o, _ in outcomes), outcomes
+    # Dropped and counted, and the channel keeps delivering features.
+    assert metric(base, "sae_serve_feature_channel_bad_frames_total") >= bad0 + sent
+    assert metric(base, "sae_serve_feature_channel_up") == 1
+    h = httpx.get(f"{base}/health", timeout=30)
+    assert h.status_code == 200 and h.json()["status"] == "ok", h.text
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+                         "features": FEATS})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["features"]) >= 1, r.text
+    assert detail(base)["feature_channel"]["restarts"] == 0  # decode errors never stopped the receiver
+    wait_idle(base)
+
+
 # -- the fault server: keys and limits end to end ----------------------------------------------
 
 

@@ -87,6 +87,19 @@ class EngineError(RuntimeError):
     """The engine could not serve a request for a reason other than its input."""
 
 
+class FeatureTimeoutError(EngineError):
+    """A request's features did not arrive over the side channel in time (or the channel
+    failed); the server answers 503, the request may be retried."""
+
+
+def _decoder_norm_max(entry: Any) -> float | None:
+    """Largest decoder-row norm of a registered dictionary (bounds steering edits), or None."""
+    try:
+        return float(entry.dictionary.W_dec.detach().float().norm(dim=1).max())
+    except Exception:  # a stand-in without weights: the bound is simply not applied
+        return None
+
+
 class SAEEngine:
     def __init__(self, config: EngineConfig, llm: Any, registry: DictionaryRegistry, model_dir: Path,
                  model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any):
@@ -100,7 +113,8 @@ class SAEEngine:
         self.tokenizer = tokenizer
         self.limits = SpecLimits(**config.limits)
         self.dictionary_info = {
-            r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k) for r in registry
+            r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k,
+                                 decoder_norm_max=_decoder_norm_max(r)) for r in registry
         }
 
     # -- start / stop -------------------------------------------------------------------
@@ -311,16 +325,25 @@ class SAEEngine:
         # The worker sends a step's features before it returns that step's tokens, but the
         # two travel on different sockets: wait for the side channel to catch up.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.feature_timeout_s
+        timeout = self.config.feature_timeout_s
+        deadline = loop.time() + timeout
         while not features.covers(wanted):
             features.changed.clear()
             if features.covers(wanted):
                 break
+            if not self.receiver.healthy:
+                raise FeatureTimeoutError(
+                    f"the feature side channel of this replica stopped ({self.receiver.failure or 'closed'}); "
+                    "the replica is being replaced, retry the request")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise EngineError("features of some tokens never arrived from the worker")
+                raise FeatureTimeoutError(
+                    f"the features of tokens {wanted.start}..{wanted.stop - 1} did not arrive from the engine "
+                    f"worker within {timeout:g} s (feature_timeout_s); the replica is overloaded or its feature "
+                    "channel is recovering, retry the request")
             try:
-                await asyncio.wait_for(features.changed.wait(), remaining)
+                # Wake at least every second to notice a failed channel.
+                await asyncio.wait_for(features.changed.wait(), min(remaining, 1.0))
             except asyncio.TimeoutError:
                 continue
 

@@ -9,20 +9,37 @@ followed by the raw numpy buffers (no pickling; the receiver only trusts shapes 
 The API process owns the PULL end (:class:`FeatureReceiver`), registers each request that
 asked for features, and collects its chunks until the request ends; chunks for requests
 that are not registered (aborted, finished) are dropped on arrival, so nothing grows
-without bound.
+without bound. Both ends' queues are bounded (:data:`SEND_HWM`, :data:`RECEIVE_HWM`
+messages); a message the receiver cannot decode is dropped and counted; the receiving task
+is supervised (restarted when it stops; after repeated failures the receiver reports itself
+unhealthy, which fails the replica's health check so that Ray replaces it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import tempfile
+import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
+
+logger = logging.getLogger("sae_runtime.feature_channel")
+
+# Bounds of the channel, in messages (one message = one engine step's features).
+SEND_HWM = 1000  # queued in the worker
+RECEIVE_HWM = 1000  # queued in the API process
+SEND_TIMEOUT_MS = 1000  # a full queue blocks the worker this long, then the message is dropped
+# A receiver that stops this often within the window gives up and marks the replica unhealthy.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 @dataclass
@@ -55,41 +72,91 @@ def encode_message(chunks: list[FeatureChunk]) -> list[bytes | memoryview]:
     return frames
 
 
+class FeatureFrameError(ValueError):
+    """A message on the side channel that does not have the expected shape."""
+
+
+def _int(e: dict, key: str) -> int:
+    v = e.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise FeatureFrameError(f"header field {key!r} must be a non-negative integer (got {v!r})")
+    return v
+
+
+def _array(frames: list, i: int, count: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    if i >= len(frames):
+        raise FeatureFrameError(f"frame {i} is missing (the message has {len(frames)})")
+    buf = frames[i]
+    nbytes = len(buf) if isinstance(buf, (bytes, bytearray)) else memoryview(buf).nbytes
+    if nbytes != count * 4:
+        raise FeatureFrameError(f"frame {i} has {nbytes} bytes; the header says {count * 4}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
-    header = json.loads(frames[0])
+    """ZeroMQ frames → chunks; anything malformed raises :class:`FeatureFrameError` (never
+    another exception type), so one bad message can be dropped without touching the rest."""
+    if not frames:
+        raise FeatureFrameError("empty message")
+    try:
+        header = json.loads(bytes(frames[0]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FeatureFrameError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, list):
+        raise FeatureFrameError("header must be a list of chunk entries")
     out = []
     i = 1
     for e in header:
-        n, m = e["n"], e["m"]
-        positions = np.frombuffer(frames[i], dtype=np.int32)
+        if not isinstance(e, dict) or not isinstance(e.get("rid"), str) or not isinstance(e.get("dict"), str) \
+                or not isinstance(e.get("has_idx"), bool):
+            raise FeatureFrameError("header entry must have string 'rid' and 'dict' and boolean 'has_idx'")
+        n, m = _int(e, "n"), _int(e, "m")
+        positions = _array(frames, i, n, (n,), np.int32)
         i += 1
         indices = None
         if e["has_idx"]:
-            indices = np.frombuffer(frames[i], dtype=np.int32).reshape(n, m)
+            indices = _array(frames, i, n * m, (n, m), np.int32)
             i += 1
-        values = np.frombuffer(frames[i], dtype=np.float32).reshape(n, m)
+        values = _array(frames, i, n * m, (n, m), np.float32)
         i += 1
-        if positions.shape[0] != n:
-            raise ValueError("feature message: position count does not match header")
         out.append(FeatureChunk(e["rid"], e["dict"], positions, indices, values))
+    if i != len(frames):
+        raise FeatureFrameError(f"message has {len(frames)} frames; the header describes {i}")
     return out
 
 
 class FeatureSender:
-    """Worker end: PUSH socket connected to the API process's receiver."""
+    """Worker end: PUSH socket connected to the API process's receiver.
+
+    Bounded: at most :data:`SEND_HWM` messages wait here (plus :data:`RECEIVE_HWM` in the
+    receiver). A full queue blocks the worker for up to :data:`SEND_TIMEOUT_MS`
+    (back-pressure while the API process catches up); past that the message is dropped and
+    counted (``dropped_messages``), so a stalled receiver can slow the engine but never
+    stop it. The requests whose features were dropped then end with a 503 (feature wait
+    timed out) instead of waiting forever.
+    """
 
     def __init__(self, address: str):
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
-        # Never drop features silently: a full queue blocks the worker (back-pressure), and
-        # the receiver drains continuously.
-        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(address)
+        self.sent_messages = 0
+        self.dropped_messages = 0
 
     def send(self, chunks: list[FeatureChunk]) -> None:
-        if chunks:
+        if not chunks:
+            return
+        try:
             self._sock.send_multipart(encode_message(chunks), copy=False)
+            self.sent_messages += 1
+        except zmq.Again:
+            self.dropped_messages += 1
+            if self.dropped_messages == 1 or self.dropped_messages % 100 == 0:
+                logger.warning("feature side channel full for %d ms: dropped a message of %d chunk(s) "
+                               "(%d dropped so far)", SEND_TIMEOUT_MS, len(chunks), self.dropped_messages)
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -130,33 +197,118 @@ class RequestFeatures:
 
 
 class FeatureReceiver:
-    """API end: PULL socket on a private IPC path, drained by an asyncio task."""
+    """API end: PULL socket on a private IPC path, drained by a supervised asyncio task.
 
-    def __init__(self) -> None:
+    A message that cannot be decoded is dropped and counted (``bad_frames``), never fatal.
+    If the draining task stops anyway (an unexpected error, a cancellation), it is started
+    again at once (``restarts``); messages still queued in the socket are not lost. If it
+    keeps stopping (:data:`MAX_RESTARTS` times within :data:`RESTART_WINDOW_S`), the
+    receiver gives up and reports itself unhealthy (``healthy`` false, ``failure`` says
+    why): the replica's ``/health`` and Ray Serve's health check then fail, and Ray
+    replaces the replica.
+    """
+
+    def __init__(self, hwm: int | None = None, max_restarts: int | None = None,
+                 restart_window_s: float | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="sae-serve-")
         os.chmod(self._dir, 0o700)  # only this user may connect and inject features
         self.address = f"ipc://{self._dir}/features.sock"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM if hwm is None else hwm)
         self._sock.bind(self.address)
         self._requests: dict[str, RequestFeatures] = {}
         self._task: asyncio.Task | None = None
-        self.dropped_chunks = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._max_restarts = MAX_RESTARTS if max_restarts is None else max_restarts
+        self._restart_window_s = RESTART_WINDOW_S if restart_window_s is None else restart_window_s
+        self._restart_times: deque[float] = deque()
+        self.messages = 0  # messages decoded
+        self.dropped_chunks = 0  # chunks of requests no longer registered (finished, aborted)
+        self.bad_frames = 0  # messages that could not be decoded, dropped
+        self.restarts = 0  # times the draining task was started again
+        self.failure: str | None = None  # why the receiver gave up; None while it works
+
+    # -- supervision ------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+        if self._task is None and not self._closing and self.failure is None:
+            self._loop = asyncio.get_running_loop()
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        self._task = self._loop.create_task(self._drain(), name="sae-feature-receiver")
+        self._task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task) -> None:
+        if self._closing or task is not self._task:
+            return
+        if self._loop is None or self._loop.is_closed():  # the event loop itself is ending
+            self._task = None
+            return
+        reason = "cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > self._restart_window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= self._max_restarts:
+            self._task = None
+            self.failure = (f"the feature side channel's receiver stopped {len(self._restart_times) + 1} times "
+                            f"within {self._restart_window_s:.0f} s (last: {reason})")
+            logger.error("%s; giving up: this replica reports itself unhealthy", self.failure)
+            self._wake_all()
+            return
+        self._restart_times.append(now)
+        self.restarts += 1
+        logger.error("the feature side channel's receiver stopped (%s); restarting it (restart %d)",
+                     reason, self.restarts)
+        self._spawn()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the draining task runs (or is being restarted)."""
+        return self.failure is None and not self._closing and self._task is not None
+
+    def _wake_all(self) -> None:
+        for req in self._requests.values():
+            req.changed.set()  # waiters re-check and see the failure
+
+    # -- receiving --------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
-            for chunk in decode_message(frames):
-                req = self._requests.get(chunk.rid)
-                if req is None:
-                    self.dropped_chunks += 1
-                else:
-                    req.add(chunk)
+            self.handle(frames)
+
+    def handle(self, frames: list[bytes]) -> int:
+        """Deliver one message's chunks to their requests; return how many were delivered.
+
+        A message that cannot be decoded is dropped whole and counted in ``bad_frames``.
+        """
+        try:
+            chunks = decode_message(frames)
+        except Exception as exc:  # FeatureFrameError, or anything a hostile message provokes
+            self.bad_frames += 1
+            if self.bad_frames == 1 or self.bad_frames % 100 == 0:
+                logger.warning("feature side channel: dropped a message that cannot be decoded (%s: %s); "
+                               "%d dropped so far", type(exc).__name__, exc, self.bad_frames)
+            return 0
+        self.messages += 1
+        delivered = 0
+        for chunk in chunks:
+            req = self._requests.get(chunk.rid)
+            if req is None:
+                self.dropped_chunks += 1
+                continue
+            try:
+                req.add(chunk)
+                delivered += 1
+            except Exception as exc:  # e.g. a dictionary the request did not ask for
+                self.bad_frames += 1
+                logger.warning("feature side channel: dropped a chunk for %s (%s: %s)", chunk.rid,
+                               type(exc).__name__, exc)
+        return delivered
 
     def register(self, rid: str, dictionaries: list[str], kinds: tuple[str, ...] = ("top",)) -> RequestFeatures:
         req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds)
@@ -170,7 +322,13 @@ class FeatureReceiver:
     def live_requests(self) -> int:
         return len(self._requests)
 
+    def stats(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "messages": self.messages, "bad_frames": self.bad_frames,
+                "dropped_chunks": self.dropped_chunks, "restarts": self.restarts,
+                "live_requests": self.live_requests, "failure": self.failure}
+
     def close(self) -> None:
+        self._closing = True
         if self._sock.closed:
             return
         if self._task is not None:

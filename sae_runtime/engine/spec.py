@@ -27,6 +27,18 @@ DEFAULT_MAX_EDITS = 256
 DEFAULT_MAX_VECTORS = 32
 DEFAULT_MAX_TOP_K = 256
 DEFAULT_MAX_FEATURE_IDS = 1024
+# Feature values one response may carry (tokens x values per token x dictionaries x choices).
+# At ~5 bytes (a mostly-zero value of an explicit feature id) to ~25 bytes (a top-k index and
+# its value) of JSON each, 2,000,000 values are 10-50 MB of response body built in the
+# replica's memory and event loop; every single-choice request with top_k <= 256 on a
+# 2048-token context stays below it.
+DEFAULT_MAX_RESPONSE_FEATURE_VALUES = 2_000_000
+
+# float32 is what the worker computes in: a steering number beyond its largest finite value
+# becomes inf there (the output turns to NaN: empty text, null logprobs). Larger steering
+# contributions than FLOAT32_NORM_MAX overflow the next layer's normalisation (it sums squares).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_NORM_MAX = math.sqrt(FLOAT32_MAX)  # ~1.8e19
 
 
 class SpecError(ValueError):
@@ -148,6 +160,8 @@ class DictionaryInfo:
     hook_point: str
     d_sae: int
     k: int | None
+    decoder_norm_max: float | None = None
+    """Largest L2 norm of a decoder row (``W_dec[i]``), to bound steering edits; None = unknown."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ class SpecLimits:
     max_vectors: int = DEFAULT_MAX_VECTORS
     max_top_k: int = DEFAULT_MAX_TOP_K
     max_feature_ids: int = DEFAULT_MAX_FEATURE_IDS
+    max_response_feature_values: int = DEFAULT_MAX_RESPONSE_FEATURE_VALUES
 
 
 @dataclass(frozen=True)
@@ -215,6 +230,7 @@ def validate_spec(
                     f"feature {e.feature} out of range for '{e.dictionary}' (d_sae={info.d_sae})",
                     not_found=True,
                 )
+            _check_edit_float32(i, e, info)
         for i, v in enumerate(s.vectors):
             try:
                 layer = parse_hook_point(v.hook_point)
@@ -231,6 +247,76 @@ def validate_spec(
                     f"steering.vectors[{i}].vector",
                     f"has {len(v.vector)} values; the residual stream has {shape.hidden_size}",
                 )
+            _check_vector_float32(i, v)
+
+
+def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
+    """Refuse an edit value that overflows float32 in the worker, alone or times its decoder row."""
+    value = float(e.value or 0.0)
+    if abs(value) > FLOAT32_MAX:
+        raise SpecError(f"steering.edits[{i}].value",
+                        f"{value:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+    if e.mode in ("add", "clamp") and info.decoder_norm_max is not None:
+        added = abs(value) * info.decoder_norm_max
+        if added > FLOAT32_NORM_MAX:
+            raise SpecError(f"steering.edits[{i}].value",
+                            f"{value:.3g} times the decoder direction (norm up to {info.decoder_norm_max:.3g}) adds "
+                            f"a vector of norm {added:.3g} to the residual stream: beyond {FLOAT32_NORM_MAX:.3g} "
+                            "the next layer's normalisation overflows float32")
+
+
+def _check_vector_float32(i: int, v: SteeringVector) -> None:
+    """Refuse a raw steering vector whose entries, scale or ``scale·vector`` overflow float32."""
+    largest = max((abs(x) for x in v.vector), default=0.0)
+    if largest > FLOAT32_MAX:
+        j = next(j for j, x in enumerate(v.vector) if abs(x) > FLOAT32_MAX)
+        raise SpecError(f"steering.vectors[{i}].vector[{j}]",
+                        f"{v.vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+    if abs(v.scale) > FLOAT32_MAX:
+        raise SpecError(f"steering.vectors[{i}].scale",
+                        f"{v.scale:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+    if largest * abs(v.scale) > FLOAT32_MAX:
+        raise SpecError(f"steering.vectors[{i}].scale",
+                        f"scale {v.scale:.3g} times the vector's largest entry {largest:.3g} overflows float32 "
+                        f"(largest finite value {FLOAT32_MAX:.4g})")
+    # ‖scale·vector‖, computed without overflowing float64 either (entries may be ~1e38).
+    norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in v.vector)) if largest else 0.0
+    if norm > FLOAT32_NORM_MAX:
+        raise SpecError(f"steering.vectors[{i}].scale",
+                        f"scale·vector has norm {norm:.3g}: beyond {FLOAT32_NORM_MAX:.3g} the next layer's "
+                        "normalisation overflows float32 (lower scale or the vector's values)")
+
+
+def response_feature_values(features: FeatureRequest, prompt_tokens: int, max_tokens: int,
+                            choices: int = 1) -> tuple[int, int, int, int]:
+    """``(tokens, values per token per dictionary, dictionaries, total)`` a response may carry.
+
+    Tokens are the prompt's (when the scope includes the prompt) plus ``max_tokens`` (when it
+    includes generated tokens); ``choices`` counts every sequence returned (``n``, doubled by
+    ``compare``).
+    """
+    tokens = (prompt_tokens if features.scope in ("prompt", "all") else 0) + \
+        (max_tokens if features.scope in ("generated", "all") else 0)
+    values = (features.top_k or 0) + len(features.feature_ids or ())
+    dicts = len(features.dictionaries)
+    return tokens, values, dicts, tokens * values * dicts * choices
+
+
+def check_response_budget(features: FeatureRequest | None, prompt_tokens: int, max_tokens: int, choices: int,
+                          limit: int, *, tokens_note: str = "",
+                          lower: str = "lower max_tokens, n, top_k or feature_ids") -> None:
+    """Raise :class:`SpecError` (field ``features``) when the response would carry more than
+    ``limit`` feature values (the ``max_response_feature_values`` limit)."""
+    if features is None:
+        return
+    tokens, values, dicts, total = response_feature_values(features, prompt_tokens, max_tokens, choices)
+    if total <= limit:
+        return
+    raise SpecError(
+        "features",
+        f"{tokens:,} tokens{tokens_note} × {values:,} values × {dicts} dictionar{'y' if dicts == 1 else 'ies'} × "
+        f"{choices} choice{'' if choices == 1 else 's'} = {total:,} feature values exceeds the response budget of "
+        f"{limit:,} (max_response_feature_values); {lower}")
 
 
 def steering_salt(spec: SAERequestSpec) -> str | None:

@@ -81,6 +81,8 @@ class SAEWorkerRuntime:
             "requests_with_spec": sum(1 for s in self.requests.values() if s is not None),
             "steps": self.steps,
             "dictionaries": sorted(self.dictionaries),
+            # feature messages dropped because the side channel stayed full (see FeatureSender)
+            "feature_messages_dropped": getattr(self.sender, "dropped_messages", 0),
         }
 
     # -- per step -----------------------------------------------------------------------

@@ -33,7 +33,6 @@ from tests.tiny_models import HIDDEN, NUM_LAYERS, make_tiny_model
 
 HUB_ID = "tiny-org/tiny-gpt2"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-MAX_CHECK_S = 20.0  # Ray alone takes longer than this to start and serve here
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +86,9 @@ def assert_refused_before_ray(result: tuple[int, str, str, float, Path], *needle
     for needle in needles:
         assert needle in last, (needle, last)
     assert "Traceback" not in err, err[-3000:]
-    # Nothing of Ray: no banner, no session directory under RAY_TMPDIR, no "starting" line, and quick.
+    # Nothing of Ray: no banner, no session directory under RAY_TMPDIR, no "starting" line.
     assert "Started a local Ray instance" not in out + err and "sae-serve: starting" not in err, err[-3000:]
     assert not any(ray_tmp.iterdir()), sorted(p.name for p in ray_tmp.iterdir())
-    assert elapsed < MAX_CHECK_S, f"took {elapsed:.1f}s"
     return last
 
 

@@ -43,7 +43,8 @@ def format_token(t: TokenFeaturesOut, width: int = 14) -> str:
     return f"{t.position:4d}{mark}{shown:<{width}} " + "  ".join(parts)
 
 
-def print_tokens(tokens: Iterable[TokenFeaturesOut], out: Any = sys.stdout) -> None:
+def print_tokens(tokens: Iterable[TokenFeaturesOut], out: Any = None) -> None:
+    out = out if out is not None else sys.stdout  # read at call time: sys.stdout may be replaced
     for t in tokens:
         print(format_token(t), file=out)
 

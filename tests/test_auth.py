@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import inspect
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -635,8 +636,12 @@ def test_live_http_every_route_but_plain_health_needs_a_key(tls_server):
     # HTTPS only: plain HTTP to the port gets no answer.
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=10)
-    log = tls_server.log_path.read_text(errors="replace")
-    assert f"https://127.0.0.1:{tls_server.http_port}/v1" in log
+    # sae-serve prints its ready line after Ray's proxies answer, so it may still be coming.
+    ready = f"https://127.0.0.1:{tls_server.http_port}/v1"
+    deadline = time.monotonic() + 120
+    while ready not in (log := tls_server.log_path.read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ready in log, log[-3000:]
     assert LIVE_ENV_KEY not in log and FLAG_KEY not in log
 
 

@@ -50,11 +50,6 @@ TESTED_ARCHITECTURES = (
 transformers. Others are hooked by the same mechanism when their layers have one of the
 two shapes above."""
 
-# Module-path parts of non-text towers whose layer lists must not be taken for the
-# decoder's (a vision encoder can have as many layers as the language model).
-_OTHER_TOWERS = ("vision", "visual", "audio", "image", "encoder", "speech", "mm_projector")
-
-
 class UnsupportedModelError(RuntimeError):
     """The SAE step cannot be placed in this model."""
 
@@ -67,24 +62,19 @@ def _refusal(architecture: str, why: str) -> UnsupportedModelError:
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int, architecture: str = "") -> tuple[str, nn.ModuleList]:
-    """The module path and list of ``model``'s ``num_layers`` decoder layers."""
-    architecture = architecture or type(model).__name__
-    candidates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) != num_layers:
-            continue
-        parts = name.lower().split(".")
-        if any(tower in part for part in parts for tower in _OTHER_TOWERS):
-            continue
-        candidates.append((name, module))
-    if not candidates:
-        raise _refusal(architecture, f"no list of {num_layers} decoder layers in {type(model).__name__}")
-    # Several lists of the right length (rare: e.g. per-layer norms kept in a list):
-    # the decoder's is the one whose entries hold the most parameters.
-    def weight(entry: tuple[str, nn.ModuleList]) -> int:
-        return sum(p.numel() for p in entry[1].parameters())
+    """The module path and list of ``model``'s ``num_layers`` decoder layers.
 
-    return max(candidates, key=weight)
+    The same search as the transformers side (:func:`sae_runtime.hf_streams.find_decoder_layers`):
+    the module list of that length outside vision/audio towers, the heaviest if several.
+    """
+    from sae_runtime.hf_streams import DecoderLayersNotFound
+    from sae_runtime.hf_streams import find_decoder_layers as find
+
+    try:
+        return find(model, num_layers)
+    except DecoderLayersNotFound:
+        raise _refusal(architecture or type(model).__name__,
+                       f"no list of {num_layers} decoder layers in {type(model).__name__}") from None
 
 
 def hook_decoder_layers(model: nn.Module, num_layers: int, architecture: str = "") -> str:

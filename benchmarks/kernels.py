@@ -17,6 +17,7 @@ few minutes on 2 cores; ``--full`` lifts the cap, ``--quick`` runs a small subse
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -27,7 +28,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sae_runtime import kernels as K  # noqa: E402
+from sae_runtime import kernels as K
 
 CPU_FLOP_CAP = 2**32  # tokens * d_in * d_sae per matmul, CPU default grid
 
@@ -97,8 +98,8 @@ def main(argv=None):
                 idx = torch.randint(0, d_sae, (n, k), device=device)
                 val = torch.rand(n, k, device=device, dtype=dtype)
                 dense_acts = torch.zeros(n, d_sae, device=device, dtype=dtype).scatter_(1, idx, val)
-                t_dense = timeit(lambda: dense_acts @ W_dec, min_rt)
-                t_sparse = timeit(lambda: K.sparse_decode(idx, val, W_dec), min_rt)
+                t_dense = timeit(functools.partial(torch.matmul, dense_acts, W_dec), min_rt)
+                t_sparse = timeit(functools.partial(K.sparse_decode, idx, val, W_dec), min_rt)
             elif op == "steer":
                 if k != 32:  # steering does not depend on k: one row per (d_in, d_sae, tokens)
                     continue
@@ -109,7 +110,8 @@ def main(argv=None):
                 slots = torch.zeros(n, dtype=torch.int64, device=device)
                 w = dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, activation="relu")
 
-                def dense_steer():
+                def dense_steer(x=x, b_dec=b_dec, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, feats=feats, modes=modes,
+                                vals=vals):
                     a = torch.relu((x - b_dec) @ W_enc + b_enc).float()
                     af = a[:, feats[0]]
                     m = modes[0].long()
@@ -121,7 +123,7 @@ def main(argv=None):
                     return (x.float() + delta.to(dtype) @ W_dec).to(dtype)
 
                 t_dense = timeit(dense_steer, min_rt)
-                t_sparse = timeit(lambda: K.steering_edit(x, slots, feats, modes, vals, **w), min_rt)
+                t_sparse = timeit(functools.partial(K.steering_edit, x, slots, feats, modes, vals, **w), min_rt)
             else:
                 raise SystemExit(f"unknown op {op!r}")
             kk = k if op == "decode" else "-"

@@ -10,7 +10,8 @@ stops the server, prints a summary), or by hand against a running server::
 Task weights: ``--w-chat``, ``--w-chat-stream``, ``--w-steered``, ``--w-steered-stream``,
 ``--w-extract`` (HTTP user) and ``--w-grpc-extract``, ``--w-grpc-generate`` (gRPC user); 0
 disables a task. ``--http-weight`` / ``--grpc-weight`` set the mix of users (or name one
-class on the command line: ``SAEHttpUser`` or ``SAEGrpcUser``). ``--api-key`` is sent as a Bearer token on both transports.
+class on the command line: ``SAEHttpUser`` or ``SAEGrpcUser``). ``--api-key`` is sent as a
+Bearer token on both transports.
 Streaming requests are timed to the last token; the name of a steered request ends in
 ``[steered]``. Only 127.0.0.1 is accepted as a target.
 """
@@ -29,7 +30,7 @@ try:  # gRPC under gevent (Locust's concurrency) needs this before any channel e
 except Exception:  # pragma: no cover - grpc without gevent support
     pass
 
-import grpc  # noqa: E402
+import grpc
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -186,7 +187,8 @@ class SAEGrpcUser(_WeightedPlan, User):
         self.channel.close()
 
     def _fire(self, name: str, t0: float, length: int, exc: Exception | None) -> None:
-        self.environment.events.request.fire(request_type="grpc", name=name, response_time=(time.perf_counter() - t0) * 1000,
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        self.environment.events.request.fire(request_type="grpc", name=name, response_time=elapsed_ms,
                                              response_length=length, exception=exc, context={})
 
     @task

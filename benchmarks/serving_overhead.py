@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (benchmarks/load.py: server start/stop)
+import load
 
 sys.path.insert(0, str(load.REPO))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

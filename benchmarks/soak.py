@@ -25,14 +25,14 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (benchmarks/load.py)
+import load
 
 
 def sample_tree(root_pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         root = psutil.Process(root_pid)
-        procs = [root] + root.children(recursive=True)
+        procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return out
     for p in procs:

@@ -52,7 +52,8 @@ from sparsify.config import SparseCoderConfig
 torch.manual_seed(cfg["seed"])
 train = torch.from_numpy(np.load(train_path)); held = torch.from_numpy(np.load(eval_path)).float()
 order = torch.from_numpy(np.load(cfg["order"]))
-sae = SparseCoder(train.shape[1], SparseCoderConfig(expansion_factor=cfg["expansion"], k=cfg["k"]), "cpu", dtype=torch.float32)
+sae_cfg = SparseCoderConfig(expansion_factor=cfg["expansion"], k=cfg["k"])
+sae = SparseCoder(train.shape[1], sae_cfg, "cpu", dtype=torch.float32)
 bs, steps = cfg["batch_size"], cfg["steps"]
 if cfg["optimizer"] == "adam":
     from transformers import get_linear_schedule_with_warmup
@@ -61,7 +62,8 @@ if cfg["optimizer"] == "adam":
 else:
     from sparsify.sign_sgd import SignSGD
     from schedulefree import ScheduleFreeWrapper
-    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (sae.num_latents / 2**14) ** 0.5)]), momentum=0.95)
+    lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
     opt.train(); sched = None
 t0 = time.time()
 for s in range(steps):
@@ -85,7 +87,8 @@ with torch.no_grad():
         nz = o.latent_acts > 0
         l0 += float(nz.sum()); fired[o.latent_indices[nz]] = True
     var = float((held.double() - held.double().mean(0)).pow(2).sum())
-json.dump({"wall_s": wall, "fvu": err / var, "l0": l0 / len(held), "dead_frac": float((~fired).float().mean())}, open(out_path, "w"))
+result = {"wall_s": wall, "fvu": err / var, "l0": l0 / len(held), "dead_frac": float((~fired).float().mean())}
+json.dump(result, open(out_path, "w"))
 '''
 
 

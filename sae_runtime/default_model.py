@@ -21,8 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -168,7 +168,7 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         delattr(config, "quantization_config")
     config.name_or_path = MODEL_NAME
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=True)
     # Tied embeddings: lm_head.weight may be absent from the source and is tied on load.
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=f"Prepare the embedded {MODEL_NAME} checkpoint.")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default: $SAE_SERVE_CACHE or the user cache dir)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache root (default: $SAE_SERVE_CACHE or the user cache dir)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     args = parser.parse_args(argv)
     print(prepare_default_model(args.cache_dir, force=args.force))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ _OTHER_TOWERS = ("vision", "visual", "audio", "image", "encoder", "speech", "mm_
 
 # Decoder layers seen returning a bare tensor: for those the prefix of a spliced run can be
 # skipped (see forward_with_stream).
-_TENSOR_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_TENSOR_LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class DecoderLayersNotFound(ValueError):

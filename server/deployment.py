@@ -77,7 +77,7 @@ class SAEDeployment(SAEGrpcMethods):
 def replica_env(config: ServeConfig) -> dict[str, str]:
     """Environment of each replica (and of the vLLM processes it spawns)."""
     env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(config.engine.kv_cache_gib)))),
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.engine.kv_cache_gib))),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     if config.cpu_threads_bind:

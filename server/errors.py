@@ -8,7 +8,7 @@ reaches vLLM or takes a replica down.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import grpc
 from pydantic import ValidationError
@@ -18,7 +18,7 @@ from sae_runtime.engine.spec import SpecError
 from sae_runtime.registry import UnknownDictionaryError
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     INVALID = "invalid_request_error"
     NOT_FOUND = "not_found_error"
     TOO_LARGE = "request_too_large"
@@ -70,24 +70,24 @@ class ApiError(Exception):
         return GRPC_CODE[self.kind]
 
     @classmethod
-    def invalid(cls, field: str | None, message: str) -> "ApiError":
+    def invalid(cls, field: str | None, message: str) -> ApiError:
         return cls(ErrorKind.INVALID, message, field)
 
     @classmethod
-    def not_found(cls, field: str | None, message: str) -> "ApiError":
+    def not_found(cls, field: str | None, message: str) -> ApiError:
         return cls(ErrorKind.NOT_FOUND, message, field)
 
     @classmethod
-    def unsupported(cls, field: str, message: str) -> "ApiError":
+    def unsupported(cls, field: str, message: str) -> ApiError:
         return cls(ErrorKind.UNSUPPORTED, message, field)
 
     @classmethod
-    def from_spec_error(cls, exc: SpecError) -> "ApiError":
+    def from_spec_error(cls, exc: SpecError) -> ApiError:
         kind = ErrorKind.NOT_FOUND if exc.not_found else ErrorKind.INVALID
         return cls(kind, exc.message, exc.field)
 
     @classmethod
-    def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> "ApiError":
+    def from_validation_error(cls, exc: ValidationError, prefix: str = "") -> ApiError:
         """First pydantic error, with its location as a dotted field path."""
         err = exc.errors()[0]
         field = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else (prefix.rstrip(".") or None)

@@ -10,7 +10,6 @@ cluster).
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,7 +26,8 @@ class ServiceMetrics:
         self.replica = replica or f"pid-{os.getpid()}"
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["replica", "endpoint", "transport"]
-        self.requests = Counter("sae_serve_requests", "Requests by outcome", labels + ["outcome"], registry=self.registry)
+        self.requests = Counter("sae_serve_requests", "Requests by outcome", [*labels, "outcome"],
+                                registry=self.registry)
         self.latency = Histogram("sae_serve_request_latency_seconds", "Request latency (to the last byte)",
                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter("sae_serve_prompt_tokens", "Prompt tokens processed", ["replica"],

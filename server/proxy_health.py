@@ -92,7 +92,8 @@ class HealthGate:
         try:
             states = await self._states()
         except Exception as exc:  # controller unreachable: say so rather than guess
-            await self._answer(send, 503, {"status": "unavailable", "reason": f"serve controller: {type(exc).__name__}"})
+            reason = f"serve controller: {type(exc).__name__}"
+            await self._answer(send, 503, {"status": "unavailable", "reason": reason})
             return
         if not states.get("RUNNING"):
             await self._answer(send, 503, {"status": "unavailable", "reason": "no replica is running",

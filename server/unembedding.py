@@ -26,7 +26,7 @@ class Unembedding:
         self.norm_gain = None if norm_gain is None else norm_gain.float()
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "Unembedding":
+    def load(cls, model_dir: str | Path) -> Unembedding:
         model_dir = Path(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
@@ -58,6 +58,6 @@ class Unembedding:
         n = min(n, scores.numel())
         hi = torch.topk(scores, n)
         lo = torch.topk(-scores, n)
-        promoted = [(int(i), float(v)) for v, i in zip(hi.values, hi.indices)]
-        suppressed = [(int(i), float(-v)) for v, i in zip(lo.values, lo.indices)]
+        promoted = [(int(i), float(v)) for v, i in zip(hi.values, hi.indices, strict=True)]
+        suppressed = [(int(i), float(-v)) for v, i in zip(lo.values, lo.indices, strict=True)]
         return promoted, suppressed

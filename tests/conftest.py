@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any
 
 import pytest
 import torch
@@ -56,9 +57,8 @@ class EngineHarness:
 
 @pytest.fixture(scope="session")
 def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
-    from tests.dictionary_factory import make_dictionary
-
     from sae_runtime.default_model import MODEL_NAME
+    from tests.dictionary_factory import make_dictionary
     from tests.feature_reference import make_stream_probe
 
     root = tmp_path_factory.mktemp("dictionaries")
@@ -97,7 +97,7 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
         limits={"max_feature_ids": 2 * 576},  # a stream probe's features, all at once
     )
     engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(900)
-    ids = dict(zip(roles, engine.registry.ids()))
+    ids = dict(zip(roles, engine.registry.ids(), strict=True))
     harness = EngineHarness(engine, loop, engine_dictionaries, ids, request.param)
     yield harness
 

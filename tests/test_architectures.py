@@ -84,7 +84,7 @@ def served(request, tmp_path_factory, default_model_dir) -> Served:
                           enforce_eager=mode == "eager", compile_backend="eager",
                           max_model_len=512, max_num_seqs=8)
     engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(600)
-    yield Served(family, mode, engine, loop, model_dir, dirs, dict(zip(roles, engine.registry.ids())))
+    yield Served(family, mode, engine, loop, model_dir, dirs, dict(zip(roles, engine.registry.ids(), strict=True)))
 
     async def close():
         engine.shutdown()
@@ -181,7 +181,7 @@ def test_mixed_batch_is_isolated(served):
 
     async def batch(with_specs: bool):
         return await asyncio.gather(*[eng.complete(p, _greedy(8), s if with_specs else None)
-                                      for p, s in zip(prompts, specs)])
+                                      for p, s in zip(prompts, specs, strict=True)])
 
     plain = served.run(batch(False))
     mixed = served.run(batch(True))

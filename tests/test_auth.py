@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from fastapi.testclient import TestClient
 from server.auth import ApiKeys, bearer_token, key_digest
 from server.cli import build_parser, config_from_args, exposure_warnings
 from server.config import ServeConfig
-from server.grpc_service import SAEGrpcMethods
+from server.grpc_service import GrpcRequestError, SAEGrpcMethods
 from server.http_api import build_http_app
 from server.metrics import ServiceMetrics
 from server.models import ExtractRequest, GenerateRequest
@@ -36,7 +37,7 @@ OTHER = "sk-test-other-key-42"
 
 
 class FakeRegistry:
-    opened: list[str] = []
+    opened: ClassVar[list[str]] = []
 
     def ids(self) -> list[str]:
         return ["d0"]
@@ -165,8 +166,9 @@ def test_grpc_methods_refuse_missing_or_wrong_keys(metadata):
 
 
 def test_grpc_accepts_the_key_and_health_check_stays_open():
-    from clients.proto import sae_serve_pb2 as pb
     from grpc_health.v1 import health_pb2
+
+    from clients.proto import sae_serve_pb2 as pb
 
     m = grpc_methods()
     ctx = FakeContext([("authorization", f"Bearer {KEY}")])
@@ -217,8 +219,8 @@ def test_no_request_field_is_code_a_pickle_or_a_path():
         out = []
         for name, f in model.model_fields.items():
             out.append(f"{model.__name__}.{name}: {f.annotation}")
-            for arg in getattr(f.annotation, "__args__", ()) + (f.annotation,):
-                for inner in getattr(arg, "__args__", ()) + (arg,):
+            for arg in (*getattr(f.annotation, "__args__", ()), f.annotation):
+                for inner in (*getattr(arg, "__args__", ()), arg):
                     if isinstance(inner, type) and issubclass(inner, BaseModel) and inner not in seen:
                         seen.add(inner)
                         out += annotations(inner, seen)
@@ -263,7 +265,7 @@ def make_self_signed(directory) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=2))
@@ -356,7 +358,7 @@ def test_grpc_watch_needs_a_key_check_does_not():
             return resp
 
     ctx = FakeContext()
-    with pytest.raises(Exception):
+    with pytest.raises(GrpcRequestError):
         asyncio.run(watch(ctx))
     assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in ctx.details()
     ok = FakeContext([("authorization", f"Bearer {KEY}")])
@@ -607,7 +609,7 @@ def tls_server(default_model_dir, tmp_path_factory):
     server = start_server(tmp, dictionary, ("--eager", "--tls-cert", cert, "--tls-key", key, "--api-key", FLAG_KEY),
                           {"SAE_SERVE_API_KEYS": LIVE_ENV_KEY}, tls_ca=Path(cert))
     yield server
-    rc, left = server.stop()
+    _rc, left = server.stop()
     assert not left, f"processes left after SIGTERM: {left}"
 
 

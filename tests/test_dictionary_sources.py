@@ -189,7 +189,7 @@ def test_gemma_scope_unreadable_and_missing_files(tmp_path):
     npz = tmp_path / GEMMA_SUB / "params.npz"
     npz.parent.mkdir(parents=True)
     npz.write_bytes(b"not a zip")
-    with pytest.raises(DictionaryFormatError, match="params.npz: cannot read npz file"):
+    with pytest.raises(DictionaryFormatError, match=r"params\.npz: cannot read npz file"):
         SparseDictionary.load(npz.parent)
     empty = tmp_path / "layer_1" / "width_1k"
     write_npz(empty / "average_l0_3", gemma_params())

@@ -135,7 +135,7 @@ def test_backend_env_read_at_call_time(monkeypatch):
 
 def test_validation_errors(monkeypatch):
     monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
-    W_enc, b_enc, W_dec, b_dec, thr = _dict(8, 16)
+    W_enc, b_enc, W_dec, b_dec, _thr = _dict(8, 16)
     pre = torch.randn(3, 16)
     with pytest.raises(ValueError, match="activation"):
         K.encode_topk(pre, 2, activation="gelu")
@@ -183,7 +183,7 @@ def test_validation_errors(monkeypatch):
 def test_reference_encode_vs_dense(act, apply_b_dec, monkeypatch):
     monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
     d_in, d_sae, k = 50, 300, 24
-    W_enc, b_enc, W_dec, b_dec, thr = _dict(d_in, d_sae)
+    W_enc, b_enc, _W_dec, b_dec, thr = _dict(d_in, d_sae)
     x = torch.randn(9, d_in)
     pre64 = ((x - b_dec) if apply_b_dec else x).double() @ W_enc.double() + b_enc.double()
     # dense oracle from the same float32 pre-activations (a float64 one could flip a
@@ -400,7 +400,7 @@ def test_triton_encode_topk_bitonic_path(tdev):
 
 
 def test_triton_encode_features(tdev):
-    W_enc, b_enc, W_dec, b_dec, thr = _dict(50, 300, device=tdev)
+    W_enc, b_enc, _W_dec, b_dec, thr = _dict(50, 300, device=tdev)
     x = torch.randn(3, 50, device=tdev)
     i_tri, v_tri = K.encode_features(x, W_enc, b_enc, b_dec, 8, activation="jumprelu", threshold=thr)
     pre = R.encode_pre(x, W_enc, b_dec, True)
@@ -443,7 +443,7 @@ def test_triton_sparse_decode_backward(tdev, n, d_in, k, dtype):
         out = fn(idx, v, w)
         out.backward(g)
         grads.append((out.detach(), v.grad, w.grad))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **_tol(dtype))
     # only values / only W_dec requiring grad
@@ -568,7 +568,7 @@ def test_gpu_sparse_decode(monkeypatch, dtype, d_in, k):
         out = fn(idx, v, w)
         out.backward(g.to(cast))
         res.append((out.detach(), v.grad, w.grad))
-    for a, b in zip(*res):
+    for a, b in zip(*res, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
 

@@ -42,5 +42,5 @@ def test_missing_models_are_named(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="not-an-org/not-a-model"):
         resolve_model_path("not-an-org/not-a-model")
     (tmp_path / "no-config").mkdir()
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         read_model_info(tmp_path / "no-config")

@@ -77,7 +77,7 @@ def run_sae_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> t
 
 
 def assert_refused_before_ray(result: tuple[int, str, str, float, Path], *needles: str) -> str:
-    rc, out, err, elapsed, ray_tmp = result
+    rc, out, err, _elapsed, ray_tmp = result
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, f"no stderr (rc {rc}); stdout:\n{out}"
     last = lines[-1]
@@ -226,7 +226,7 @@ def test_chat_is_refused_before_the_engine_without_a_chat_template():
 
 def test_grpc_chat_is_refused_without_a_chat_template():
     from clients.proto import sae_serve_pb2 as pb
-    from server.grpc_service import SAEGrpcMethods
+    from server.grpc_service import GrpcRequestError, SAEGrpcMethods
 
     m = SAEGrpcMethods()
     m.service = _fake_service()
@@ -234,7 +234,7 @@ def test_grpc_chat_is_refused_without_a_chat_template():
 
     async def call(name, req, streaming):
         ctx = _Context()
-        with pytest.raises(Exception):
+        with pytest.raises(GrpcRequestError):
             if streaming:
                 async for _ in getattr(m, name)(req, ctx):
                     pass
@@ -261,7 +261,7 @@ def gpt2_server(hub_cache, tmp_path_factory):
     server = start_server(tmp, d, ("--model", HUB_ID, "--eager"),
                           {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"})
     yield server
-    rc, left = server.stop()
+    _rc, left = server.stop()
     assert not left, f"processes left after SIGTERM: {left}"
 
 

@@ -64,7 +64,7 @@ def descendants(pids: list[int]) -> list[psutil.Process]:
     for pid in pids:
         try:
             p = psutil.Process(pid)
-            out += [p] + p.children(recursive=True)
+            out += [p, *p.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
     return out
@@ -120,7 +120,7 @@ class Load:
                     outcome = f"{type(exc).__name__}: {exc}"
                 self.results.append((t0, time.monotonic(), outcome))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self

@@ -67,7 +67,7 @@ def test_explicit_and_cfg_ids(tmp_path):
 
 def test_duplicate_ids_are_refused(tmp_path):
     dirs = [write_dict(tmp_path / "a", layer=3), write_dict(tmp_path / "b", layer=3)]
-    with pytest.raises(RegistryError, match="'layers.3/topk-96' is used twice"):
+    with pytest.raises(RegistryError, match=r"'layers\.3/topk-96' is used twice"):
         DictionaryRegistry.load(dirs, **MODEL_KW)
     with pytest.raises(RegistryError, match="used twice"):
         DictionaryRegistry.load(dirs, ids=["same", "same"], **MODEL_KW)
@@ -101,7 +101,7 @@ def test_same_model_last_path_component():
 
 def test_layer_out_of_range(tmp_path):
     d = write_dict(tmp_path / "a", layer=8)
-    with pytest.raises(RegistryError, match="layers.8 does not exist: the model has 8 decoder layers"):
+    with pytest.raises(RegistryError, match=r"layers\.8 does not exist: the model has 8 decoder layers"):
         DictionaryRegistry.load([d], **MODEL_KW)
 
 
@@ -179,5 +179,5 @@ def test_served_snapshot_path_decides_the_model(tmp_path):
     kw = dict(MODEL_KW, model_name="0" * 40)  # a snapshot folder's name is only its commit
     assert len(DictionaryRegistry.load([d], model_path=SNAPSHOT, **kw)) == 1
     other = SNAPSHOT.replace("gemma-2-2b", "gemma-2-9b")
-    with pytest.raises(RegistryError, match="trained on model 'google/gemma-2-2b'.*gemma-2-9b"):
+    with pytest.raises(RegistryError, match=r"trained on model 'google/gemma-2-2b'.*gemma-2-9b"):
         DictionaryRegistry.load([d], model_path=other, **kw)

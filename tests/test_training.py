@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from sae_runtime.dictionary import DictionaryConfig, SparseDictionary
 from sae_runtime.training.cli import resolve
 from sae_runtime.training.config import TrainConfig
-from sae_runtime.training.data import (Document, chunk_documents, is_held_out, iter_documents,
-                                       load_split, take_tokens)
+from sae_runtime.training.data import Document, chunk_documents, is_held_out, iter_documents
 from sae_runtime.training.evaluate import RunningStats, ce_loss_recovered, evaluate
 from sae_runtime.training.trainers import SAETrainer, batch_fvu, geometric_median
 
@@ -235,7 +234,7 @@ def test_cuda_step_matches_cpu(kind):
     for t, data in ((cpu, x), (gpu, x.cuda())):
         t.eval()
         t(data).loss.backward()
-    for (n, a), b in zip(cpu.named_parameters(), gpu.parameters()):
+    for (n, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(b.grad.cpu(), a.grad, atol=1e-4, rtol=1e-3, msg=n)
 
 

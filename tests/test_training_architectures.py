@@ -157,7 +157,7 @@ def test_evaluation_splice_is_exact_and_skips_the_prefix(family, sources):
         clean = _CleanPass(source, ids, layer)
         assert clean.x.shape == (*ids.shape, 128)
         inner_calls = []
-        handles = [c.register_forward_hook(lambda *_a: inner_calls.append(1))
+        handles = [c.register_forward_hook(lambda *_a, calls=inner_calls: calls.append(1))
                    for c in first_layer_children]
         try:
             again = clean.logits_with(clean.x.clone())

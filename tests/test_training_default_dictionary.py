@@ -31,9 +31,6 @@ pytestmark = pytest.mark.skipif(not (DICT_DIR / "cfg.json").is_file(),
 
 
 def test_committed_dictionary_matches_its_metrics(default_model_dir):
-    from sae_runtime.training.activations import ModelActivations
-    from sae_runtime.training.data import load_split, take_tokens
-    from sae_runtime.training.evaluate import evaluate
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # faster than 2 on the shared 2-core machine

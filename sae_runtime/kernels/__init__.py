@@ -27,14 +27,14 @@ import torch
 from . import reference
 
 __all__ = [
+    "ACTIVATIONS",
     "EditMode",
+    "backend_for",
     "edit_mode_from_name",
-    "encode_topk",
     "encode_features",
+    "encode_topk",
     "sparse_decode",
     "steering_edit",
-    "backend_for",
-    "ACTIVATIONS",
 ]
 
 ACTIVATIONS = {
@@ -182,7 +182,7 @@ def encode_topk(
     """
     act = _act_code(activation)
     _check_tensor("pre", pre, 2, _FLOAT_DTYPES)
-    n, d_sae = pre.shape
+    _n, d_sae = pre.shape
     _check_k(k, d_sae)
     if b_enc is not None:
         _check_tensor("b_enc", b_enc, 1, _FLOAT_DTYPES, pre.device, (d_sae,))

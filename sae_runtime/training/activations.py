@@ -176,7 +176,7 @@ class ActivationCache:
         done_ctx, done_tok = int(state["contexts"]), int(state["tokens"])
         bar = tqdm(total=len(contexts), initial=done_ctx, desc="harvest", unit="ctx",
                    disable=not progress, dynamic_ncols=True)
-        for start, group in batched(contexts[done_ctx:], tokens_per_batch):
+        for _start, group in batched(contexts[done_ctx:], tokens_per_batch):
             acts = source.harvest(group, layers)
             n = next(iter(acts.values())).shape[0]
             for L, a in acts.items():

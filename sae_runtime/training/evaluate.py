@@ -144,7 +144,7 @@ def evaluate(dictionary: SparseDictionary, source: ModelActivations,
         out = dictionary(x)
         stats.update(x, out.reconstruction, out.feature_acts)
 
-        def spliced(values: Tensor) -> Tensor:
+        def spliced(values: Tensor, clean: _CleanPass = clean, mask: Tensor = mask) -> Tensor:
             h = clean.x.clone()
             h[mask] = values.to(h.dtype)
             return clean.logits_with(h)

@@ -30,8 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dictionary import DictionaryConfig, SparseDictionary, dtype_name
-from .activations import (ActivationCache, ModelActivations, ShuffledBatches,
-                          StreamingBatches, cache_fingerprint)
+from .activations import ActivationCache, ModelActivations, ShuffledBatches, StreamingBatches, cache_fingerprint
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import load_split, take_tokens
@@ -151,7 +150,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])
+    command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -250,7 +249,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
         fvu, l0 = float(out_step.fvu), float(out_step.l0)
         ema_fvu = fvu if ema_fvu is None else 0.95 * ema_fvu + 0.05 * fvu
         ema_l0 = l0 if ema_l0 is None else 0.95 * ema_l0 + 0.05 * l0
-        recent_fvu = (recent_fvu + [fvu])[-50:]
+        recent_fvu = ([*recent_fvu, fvu])[-50:]
         dead = float(trainer.dead_mask().float().mean())
         bar.update(1)
         bar.set_postfix(fvu=f"{ema_fvu:.3f}", l0=f"{ema_l0:.1f}", dead=f"{dead:.1%}", lr=f"{lr:.1e}",

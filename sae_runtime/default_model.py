@@ -75,7 +75,8 @@ def find_gguf() -> Path:
         ) from exc
     for f in dist.files or []:
         if f.name == GGUF_FILE_NAME:
-            path = Path(dist.locate_file(f))
+            # typeshed says SimplePath; an installed distribution's is a pathlib.Path
+            path = Path(str(dist.locate_file(f)))
             if path.is_file():
                 return path
     raise ModelPreparationError(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -93,6 +93,7 @@ class DictionaryFormatError(ValueError):
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     """``"float32"``, ``"torch.bfloat16"``, ``"bf16"``... -> a floating ``torch.dtype``."""
+    dtype: object
     if isinstance(value, torch.dtype):
         dtype = value
     else:
@@ -429,8 +430,22 @@ class SparseDictionary(nn.Module):
         For gated dictionaries this is the gate pre-activation (``b_gate`` in place of
         ``b_enc``): a feature fires exactly where it is positive.
         """
-        bias = self.b_gate if self.cfg.architecture == "gated" else self.b_enc
+        if self.cfg.architecture == "gated":
+            bias = self._needed(self.b_gate, "b_gate")
+        else:
+            bias = self._needed(self.b_enc, "b_enc")
         return self._centered(x) @ self.W_enc + bias
+
+    def _needed(self, value: Tensor | None, name: str) -> Tensor:
+        """``value``, one of the optional tensors (``b_enc``, ``threshold``, ``b_gate``...).
+
+        The constructor sets every tensor its architecture uses, so ``None`` here means
+        code asked an architecture for a tensor it does not have.
+        """
+        if value is None:
+            raise DictionaryFormatError(
+                f"{self.architecture} dictionary has no tensor {name!r}")
+        return value
 
     def _activations(self, x: Tensor, ids: Tensor | None) -> Tensor:
         """Activations of all features (``ids=None``) or of the columns ``ids``."""
@@ -441,14 +456,17 @@ class SparseDictionary(nn.Module):
             return t if ids is None else t[..., ids]
 
         if arch == "topk":
+            k = self.cfg.k
+            if k is None:  # DictionaryConfig requires k for top-k dictionaries
+                raise DictionaryFormatError("topk dictionary without k")
             # Whether a feature survives depends on every other feature's value, so the
             # full pre-activation is needed even for a few columns.
-            acts = (xc @ self.W_enc + self.b_enc).relu()
+            acts = (xc @ self.W_enc + self._needed(self.b_enc, "b_enc")).relu()
             # Keep values >= the k-th largest. Ties at the k-th value are all kept, so
             # the result never depends on how a sort breaks ties (CPU, CUDA and Triton
             # agree); with continuous values this is exactly top-k. When fewer than k
             # values are positive the k-th is 0 and every positive value is kept.
-            kth = acts.topk(self.cfg.k, dim=-1, sorted=True).values[..., -1:]
+            kth = acts.topk(k, dim=-1, sorted=True).values[..., -1:]
             acts = pick(acts)
             return torch.where(acts >= kth, acts, torch.zeros_like(acts))
 
@@ -456,14 +474,15 @@ class SparseDictionary(nn.Module):
         if arch == "gated":
             # SAELens' gated SAE: the gate decides which features fire, a magnitude
             # path sharing W_enc (rescaled per feature by exp(r_mag)) decides how much.
-            gate = xc @ W_enc + pick(self.b_gate)
-            magnitude = (xc @ (W_enc * pick(self.r_mag).exp()) + pick(self.b_mag)).relu()
+            gate = xc @ W_enc + pick(self._needed(self.b_gate, "b_gate"))
+            magnitude = (xc @ (W_enc * pick(self._needed(self.r_mag, "r_mag")).exp())
+                         + pick(self._needed(self.b_mag, "b_mag"))).relu()
             return magnitude * (gate > 0)
-        pre = xc @ W_enc + pick(self.b_enc)
+        pre = xc @ W_enc + pick(self._needed(self.b_enc, "b_enc"))
         if arch == "jumprelu":
             # relu(pre) where pre > threshold, as SAELens and Gemma Scope compute it;
             # equal to pre * (pre > threshold) whenever the threshold is >= 0.
-            return pre.relu() * (pre > pick(self.threshold))
+            return pre.relu() * (pre > pick(self._needed(self.threshold, "threshold")))
         return pre.relu()
 
     def encode(self, x: Tensor) -> Tensor:
@@ -610,7 +629,7 @@ class SparseDictionary(nn.Module):
 # --------------------------------------------------------------------------- file helpers
 
 
-def _write_atomic(target: Path, write: Any) -> None:
+def _write_atomic(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
     tmp = target.with_name(f".{target.name}.tmp")
     write(str(tmp))
@@ -649,7 +668,7 @@ def _parse_config(data: dict[str, Any], where: Path) -> DictionaryConfig:
     try:
         return DictionaryConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        problems: list[str] = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
             message = err["msg"].removeprefix("Value error, ")
@@ -657,8 +676,7 @@ def _parse_config(data: dict[str, Any], where: Path) -> DictionaryConfig:
             # most of our own messages already name their field
             problems.append(message if not field or message.startswith(field.split(".")[-1])
                             else f"{field}: {message}")
-        problems = "; ".join(problems)
-        raise DictionaryFormatError(f"{where}: {problems}") from None
+        raise DictionaryFormatError(f"{where}: {'; '.join(problems)}") from None
 
 
 def _fill_names(data: dict[str, Any], hook_name: str | None,
@@ -854,6 +872,9 @@ def _fold_into_weights(cfg: DictionaryConfig, tensors: dict[str, Tensor]
         # pre-activations. The reconstruction of x * s, divided by s, uses W_dec / s
         # and b_dec / s.
         s = cfg.norm_scaling_factor
+        if s is None:  # DictionaryConfig's validator requires it for this normalization
+            raise DictionaryFormatError(
+                "normalize_activations='expected_average_only_in' without norm_scaling_factor")
         t["W_enc"] = t["W_enc"].float() * s
         t["W_dec"] = t["W_dec"].float() / s
         t["b_dec"] = t["b_dec"].float() / s

@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, SupportsIndex
 
 import torch
 from torch import Tensor
@@ -237,7 +237,7 @@ def read_gemma_scope(path: Path, hook_name: str | None, model_name: str | None) 
     return _jumprelu_cfg(d_in, d_sae, hook, model or model_name, provenance), tensors, npz, npz
 
 
-def _gemma_3_model(raw_model: Any, repo: str | None) -> str | None:
+def _gemma_3_model(raw_model: object, repo: str | None) -> str | None:
     """SAELens get_gemma_3_config_from_hf / _infer_gemma_3_raw_cfg_dict's model name."""
     name = raw_model if isinstance(raw_model, str) and raw_model else None
     if name is None and repo is not None and "gemma-scope-2" in repo:
@@ -327,13 +327,15 @@ def _llama_tensors(tensors: dict[str, Tensor], d_in: int, d_sae: int, where: Pat
 
 
 def _positive(raw: dict[str, Any], key: str, where: Path) -> float:
-    value = raw
+    value: object = raw
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
+    number = math.nan
+    if isinstance(value, str | bytes | SupportsFloat | SupportsIndex):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
     if not math.isfinite(number) or number <= 0:
         raise DictionaryFormatError(f"{where}: {key} must be a positive number, got {value!r}")
     return number

@@ -286,7 +286,7 @@ def lookup_saelens(release: str, sae_id: str,
     if directory is None:
         releases: Mapping[str, SAELensRelease] = installed_saelens_directory()
     elif all(isinstance(v, SAELensRelease) for v in directory.values()):
-        releases = directory  # type: ignore[assignment]
+        releases = directory
     else:
         releases = parse_saelens_directory(directory)
     if release not in releases:

@@ -58,8 +58,13 @@ class _StopForward(Exception):
 
 
 def text_config(model: nn.Module) -> Any:
-    """The text (language model) config of ``model``: ``config.get_text_config()``."""
-    config = model.config
+    """The text (language model) config of ``model``: ``config.get_text_config()``.
+
+    Any: a config is a bag of per-family attributes (``num_hidden_layers``...), untyped
+    even in transformers' own ``PreTrainedConfig``.
+    """
+    # object: nn.Module types unknown attributes as Tensor | Module
+    config: object = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

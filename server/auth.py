@@ -25,10 +25,17 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class GrpcCallContext(Protocol):
+    """What the key check reads of a gRPC call's context (``grpc.aio.ServicerContext``)."""
+
+    def invocation_metadata(self) -> Iterable[tuple[str, str | bytes]] | None: ...
+
 
 OPEN_HTTP_PATHS = frozenset({"/health"})
 # gRPC methods answered without a key: the standard health check only (not Watch, which
@@ -104,14 +111,14 @@ class ApiKeys:
 
             raise ApiError(ErrorKind.UNAUTHENTICATED, why, "authorization")
 
-    def check_grpc(self, grpc_context: Any) -> None:
+    def check_grpc(self, grpc_context: GrpcCallContext | None) -> None:
         """The gRPC form: the ``authorization`` metadata entry (``Bearer <key>``)."""
         if not self.enabled:
             return
         self.check(grpc_authorization(grpc_context))
 
 
-def grpc_authorization(grpc_context: Any) -> str | None:
+def grpc_authorization(grpc_context: GrpcCallContext | None) -> str | None:
     """The ``authorization`` metadata value of a gRPC call, if any."""
     if grpc_context is None:
         return None

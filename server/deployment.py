@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
-from ray.serve.deployment import Application
+from ray.serve.deployment import Application, Deployment
 
 from sae_runtime.engine.engine import SAEEngine
 from server.auth import ApiKeys
@@ -32,7 +32,8 @@ DEPLOYMENT_NAME = "SAEDeployment"
 class SAEDeployment(SAEGrpcMethods):
     """One replica: starts the engine (tens of seconds on CPU) before taking requests."""
 
-    async def __init__(self, config_json: str, api_key_digests: list[str] | None = None):
+    # Ray Serve awaits an async constructor; Python's typing knows no such thing.
+    async def __init__(self, config_json: str, api_key_digests: list[str] | None = None):  # type: ignore[misc]
         self.config = ServeConfig.model_validate_json(config_json)
         self.max_request_bytes = self.config.max_request_bytes
         self.api_keys = ApiKeys(api_key_digests or [])
@@ -109,6 +110,8 @@ def build_app(config: ServeConfig) -> Application:
         }
     else:
         options["num_replicas"] = config.replicas
+    # Ray annotates serve.deployment as returning a decorator even when it is given the
+    # class, in which case it returns the Deployment.
+    deployment = cast(Deployment, serve.deployment(SAEDeployment))
     # The replicas get the config without the API keys, and the keys' digests only.
-    return serve.deployment(SAEDeployment).options(**options).bind(config.replica_config_json(),
-                                                                    config.api_key_digests())
+    return deployment.options(**options).bind(config.replica_config_json(), config.api_key_digests())

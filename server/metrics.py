@@ -10,13 +10,23 @@ cluster).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class FeatureChannelState(Protocol):
+    """What is read of the feature side channel's receiver: ``healthy`` and, when it has
+    them, the counters named in ``_FeatureChannelCollector.COUNTERS``."""
+
+    @property
+    def healthy(self) -> bool: ...
 
 
 class ServiceMetrics:
@@ -51,7 +61,7 @@ class ServiceMetrics:
         if extracted:
             self.extracted_tokens.labels(self.replica).inc(extracted)
 
-    def watch_feature_channel(self, receiver: Any) -> None:
+    def watch_feature_channel(self, receiver: FeatureChannelState) -> None:
         """Export the feature side channel's counters (read from ``receiver`` at each scrape)."""
         self.registry.register(_FeatureChannelCollector(self.replica, receiver))
 
@@ -72,11 +82,11 @@ class _FeatureChannelCollector:
         ("restarts", "Times the feature side channel's receiving task was restarted"),
     )
 
-    def __init__(self, replica: str, receiver: Any):
+    def __init__(self, replica: str, receiver: FeatureChannelState):
         self.replica = replica
         self.receiver = receiver
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for name, doc in self.COUNTERS:
             family = CounterMetricFamily(f"sae_serve_feature_channel_{name}", doc, labels=["replica"])
             family.add_metric([self.replica], float(getattr(self.receiver, name, 0)))
@@ -86,5 +96,5 @@ class _FeatureChannelCollector:
         up.add_metric([self.replica], 1.0 if self.receiver.healthy else 0.0)
         yield up
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return list(self.collect())

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,6 +44,9 @@ from server.auth import (
     is_open_http_request,
     send_unauthorized,
 )
+
+if TYPE_CHECKING:
+    from ray.serve._private.grpc_util import gRPCGenericServer
 
 logger = logging.getLogger("sae_serve.proxy_auth")
 
@@ -94,13 +97,13 @@ def install(settings: dict[str, Any] | None = None) -> ApiKeys:
     return keys
 
 
-def _add_grpc_address(server: Any, address: str) -> None:
+def _add_grpc_address(grpc_server: gRPCGenericServer, server_address: str) -> None:
     """Replaces ``default_impl.add_grpc_address`` in the proxy (see the module docstring)."""
     import grpc
 
     keys: ApiKeys = _installed.get("keys") or ApiKeys()
     if keys.enabled:
-        server.service_handler_factory = guarded_handler_factory(server.service_handler_factory, keys)
+        grpc_server.service_handler_factory = guarded_handler_factory(grpc_server.service_handler_factory, keys)
     tls = _installed.get("tls")
     if tls:
         cert_path, key_path = tls
@@ -108,9 +111,9 @@ def _add_grpc_address(server: Any, address: str) -> None:
             cert = f.read()
         with open(key_path, "rb") as f:
             key = f.read()
-        server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        grpc_server.add_secure_port(server_address, grpc.ssl_server_credentials([(key, cert)]))
     else:
-        _installed["original_add_grpc_address"](server, address)
+        _installed["original_add_grpc_address"](grpc_server, server_address)
 
 
 _add_grpc_address._sae_serve = True  # type: ignore[attr-defined]

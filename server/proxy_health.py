@@ -24,9 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from starlette.middleware import Middleware
 
 APP_NAME = "sae-serve"  # = server.config.APP_NAME (not imported: keep the proxy's import light)
 DEPLOYMENT_NAME = "SAEDeployment"
@@ -35,7 +38,7 @@ FORWARD_TIMEOUT_S = 10.0
 PROXY_ERROR_STATUSES = (408, 429, 500, 502, 503, 504)  # what Ray's proxy answers by itself
 
 
-def proxy_middlewares() -> list[Any]:
+def proxy_middlewares() -> list[Middleware]:
     """The callback Ray Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``).
 
     It also installs sae-serve's API-key checks and gRPC TLS in the proxy
@@ -79,7 +82,7 @@ class HealthGate:
         return self._cached[1]
 
     @staticmethod
-    async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
+    async def _answer(send: Send, status: int, body: dict[str, object]) -> None:
         data = json.dumps(body).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})

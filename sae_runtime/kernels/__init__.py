@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Collection, Sequence
+from types import ModuleType
 
 import torch
 
@@ -72,11 +74,11 @@ def edit_mode_from_name(name: str) -> EditMode:
 # dispatch
 # ---------------------------------------------------------------------------
 
-_triton_mod = None
+_triton_mod: ModuleType | None = None
 _triton_import_error: Exception | None = None
 
 
-def _load_triton():
+def _load_triton() -> ModuleType | None:
     global _triton_mod, _triton_import_error
     if _triton_mod is None and _triton_import_error is None:
         try:
@@ -128,7 +130,14 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_tensor(name, t, ndim, dtypes, device=None, shape=None):
+def _check_tensor(
+    name: str,
+    t: torch.Tensor,
+    ndim: int,
+    dtypes: Collection[torch.dtype] | None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> None:
     _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _check(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if dtypes is not None:
@@ -141,14 +150,16 @@ def _check_tensor(name, t, ndim, dtypes, device=None, shape=None):
                 _check(t.shape[i] == s, f"{name} has shape {tuple(t.shape)}, expected dim {i} == {s}")
 
 
-def _check_k(k, d_sae):
+def _check_k(k: int, d_sae: int) -> None:
     _check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int, got {type(k).__name__}")
     _check(1 <= k <= d_sae, f"k must be in [1, d_sae={d_sae}], got {k}")
 
 
-def _check_threshold(act, threshold, d_sae, device):
+def _check_threshold(act: int, threshold: torch.Tensor | None, d_sae: int,
+                     device: torch.device) -> torch.Tensor | None:
     if act == reference.ACT_JUMPRELU:
-        _check(threshold is not None, "activation 'jumprelu' needs threshold [d_sae]")
+        if threshold is None:
+            raise ValueError("activation 'jumprelu' needs threshold [d_sae]")
         _check_tensor("threshold", threshold, 1, _FLOAT_DTYPES, device, (d_sae,))
         return threshold.contiguous()
     return None
@@ -189,7 +200,9 @@ def encode_topk(
         b_enc = b_enc.contiguous()
     threshold = _check_threshold(act, threshold, d_sae, pre.device)
     if backend_for(pre.device) == "triton":
-        return _triton_mod.encode_topk(pre, k, act, b_enc, threshold)
+        from . import triton_kernels  # imported by backend_for already
+
+        return triton_kernels.encode_topk(pre, k, act, b_enc, threshold)
     return reference.encode_topk(pre, k, act, b_enc, threshold)
 
 
@@ -266,7 +279,9 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
         lo, hi = int(indices.min()), int(indices.max())
         _check(lo >= 0 and hi < W_dec.shape[0], f"indices must be in [0, {W_dec.shape[0]}), got [{lo}, {hi}]")
     if backend_for(indices.device) == "triton":
-        return _triton_mod.sparse_decode(indices, values, W_dec)
+        from . import triton_kernels  # imported by backend_for already
+
+        return triton_kernels.sparse_decode(indices, values, W_dec)
     return reference.sparse_decode(indices, values, W_dec)
 
 
@@ -341,7 +356,17 @@ def steering_edit(
             _check(int(f.min()) >= 0 and int(f.max()) < d_sae, f"edit_features must be in [0, {d_sae})")
     if dev.type == "cpu" and n:
         _check(int(token_slot.min()) >= -1 and int(token_slot.max()) < S, f"token_slot must be in [-1, {S})")
-    kw = dict(
+    impl = reference.steering_edit
+    if backend_for(dev) == "triton":
+        from . import triton_kernels  # imported by backend_for already
+
+        impl = triton_kernels.steering_edit
+    return impl(
+        x,
+        token_slot,
+        edit_features,
+        edit_modes,
+        edit_values,
         W_enc=W_enc,
         b_enc=b_enc,
         W_dec=W_dec,
@@ -352,6 +377,3 @@ def steering_edit(
         apply_b_dec_to_input=apply_b_dec_to_input,
         inplace=inplace,
     )
-    if backend_for(dev) == "triton":
-        return _triton_mod.steering_edit(x, token_slot, edit_features, edit_modes, edit_values, **kw)
-    return reference.steering_edit(x, token_slot, edit_features, edit_modes, edit_values, **kw)

@@ -42,6 +42,13 @@ _IDX_BIAS = (1 << 31) - 1  # low word = _IDX_BIAS - index: lower index -> larger
 # ---------------------------------------------------------------------------
 
 
+def _required(t: torch.Tensor | None, what: str) -> torch.Tensor:
+    """``t``, which the caller's activation needs (the public functions check this first)."""
+    if t is None:
+        raise ValueError(f"{what} is required")
+    return t
+
+
 def activation_fp32(
     pre: torch.Tensor,
     act: int,
@@ -54,7 +61,8 @@ def activation_fp32(
         x = x + b_enc.float()
     if act == ACT_JUMPRELU:
         # (+ 0.0 turns a -0.0 that passes a negative threshold into +0.0, as the keys do)
-        return torch.where(x > threshold.float(), x, torch.zeros((), dtype=x.dtype, device=x.device)).add_(0.0)
+        thr = _required(threshold, "threshold (activation jumprelu)")
+        return torch.where(x > thr.float(), x, torch.zeros((), dtype=x.dtype, device=x.device)).add_(0.0)
     return torch.where(x > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -290,9 +298,10 @@ def steering_edit(
             pre = pre + b_enc.float()[feats]
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         if act == ACT_JUMPRELU:
-            acts = torch.where(pre > threshold.float()[feats], pre, zero)
+            thr = _required(threshold, "threshold (activation jumprelu)")
+            acts = torch.where(pre > thr.float()[feats], pre, zero)
         elif act == ACT_TOPK:
-            kth = token_kth.float()[rows].unsqueeze(1)
+            kth = _required(token_kth, "token_kth (activation topk)").float()[rows].unsqueeze(1)
             acts = torch.where((pre >= kth) & (pre > 0), pre, zero)
         else:
             acts = torch.where(pre > 0, pre, zero)

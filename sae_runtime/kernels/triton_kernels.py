@@ -300,7 +300,8 @@ def sparse_decode_forward(indices: torch.Tensor, values: torch.Tensor, W_dec: to
     return out
 
 
-def sparse_decode_grad_values(indices, grad_out, W_dec, values_dtype) -> torch.Tensor:
+def sparse_decode_grad_values(indices: torch.Tensor, grad_out: torch.Tensor, W_dec: torch.Tensor,
+                              values_dtype: torch.dtype) -> torch.Tensor:
     n, k = indices.shape
     d_in = W_dec.shape[1]
     gv = torch.empty(n, k, dtype=values_dtype, device=W_dec.device)
@@ -316,7 +317,8 @@ def sparse_decode_grad_values(indices, grad_out, W_dec, values_dtype) -> torch.T
     return gv
 
 
-def sparse_decode_grad_w(indices, values, grad_out, W_dec_shape, W_dec_dtype) -> torch.Tensor:
+def sparse_decode_grad_w(indices: torch.Tensor, values: torch.Tensor, grad_out: torch.Tensor,
+                         W_dec_shape: torch.Size, W_dec_dtype: torch.dtype) -> torch.Tensor:
     d_sae, d_in = W_dec_shape
     gw = torch.zeros(d_sae, d_in, dtype=torch.float32, device=grad_out.device)
     n, k = indices.shape
@@ -451,10 +453,22 @@ def _steering_edit_kernel(
 
 
 def steering_edit(
-    x, token_slot, edit_features, edit_modes, edit_values, *,
-    W_enc, b_enc, W_dec, b_dec, act, threshold=None, token_kth=None,
-    apply_b_dec_to_input=True, inplace=False,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    token_slot: torch.Tensor,
+    edit_features: torch.Tensor,
+    edit_modes: torch.Tensor,
+    edit_values: torch.Tensor,
+    *,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    act: int,
+    threshold: torch.Tensor | None = None,
+    token_kth: torch.Tensor | None = None,
+    apply_b_dec_to_input: bool = True,
+    inplace: bool = False,
+) -> torch.Tensor:
     """Triton twin of ``reference.steering_edit``."""
     n, d = x.shape
     S, E = edit_features.shape

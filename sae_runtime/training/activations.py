@@ -58,7 +58,9 @@ class ModelActivations:
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        self.model.to(self.device).eval().requires_grad_(False)
+        # transformers decorates PreTrainedModel.to with functools.wraps, which typeshed's
+        # _Wrapped types as an unbound function (it expects the model as argument 1).
+        self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self.layers_path, self.layers = hf_streams.find_decoder_layers(self.model)
         self.num_layers = len(self.layers)
         self.d_model = hf_streams.hidden_size(self.model)
@@ -100,7 +102,8 @@ class ModelActivations:
 
 def batched(contexts: Sequence[Tensor], tokens_per_batch: int) -> Iterator[tuple[int, list[Tensor]]]:
     """Consecutive groups of contexts of about ``tokens_per_batch`` tokens: (start index, group)."""
-    start, group, size = 0, [], 0
+    group: list[Tensor] = []
+    start, size = 0, 0
     for i, c in enumerate(contexts):
         if group and size + len(c) > tokens_per_batch:
             yield start, group
@@ -217,14 +220,17 @@ class ShuffledBatches:
             raise ValueError(f"only {table.shape[0]} activations for a batch of {batch_size}")
         self.table, self.batch_size, self.seed = table, batch_size, seed
         self.steps_per_epoch = table.shape[0] // batch_size
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: Tensor | None = None
 
     def __call__(self, step: int) -> Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
+        perm = self._perm
+        if epoch != self._epoch or perm is None:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.table.shape[0], generator=gen), epoch
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size].sort().values
+            perm = torch.randperm(self.table.shape[0], generator=gen)
+            self._perm, self._epoch = perm, epoch
+        idx = perm[i * self.batch_size:(i + 1) * self.batch_size].sort().values
         return self.table[idx].float()
 
 

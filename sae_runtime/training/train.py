@@ -161,7 +161,8 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
     d_in = source.d_model
 
     # ---------------------------------------------------------------- data
-    cache = fp = None
+    cache: ActivationCache | None = None
+    fp = ""  # the cache's fingerprint, set with it
     if cfg.cache:
         from ..default_model import cache_root
 
@@ -185,7 +186,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
                       tokens_per_batch=cfg.harvest_tokens_per_batch, progress=cfg.progress)
         table = cache.open(layer)
         n_train = table.shape[0]
-        batches: Any = ShuffledBatches(table, cfg.batch_size, cfg.seed)
+        batches: ShuffledBatches | StreamingBatches = ShuffledBatches(table, cfg.batch_size, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         pick = torch.randperm(n_train, generator=gen)[:SCALE_SAMPLE].sort().values
         sample = table[pick].float()
@@ -231,7 +232,9 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
     use_bf16 = cfg.autocast == "bfloat16"
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.architecture} {cfg.hook_point}",
                unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    ema_fvu, ema_l0, recent_fvu = None, None, []
+    ema_fvu: float | None = None
+    ema_l0: float | None = None
+    recent_fvu: list[float] = []
     t_train = time.time()
     start_step = step
     while step < total:

@@ -155,6 +155,15 @@ class _GatheredPre(torch.autograd.Function):
 class SAETrainer(nn.Module):
     """Parameters of a dictionary plus its training-time forward pass and statistics."""
 
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_enc: nn.Parameter
+    b_dec: nn.Parameter
+    log_threshold: nn.Parameter  # jumprelu only
+    # buffers, registered in __init__
+    tokens_since_fired: Tensor
+    batch_threshold: Tensor
+
     def __init__(self, kind: TrainerKind, d_in: int, d_sae: int, *, k: int = 64,
                  auxk_alpha: float = 1 / 32, dead_window: int = 1_000_000,
                  l0_coeff: float = 1e-3, l1_coeff: float = 2e-3,

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test test-fast bench-kernels clean-venv load
+.PHONY: setup serve test test-fast lint bench-kernels clean-venv load
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -10,8 +10,15 @@ setup:
 serve: setup
 	$(VENV)/bin/sae-serve $(ARGS)
 
-test: setup
+# Lint first: a type or style error fails in seconds rather than after the suite.
+test: setup lint
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# ruff (style, imports, likely bugs) and mypy (types) over the project, as configured in
+# pyproject.toml. `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Unit tests only: no vLLM engine.
 test-fast: setup

@@ -25,7 +25,6 @@ from typing import Any
 
 from sae_runtime.config_cli import ConfigError, FieldSpec, Option, add_options, field_specs, resolve
 
-
 # How sae-serve's flags deviate from the generated ``--field-name`` (see
 # :mod:`sae_runtime.config_cli`); every other field of ServeConfig (engine and autoscaling
 # flattened) is ``--field-name`` / ``SAE_SERVE_FIELD_NAME`` as it is.
@@ -45,8 +44,8 @@ OPTIONS = {
 GROUPS = {
     ("engine",): ("engine (YAML: under engine:)", None),
     ("autoscaling",): ("autoscaling (YAML: under autoscaling:)",
-                       "Off unless one of these is given; then Ray Serve scales between the bounds instead of "
-                       "running --replicas."),
+                       ("Off unless one of these is given; then Ray Serve scales between the bounds instead of "
+                        "running --replicas.")),
 }
 
 

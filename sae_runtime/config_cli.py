@@ -245,11 +245,12 @@ def resolve(model: type[BaseModel], specs: list[FieldSpec], args: argparse.Names
     values: dict[str, Any] = dict(file_values or {})
     origin: dict[tuple[str, ...], str] = {}
     for spec in specs:
-        from_env = _from_env(spec, environ[spec.env]) if environ.get(spec.env, "").strip() else None
+        has_env = bool(environ.get(spec.env, "").strip())
         from_cli = getattr(args, spec.dest, None)
         if spec.kind == "dict" and from_cli is not None:
             from_cli = dict(from_cli)
         if spec.option.accumulate:
+            from_env = _from_env(spec, environ[spec.env]) if has_env else None
             items = [*(from_cli or []), *((extra or {}).get(spec.name) or []), *(from_env or [])]
             if items:
                 _set(values, spec.path, list(dict.fromkeys(items)))
@@ -258,8 +259,8 @@ def resolve(model: type[BaseModel], specs: list[FieldSpec], args: argparse.Names
         if hasattr(args, spec.dest):
             _set(values, spec.path, from_cli)
             origin[spec.path] = spec.flag
-        elif environ.get(spec.env, "").strip():
-            _set(values, spec.path, from_env)
+        elif has_env:  # a variable the flag overrides is not read at all
+            _set(values, spec.path, _from_env(spec, environ[spec.env]))
             origin[spec.path] = spec.env
     try:
         return model.model_validate(values)

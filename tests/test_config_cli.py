@@ -112,6 +112,7 @@ def test_serve_precedence_flag_over_variable_over_yaml(tmp_path):
     cfg = serve(["--config", str(cfg_file)], env)
     assert (cfg.http_port, cfg.engine.dictionaries) == (9100, ["d1", "d2"])
     assert serve(["--config", str(cfg_file), "--eager"], env).engine.enforce_eager is True
+    assert serve(["--http-port", "9300"], {"SAE_SERVE_HTTP_PORT": "junk"}).http_port == 9300  # not read
 
 
 def test_serve_nested_and_special_flags():

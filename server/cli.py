@@ -3,9 +3,10 @@
 With no arguments it serves the embedded default model (SmolLM2-135M-Instruct) with the
 default dictionary (``sae_runtime/data/default_dictionary``) when that exists, otherwise
 with no dictionary (a warning says so; pass ``--dictionary DIR``), on 127.0.0.1: HTTP on
-port 8000, gRPC on 50051. Settings come from ``--config FILE.yaml`` (see
-:mod:`server.config`) and are overridden by flags. Ctrl-C or SIGTERM shuts down the
-replicas (and their vLLM processes) and Ray.
+port 8000, gRPC on 50051. Every field of :class:`server.config.ServeConfig` is a flag
+(``--max-model-len``) and a variable (``SAE_SERVE_MAX_MODEL_LEN``), generated from the
+model; precedence: flags > variables > ``--config FILE.yaml`` > defaults. Ctrl-C or
+SIGTERM shuts down the replicas (and their vLLM processes) and Ray.
 
 Before Ray starts, the model is resolved and every dictionary is checked against it; a
 problem (model not found, a dictionary trained on another model, a hook point beyond the
@@ -16,78 +17,80 @@ model's layers, a d_in that is not its hidden size) ends the command with one li
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from sae_runtime.config_cli import ConfigError, FieldSpec, Option, add_options, field_specs, resolve
+
+# How sae-serve's flags deviate from the generated ``--field-name`` (see
+# :mod:`sae_runtime.config_cli`); every other field of ServeConfig (engine and autoscaling
+# flattened) is ``--field-name`` / ``SAE_SERVE_FIELD_NAME`` as it is.
+OPTIONS = {
+    "dictionaries": Option(flag="--dictionary", metavar="DIR", repeat=True,
+                           default_text="the default dictionary if present"),
+    "dictionary_ids": Option(flag="--dictionary-id", metavar="ID", repeat=True),
+    "model": Option(metavar="DIR|ORG/NAME"),
+    "enforce_eager": Option(flag="--eager", default_text="compiled"),
+    "use_default_dictionary": Option(flag="--default-dictionary"),
+    "api_keys": Option(flag="--api-key", metavar="KEY", repeat=True, accumulate=True, default_text="none"),
+    "tls_cert": Option(metavar="FILE"),
+    "tls_key": Option(metavar="FILE"),
+    "limits": Option(metavar="NAME=N"),
+}
+
+GROUPS = {
+    ("engine",): ("engine (YAML: under engine:)", None),
+    ("autoscaling",): ("autoscaling (YAML: under autoscaling:)",
+                       ("Off unless one of these is given; then Ray Serve scales between the bounds instead of "
+                        "running --replicas.")),
+}
+
+
+def serve_specs() -> list[FieldSpec]:
+    from server.config import ENV_PREFIX, ServeConfig
+
+    return field_specs(ServeConfig, ENV_PREFIX, OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-serve", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sae-serve", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    p.add_argument("--model", help="checkpoint directory, or a hub id ORG/NAME already in the local Hugging Face "
-                   "cache (nothing is downloaded); default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--dictionary", action="append", dest="dictionaries", metavar="DIR",
-                   help="dictionary directory to serve (repeatable); default: the default dictionary if present")
-    p.add_argument("--dictionary-id", action="append", dest="dictionary_ids", metavar="ID",
-                   help="client-facing id for the matching --dictionary (repeatable, same order)")
-    p.add_argument("--no-default-dictionary", action="store_true", help="serve no dictionary unless given")
-    p.add_argument("--dtype", help="model dtype (float32 on CPU: bfloat16 gives garbage there)")
-    p.add_argument("--eager", dest="enforce_eager", action="store_true", default=None,
-                   help="run vLLM in eager mode (starts faster, decodes slower); default: compiled")
-    p.add_argument("--max-model-len", type=int, help="context length in tokens")
-    p.add_argument("--max-num-seqs", type=int, help="sequences per engine step")
-    p.add_argument("--kv-cache-gib", type=float, help="KV-cache memory per replica, GiB (default 1)")
-    p.add_argument("--replicas", type=int, help="number of replicas (each its own engine)")
-    p.add_argument("--min-replicas", type=int, help="enable autoscaling with this lower bound")
-    p.add_argument("--max-replicas", type=int, help="enable autoscaling with this upper bound")
-    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    p.add_argument("--max-request-bytes", type=int,
-                   help="largest accepted HTTP body / gRPC message (default 4 MiB; over it: 413 / RESOURCE_EXHAUSTED)")
-    p.add_argument("--max-edits", type=int, help="steering edits per request (default 256)")
-    p.add_argument("--max-vectors", type=int, help="raw steering vectors per request (default 32)")
-    p.add_argument("--max-top-k", type=int, help="largest features.top_k (default 256)")
-    p.add_argument("--max-feature-ids", type=int, help="most features.feature_ids per request (default 1024)")
-    p.add_argument("--max-response-feature-values", type=int,
-                   help="most feature values one response may carry: tokens x (top_k + feature ids) x dictionaries "
-                        "x choices, checked before generation (default 2,000,000; over it: 400)")
-    p.add_argument("--max-concurrent-streams", type=int,
-                   help="streaming requests open at once per replica (default 32; more get 429 / RESOURCE_EXHAUSTED)")
-    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
-                   help="accept this API key (repeatable; also SAE_SERVE_API_KEYS=k1,k2 or --api-key-file). "
-                   "With keys, every route and RPC but plain /health and gRPC Health/Check needs "
-                   "'Authorization: Bearer KEY' (Ray's /-/* routes included; gRPC reflection is off)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config file (keys as in server/config.py; "
+                   "environment variables and flags override it)")
     p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of your "
                    "shell history; sae-serve also hides --api-key values from `ps` and Ray once started)")
-    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain): serve HTTPS and gRPC over TLS "
-                   "(with --tls-key); keys are bearer tokens, so use TLS beyond this machine")
-    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    p.add_argument("--ray-num-cpus", type=int, help="CPUs Ray may schedule (default: this machine's)")
-    p.add_argument("--ray-address", help="join this running Ray cluster (head HOST:PORT, or 'auto') instead of "
-                   "starting one; see the README's multi-node section")
-    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
-                   help="Ray Serve proxies (HTTP + gRPC ports) on every node (default) or the head only")
-    p.add_argument("--max-replicas-per-node", type=int, help="at most this many replicas on one node (1 = spread)")
-    p.add_argument("--cpu-threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for the engine, e.g. 0-1")
+    groups = {path: p.add_argument_group(title, text) for path, (title, text) in GROUPS.items()}
+    add_options(p, serve_specs(), groups)
     return p
 
 
-def api_keys_from(args: argparse.Namespace) -> list[str]:
-    """Keys from --api-key, --api-key-file and SAE_SERVE_API_KEYS (all of them; none = no auth)."""
-    from server.config import API_KEYS_ENV
+EPILOG = """precedence: flags > environment variables (SAE_SERVE_<FIELD>) > --config file > defaults.
+API keys are the exception: those of --api-key, --api-key-file and SAE_SERVE_API_KEYS (k1,k2)
+are all accepted (and replace the file's api_keys).
+Environment values: none/null clears an optional setting; lists are comma-separated (a,b);
+booleans 1/0, true/false, yes/no, on/off."""
 
-    keys = list(args.api_keys or [])
-    if args.api_key_file:
-        with open(args.api_key_file) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    return list(dict.fromkeys(keys))
+
+def api_keys_from_file(path: str | None) -> list[str]:
+    """The keys of an ``--api-key-file`` (one a line; blank lines and ``#`` comments skipped)."""
+    if not path:
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    """Defaults < YAML (``--config``) < ``SAE_SERVE_*`` variables < flags, validated as
+    :class:`ServeConfig`. Raises :class:`ConfigError` (a ValueError) naming the flag,
+    variable or YAML key at fault, or OSError for an unreadable file."""
+    from server.config import ServeConfig, load_yaml
+
+    base = load_yaml(args.config) if args.config else {}
+    return resolve(ServeConfig, serve_specs(), args, file_values=base, file_name=args.config, environ=environ,
+                   extra={"api_keys": api_keys_from_file(args.api_key_file)})
 
 
 def hide_keys(config: Any, rewrite_title: bool = True) -> None:
@@ -129,40 +132,13 @@ def exposure_warnings(config: Any) -> list[str]:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """YAML (if any) merged with the flags that were given, validated as :class:`ServeConfig`."""
-    from server.config import ServeConfig, load_yaml, merge
-
-    base = load_yaml(args.config) if args.config else {}
-    engine = {k: getattr(args, k) for k in ("model", "dictionaries", "dictionary_ids", "dtype", "enforce_eager",
-                                             "max_model_len", "max_num_seqs", "kv_cache_gib")
-              if getattr(args, k) is not None}
-    top = {k: getattr(args, k) for k in ("replicas", "host", "http_port", "grpc_port", "max_request_bytes",
-                                          "ray_num_cpus", "cpu_threads_bind", "max_edits", "max_vectors",
-                                          "max_top_k", "max_feature_ids", "max_response_feature_values",
-                                          "max_concurrent_streams", "ray_address",
-                                          "proxy_location", "max_replicas_per_node", "tls_cert", "tls_key")
-           if getattr(args, k) is not None}
-    keys = api_keys_from(args)
-    if keys:
-        top["api_keys"] = keys
-    if args.no_default_dictionary:
-        top["use_default_dictionary"] = False
-    if args.min_replicas is not None or args.max_replicas is not None:
-        top["autoscaling"] = {k: v for k, v in (("min_replicas", args.min_replicas),
-                                                ("max_replicas", args.max_replicas)) if v is not None}
-    overrides: dict[str, Any] = dict(top)
-    if engine:
-        overrides["engine"] = engine
-    return ServeConfig.model_validate(merge(base, overrides))
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"sae-serve: bad configuration: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"sae-serve: error: bad configuration: {exc}", file=sys.stderr)
         return 2
     hide_keys(config, rewrite_title=argv is None)  # argv given: called in-process, not our command line
 

@@ -1,4 +1,6 @@
-"""Server configuration: one pydantic model, filled from a YAML file and then CLI flags.
+"""Server configuration: one pydantic model, filled from a YAML file, ``SAE_SERVE_*``
+environment variables and CLI flags (in that order, the later winning; ``sae-serve``
+generates one flag and one variable per field, see :mod:`sae_runtime.config_cli`).
 
 The engine part is :class:`sae_runtime.engine.engine.EngineConfig` itself (one definition
 of model, dictionaries, dtype, eager, KV cache...); this module adds what only the
@@ -47,7 +49,8 @@ from sae_runtime.engine.spec import SpecLimits
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DICTIONARY_DIR = REPO_ROOT / "sae_runtime" / "data" / "default_dictionary"
 APP_NAME = "sae-serve"
-API_KEYS_ENV = "SAE_SERVE_API_KEYS"
+ENV_PREFIX = "SAE_SERVE_"  # SAE_SERVE_<FIELD> sets a field (see server/cli.py)
+API_KEYS_ENV = ENV_PREFIX + "API_KEYS"
 CLIENT_API_KEY_ENV = "SAE_SERVE_API_KEY"  # what clients (sae-client) read; never passed to a server child either
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 LIMIT_FIELDS = ("max_edits", "max_vectors", "max_top_k", "max_feature_ids",
@@ -58,9 +61,10 @@ class AutoscalingConfig(BaseModel):
     """Ray Serve autoscaling bounds; when set it replaces the fixed ``replicas``."""
 
     model_config = ConfigDict(extra="forbid")
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=2, ge=1)
-    target_ongoing_requests: float = Field(default=8, gt=0)
+    min_replicas: int = Field(default=1, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: int = Field(default=2, ge=1, description="autoscaling: most replicas")
+    target_ongoing_requests: float = Field(default=8, gt=0,
+                                           description="autoscaling: requests per replica it aims at")
 
 
 class ServeConfig(BaseModel):
@@ -71,39 +75,48 @@ class ServeConfig(BaseModel):
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     host: str = Field(default="127.0.0.1", description="HTTP bind address (gRPC: see README)")
-    http_port: int = Field(default=8000, ge=1, le=65535)
-    grpc_port: int = Field(default=50051, ge=1, le=65535)
-    replicas: int = Field(default=1, ge=1)
-    autoscaling: AutoscalingConfig | None = None
+    http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (OpenAI-compatible API)")
+    grpc_port: int = Field(default=50051, ge=1, le=65535, description="gRPC port")
+    replicas: int = Field(default=1, ge=1, description="number of replicas, each its own engine")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Ray Serve autoscaling bounds (replace replicas when set)")
     max_ongoing_requests: int = Field(default=64, ge=1, description="per replica, before queueing")
     max_queued_requests: int = Field(default=256, ge=-1, description="beyond this: 503 / RESOURCE_EXHAUSTED; -1 = unbounded")
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
-                                   description="larger HTTP bodies get 413, larger gRPC messages RESOURCE_EXHAUSTED")
+                                   description="largest accepted HTTP body / gRPC message, bytes; larger HTTP bodies "
+                                   "get 413, larger gRPC messages RESOURCE_EXHAUSTED")
     grpc_max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024 * 1024,
         description="hard cap of Ray's gRPC proxy on any message, either way (Ray's default is 2 GiB); "
         "requests between max_request_bytes and this are refused by the replica")
-    max_edits: int | None = Field(default=None, ge=0, description=f"steering edits per request (default {SpecLimits.max_edits})")
-    max_vectors: int | None = Field(default=None, ge=0, description=f"steering vectors per request (default {SpecLimits.max_vectors})")
-    max_top_k: int | None = Field(default=None, ge=1, description=f"largest features.top_k (default {SpecLimits.max_top_k})")
+    max_edits: int | None = Field(default=None, ge=0, description=f"steering edits per request; unset = {SpecLimits.max_edits}")
+    max_vectors: int | None = Field(default=None, ge=0, description=f"raw steering vectors per request; unset = {SpecLimits.max_vectors}")
+    max_top_k: int | None = Field(default=None, ge=1, description=f"largest features.top_k; unset = {SpecLimits.max_top_k}")
     max_feature_ids: int | None = Field(default=None, ge=1,
-                                        description=f"most features.feature_ids (default {SpecLimits.max_feature_ids})")
+                                        description=f"most features.feature_ids per request; unset = {SpecLimits.max_feature_ids}")
     max_response_feature_values: int | None = Field(
         default=None, ge=1,
         description="most feature values one response may carry: tokens (prompt and/or max_tokens, by "
         "features.scope) x (top_k + len(feature_ids)) x dictionaries x choices (n, doubled by compare); "
-        f"more is refused with 400 before generation (default {SpecLimits.max_response_feature_values:,})")
+        f"more is refused with 400 before generation; unset = {SpecLimits.max_response_feature_values:,}")
     max_concurrent_streams: int = Field(default=32, ge=1,
-                                        description="streaming requests open at once per replica; more get 429")
-    api_keys: list[SecretStr] = Field(default_factory=list,
-                                      description="accepted API keys (Bearer); empty = no authentication")
+                                        description="streaming requests open at once per replica; more get 429 / "
+                                        "RESOURCE_EXHAUSTED")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="accept this API key (at least 8 printable characters). With keys, every route and RPC but "
+        "plain /health and gRPC Health/Check needs 'Authorization: Bearer KEY' (Ray's /-/* routes included; gRPC "
+        "reflection is off); none = no authentication. Keys from the flag, --api-key-file and the variable are "
+        "all accepted; sae-serve hides them from `ps`, child processes and Ray once started")
     tls_cert: str | None = Field(default=None, min_length=1,
-                                 description="PEM certificate (chain): serve HTTPS and gRPC over TLS (needs tls_key)")
+                                 description="PEM certificate (chain): serve HTTPS and gRPC over TLS (needs tls_key); "
+                                 "keys are bearer tokens, so use TLS beyond this machine")
     tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert")
     health_check_period_s: float = Field(default=5.0, gt=0,
                                          description="Ray Serve health-check period (3 failures restart a replica)")
     replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
-    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs given to ray.init; None = enough for the replicas")
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs Ray may schedule; unset = this machine's (at least enough for "
+                                     "the replicas)")
     ray_address: str | None = Field(
         default=None, min_length=1,
         description="join this running Ray cluster ('HOST:PORT' of its head, or 'auto') instead of starting a local "
@@ -119,7 +132,8 @@ class ServeConfig(BaseModel):
     )
     feature_top_n: int = Field(default=10, ge=1, le=1000, description="default tokens per list in feature info")
     use_default_dictionary: bool = Field(
-        default=True, description="serve sae_runtime/data/default_dictionary when no dictionaries are given")
+        default=True, description="serve sae_runtime/data/default_dictionary (if present) when no dictionary is "
+        "given; --no-default-dictionary: none unless given")
 
     @field_validator("api_keys")
     @classmethod
@@ -197,19 +211,8 @@ class ServeConfig(BaseModel):
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (validated later, after flags are merged)."""
+    """Read a YAML config file into a dict (validated later, with variables and flags merged in)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of settings")
     return data
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``overrides`` (flags) into ``base`` (YAML): flags win."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -43,21 +43,26 @@ WORKER_EXTENSION = "sae_runtime.worker.extension.SAEWorkerExtension"
 class EngineConfig(BaseModel):
     """How to start one engine. Defaults serve the embedded model on this CPU."""
 
-    model: str | None = Field(default=None, description="checkpoint directory; None = the embedded default model")
-    dictionaries: list[str] = Field(default_factory=list, description="dictionary directories to serve")
-    dictionary_ids: list[str] | None = Field(default=None, description="client-facing ids, one per dictionary")
-    dtype: str = "float32"
-    enforce_eager: bool = False
+    model: str | None = Field(default=None, description="checkpoint directory, or a hub id ORG/NAME already in the "
+                              "local Hugging Face cache (nothing is downloaded); unset = the embedded default model")
+    dictionaries: list[str] = Field(default_factory=list, description="dictionary directories (or hf:/sae_lens: "
+                                    "names) to serve")
+    dictionary_ids: list[str] | None = Field(default=None, description="client-facing ids, one per dictionary, "
+                                             "same order")
+    dtype: str = Field(default="float32", description="model dtype (float32 on CPU: bfloat16 gives garbage there)")
+    enforce_eager: bool = Field(default=False, description="run vLLM in eager mode (starts faster, decodes slower)")
     compile_backend: str = Field(
         default="", description="torch.compile backend in compiled mode: '' = vLLM's default (Inductor); 'eager' "
         "traces the model with Dynamo and splits it as vLLM does but generates no code (starts in seconds)")
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    kv_cache_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    feature_timeout_s: float = 60.0
-    limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields")
+    max_model_len: int = Field(default=2048, description="context length in tokens")
+    max_num_seqs: int = Field(default=64, description="sequences per engine step")
+    kv_cache_gib: float = Field(default=1.0, description="KV-cache memory per engine, GiB")
+    enable_prefix_caching: bool = Field(default=True, description="vLLM prefix caching")
+    seed: int = Field(default=0, description="vLLM's random seed")
+    feature_timeout_s: float = Field(default=60.0, description="a request's features must arrive within this "
+                                     "(else 503)")
+    limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields (max_edits=N...); "
+                                   "sae-serve's --max-* settings win over these")
 
 
 def _compilation_config(eager: bool, backend: str = "") -> dict[str, Any] | None:

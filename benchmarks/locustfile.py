@@ -173,8 +173,8 @@ class SAEGrpcUser(_WeightedPlan, User):
     wait_time = between(0.1, 0.5)
 
     def on_start(self) -> None:
-        from clients.proto import sae_serve_pb2 as pb
-        from clients.proto import sae_serve_pb2_grpc as pb_grpc
+        from sae_wire import sae_serve_pb2 as pb
+        from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
         o = self.environment.parsed_options
         self.o, self.pb = o, pb

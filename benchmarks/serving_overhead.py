@@ -85,8 +85,8 @@ def over_the_wire(args, text: str) -> tuple[list[float], list[float]]:
     import grpc
     import httpx
 
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from typing import Any, Iterable
 import grpc
 
 from clients.grpc_client import DEFAULT_TARGET, SAEClient
+from sae_wire.models import TokenFeaturesOut
 
 API_KEY_ENV = "SAE_SERVE_API_KEY"
-from server.models import TokenFeaturesOut
 
 
 def format_token(t: TokenFeaturesOut, width: int = 14) -> str:
@@ -38,6 +38,8 @@ def format_token(t: TokenFeaturesOut, width: int = 14) -> str:
             feats = " ".join(f"#{i}={v:.2f}" for i, v in zip(d.indices, d.values))
         else:
             feats = " ".join(f"{v:.2f}" for v in d.values)
+        if d.feature_values is not None:  # top-k and feature ids asked together
+            feats += " | " + " ".join(f"{v:.2f}" for v in d.feature_values)
         parts.append(f"[{d.dictionary}] {feats}")
     mark = " " if t.is_prompt else "*"
     return f"{t.position:4d}{mark}{shown:<{width}} " + "  ".join(parts)

@@ -1,9 +1,9 @@
 """Typed Python clients for the sae-serve gRPC API (sync :class:`SAEClient`, async :class:`AsyncSAEClient`).
 
-Both take and return the same pydantic models as the server (:mod:`server.models`, and
-the engine's :class:`FeatureRequest` / :class:`SteeringSpec`), converted with the
-server's own conversion code, so a request is built and validated the same way on both
-sides. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeature:
+Both take and return the wire contract's pydantic models (:mod:`sae_wire.models`, the
+ones the server validates with), converted by the one converter both sides use
+(:mod:`sae_wire.convert`), so a request is built and validated the same way on both
+sides. Neither needs torch or vLLM: ``pip install 'sae-serve[client]'``. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeature:
 read-only, idempotent) and only on UNAVAILABLE (replica starting or restarting) with
 exponential backoff; Generate is never retried, since a retry could duplicate a
 (sampled) generation the caller already partly consumed.
@@ -22,19 +22,18 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 import grpc
 
-from clients.proto import sae_serve_pb2 as pb
-from clients.proto import sae_serve_pb2_grpc as pb_grpc
-from sae_runtime.engine.spec import FeatureRequest, SteeringSpec
-from server.models import (
+from sae_wire import convert as conv
+from sae_wire import sae_serve_pb2 as pb
+from sae_wire import sae_serve_pb2_grpc as pb_grpc
+from sae_wire.models import (
     ChatMessage,
     DictionaryInfoOut,
     ExtractResponse,
     FeatureInfoOut,
+    FeatureRequest,
     GenerateChunkOut,
     SamplingOptions,
-    TokenFeaturesOut,
-    TokenScore,
-    Usage,
+    SteeringSpec,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -42,111 +41,26 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 T = TypeVar("T")
 
 
-# -- pydantic -> proto -------------------------------------------------------------------------
-
-def _scope(value: str | None) -> int:
-    from server.grpc_convert import SCOPE_TO_PB
-
-    return SCOPE_TO_PB[value] if value else pb.SCOPE_UNSPECIFIED
-
-
-def feature_request_pb(f: FeatureRequest) -> pb.FeatureRequest:
-    msg = pb.FeatureRequest(dictionaries=f.dictionaries, feature_ids=f.feature_ids or [], scope=_scope(f.scope))
-    if f.top_k is not None and not f.feature_ids:
-        msg.top_k = f.top_k
-    return msg
-
-
-def steering_pb(s: SteeringSpec) -> pb.Steering:
-    from server.grpc_convert import MODE_TO_PB
-
-    msg = pb.Steering()
-    for e in s.edits:
-        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode], scope=_scope(e.scope))
-        if e.value is not None:
-            edit.value = e.value
-        msg.edits.append(edit)
-    for v in s.vectors:
-        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point, vector=v.vector, scale=v.scale, scope=_scope(v.scope)))
-    return msg
-
-
-def _prompt(msg: Any, text: str | None, messages: Sequence[ChatMessage | dict[str, str]] | None) -> None:
-    if (text is None) == (messages is None):
-        raise ValueError("give exactly one of text= or messages=")
-    if text is not None:
-        msg.text = text
-    else:
-        for m in messages or []:
-            m = m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m)
-            msg.chat.messages.append(pb.ChatMessage(role=m.role, content=m.text()))
-
-
-# -- proto -> pydantic -------------------------------------------------------------------------
-
-def tokens_out(tokens: Sequence[pb.TokenFeatures]) -> list[TokenFeaturesOut]:
-    return [
-        TokenFeaturesOut(
-            position=t.position, token_id=t.token_id, token=t.token, is_prompt=t.is_prompt,
-            features=[{"dictionary": d.dictionary, "indices": list(d.indices) or None, "values": list(d.values)}
-                      for d in t.features],
-        )
-        for t in tokens
-    ]
-
-
-def chunk_out(m: pb.GenerateResponse) -> GenerateChunkOut:
-    return GenerateChunkOut(
-        token_ids=list(m.token_ids), text=m.text, features=tokens_out(m.features), finished=m.finished,
-        finish_reason=m.finish_reason or None,
-        usage=Usage(prompt_tokens=m.usage.prompt_tokens, completion_tokens=m.usage.completion_tokens,
-                    total_tokens=m.usage.total_tokens) if m.HasField("usage") else None,
-    )
-
-
-def dictionary_out(d: pb.DictionaryInfo) -> DictionaryInfoOut:
-    from google.protobuf.json_format import MessageToDict
-
-    return DictionaryInfoOut(id=d.id, model=d.model, hook_point=d.hook_point, architecture=d.architecture,
-                             d_in=d.d_in, d_sae=d.d_sae, k=d.k if d.HasField("k") else None,
-                             metrics=MessageToDict(d.metrics) if d.HasField("metrics") else None)
-
-
-def feature_out(f: pb.FeatureInfo) -> FeatureInfoOut:
-    def scores(xs: Sequence[pb.TokenScore]) -> list[TokenScore]:
-        return [TokenScore(token_id=x.token_id, token=x.token, score=x.score) for x in xs]
-
-    return FeatureInfoOut(dictionary=f.dictionary, feature=f.feature, hook_point=f.hook_point,
-                          decoder_norm=f.decoder_norm, top_promoted=scores(f.top_promoted),
-                          top_suppressed=scores(f.top_suppressed),
-                          density=f.density if f.HasField("density") else None)
-
-
 # -- request builders shared by both clients ---------------------------------------------------
 
+def _prompt(text: str | None, messages: Sequence[ChatMessage | dict[str, Any]] | None) -> dict[str, Any]:
+    if (text is None) == (messages is None):
+        raise ValueError("give exactly one of text= or messages=")
+    return {"text": text} if text is not None else {"messages": list(messages or [])}
+
+
 def extract_request(features: FeatureRequest | dict, text: str | None, messages: Any) -> pb.ExtractFeaturesRequest:
-    features = features if isinstance(features, FeatureRequest) else FeatureRequest.model_validate(features)
-    msg = pb.ExtractFeaturesRequest(features=feature_request_pb(features))
-    _prompt(msg, text, messages)
-    return msg
+    return conv.extract_request_pb({**_prompt(text, messages), "features": features})
 
 
 def generate_request(text: str | None, messages: Any, sampling: SamplingOptions | dict | None,
                      features: FeatureRequest | dict | None, steering: SteeringSpec | dict | None) -> pb.GenerateRequest:
-    s = sampling if isinstance(sampling, SamplingOptions) else SamplingOptions.model_validate(sampling or {})
-    msg = pb.GenerateRequest(sampling=pb.SamplingOptions(temperature=s.temperature, top_p=s.top_p, stop=s.stop))
-    if s.max_tokens is not None:
-        msg.sampling.max_tokens = s.max_tokens
-    if s.seed is not None:
-        msg.sampling.seed = s.seed
+    request: dict[str, Any] = {**_prompt(text, messages), "sampling": sampling or {}}
     if features is not None:
-        features = features if isinstance(features, FeatureRequest) else FeatureRequest.model_validate(features)
-        msg.features.CopyFrom(feature_request_pb(features))
+        request["features"] = features
     if steering is not None:
-        steering = steering if isinstance(steering, SteeringSpec) else SteeringSpec.model_validate(steering)
-        msg.steering.CopyFrom(steering_pb(steering))
-    _prompt(msg, text, messages)
-    return msg
+        request["steering"] = steering
+    return conv.generate_request_pb(request)
 
 
 class _RetryPolicy:
@@ -224,7 +138,7 @@ class SAEClient:
     def extract(self, text: str | None = None, *, messages: Any = None,
                 features: FeatureRequest | dict) -> ExtractResponse:
         resp = self._safe(self.stub.ExtractFeatures, extract_request(features, text, messages))
-        return ExtractResponse(model=resp.model, tokens=tokens_out(resp.tokens))
+        return conv.extract_response_from_pb(resp)
 
     def generate(self, text: str | None = None, *, messages: Any = None, sampling: SamplingOptions | dict | None = None,
                  features: FeatureRequest | dict | None = None,
@@ -234,19 +148,19 @@ class SAEClient:
                                   timeout=self.timeout_s, metadata=self.metadata)
         try:
             for m in call:
-                yield chunk_out(m)
+                yield conv.generate_chunk_from_pb(m)
         finally:
             call.cancel()
 
     def list_dictionaries(self) -> list[DictionaryInfoOut]:
         resp = self._safe(self.stub.ListDictionaries, pb.ListDictionariesRequest())
-        return [dictionary_out(d) for d in resp.dictionaries]
+        return [conv.dictionary_from_pb(d) for d in resp.dictionaries]
 
     def get_feature(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
         req = pb.GetFeatureRequest(dictionary=dictionary, feature=feature)
         if top_n is not None:
             req.top_n = top_n
-        return feature_out(self._safe(self.stub.GetFeature, req))
+        return conv.feature_info_from_pb(self._safe(self.stub.GetFeature, req))
 
 
 class AsyncSAEClient:
@@ -285,7 +199,7 @@ class AsyncSAEClient:
     async def extract(self, text: str | None = None, *, messages: Any = None,
                       features: FeatureRequest | dict) -> ExtractResponse:
         resp = await self._safe(self.stub.ExtractFeatures, extract_request(features, text, messages))
-        return ExtractResponse(model=resp.model, tokens=tokens_out(resp.tokens))
+        return conv.extract_response_from_pb(resp)
 
     async def generate(self, text: str | None = None, *, messages: Any = None,
                        sampling: SamplingOptions | dict | None = None, features: FeatureRequest | dict | None = None,
@@ -294,16 +208,16 @@ class AsyncSAEClient:
                                   timeout=self.timeout_s, metadata=self.metadata)
         try:
             async for m in call:
-                yield chunk_out(m)
+                yield conv.generate_chunk_from_pb(m)
         finally:
             call.cancel()
 
     async def list_dictionaries(self) -> list[DictionaryInfoOut]:
         resp = await self._safe(self.stub.ListDictionaries, pb.ListDictionariesRequest())
-        return [dictionary_out(d) for d in resp.dictionaries]
+        return [conv.dictionary_from_pb(d) for d in resp.dictionaries]
 
     async def get_feature(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
         req = pb.GetFeatureRequest(dictionary=dictionary, feature=feature)
         if top_n is not None:
             req.top_n = top_n
-        return feature_out(await self._safe(self.stub.GetFeature, req))
+        return conv.feature_info_from_pb(await self._safe(self.stub.GetFeature, req))

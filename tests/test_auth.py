@@ -137,7 +137,7 @@ def grpc_methods() -> SAEGrpcMethods:
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer nope-nope-nope"),), (("authorization", KEY),),
                                       (("x-api-key", KEY),)])
 def test_grpc_methods_refuse_missing_or_wrong_keys(metadata):
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
 
     m = grpc_methods()
 
@@ -168,7 +168,7 @@ def test_grpc_methods_refuse_missing_or_wrong_keys(metadata):
 def test_grpc_accepts_the_key_and_health_check_stays_open():
     from grpc_health.v1 import health_pb2
 
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
 
     m = grpc_methods()
     ctx = FakeContext([("authorization", f"Bearer {KEY}")])
@@ -494,8 +494,8 @@ class _RecordingServicer:
     def __init__(self, tls: tuple[str, str] | None = None):
         from concurrent import futures
 
-        from clients.proto import sae_serve_pb2 as pb
-        from clients.proto import sae_serve_pb2_grpc as pb_grpc
+        from sae_wire import sae_serve_pb2 as pb
+        from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
         self.seen: list[dict] = []
         outer = self

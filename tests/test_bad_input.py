@@ -224,7 +224,7 @@ def test_bad_http_request(live_server, http, case):
 
 def grpc_cases() -> list[tuple]:
     """(id, method, request, code, text in the details)."""
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
 
     F = pb.FeatureRequest
     C = grpc.StatusCode
@@ -318,7 +318,7 @@ GRPC_IDS = [c[0] for c in grpc_cases()]
 
 @pytest.mark.parametrize("index", range(len(GRPC_IDS)), ids=GRPC_IDS)
 def test_bad_grpc_request(live_server, channel, index):
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     _, method, request, code, needle = grpc_cases()[index]
     stub = pb_grpc.SAEServiceStub(channel)
@@ -355,8 +355,8 @@ def test_unparseable_grpc_messages_do_not_hurt_the_server(channel, name, payload
 
 def test_grpc_message_over_the_proxy_cap_is_refused_before_the_replica(channel):
     """Ray's proxy accepts 2 GiB messages by default; sae-serve caps them (64 MiB default)."""
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     big = pb.ExtractFeaturesRequest(text="a" * (70 * 2**20), features=pb.FeatureRequest(dictionaries=[D]))
     with pytest.raises(grpc.RpcError) as err:
@@ -381,8 +381,8 @@ def test_oversized_chunked_body_is_413(live_server, http):
 
 
 def test_still_generates_and_extracts_after_all_of_it(http, channel):
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     r = http.post("/v1/chat/completions", json={"messages": Q, "max_tokens": 3, "temperature": 0,
                                                 "steering": {"edits": [edit(value=2.0)]}, "features": FEAT})

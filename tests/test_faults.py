@@ -104,8 +104,8 @@ def test_http_client_leaving_an_sse_stream_aborts_it_in_the_engine(live_server):
 
 
 def test_grpc_client_cancelling_a_generate_stream_aborts_it_in_the_engine(live_server):
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     base = live_server.base_url
     wait_idle(base)
@@ -240,8 +240,8 @@ def test_feature_side_channel_survives_undecodable_frames_mid_load(live_server: 
 
 
 def test_api_key_end_to_end_and_never_logged(fault_server: ServerHandle):
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     base = fault_server.base_url
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200  # open
@@ -280,8 +280,8 @@ def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
             assert s1.status_code == 200 and s2.status_code == 200
             r3 = c.post(f"{base}/v1/chat/completions", json=body)
             assert r3.status_code == 429 and r3.json()["error"]["param"] == "stream", r3.text
-            from clients.proto import sae_serve_pb2 as pb
-            from clients.proto import sae_serve_pb2_grpc as pb_grpc
+            from sae_wire import sae_serve_pb2 as pb
+            from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
             with grpc.insecure_channel(fault_server.grpc_target) as ch:
                 with pytest.raises(grpc.RpcError) as err:

@@ -168,7 +168,7 @@ def test_budget_over_http_streaming_and_extract_and_grpc():
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == "features" and "max_response_feature_values" in r.text
     assert service.open_streams == 0 and engine.started == []
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
 
     m = grpc_methods(service)
     ctx = FakeContext()
@@ -486,7 +486,7 @@ def grpc_methods(service: SAEService) -> SAEGrpcMethods:
 
 
 def test_unexpected_grpc_errors_are_internal_with_a_short_message(caplog):
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
 
     service = service_for(FakeEngine())
 

@@ -225,7 +225,7 @@ def test_chat_is_refused_before_the_engine_without_a_chat_template():
 
 
 def test_grpc_chat_is_refused_without_a_chat_template():
-    from clients.proto import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2 as pb
     from server.grpc_service import GrpcRequestError, SAEGrpcMethods
 
     m = SAEGrpcMethods()
@@ -319,8 +319,8 @@ def test_live_completions_and_extraction_work(gpt2_http):
 
 @pytest.mark.slow
 def test_live_grpc_chat_refused_and_text_generates(gpt2_server):
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(gpt2_server.grpc_target) as channel:
         stub = pb_grpc.SAEServiceStub(channel)

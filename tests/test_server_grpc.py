@@ -39,6 +39,45 @@ def test_generate_stream_with_features_and_steering(live_server):
         assert steered != text
 
 
+def test_top_k_and_feature_ids_together_come_back_over_grpc_as_over_http(live_server):
+    """Asked together, top_k and feature_ids both come back over gRPC (the top-k in
+    indices/values, the asked ids' values in feature_values), equal to HTTP's answer."""
+    import httpx
+
+    from clients.grpc_client import SAEClient
+    from sae_wire.models import ExtractResponse
+
+    text = "The Eiffel Tower is in Paris"
+
+    def http_extract(features: dict) -> ExtractResponse:
+        r = httpx.post(f"{live_server.base_url}/v1/features/extract", json={"text": text, "features": features},
+                       timeout=120, verify=live_server.verify)
+        assert r.status_code == 200, r.text
+        return ExtractResponse.model_validate(r.json())
+
+    # Ask for features that fire (the strongest two of the last token) and one that may not.
+    strongest = http_extract({"dictionaries": [DICTIONARY_ID], "top_k": 2}).tokens[-1].features[0].indices
+    features = {"dictionaries": [DICTIONARY_ID], "top_k": 3, "feature_ids": [*strongest, 511]}
+    expected = http_extract(features)
+    with SAEClient(live_server.grpc_target) as c:
+        got = c.extract(text, features=features)
+        chunks = list(c.generate(text, sampling={"max_tokens": 3, "temperature": 0},
+                                 features={**features, "scope": "generated"}))
+
+    assert len(got.tokens) == len(expected.tokens) > 2
+    for g, e in zip(got.tokens, expected.tokens):
+        (gd,), (ed,) = g.features, e.features
+        assert gd.feature_values is not None, f"gRPC dropped feature_values (token {g.position})"
+        assert len(gd.indices) == 3 and len(gd.values) == 3 and len(gd.feature_values) == 3
+        assert (g.position, g.token_id, gd.indices) == (e.position, e.token_id, ed.indices)
+        assert gd.values == pytest.approx(ed.values, rel=1e-6)
+        assert gd.feature_values == pytest.approx(ed.feature_values, rel=1e-6)
+    last = got.tokens[-1].features[0]
+    assert last.feature_values[:2] == pytest.approx(last.values[:2], rel=1e-6)  # the same features, both ways
+    streamed = [d for ch in chunks for t in ch.features for d in t.features]
+    assert streamed and all(len(d.indices) == 3 and len(d.feature_values or []) == 3 for d in streamed)
+
+
 def test_async_client_lists_dictionaries_and_features(live_server):
     from clients.grpc_client import AsyncSAEClient
 

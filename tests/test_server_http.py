@@ -199,8 +199,8 @@ def test_bad_feature_requests_and_oversized_bodies(http):
 
 
 def test_grpc_status_codes_for_bad_input(live_server):
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(live_server.grpc_target) as ch:
         stub = pb_grpc.SAEServiceStub(ch)

@@ -9,7 +9,7 @@ import httpx
 
 from clients.cli import print_tokens
 from clients.grpc_client import SAEClient
-from server.models import ExtractResponse
+from sae_wire.models import ExtractResponse
 
 text = sys.argv[1] if len(sys.argv) > 1 else "The Eiffel Tower is in Paris"
 http = httpx.Client(base_url="http://127.0.0.1:8000", timeout=120)

@@ -7,29 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-
-class DictionaryFeatures(BaseModel):
-    """One token's features from one dictionary."""
-
-    dictionary: str
-    indices: list[int] | None = Field(
-        default=None, description="feature ids, strongest first (top-k requests); None when only feature_ids were asked"
-    )
-    values: list[float] = Field(
-        description="activations, aligned with indices; when only feature_ids were asked, with the feature_ids"
-    )
-    feature_values: list[float] | None = Field(
-        default=None, description="activations of the requested feature_ids when top_k was asked as well"
-    )
-
-
-class TokenFeatures(BaseModel):
-    """The features of the residual stream at one token position."""
-
-    position: int = Field(description="0-based position in the request: prompt tokens first, then generated")
-    token_id: int
-    is_prompt: bool
-    features: list[DictionaryFeatures]
+from sae_wire.models import DictionaryFeatures, TokenFeatures  # noqa: F401  (the wire contract's)
 
 
 class GenerationChunk(BaseModel):

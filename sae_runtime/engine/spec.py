@@ -1,8 +1,8 @@
 """The per-request SAE spec: which features to return and which steering edits to apply.
 
-These pydantic models are the one definition of the request fields ``features`` and
-``steering`` (design notes, "HTTP"); HTTP and gRPC conversion code build them, and the
-engine validates them against the served dictionaries *in the API process*, before
+The pydantic models of the request fields ``features`` and ``steering`` are the wire
+contract's (:mod:`sae_wire.models`, design notes, "HTTP"); HTTP and gRPC conversion code
+build them, and the engine validates them against the served dictionaries *in the API process*, before
 anything reaches vLLM. What crosses into the worker is only the plain, already-checked
 dict made by :func:`to_worker_spec` (numbers, strings and lists: never code or pickles).
 """
@@ -13,14 +13,21 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict
 
 from sae_runtime.hook_points import parse_hook_point
-
-Scope = Literal["prompt", "generated", "all"]
-EditModeName = Literal["add", "clamp", "scale", "ablate"]
+# The request fields themselves are the wire contract's (one definition, shared with the
+# gRPC converter and the client); this module adds the checks against what is served.
+from sae_wire.models import (  # noqa: F401
+    EditModeName,
+    FeatureRequest,
+    Scope,
+    SteeringEdit,
+    SteeringSpec,
+    SteeringVector,
+)
 
 # Defaults for the limits; the server can lower or raise them per deployment.
 DEFAULT_MAX_EDITS = 256
@@ -58,83 +65,6 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class FeatureRequest(_Strict):
-    """Which SAE features to return for each token of the request."""
-
-    dictionaries: list[str] = Field(min_length=1, description="dictionary ids to read")
-    top_k: int | None = Field(default=None, ge=1, description="return the k strongest features per token")
-    feature_ids: list[int] | None = Field(
-        default=None, min_length=1, description="return these features' values (with top_k: as well)"
-    )
-    scope: Scope = "all"
-
-    @model_validator(mode="after")
-    def _something_asked(self) -> "FeatureRequest":
-        # Neither asked: the strongest 8. Both asked: both come back (values aligned with
-        # indices for the top-k, feature_values aligned with feature_ids).
-        if self.top_k is None and self.feature_ids is None:
-            self.top_k = 8
-        return self
-
-
-class SteeringEdit(_Strict):
-    """One edit of one feature; see the design notes' table for each mode's effect."""
-
-    dictionary: str
-    feature: int = Field(ge=0)
-    mode: EditModeName = "add"
-    value: float | None = Field(default=None, description="v for add/clamp, s for scale; unused by ablate")
-    scope: Scope = "all"
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number (got NaN or infinity)")
-        return v
-
-    @model_validator(mode="after")
-    def _value_when_needed(self) -> "SteeringEdit":
-        if self.value is None:
-            if self.mode == "ablate":
-                self.value = 0.0
-            else:
-                raise ValueError(f"mode '{self.mode}' needs a value")
-        return self
-
-
-class SteeringVector(_Strict):
-    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``."""
-
-    hook_point: str
-    vector: list[float] = Field(min_length=1)
-    scale: float = 1.0
-    scope: Scope = "all"
-
-    @field_validator("vector")
-    @classmethod
-    def _finite_vector(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("must hold only finite numbers (found NaN or infinity)")
-        return v
-
-    @field_validator("scale")
-    @classmethod
-    def _finite_scale(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-
-class SteeringSpec(_Strict):
-    edits: list[SteeringEdit] = Field(default_factory=list)
-    vectors: list[SteeringVector] = Field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.edits and not self.vectors
 
 
 class SAERequestSpec(_Strict):

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from clients.proto import sae_serve_pb2 as sae__serve_dot_v1_dot_sae__serve__pb2
+from sae_wire import sae_serve_pb2 as sae__serve_dot_v1_dot_sae__serve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,14 +1,15 @@
 """Regenerate the Python gRPC stubs in this folder from ``protos/`` (``--check``: verify).
 
 The stubs are committed, so installing the package needs no code generation and the
-server and clients import them as ``clients.proto``. ``grpc_tools`` writes absolute
-imports and module names that follow the proto package (``sae_serve.v1.sae_serve_pb2``);
-there is no ``sae_serve`` Python package here, so both are rewritten to this package.
+server and clients import them as ``sae_wire.sae_serve_pb2`` / ``sae_wire.sae_serve_pb2_grpc``.
+``grpc_tools`` writes absolute imports and module names that follow the proto package
+(``sae_serve.v1.sae_serve_pb2``); there is no ``sae_serve`` Python package here, so both
+are rewritten to this package.
 The descriptor keeps its proto path (``sae_serve/v1/sae_serve.proto``), which is what
 server reflection advertises.
 
-    python -m clients.proto.generate          # rewrite the stubs
-    python -m clients.proto.generate --check  # exit 1 if they differ from protos/
+    python -m sae_wire.generate          # rewrite the stubs
+    python -m sae_wire.generate --check  # exit 1 if they differ from protos/
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parent
 PROTO_ROOT = REPO / "protos"
 PROTO = "sae_serve/v1/sae_serve.proto"
 OUTPUTS = ("sae_serve_pb2.py", "sae_serve_pb2.pyi", "sae_serve_pb2_grpc.py")
@@ -41,11 +42,11 @@ def generate() -> dict[str, str]:
         gen = Path(out) / "sae_serve" / "v1"
         files = {name: (gen / name).read_text() for name in OUTPUTS}
     files["sae_serve_pb2_grpc.py"] = files["sae_serve_pb2_grpc.py"].replace(
-        "from sae_serve.v1 import sae_serve_pb2", "from clients.proto import sae_serve_pb2")
+        "from sae_serve.v1 import sae_serve_pb2", "from sae_wire import sae_serve_pb2")
     # Message classes record the module they live in; Ray pickles requests between the
     # proxy and the replicas, and unpickling imports that module, so it must be the real one.
     files["sae_serve_pb2.py"] = files["sae_serve_pb2.py"].replace(
-        "'sae_serve.v1.sae_serve_pb2'", "'clients.proto.sae_serve_pb2'")
+        "'sae_serve.v1.sae_serve_pb2'", "'sae_wire.sae_serve_pb2'")
     return files
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.check:
             path.write_text(text)
     if args.check and stale:
-        print(f"stale gRPC stubs: {', '.join(stale)}; run python -m clients.proto.generate", file=sys.stderr)
+        print(f"stale gRPC stubs: {', '.join(stale)}; run python -m sae_wire.generate", file=sys.stderr)
         return 1
     return 0
 

@@ -107,14 +107,16 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DictionaryFeatures(_message.Message):
-    __slots__ = ("dictionary", "indices", "values")
+    __slots__ = ("dictionary", "indices", "values", "feature_values")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_VALUES_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     indices: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, dictionary: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    feature_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, dictionary: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., feature_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TokenFeatures(_message.Message):
     __slots__ = ("position", "token_id", "token", "is_prompt", "features")

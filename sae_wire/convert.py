@@ -1,0 +1,313 @@
+"""The one converter between the protobuf messages (``protos/``) and the wire models.
+
+Both directions live here, side by side, and both sides of the wire use them: the gRPC
+server reads requests with ``*_from_pb`` and writes responses with ``*_pb``; the Python
+client writes requests with ``*_pb`` and reads responses with ``*_from_pb``.
+``tests/test_wire.py`` round-trips every message through both directions, so a field
+added to one direction and not the other fails there.
+
+Requests read from a message become plain dicts validated by the same pydantic models
+the HTTP API uses (:mod:`sae_wire.models`), so a field that HTTP refuses is refused over
+gRPC with the same message (:class:`pydantic.ValidationError`). What pydantic cannot see
+(an enum number outside the proto's, no prompt at all, no ``features`` on
+ExtractFeatures) raises :class:`WireError` naming the field.
+
+Proto3 cannot tell "unset" from zero for plain scalars, which is why optional fields in
+the proto are declared ``optional`` and read with ``HasField``; for repeated fields
+"empty" stands for "not asked" (``top_k`` and ``feature_ids`` are never empty when asked).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToDict, ParseDict
+
+from sae_wire import sae_serve_pb2 as pb
+from sae_wire.models import (
+    DictionaryFeatures,
+    DictionaryInfoOut,
+    ExtractRequest,
+    ExtractResponse,
+    FeatureInfoOut,
+    FeatureRequest,
+    GenerateChunkOut,
+    GenerateRequest,
+    SamplingOptions,
+    SteeringSpec,
+    TokenFeaturesOut,
+    TokenScore,
+    Usage,
+)
+
+SCOPE_FROM_PB = {pb.SCOPE_UNSPECIFIED: None, pb.SCOPE_PROMPT: "prompt", pb.SCOPE_GENERATED: "generated",
+                 pb.SCOPE_ALL: "all"}
+SCOPE_TO_PB = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "all": pb.SCOPE_ALL}
+MODE_FROM_PB = {pb.EDIT_MODE_UNSPECIFIED: None, pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp",
+                pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
+MODE_TO_PB = {"add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE,
+              "ablate": pb.EDIT_MODE_ABLATE}
+SAMPLING_OPTIONALS = ("max_tokens", "temperature", "top_p", "seed")
+
+
+class WireError(ValueError):
+    """A message that cannot become a request; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _model(cls: Any, value: Any) -> Any:
+    """``value`` as a ``cls`` instance (a dict or another model is validated)."""
+    if isinstance(value, cls):
+        return value
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return cls.model_validate(value)
+
+
+def _enum(table: dict[int, str | None], value: int, field: str) -> str | None:
+    if value not in table:
+        raise WireError(field, f"unknown enum value {value}")
+    return table[value]
+
+
+def _set(d: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        d[key] = value
+
+
+def _scope_pb(value: str | None) -> int:
+    return SCOPE_TO_PB[value] if value else pb.SCOPE_UNSPECIFIED
+
+
+# -- requests: message -> dict -> model (the server) ------------------------------------------
+
+def feature_request_dict(msg: pb.FeatureRequest) -> dict[str, Any]:
+    d: dict[str, Any] = {"dictionaries": list(msg.dictionaries)}
+    if msg.HasField("top_k"):
+        d["top_k"] = msg.top_k
+    if msg.feature_ids:
+        d["feature_ids"] = list(msg.feature_ids)
+    _set(d, "scope", _enum(SCOPE_FROM_PB, msg.scope, "features.scope"))
+    return d
+
+
+def steering_dict(msg: pb.Steering) -> dict[str, Any]:
+    edits = []
+    for i, e in enumerate(msg.edits):
+        ed: dict[str, Any] = {"dictionary": e.dictionary, "feature": e.feature}
+        _set(ed, "mode", _enum(MODE_FROM_PB, e.mode, f"steering.edits[{i}].mode"))
+        if e.HasField("value"):
+            ed["value"] = e.value
+        _set(ed, "scope", _enum(SCOPE_FROM_PB, e.scope, f"steering.edits[{i}].scope"))
+        edits.append(ed)
+    vectors = []
+    for i, v in enumerate(msg.vectors):
+        vd: dict[str, Any] = {"hook_point": v.hook_point, "vector": list(v.vector)}
+        if v.HasField("scale"):
+            vd["scale"] = v.scale
+        _set(vd, "scope", _enum(SCOPE_FROM_PB, v.scope, f"steering.vectors[{i}].scope"))
+        vectors.append(vd)
+    return {"edits": edits, "vectors": vectors}
+
+
+def sampling_dict(msg: pb.SamplingOptions) -> dict[str, Any]:
+    d: dict[str, Any] = {"stop": list(msg.stop)}
+    for name in SAMPLING_OPTIONALS:
+        if msg.HasField(name):
+            d[name] = getattr(msg, name)
+    return d
+
+
+def _input_dict(msg: Any) -> dict[str, Any]:
+    which = msg.WhichOneof("input")
+    if which == "text":
+        return {"text": msg.text}
+    if which == "chat":
+        return {"messages": [{"role": m.role, "content": m.content} for m in msg.chat.messages]}
+    raise WireError("input", "give 'text' or 'chat'")
+
+
+def extract_request_dict(msg: pb.ExtractFeaturesRequest) -> dict[str, Any]:
+    data = _input_dict(msg)
+    if not msg.HasField("features"):
+        raise WireError("features", "is required")
+    data["features"] = feature_request_dict(msg.features)
+    return data
+
+
+def generate_request_dict(msg: pb.GenerateRequest) -> dict[str, Any]:
+    data = _input_dict(msg)
+    data["sampling"] = sampling_dict(msg.sampling)
+    if msg.HasField("features"):
+        data["features"] = feature_request_dict(msg.features)
+    if msg.HasField("steering"):
+        data["steering"] = steering_dict(msg.steering)
+    return data
+
+
+def extract_request_from_pb(msg: pb.ExtractFeaturesRequest) -> ExtractRequest:
+    """Raises :class:`WireError` or :class:`pydantic.ValidationError`, both naming the field."""
+    return ExtractRequest.model_validate(extract_request_dict(msg))
+
+
+def generate_request_from_pb(msg: pb.GenerateRequest) -> GenerateRequest:
+    """Raises :class:`WireError` or :class:`pydantic.ValidationError`, both naming the field."""
+    return GenerateRequest.model_validate(generate_request_dict(msg))
+
+
+# -- requests: model (or dict) -> message (the client) ----------------------------------------
+
+def feature_request_pb(features: FeatureRequest | dict) -> pb.FeatureRequest:
+    f = _model(FeatureRequest, features)
+    msg = pb.FeatureRequest(dictionaries=f.dictionaries, feature_ids=f.feature_ids or [], scope=_scope_pb(f.scope))
+    if f.top_k is not None:  # with feature_ids too: both are asked, both come back
+        msg.top_k = f.top_k
+    return msg
+
+
+def steering_pb(steering: SteeringSpec | dict) -> pb.Steering:
+    s = _model(SteeringSpec, steering)
+    msg = pb.Steering()
+    for e in s.edits:
+        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
+                               scope=_scope_pb(e.scope))
+        if e.value is not None:
+            edit.value = e.value
+        msg.edits.append(edit)
+    for v in s.vectors:
+        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point, vector=v.vector, scale=v.scale,
+                                             scope=_scope_pb(v.scope)))
+    return msg
+
+
+def sampling_pb(sampling: SamplingOptions | dict) -> pb.SamplingOptions:
+    s = _model(SamplingOptions, sampling)
+    msg = pb.SamplingOptions(stop=s.stop)
+    for name in SAMPLING_OPTIONALS:
+        value = getattr(s, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def _input_pb(msg: Any, req: ExtractRequest | GenerateRequest) -> None:
+    if req.text is not None:
+        msg.text = req.text
+    else:
+        for m in req.messages or []:
+            msg.chat.messages.append(pb.ChatMessage(role=m.role, content=m.text()))
+
+
+def extract_request_pb(request: ExtractRequest | dict) -> pb.ExtractFeaturesRequest:
+    req = _model(ExtractRequest, request)
+    msg = pb.ExtractFeaturesRequest(features=feature_request_pb(req.features))
+    _input_pb(msg, req)
+    return msg
+
+
+def generate_request_pb(request: GenerateRequest | dict) -> pb.GenerateRequest:
+    req = _model(GenerateRequest, request)
+    msg = pb.GenerateRequest(sampling=sampling_pb(req.sampling))
+    if req.features is not None:
+        msg.features.CopyFrom(feature_request_pb(req.features))
+    if req.steering is not None:
+        msg.steering.CopyFrom(steering_pb(req.steering))
+    _input_pb(msg, req)
+    return msg
+
+
+# -- responses: model -> message (the server) -------------------------------------------------
+
+def dictionary_features_pb(d: DictionaryFeatures) -> pb.DictionaryFeatures:
+    return pb.DictionaryFeatures(dictionary=d.dictionary, indices=d.indices or [], values=d.values,
+                                 feature_values=d.feature_values or [])
+
+
+def token_features_pb(tokens: Sequence[TokenFeaturesOut]) -> list[pb.TokenFeatures]:
+    return [
+        pb.TokenFeatures(position=t.position, token_id=t.token_id, token=t.token, is_prompt=t.is_prompt,
+                         features=[dictionary_features_pb(d) for d in t.features])
+        for t in tokens
+    ]
+
+
+def extract_response_pb(resp: ExtractResponse) -> pb.ExtractFeaturesResponse:
+    return pb.ExtractFeaturesResponse(model=resp.model, tokens=token_features_pb(resp.tokens))
+
+
+def generate_chunk_pb(chunk: GenerateChunkOut) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text, features=token_features_pb(chunk.features),
+                              finished=chunk.finished, finish_reason=chunk.finish_reason or "")
+    if chunk.usage is not None:
+        out.usage.CopyFrom(pb.Usage(**chunk.usage.model_dump()))
+    return out
+
+
+def dictionary_pb(d: DictionaryInfoOut) -> pb.DictionaryInfo:
+    out = pb.DictionaryInfo(id=d.id, model=d.model, hook_point=d.hook_point, architecture=d.architecture,
+                            d_in=d.d_in, d_sae=d.d_sae)
+    if d.k is not None:
+        out.k = d.k
+    if d.metrics is not None:
+        out.metrics.CopyFrom(ParseDict(d.metrics, struct_pb2.Struct()))
+    return out
+
+
+def feature_info_pb(f: FeatureInfoOut) -> pb.FeatureInfo:
+    out = pb.FeatureInfo(
+        dictionary=f.dictionary, feature=f.feature, hook_point=f.hook_point, decoder_norm=f.decoder_norm,
+        top_promoted=[pb.TokenScore(**t.model_dump()) for t in f.top_promoted],
+        top_suppressed=[pb.TokenScore(**t.model_dump()) for t in f.top_suppressed],
+    )
+    if f.density is not None:
+        out.density = f.density
+    return out
+
+
+# -- responses: message -> model (the client) -------------------------------------------------
+
+def dictionary_features_from_pb(d: pb.DictionaryFeatures) -> DictionaryFeatures:
+    return DictionaryFeatures(dictionary=d.dictionary, indices=list(d.indices) or None, values=list(d.values),
+                              feature_values=list(d.feature_values) or None)
+
+
+def tokens_from_pb(tokens: Sequence[pb.TokenFeatures]) -> list[TokenFeaturesOut]:
+    return [
+        TokenFeaturesOut(position=t.position, token_id=t.token_id, token=t.token, is_prompt=t.is_prompt,
+                         features=[dictionary_features_from_pb(d) for d in t.features])
+        for t in tokens
+    ]
+
+
+def extract_response_from_pb(m: pb.ExtractFeaturesResponse) -> ExtractResponse:
+    return ExtractResponse(model=m.model, tokens=tokens_from_pb(m.tokens))
+
+
+def generate_chunk_from_pb(m: pb.GenerateResponse) -> GenerateChunkOut:
+    return GenerateChunkOut(
+        token_ids=list(m.token_ids), text=m.text, features=tokens_from_pb(m.features), finished=m.finished,
+        finish_reason=m.finish_reason or None,
+        usage=Usage(prompt_tokens=m.usage.prompt_tokens, completion_tokens=m.usage.completion_tokens,
+                    total_tokens=m.usage.total_tokens) if m.HasField("usage") else None,
+    )
+
+
+def dictionary_from_pb(d: pb.DictionaryInfo) -> DictionaryInfoOut:
+    return DictionaryInfoOut(id=d.id, model=d.model, hook_point=d.hook_point, architecture=d.architecture,
+                             d_in=d.d_in, d_sae=d.d_sae, k=d.k if d.HasField("k") else None,
+                             metrics=MessageToDict(d.metrics) if d.HasField("metrics") else None)
+
+
+def feature_info_from_pb(f: pb.FeatureInfo) -> FeatureInfoOut:
+    def scores(xs: Sequence[pb.TokenScore]) -> list[TokenScore]:
+        return [TokenScore(token_id=x.token_id, token=x.token, score=x.score) for x in xs]
+
+    return FeatureInfoOut(dictionary=f.dictionary, feature=f.feature, hook_point=f.hook_point,
+                          decoder_norm=f.decoder_norm, top_promoted=scores(f.top_promoted),
+                          top_suppressed=scores(f.top_suppressed),
+                          density=f.density if f.HasField("density") else None)

@@ -1,0 +1,254 @@
+"""The wire contract's data: request and response models shared by every transport.
+
+One definition of each field: the HTTP API serialises these directly (FastAPI bodies
+and response models), the gRPC server and the Python client convert them to and from
+the protobuf messages with :mod:`sae_wire.convert`, and the engine validates the
+``features`` / ``steering`` parts against the served dictionaries
+(``sae_runtime.engine.spec`` re-exports those). Pure pydantic: importing this module
+needs neither torch nor vLLM, so a client installs without them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Scope = Literal["prompt", "generated", "all"]
+EditModeName = Literal["add", "clamp", "scale", "ablate"]
+
+
+# -- the SAE request fields: ``features`` and ``steering`` ---------------------------------
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (422 naming them) rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureRequest(_Strict):
+    """Which SAE features to return for each token of the request."""
+
+    dictionaries: list[str] = Field(min_length=1, description="dictionary ids to read")
+    top_k: int | None = Field(default=None, ge=1, description="return the k strongest features per token")
+    feature_ids: list[int] | None = Field(
+        default=None, min_length=1, description="return these features' values (with top_k: as well)"
+    )
+    scope: Scope = "all"
+
+    @model_validator(mode="after")
+    def _something_asked(self) -> "FeatureRequest":
+        # Neither asked: the strongest 8. Both asked: both come back (values aligned with
+        # indices for the top-k, feature_values aligned with feature_ids).
+        if self.top_k is None and self.feature_ids is None:
+            self.top_k = 8
+        return self
+
+
+class SteeringEdit(_Strict):
+    """One edit of one feature; see the design notes' table for each mode's effect."""
+
+    dictionary: str
+    feature: int = Field(ge=0)
+    mode: EditModeName = "add"
+    value: float | None = Field(default=None, description="v for add/clamp, s for scale; unused by ablate")
+    scope: Scope = "all"
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number (got NaN or infinity)")
+        return v
+
+    @model_validator(mode="after")
+    def _value_when_needed(self) -> "SteeringEdit":
+        if self.value is None:
+            if self.mode == "ablate":
+                self.value = 0.0
+            else:
+                raise ValueError(f"mode '{self.mode}' needs a value")
+        return self
+
+
+class SteeringVector(_Strict):
+    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``."""
+
+    hook_point: str
+    vector: list[float] = Field(min_length=1)
+    scale: float = 1.0
+    scope: Scope = "all"
+
+    @field_validator("vector")
+    @classmethod
+    def _finite_vector(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("must hold only finite numbers (found NaN or infinity)")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class SteeringSpec(_Strict):
+    edits: list[SteeringEdit] = Field(default_factory=list)
+    vectors: list[SteeringVector] = Field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.edits and not self.vectors
+
+
+# -- per-token features (what the engine returns, what every response carries) -------------
+
+class DictionaryFeatures(BaseModel):
+    """One token's features from one dictionary."""
+
+    dictionary: str
+    indices: list[int] | None = Field(
+        default=None, description="feature ids, strongest first (top-k requests); None when only feature_ids were asked"
+    )
+    values: list[float] = Field(
+        description="activations, aligned with indices; when only feature_ids were asked, with the feature_ids"
+    )
+    feature_values: list[float] | None = Field(
+        default=None, description="activations of the requested feature_ids when top_k was asked as well"
+    )
+
+
+class TokenFeatures(BaseModel):
+    """The features of the residual stream at one token position."""
+
+    position: int = Field(description="0-based position in the request: prompt tokens first, then generated")
+    token_id: int
+    is_prompt: bool
+    features: list[DictionaryFeatures]
+
+
+# -- requests and responses of the feature API -------------------------------------------
+
+class ChatMessage(BaseModel):
+    """One chat turn. Extra OpenAI keys (``name``...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message text; OpenAI's list-of-parts form is accepted for text parts only."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ValueError(f"only text content parts are supported (got type {part.get('type')!r})")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class PromptInput(_Strict):
+    """Exactly one of ``text`` (raw text, special tokens added) or ``messages`` (chat template)."""
+
+    text: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PromptInput":
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'text' or 'messages'")
+        return self
+
+
+class ExtractRequest(PromptInput):
+    """``POST /v1/features/extract`` and gRPC ExtractFeatures."""
+
+    features: FeatureRequest
+
+
+class TokenFeaturesOut(TokenFeatures):
+    """The engine's per-token features plus the token's text, so clients need no tokenizer."""
+
+    token: str
+
+
+class ExtractResponse(BaseModel):
+    model: str
+    tokens: list[TokenFeaturesOut]
+
+
+class SamplingOptions(_Strict):
+    """Sampling knobs shared by gRPC Generate (OpenAI requests map onto vLLM directly)."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+
+
+class GenerateRequest(PromptInput):
+    """gRPC Generate: one prompt, sampling, and the optional SAE parts."""
+
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    features: FeatureRequest | None = None
+    steering: SteeringSpec | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateChunkOut(BaseModel):
+    """One streamed piece of a generation (gRPC Generate; HTTP builds OpenAI chunks)."""
+
+    token_ids: list[int]
+    text: str
+    features: list[TokenFeaturesOut] = Field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class DictionaryInfoOut(BaseModel):
+    """``GET /v1/dictionaries`` entry and gRPC DictionaryInfo."""
+
+    id: str
+    model: str
+    hook_point: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class TokenScore(BaseModel):
+    token_id: int
+    token: str
+    score: float
+
+
+class FeatureInfoOut(BaseModel):
+    """``GET /v1/dictionaries/{id}/features/{i}`` and gRPC GetFeature.
+
+    ``top_promoted``/``top_suppressed`` are the tokens whose logits the feature's decoder
+    direction raises/lowers most, read through the model's final norm gain and its
+    unembedding (a logit-lens view: exact for the last layer, indicative for earlier ones).
+    """
+
+    dictionary: str
+    feature: int
+    hook_point: str
+    decoder_norm: float
+    top_promoted: list[TokenScore]
+    top_suppressed: list[TokenScore]
+    density: float | None = Field(default=None, description="fraction of tokens it fires on, when recorded")

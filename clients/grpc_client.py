@@ -3,7 +3,7 @@
 Both take and return the wire contract's pydantic models (:mod:`sae_wire.models`, the
 ones the server validates with), converted by the one converter both sides use
 (:mod:`sae_wire.convert`), so a request is built and validated the same way on both
-sides. Neither needs torch or vLLM: ``pip install 'sae-serve[client]'``. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeature:
+sides. Neither needs torch or vLLM: ``pip install sae-serve``. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeature:
 read-only, idempotent) and only on UNAVAILABLE (replica starting or restarting) with
 exponential backoff; Generate is never retried, since a retry could duplicate a
 (sampled) generation the caller already partly consumed.

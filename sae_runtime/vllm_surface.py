@@ -19,8 +19,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 VLLM_VERSION = "0.32.0"
 """The vLLM release this module was written and checked for (scripts/setup_venv.sh)."""

@@ -19,7 +19,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sae_runtime.hook_points import parse_hook_point
-from sae_runtime.protocol.worker_spec import EditSpec, FeatureSpec, VectorSpec, WorkerSpec
+from sae_runtime.protocol.worker_spec import (
+    EditSpec,
+    FeatureSpec,
+    VectorSpec,
+    WorkerSpec,
+)
 
 Scope = Literal["prompt", "generated", "all"]
 EditModeName = Literal["add", "clamp", "scale", "ablate"]

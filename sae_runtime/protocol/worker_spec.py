@@ -102,7 +102,7 @@ class FeatureSpec:
                 "feature_ids": None if self.feature_ids is None else list(self.feature_ids), "scope": self.scope}
 
     @classmethod
-    def decode(cls, data: Any, where: str = "features") -> "FeatureSpec":
+    def decode(cls, data: Any, where: str = "features") -> FeatureSpec:
         d = _need(data, where)
         dicts = [_str(x, f"{where}.dicts[{i}]") for i, x in enumerate(_list(_get(d, "dicts", where), f"{where}.dicts"))]
         top_k = d.get("top_k")
@@ -136,7 +136,7 @@ class EditSpec:
                 "scope": self.scope}
 
     @classmethod
-    def decode(cls, data: Any, where: str = "edits[0]") -> "EditSpec":
+    def decode(cls, data: Any, where: str = "edits[0]") -> EditSpec:
         d = _need(data, where)
         return cls(
             dictionary=_str(_get(d, "dict", where), f"{where}.dict"),
@@ -165,7 +165,7 @@ class VectorSpec:
         return {"layer": self.layer, "vector": list(self.vector), "scale": self.scale, "scope": self.scope}
 
     @classmethod
-    def decode(cls, data: Any, where: str = "vectors[0]") -> "VectorSpec":
+    def decode(cls, data: Any, where: str = "vectors[0]") -> VectorSpec:
         d = _need(data, where)
         vector = _list(_get(d, "vector", where), f"{where}.vector")
         for i, x in enumerate(vector):
@@ -204,7 +204,7 @@ class WorkerSpec:
         return out
 
     @classmethod
-    def decode(cls, data: Any, where: str = "sae") -> "WorkerSpec":
+    def decode(cls, data: Any, where: str = "sae") -> WorkerSpec:
         """The spec from its encoding; :class:`WorkerSpecError` names the first bad field."""
         d = _need(data, where)
         feats = d.get("features")
@@ -247,7 +247,7 @@ class InstallConfig:
                 "feature_address": self.feature_address, "dtype": self.dtype}
 
     @classmethod
-    def decode(cls, data: Any, where: str = "install") -> "InstallConfig":
+    def decode(cls, data: Any, where: str = "install") -> InstallConfig:
         d = _need(data, where)
         dicts = []
         for i, e in enumerate(_list(_get(d, "dictionaries", where), f"{where}.dictionaries")):

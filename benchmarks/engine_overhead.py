@@ -60,29 +60,26 @@ async def run_batch(submit, n_tokens: int) -> float:
 async def bench_plain(args, eager: bool) -> float:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.inputs.engine import tokens_input
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.async_llm import AsyncLLM
 
+    from sae_runtime import vllm_surface
     from sae_runtime.default_model import prepare_default_model
 
     model_dir = prepare_default_model()
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.pop("SAE_SERVE_HOOKS", None)  # plain vLLM: no SAE step op in the layers
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+    llm = vllm_surface.start_async_llm(
         model=str(model_dir), dtype="float32", enforce_eager=eager, max_model_len=1024,
         max_num_seqs=64, seed=0,
-    ))
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+                            output_kind=vllm_surface.output_kind("FINAL_ONLY"))
     counter = iter(range(10**9))
 
     async def submit(i):
         n = 0
-        async for out in llm.generate(tokens_input(ids[i]), params, f"p{next(counter)}"):
+        async for out in llm.generate(vllm_surface.token_prompt(ids[i]), params, f"p{next(counter)}"):
             n = len(out.outputs[0].token_ids)
         return n
 

@@ -103,13 +103,9 @@ ENGINE_DEAD_MESSAGE = ("the engine of this replica stopped; the deployment is re
 
 def engine_dead(exc: BaseException) -> bool:
     """True for vLLM's 'engine process died' errors (the replica is restarting its engine)."""
-    try:
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-    except ImportError:  # unit use without vLLM
-        return False
-    if isinstance(exc, EngineGenerateError) and isinstance(exc.__cause__, EngineDeadError):
-        return True
-    return isinstance(exc, EngineDeadError)
+    from sae_runtime.vllm_surface import is_engine_dead_error
+
+    return is_engine_dead_error(exc)
 
 
 def translate(exc: BaseException) -> ApiError | None:

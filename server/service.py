@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 
+from sae_runtime import vllm_surface
 from sae_runtime.engine.engine import SAEEngine
 from sae_runtime.engine.outputs import GenerationChunk, TokenFeatures
 from sae_runtime.engine.spec import (
@@ -142,7 +143,7 @@ class SAEService:
 
     def _engine_running(self) -> bool:
         llm = getattr(self.engine, "llm", None)
-        return llm is not None and not llm.errored
+        return llm is not None and not vllm_surface.engine_errored(llm)
 
     def channel_failure(self) -> str | None:
         """Why the feature side channel cannot deliver features (None while it works)."""
@@ -185,7 +186,7 @@ class SAEService:
                 out["feature_channel"] = receiver.stats()
             if alive:
                 try:
-                    out["engine_unfinished_requests"] = self.engine.llm.output_processor.get_num_unfinished_requests()
+                    out["engine_unfinished_requests"] = vllm_surface.unfinished_requests(self.engine.llm)
                     stats = await asyncio.wait_for(self.engine.worker_stats(), 10)
                     out["workers"] = [{k: v for k, v in w.items() if k in ("tracked_requests", "requests_with_spec",
                                                                             "steps")} for w in stats]

@@ -20,13 +20,7 @@ import zmq
 from fastapi.testclient import TestClient
 
 from sae_runtime.engine.engine import EngineConfig, FeatureTimeoutError, SAEEngine
-from sae_runtime.engine.feature_channel import (
-    FeatureChunk,
-    FeatureReceiver,
-    FeatureSender,
-    decode_message,
-    encode_message,
-)
+from sae_runtime.engine.feature_channel import FeatureReceiver
 from sae_runtime.engine.outputs import DictionaryFeatures, GenerationChunk, TokenFeatures
 from sae_runtime.engine.spec import (
     FLOAT32_MAX,
@@ -40,6 +34,8 @@ from sae_runtime.engine.spec import (
     check_response_budget,
     validate_spec,
 )
+from sae_runtime.protocol import FeatureChunk, decode_message, encode_message
+from sae_runtime.worker.feature_sender import FeatureSender
 from server.errors import ApiError, translate
 from server.grpc_service import GrpcRequestError, SAEGrpcMethods
 from server.http_api import build_http_app
@@ -249,7 +245,7 @@ def chunk(rid: str, positions: list[int], k: int = 2) -> FeatureChunk:
     [],
 ])
 def test_decode_refuses_malformed_messages_with_one_error_type(frames):
-    from sae_runtime.engine.feature_channel import FeatureFrameError
+    from sae_runtime.protocol import FeatureFrameError
 
     with pytest.raises(FeatureFrameError):
         decode_message(frames)

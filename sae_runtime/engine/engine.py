@@ -31,13 +31,19 @@ from sae_runtime.engine.spec import (
     to_worker_spec,
     validate_spec,
 )
+from sae_runtime import vllm_surface
 from sae_runtime.model_info import read_model_info
+from sae_runtime.protocol import (
+    HOOKS_ENV,
+    INSTALL_RPC,
+    OP_NAMES,
+    SPEC_KEY,
+    STATS_RPC,
+    WORKER_EXTENSION,
+    DictionaryToLoad,
+    InstallConfig,
+)
 from sae_runtime.registry import DictionaryRegistry
-from sae_runtime.worker.plugin import HOOKS_ENV
-from sae_runtime.worker.residual_op import OP_NAMES
-from sae_runtime.worker.runtime import SPEC_KEY
-
-WORKER_EXTENSION = "sae_runtime.worker.extension.SAEWorkerExtension"
 
 
 class EngineConfig(BaseModel):
@@ -78,9 +84,7 @@ def _compilation_config(eager: bool, backend: str = "") -> dict[str, Any] | None
         return None
     config: dict[str, Any] = {"backend": backend} if backend else {}
     if torch.cuda.is_available():
-        from vllm.config.compilation import CompilationConfig
-
-        config["splitting_ops"] = list(CompilationConfig._attention_ops) + list(OP_NAMES)
+        config["splitting_ops"] = vllm_surface.attention_splitting_ops() + list(OP_NAMES)
     return config or None
 
 
@@ -127,22 +131,13 @@ class SAEEngine:
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> "SAEEngine":
         config = config or EngineConfig()
-        # Worker processes inherit the environment: size the CPU KV cache explicitly (the
-        # default is a share of all RAM), force the V1 model runner, whose persistent input
-        # batch the SAE step reads, and have our vLLM plugin put the SAE step op into the
-        # decoder layers before the model is compiled.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(config.kv_cache_gib)))))
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        # Worker processes inherit the environment: the vLLM settings the SAE runtime needs
+        # (KV cache size, V1 model runner, compile cache; see vllm_surface), and have our
+        # vLLM plugin put the SAE step op into the decoder layers before the model is compiled.
+        vllm_surface.configure_environment(config.kv_cache_gib)
         os.environ[HOOKS_ENV] = "1"
-        # vLLM 0.32 (CPU) with torch 2.13 writes AOT-compiled artifacts it cannot load back
-        # ("'function' object has no attribute 'finalize_loading'"), so every compiled start
-        # compiled again (~150 s here). The non-AOT compile cache loads: a warm compiled
-        # start takes ~70 s. Measured on this project's 2-core CPU machines.
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         from sae_runtime.default_model import MODEL_NAME, prepare_default_model
 
@@ -161,7 +156,8 @@ class SAEEngine:
         )
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-        args = AsyncEngineArgs(
+        llm = vllm_surface.start_async_llm(
+            compilation_config=_compilation_config(config.enforce_eager, config.compile_backend),
             model=str(model_dir),
             served_model_name=model_name,
             dtype=config.dtype,
@@ -172,21 +168,15 @@ class SAEEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             worker_extension_cls=WORKER_EXTENSION,
         )
-        compilation = _compilation_config(config.enforce_eager, config.compile_backend)
-        if compilation is not None:
-            args.compilation_config = compilation
-        llm = AsyncLLM.from_engine_args(args)
         receiver = FeatureReceiver()
         try:
             receiver.start()
-            await llm.collective_rpc(
-                "sae_install",
-                args=({
-                    "dictionaries": [{"id": r.id, "path": r.source or str(r.path)} for r in registry],
-                    "feature_address": receiver.address,
-                    "dtype": None,
-                },),
+            install = InstallConfig(
+                dictionaries=[DictionaryToLoad(id=r.id, path=r.source or str(r.path)) for r in registry],
+                feature_address=receiver.address,
+                dtype=None,
             )
+            await llm.collective_rpc(INSTALL_RPC, args=(install.encode(),))
         except BaseException:
             receiver.close()
             llm.shutdown()
@@ -207,7 +197,7 @@ class SAEEngine:
 
     async def worker_stats(self) -> list[dict[str, Any]]:
         """Per-worker SAE state counters (tests assert finished requests are freed)."""
-        return await self.llm.collective_rpc("sae_stats")
+        return await self.llm.collective_rpc(STATS_RPC)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -250,8 +240,6 @@ class SAEEngine:
         iterator early aborts the request in vLLM (and so frees its worker state).
         """
         from vllm import SamplingParams
-        from vllm.inputs.engine import tokens_input
-        from vllm.sampling_params import RequestOutputKind
 
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError("sampling_params must be a vllm.SamplingParams")
@@ -265,7 +253,7 @@ class SAEEngine:
         self.validate(spec)
         request_id = request_id or uuid.uuid4().hex
         params = sampling_params.clone()
-        params.output_kind = RequestOutputKind.DELTA
+        vllm_surface.stream_deltas(params)
         salt = steering_salt(spec) if spec is not None else None
 
         wants = spec is not None and (spec.wants_features or spec.has_steering)
@@ -274,7 +262,7 @@ class SAEEngine:
         if wants:
             if spec.wants_features and params.n != 1:
                 raise SpecError("n", "features can be returned only with n=1")
-            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info)}
+            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info).encode()}
             if spec.wants_features:
                 if spec.features.scope != "generated":
                     # Cached prefix tokens skip the forward pass and with it the hook:
@@ -284,7 +272,7 @@ class SAEEngine:
                                                  ("ids", spec.features.feature_ids is not None)) if asked)
                 features = self.receiver.register(rid, spec.features.dictionaries, kinds)
 
-        prompt = tokens_input(list(prompt_token_ids), cache_salt=salt)
+        prompt = vllm_surface.token_prompt(prompt_token_ids, cache_salt=salt)
         prompt_len = len(prompt_token_ids)
         generated: list[int] = []
         emitted_upto = 0  # positions below this have been handed out (or are out of scope)

@@ -5,11 +5,13 @@ room for per-token tensors of a custom kind, and routing them through ``collecti
 would cost a round trip through the engine core's busy loop per step. Instead the worker
 pushes one ZeroMQ multipart message per step over a local IPC socket: a small JSON header
 followed by the raw numpy buffers (no pickling; the receiver only trusts shapes it checks).
+The frame format is :mod:`sae_runtime.protocol.feature_frames`; the worker's PUSH end is
+:class:`sae_runtime.worker.feature_sender.FeatureSender`; this module is the API end.
 
 The API process owns the PULL end (:class:`FeatureReceiver`), registers each request that
 asked for features, and collects its chunks until the request ends; chunks for requests
 that are not registered (aborted, finished) are dropped on arrival, so nothing grows
-without bound. Both ends' queues are bounded (:data:`SEND_HWM`, :data:`RECEIVE_HWM`
+without bound. Both ends' queues are bounded (``SEND_HWM`` in the sender, :data:`RECEIVE_HWM`
 messages); a message the receiver cannot decode is dropped and counted; the receiving task
 is supervised (restarted when it stops; after repeated failures the receiver reports itself
 unhealthy, which fails the replica's health check so that Ray replaces it).
@@ -18,7 +20,6 @@ unhealthy, which fails the replica's health check so that Ray replaces it).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -31,135 +32,21 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from sae_runtime.protocol.feature_frames import (  # noqa: F401  (re-exported for callers of this module)
+    FeatureChunk,
+    FeatureFrameError,
+    decode_message,
+    encode_message,
+)
+
 logger = logging.getLogger("sae_runtime.feature_channel")
 
-# Bounds of the channel, in messages (one message = one engine step's features).
-SEND_HWM = 1000  # queued in the worker
+# Bound of the receiving end, in messages (one message = one engine step's features); the
+# sending end's bounds are in sae_runtime/worker/feature_sender.py.
 RECEIVE_HWM = 1000  # queued in the API process
-SEND_TIMEOUT_MS = 1000  # a full queue blocks the worker this long, then the message is dropped
 # A receiver that stops this often within the window gives up and marks the replica unhealthy.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-
-
-@dataclass
-class FeatureChunk:
-    """Features of some tokens of one request, from one dictionary, computed in one step."""
-
-    rid: str
-    dictionary: str
-    positions: np.ndarray
-    """``[n]`` int32: token positions in the request (prompt tokens first, then generated)."""
-    indices: np.ndarray | None
-    """``[n, k]`` int32 feature ids (top-k requests), or ``None`` for explicit feature ids."""
-    values: np.ndarray
-    """``[n, k]`` float32 activations, sorted descending for top-k; ``[n, m]`` for explicit ids."""
-
-
-def encode_message(chunks: list[FeatureChunk]) -> list[bytes | memoryview]:
-    """One step's chunks → ZeroMQ frames (header + contiguous buffers)."""
-    header = []
-    frames: list[bytes | memoryview] = [b""]
-    for c in chunks:
-        entry = {"rid": c.rid, "dict": c.dictionary, "n": int(c.positions.shape[0]), "m": int(c.values.shape[1])}
-        entry["has_idx"] = c.indices is not None
-        frames.append(np.ascontiguousarray(c.positions, dtype=np.int32).data)
-        if c.indices is not None:
-            frames.append(np.ascontiguousarray(c.indices, dtype=np.int32).data)
-        frames.append(np.ascontiguousarray(c.values, dtype=np.float32).data)
-        header.append(entry)
-    frames[0] = json.dumps(header).encode()
-    return frames
-
-
-class FeatureFrameError(ValueError):
-    """A message on the side channel that does not have the expected shape."""
-
-
-def _int(e: dict, key: str) -> int:
-    v = e.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise FeatureFrameError(f"header field {key!r} must be a non-negative integer (got {v!r})")
-    return v
-
-
-def _array(frames: list, i: int, count: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    if i >= len(frames):
-        raise FeatureFrameError(f"frame {i} is missing (the message has {len(frames)})")
-    buf = frames[i]
-    nbytes = len(buf) if isinstance(buf, (bytes, bytearray)) else memoryview(buf).nbytes
-    if nbytes != count * 4:
-        raise FeatureFrameError(f"frame {i} has {nbytes} bytes; the header says {count * 4}")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
-    """ZeroMQ frames → chunks; anything malformed raises :class:`FeatureFrameError` (never
-    another exception type), so one bad message can be dropped without touching the rest."""
-    if not frames:
-        raise FeatureFrameError("empty message")
-    try:
-        header = json.loads(bytes(frames[0]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FeatureFrameError(f"header is not JSON: {exc}") from None
-    if not isinstance(header, list):
-        raise FeatureFrameError("header must be a list of chunk entries")
-    out = []
-    i = 1
-    for e in header:
-        if not isinstance(e, dict) or not isinstance(e.get("rid"), str) or not isinstance(e.get("dict"), str) \
-                or not isinstance(e.get("has_idx"), bool):
-            raise FeatureFrameError("header entry must have string 'rid' and 'dict' and boolean 'has_idx'")
-        n, m = _int(e, "n"), _int(e, "m")
-        positions = _array(frames, i, n, (n,), np.int32)
-        i += 1
-        indices = None
-        if e["has_idx"]:
-            indices = _array(frames, i, n * m, (n, m), np.int32)
-            i += 1
-        values = _array(frames, i, n * m, (n, m), np.float32)
-        i += 1
-        out.append(FeatureChunk(e["rid"], e["dict"], positions, indices, values))
-    if i != len(frames):
-        raise FeatureFrameError(f"message has {len(frames)} frames; the header describes {i}")
-    return out
-
-
-class FeatureSender:
-    """Worker end: PUSH socket connected to the API process's receiver.
-
-    Bounded: at most :data:`SEND_HWM` messages wait here (plus :data:`RECEIVE_HWM` in the
-    receiver). A full queue blocks the worker for up to :data:`SEND_TIMEOUT_MS`
-    (back-pressure while the API process catches up); past that the message is dropped and
-    counted (``dropped_messages``), so a stalled receiver can slow the engine but never
-    stop it. The requests whose features were dropped then end with a 503 (feature wait
-    timed out) instead of waiting forever.
-    """
-
-    def __init__(self, address: str):
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-        self._sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        self._sock.setsockopt(zmq.LINGER, 1000)
-        self._sock.connect(address)
-        self.sent_messages = 0
-        self.dropped_messages = 0
-
-    def send(self, chunks: list[FeatureChunk]) -> None:
-        if not chunks:
-            return
-        try:
-            self._sock.send_multipart(encode_message(chunks), copy=False)
-            self.sent_messages += 1
-        except zmq.Again:
-            self.dropped_messages += 1
-            if self.dropped_messages == 1 or self.dropped_messages % 100 == 0:
-                logger.warning("feature side channel full for %d ms: dropped a message of %d chunk(s) "
-                               "(%d dropped so far)", SEND_TIMEOUT_MS, len(chunks), self.dropped_messages)
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 The pydantic models of the request fields ``features`` and ``steering`` are the wire
 contract's (:mod:`sae_wire.models`, design notes, "HTTP"); HTTP and gRPC conversion code
-build them, and the engine validates them against the served dictionaries *in the API process*, before
-anything reaches vLLM. What crosses into the worker is only the plain, already-checked
-dict made by :func:`to_worker_spec` (numbers, strings and lists: never code or pickles).
+build them, and the engine validates them against the served dictionaries *in the API
+process*, before anything reaches vLLM. What crosses into the worker is only the
+already-checked :class:`~sae_runtime.protocol.WorkerSpec` made by :func:`to_worker_spec`,
+encoded as a plain dict (numbers, strings and lists: never code or pickles).
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from sae_runtime.hook_points import parse_hook_point
+from sae_runtime.protocol.worker_spec import (
+    EditSpec,
+    FeatureSpec,
+    VectorSpec,
+    WorkerSpec,
+)
+
 # The request fields themselves are the wire contract's (one definition, shared with the
 # gRPC converter and the client); this module adds the checks against what is served.
 from sae_wire.models import (  # noqa: F401
@@ -262,28 +269,22 @@ def steering_salt(spec: SAERequestSpec) -> str | None:
     return "sae-steer-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> dict[str, Any]:
-    """The plain dict carried in ``SamplingParams.extra_args['sae']`` to the worker.
+def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> WorkerSpec:
+    """What the worker needs of a validated request (its ``encode()`` goes into
+    ``SamplingParams.extra_args[protocol.SPEC_KEY]``).
 
     Hook points are resolved to layer numbers here so the worker does no parsing.
     """
-    out: dict[str, Any] = {"rid": rid}
+    features = None
     if spec.features is not None:
         f = spec.features
-        out["features"] = {
-            "dicts": list(f.dictionaries),
-            "top_k": f.top_k,
-            "feature_ids": f.feature_ids,
-            "scope": f.scope,
-        }
+        features = FeatureSpec(dicts=list(f.dictionaries), top_k=f.top_k, feature_ids=f.feature_ids, scope=f.scope)
+    edits: list[EditSpec] = []
+    vectors: list[VectorSpec] = []
     if spec.has_steering:
         s = spec.steering
-        out["edits"] = [
-            {"dict": e.dictionary, "feature": e.feature, "mode": e.mode, "value": float(e.value), "scope": e.scope}
-            for e in s.edits
-        ]
-        out["vectors"] = [
-            {"layer": parse_hook_point(v.hook_point), "vector": v.vector, "scale": v.scale, "scope": v.scope}
-            for v in s.vectors
-        ]
-    return out
+        edits = [EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
+                 for e in s.edits]
+        vectors = [VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
+                   for v in s.vectors]
+    return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors)

@@ -20,31 +20,35 @@ class SAEWorkerExtension:
     """Methods added to vLLM's worker. Names start with ``sae_`` to avoid collisions."""
 
     def sae_install(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Load the dictionaries once and install the hooks.
+        """Load the dictionaries once and install the hooks (``protocol.INSTALL_RPC``).
 
-        ``config``: ``{"dictionaries": [{"id", "path"}], "feature_address": str | None,
-        "dtype": str | None}``; paths were checked by the API process.
+        ``config``: an encoded :class:`~sae_runtime.protocol.InstallConfig`; paths were
+        checked by the API process.
         """
+        from sae_runtime import vllm_surface
         from sae_runtime.dictionary import SparseDictionary
-        from sae_runtime.engine.feature_channel import FeatureSender
+        from sae_runtime.protocol import InstallConfig
+        from sae_runtime.worker.feature_sender import FeatureSender
         from sae_runtime.worker.runtime import SAEWorkerRuntime
+
+        install = InstallConfig.decode(config)
 
         existing = getattr(self, "_sae_runtime", None)
         if existing is not None:
             existing.uninstall()
-        runner = self.model_runner  # type: ignore[attr-defined]
-        model = runner.get_model()
+        runner = vllm_surface.worker_model_runner(self)
+        model = vllm_surface.runner_model(runner)
         device = next(model.parameters()).device
-        hidden = int(runner.model_config.get_hidden_size())
-        dtype = config.get("dtype")
+        hidden = vllm_surface.runner_hidden_size(runner)
+        dtype = install.dtype
         dictionaries = {}
-        for entry in config["dictionaries"]:
-            d = SparseDictionary.load(entry["path"], device=device, expected_d_in=hidden,
+        for entry in install.dictionaries:
+            d = SparseDictionary.load(entry.path, device=device, expected_d_in=hidden,
                                       dtype=getattr(torch, dtype) if dtype else None)
             d.requires_grad_(False)
             d.eval()
-            dictionaries[entry["id"]] = d
-        address = config.get("feature_address")
+            dictionaries[entry.id] = d
+        address = install.feature_address
         sender = FeatureSender(address) if address else None
         runtime = SAEWorkerRuntime(runner, dictionaries, sender)
         runtime.install()
@@ -52,6 +56,6 @@ class SAEWorkerExtension:
         return {"layers": len(runtime.layers), "dictionaries": sorted(dictionaries)}
 
     def sae_stats(self) -> dict[str, Any]:
-        """Counters of the worker-side state (used by tests and ``/health``)."""
+        """Counters of the worker-side state (``protocol.STATS_RPC``; used by tests and ``/health``)."""
         runtime = getattr(self, "_sae_runtime", None)
         return runtime.stats() if runtime is not None else {"installed": False}

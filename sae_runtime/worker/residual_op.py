@@ -34,9 +34,7 @@ from typing import Callable
 
 import torch
 
-OP_NAME = "sae_serve::residual_step"
-STREAM_OP_NAME = "sae_serve::stream_step"
-OP_NAMES = (OP_NAME, STREAM_OP_NAME)
+from sae_runtime.protocol import OP_NAME, OP_NAMES, STREAM_OP_NAME  # noqa: F401  (names shared with the engine)
 
 StepFunction = Callable[[int, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 """``fn(layer, hidden, residual_or_None)``: the new ``hidden`` (the stream when residual is

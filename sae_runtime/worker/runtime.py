@@ -1,6 +1,7 @@
 """The SAE runtime inside the vLLM worker process: the step at each hook point, per-step plans.
 
 Installed once per worker by :class:`sae_runtime.worker.extension.SAEWorkerExtension`.
+Everything it reads of vLLM's model runner goes through :mod:`sae_runtime.vllm_surface`.
 It wraps the model runner's ``execute_model`` (to know where a step starts and ends and
 to free finished requests) and becomes the implementation of the custom ops of
 ``residual_op`` that ``decoder_layers.py`` put at every hook point, in eager and compiled
@@ -20,11 +21,12 @@ from typing import Any
 
 import torch
 
-from sae_runtime import kernels
+from sae_runtime import kernels, vllm_surface
 from sae_runtime.dictionary import SparseDictionary
-from sae_runtime.engine.feature_channel import FeatureChunk, FeatureSender
+from sae_runtime.protocol import SPEC_KEY, FeatureChunk, WorkerSpec
 from sae_runtime.worker import residual_op
 from sae_runtime.worker.decoder_layers import LAYER_ATTR, hooked_layers
+from sae_runtime.worker.feature_sender import FeatureSender
 from sae_runtime.worker.step_plan import (
     EditBatch,
     ExtractJob,
@@ -34,30 +36,23 @@ from sae_runtime.worker.step_plan import (
     parse_request,
 )
 
-SPEC_KEY = "sae"
-"""Key of the SAE spec in ``SamplingParams.extra_args``."""
-
 
 class SAEWorkerRuntime:
     def __init__(self, runner: Any, dictionaries: dict[str, SparseDictionary], sender: FeatureSender | None):
-        if not hasattr(runner, "input_batch") or not hasattr(runner, "query_start_loc"):
-            raise RuntimeError(
-                "SAE hooks need vLLM's V1 model runner (input_batch / query_start_loc); "
-                "set VLLM_USE_V2_MODEL_RUNNER=0"
-            )
+        vllm_surface.check_model_runner(runner)
         self.runner = runner
         self.dictionaries = dictionaries
         self.dict_layers = {name: d.layer for name, d in dictionaries.items()}
         self.sender = sender
-        model = runner.get_model()
+        model = vllm_surface.runner_model(runner)
         self.layers = hooked_layers(model)
-        self.hidden_size = int(runner.model_config.get_hidden_size())
+        self.hidden_size = vllm_surface.runner_hidden_size(runner)
         self.device = next(model.parameters()).device
         self.requests: dict[str, RequestState] = {}
         self.steps = 0
         self._plan: StepPlan | None = None
         self._chunks: list[FeatureChunk] = []
-        self._orig_execute = None
+        self._restore_execute = None
 
     # -- installation -------------------------------------------------------------------
 
@@ -66,14 +61,13 @@ class SAEWorkerRuntime:
         if missing:
             raise RuntimeError(f"the SAE step is not in decoder layers {missing[:5]}...")
         residual_op.set_step_function(self._step)
-        self._orig_execute = self.runner.execute_model
-        self.runner.execute_model = self._execute_model
+        self._restore_execute = vllm_surface.wrap_execute_model(self.runner, self._execute_model)
 
     def uninstall(self) -> None:
         residual_op.set_step_function(None)
-        if self._orig_execute is not None:
-            self.runner.execute_model = self._orig_execute
-            self._orig_execute = None
+        if self._restore_execute is not None:
+            self._restore_execute()
+            self._restore_execute = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -87,16 +81,16 @@ class SAEWorkerRuntime:
 
     # -- per step -----------------------------------------------------------------------
 
-    def _execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        for req_id in scheduler_output.finished_req_ids:
+    def _execute_model(self, orig_execute: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        for req_id in vllm_surface.finished_request_ids(scheduler_output):
             self.requests.pop(req_id, None)
         self.steps += 1
         # The runner lays the batch out inside execute_model, so the plan is resolved at
         # the first hook of the step, when input_batch / query_start_loc / positions hold
         # this step's layout.
-        self._plan = _LAZY if scheduler_output.total_num_scheduled_tokens else None
+        self._plan = _LAZY if vllm_surface.step_has_tokens(scheduler_output) else None
         try:
-            return self._orig_execute(scheduler_output, *args, **kwargs)
+            return orig_execute(scheduler_output, *args, **kwargs)
         finally:
             self._plan = None
             if self._chunks:
@@ -111,24 +105,21 @@ class SAEWorkerRuntime:
         except KeyError:
             pass
         state = None
-        cached = self.runner.requests.get(req_id)
-        params = getattr(cached, "sampling_params", None)
-        spec = (params.extra_args or {}).get(SPEC_KEY) if params is not None else None
-        if spec is not None:
-            state = parse_request(spec, int(cached.num_prompt_tokens), self.hidden_size)
+        found = vllm_surface.request_extra_arg(self.runner, req_id, SPEC_KEY)
+        if found is not None:
+            encoded, num_prompt_tokens = found
+            state = parse_request(WorkerSpec.decode(encoded), num_prompt_tokens, self.hidden_size)
         # Requests without a spec are remembered too, so each is looked at once.
         self.requests[req_id] = state
         return state
 
     def _resolve_plan(self) -> StepPlan | None:
         """Build the step plan from the runner's prepared batch (first hook of a step)."""
-        runner = self.runner
-        ib = runner.input_batch
-        num_reqs = ib.num_reqs
-        qsl = runner.query_start_loc.cpu[: num_reqs + 1].numpy()
+        req_ids, qsl = vllm_surface.batch_layout(self.runner)
+        num_reqs = len(req_ids)
         items = []
         positions = None
-        for i, req_id in enumerate(ib.req_ids[:num_reqs]):
+        for i, req_id in enumerate(req_ids):
             state = self._state_of(req_id)
             if state is None:
                 continue
@@ -136,7 +127,7 @@ class SAEWorkerRuntime:
             if end > start:
                 if positions is None:
                     total = int(qsl[num_reqs])
-                    positions = runner.positions[:total].cpu().numpy()
+                    positions = vllm_surface.batch_positions(self.runner, total)
                 items.append((state, start, positions[start:end]))
         if not items:
             return None

@@ -3,9 +3,9 @@ each hook point must do to them.
 
 vLLM flattens every scheduled token of every running request into one batch per step
 (prefill chunks and decode tokens mixed). The model runner has already laid the step out
-when the first hook runs: ``input_batch.req_ids`` gives the request of each row,
-``query_start_loc`` the row boundaries in the token batch, ``positions`` each token's
-position in its request. From those and each request's parsed spec this module builds,
+when the first hook runs (read through ``sae_runtime.vllm_surface.batch_layout`` and
+``batch_positions``): the request of each row, the row boundaries in the token batch, each
+token's position in its request. From those and each request's parsed spec this module builds,
 once per step, everything the hooks need as ready tensors, so the hooks themselves only
 index and call kernels.
 """
@@ -13,12 +13,12 @@ index and call kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from sae_runtime.kernels import edit_mode_from_name
+from sae_runtime.protocol.worker_spec import EditSpec, WorkerSpec
 
 
 @dataclass
@@ -50,45 +50,45 @@ def _in_scope(scope: str, kind: str) -> bool:
     return scope == "all" or scope == kind
 
 
-def parse_request(spec: dict[str, Any], prompt_len: int, hidden_size: int) -> RequestState:
-    """Turn the plain worker spec (see ``engine.spec.to_worker_spec``) into tensors."""
+def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int) -> RequestState:
+    """Turn a request's :class:`~sae_runtime.protocol.WorkerSpec` into tensors."""
     edits: dict[str, dict[str, ScopedEdits]] = {}
-    by_dict: dict[str, list[dict[str, Any]]] = {}
-    for e in spec.get("edits") or []:
-        by_dict.setdefault(e["dict"], []).append(e)
+    by_dict: dict[str, list[EditSpec]] = {}
+    for e in spec.edits:
+        by_dict.setdefault(e.dictionary, []).append(e)
     for name, items in by_dict.items():
         scoped = {}
         for kind in ("prompt", "generated"):
-            sel = [e for e in items if _in_scope(e["scope"], kind)]
+            sel = [e for e in items if _in_scope(e.scope, kind)]
             if sel:
                 scoped[kind] = ScopedEdits(
-                    features=torch.tensor([e["feature"] for e in sel], dtype=torch.int64),
-                    modes=torch.tensor([int(edit_mode_from_name(e["mode"])) for e in sel], dtype=torch.int32),
-                    values=torch.tensor([e["value"] for e in sel], dtype=torch.float32),
+                    features=torch.tensor([e.feature for e in sel], dtype=torch.int64),
+                    modes=torch.tensor([int(edit_mode_from_name(e.mode)) for e in sel], dtype=torch.int32),
+                    values=torch.tensor([e.value for e in sel], dtype=torch.float32),
                 )
         if scoped:
             edits[name] = scoped
 
     vectors: dict[int, dict[str, torch.Tensor]] = {}
-    for v in spec.get("vectors") or []:
-        vec = torch.tensor(v["vector"], dtype=torch.float32) * float(v["scale"])
+    for v in spec.vectors:
+        vec = torch.tensor(v.vector, dtype=torch.float32) * float(v.scale)
         if vec.shape != (hidden_size,):
             raise ValueError(f"steering vector of size {vec.shape[0]}, expected {hidden_size}")
-        per_layer = vectors.setdefault(int(v["layer"]), {})
+        per_layer = vectors.setdefault(int(v.layer), {})
         for kind in ("prompt", "generated"):
-            if _in_scope(v["scope"], kind):
+            if _in_scope(v.scope, kind):
                 per_layer[kind] = per_layer[kind] + vec if kind in per_layer else vec
 
-    feats = spec.get("features")
+    feats = spec.features
     return RequestState(
-        rid=spec["rid"],
+        rid=spec.rid,
         prompt_len=prompt_len,
         edits=edits,
         vectors=vectors,
-        feature_dicts=list(feats["dicts"]) if feats else [],
-        top_k=feats.get("top_k") if feats else None,
-        feature_ids=torch.tensor(feats["feature_ids"], dtype=torch.int64) if feats and feats.get("feature_ids") else None,
-        feature_scope=feats["scope"] if feats else None,
+        feature_dicts=list(feats.dicts) if feats else [],
+        top_k=feats.top_k if feats else None,
+        feature_ids=torch.tensor(feats.feature_ids, dtype=torch.int64) if feats and feats.feature_ids else None,
+        feature_scope=feats.scope if feats else None,
     )
 
 

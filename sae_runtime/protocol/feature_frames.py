@@ -1,0 +1,106 @@
+"""The frame format of the feature side channel (worker → API process).
+
+One ZeroMQ multipart message per engine step: frame 0 is a JSON header, a list with one
+entry per :class:`FeatureChunk`::
+
+    {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool}
+
+followed, for each entry in order, by its raw buffers in the host's byte order (both ends run on one machine): ``positions``
+(``n`` int32), ``indices`` (``n*m`` int32, only when ``has_idx``), ``values`` (``n*m``
+float32). No pickling: the decoder trusts nothing it has not checked against the header.
+
+The worker encodes (``sae_runtime/worker/feature_sender.py``), the API process decodes
+(``sae_runtime/engine/feature_channel.py``); the sockets live there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class FeatureChunk:
+    """Features of some tokens of one request, from one dictionary, computed in one step."""
+
+    rid: str
+    """The request's ``WorkerSpec.rid``."""
+    dictionary: str
+    """Client-facing id of the dictionary."""
+    positions: np.ndarray
+    """``[n]`` int32: token positions in the request (prompt tokens first, then generated)."""
+    indices: np.ndarray | None
+    """``[n, k]`` int32 feature ids (top-k requests), or ``None`` for explicit feature ids."""
+    values: np.ndarray
+    """``[n, k]`` float32 activations, sorted descending for top-k; ``[n, m]`` for explicit ids."""
+
+
+def encode_message(chunks: list[FeatureChunk]) -> list[bytes | memoryview]:
+    """One step's chunks → ZeroMQ frames (header + contiguous buffers)."""
+    header = []
+    frames: list[bytes | memoryview] = [b""]
+    for c in chunks:
+        entry = {"rid": c.rid, "dict": c.dictionary, "n": int(c.positions.shape[0]), "m": int(c.values.shape[1])}
+        entry["has_idx"] = c.indices is not None
+        frames.append(np.ascontiguousarray(c.positions, dtype=np.int32).data)
+        if c.indices is not None:
+            frames.append(np.ascontiguousarray(c.indices, dtype=np.int32).data)
+        frames.append(np.ascontiguousarray(c.values, dtype=np.float32).data)
+        header.append(entry)
+    frames[0] = json.dumps(header).encode()
+    return frames
+
+
+class FeatureFrameError(ValueError):
+    """A message on the side channel that does not have the expected shape."""
+
+
+def _int(e: dict, key: str) -> int:
+    v = e.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise FeatureFrameError(f"header field {key!r} must be a non-negative integer (got {v!r})")
+    return v
+
+
+def _array(frames: list, i: int, count: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    if i >= len(frames):
+        raise FeatureFrameError(f"frame {i} is missing (the message has {len(frames)})")
+    buf = frames[i]
+    nbytes = len(buf) if isinstance(buf, (bytes, bytearray)) else memoryview(buf).nbytes
+    if nbytes != count * 4:
+        raise FeatureFrameError(f"frame {i} has {nbytes} bytes; the header says {count * 4}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
+    """ZeroMQ frames → chunks; anything malformed raises :class:`FeatureFrameError` (never
+    another exception type), so one bad message can be dropped without touching the rest."""
+    if not frames:
+        raise FeatureFrameError("empty message")
+    try:
+        header = json.loads(bytes(frames[0]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FeatureFrameError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, list):
+        raise FeatureFrameError("header must be a list of chunk entries")
+    out = []
+    i = 1
+    for e in header:
+        if not isinstance(e, dict) or not isinstance(e.get("rid"), str) or not isinstance(e.get("dict"), str) \
+                or not isinstance(e.get("has_idx"), bool):
+            raise FeatureFrameError("header entry must have string 'rid' and 'dict' and boolean 'has_idx'")
+        n, m = _int(e, "n"), _int(e, "m")
+        positions = _array(frames, i, n, (n,), np.int32)
+        i += 1
+        indices = None
+        if e["has_idx"]:
+            indices = _array(frames, i, n * m, (n, m), np.int32)
+            i += 1
+        values = _array(frames, i, n * m, (n, m), np.float32)
+        i += 1
+        out.append(FeatureChunk(e["rid"], e["dict"], positions, indices, values))
+    if i != len(frames):
+        raise FeatureFrameError(f"message has {len(frames)} frames; the header describes {i}")
+    return out

@@ -17,7 +17,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -35,7 +36,7 @@ def format_token(t: TokenFeaturesOut, width: int = 14) -> str:
     parts = []
     for d in t.features:
         if d.indices is not None:
-            feats = " ".join(f"#{i}={v:.2f}" for i, v in zip(d.indices, d.values))
+            feats = " ".join(f"#{i}={v:.2f}" for i, v in zip(d.indices, d.values, strict=True))
         else:
             feats = " ".join(f"{v:.2f}" for v in d.values)
         if d.feature_values is not None:  # top-k and feature ids asked together
@@ -71,17 +72,28 @@ def parse_edit(text: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-client", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sae-client",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"server gRPC address (default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
     p.add_argument("--json", action="store_true", help="print JSON instead of the readable form")
-    p.add_argument("--api-key", default=None,
-                   help=f"API key of a server started with keys (default: ${API_KEY_ENV}; prefer the variable, "
-                   "a flag shows in `ps`)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"API key of a server started with keys (default: ${API_KEY_ENV}; prefer the variable, "
+        "a flag shows in `ps`)",
+    )
     p.add_argument("--tls", action="store_true", help="connect over TLS (a server started with --tls-cert)")
-    p.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust for TLS (implies --tls), e.g. the "
-                   "server's self-signed certificate; default: the system's roots")
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM certificate(s) to trust for TLS (implies --tls), e.g. the "
+        "server's self-signed certificate; default: the system's roots",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def prompt_args(sp: argparse.ArgumentParser) -> None:
@@ -89,8 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
 
     def feature_args(sp: argparse.ArgumentParser, required: bool) -> None:
-        sp.add_argument("-d", "--dictionary", action="append", dest="dictionaries", required=required,
-                        help="dictionary id to read features from (repeatable)")
+        sp.add_argument(
+            "-d",
+            "--dictionary",
+            action="append",
+            dest="dictionaries",
+            required=required,
+            help="dictionary id to read features from (repeatable)",
+        )
         sp.add_argument("-k", "--top-k", type=int, default=5, help="features per token (default 5)")
 
     def sampling_args(sp: argparse.ArgumentParser) -> None:
@@ -102,8 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="features of every token of a prompt")
     prompt_args(ex)
     feature_args(ex, required=True)
-    ex.add_argument("--feature-id", type=int, action="append", dest="feature_ids",
-                    help="return these features' values instead of the top-k (repeatable)")
+    ex.add_argument(
+        "--feature-id",
+        type=int,
+        action="append",
+        dest="feature_ids",
+        help="return these features' values instead of the top-k (repeatable)",
+    )
     gen = sub.add_parser("generate", help="stream a completion, optionally with features")
     prompt_args(gen)
     sampling_args(gen)
@@ -112,8 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_args(st)
     sampling_args(st)
     feature_args(st, required=False)
-    st.add_argument("-e", "--edit", type=parse_edit, action="append", required=True,
-                    help="DICTIONARY:FEATURE:MODE[:VALUE], MODE in add|clamp|scale|ablate (repeatable)")
+    st.add_argument(
+        "-e",
+        "--edit",
+        type=parse_edit,
+        action="append",
+        required=True,
+        help="DICTIONARY:FEATURE:MODE[:VALUE], MODE in add|clamp|scale|ablate (repeatable)",
+    )
     st.add_argument("--compare", action="store_true", help="also print the unsteered completion")
     fe = sub.add_parser("feature", help="what one feature promotes and suppresses")
     fe.add_argument("dictionary")
@@ -129,8 +158,9 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stream(client: SAEClient, args: argparse.Namespace, steering: dict | None, label: str | None = None) -> None:
-    features = {"dictionaries": args.dictionaries, "top_k": args.top_k, "scope": "generated"} \
-        if args.dictionaries else None
+    features = (
+        {"dictionaries": args.dictionaries, "top_k": args.top_k, "scope": "generated"} if args.dictionaries else None
+    )
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
     if label:
         print(f"--- {label}")
@@ -143,8 +173,10 @@ def _stream(client: SAEClient, args: argparse.Namespace, steering: dict | None, 
         sys.stdout.flush()
         feats += chunk.features
         if chunk.usage is not None:
-            print(f"\n[{chunk.finish_reason}; {chunk.usage.prompt_tokens} prompt + "
-                  f"{chunk.usage.completion_tokens} generated tokens]")
+            print(
+                f"\n[{chunk.finish_reason}; {chunk.usage.prompt_tokens} prompt + "
+                f"{chunk.usage.completion_tokens} generated tokens]"
+            )
     if feats and not args.json:
         print("features of the generated tokens (read by the model):")
         print_tokens(feats)
@@ -186,8 +218,10 @@ def run(args: argparse.Namespace) -> int:
                 print(info.model_dump_json(indent=2))
             else:
                 density = "" if info.density is None else f", density {info.density:.2e}"
-                print(f"{info.dictionary} #{info.feature} at {info.hook_point}: decoder norm "
-                      f"{info.decoder_norm:.3f}{density}")
+                print(
+                    f"{info.dictionary} #{info.feature} at {info.hook_point}: decoder norm "
+                    f"{info.decoder_norm:.3f}{density}"
+                )
                 print("promotes:   " + "  ".join(f"{t.token!r} {t.score:+.2f}" for t in info.top_promoted))
                 print("suppresses: " + "  ".join(f"{t.token!r} {t.score:+.2f}" for t in info.top_suppressed))
     return 0

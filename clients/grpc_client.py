@@ -3,7 +3,8 @@
 Both take and return the wire contract's pydantic models (:mod:`sae_wire.models`, the
 ones the server validates with), converted by the one converter both sides use
 (:mod:`sae_wire.convert`), so a request is built and validated the same way on both
-sides. Neither needs torch or vLLM: ``pip install sae-serve``. Only *safe* calls are retried (ExtractFeatures, ListDictionaries, GetFeature:
+sides. Neither needs torch or vLLM: ``pip install sae-serve``. Only *safe* calls are
+retried (ExtractFeatures, ListDictionaries, GetFeature:
 read-only, idempotent) and only on UNAVAILABLE (replica starting or restarting) with
 exponential backoff; Generate is never retried, since a retry could duplicate a
 (sampled) generation the caller already partly consumed.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -43,6 +45,7 @@ T = TypeVar("T")
 
 # -- request builders shared by both clients ---------------------------------------------------
 
+
 def _prompt(text: str | None, messages: Sequence[ChatMessage | dict[str, Any]] | None) -> dict[str, Any]:
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text= or messages=")
@@ -53,8 +56,13 @@ def extract_request(features: FeatureRequest | dict, text: str | None, messages:
     return conv.extract_request_pb({**_prompt(text, messages), "features": features})
 
 
-def generate_request(text: str | None, messages: Any, sampling: SamplingOptions | dict | None,
-                     features: FeatureRequest | dict | None, steering: SteeringSpec | dict | None) -> pb.GenerateRequest:
+def generate_request(
+    text: str | None,
+    messages: Any,
+    sampling: SamplingOptions | dict | None,
+    features: FeatureRequest | dict | None,
+    steering: SteeringSpec | dict | None,
+) -> pb.GenerateRequest:
     request: dict[str, Any] = {**_prompt(text, messages), "sampling": sampling or {}}
     if features is not None:
         request["features"] = features
@@ -105,9 +113,17 @@ def channel_credentials(tls: bool, tls_ca: str | bytes | None) -> grpc.ChannelCr
 class SAEClient:
     """Blocking client. ``with SAEClient(api_key=...) as c: c.extract("Hello", features={...})``."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = 120.0, retry_attempts: int = 4,
-                 application: str | None = None, api_key: str | None = None, tls: bool = False,
-                 tls_ca: str | bytes | None = None):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float = 120.0,
+        retry_attempts: int = 4,
+        application: str | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | bytes | None = None,
+    ):
         creds = channel_credentials(tls, tls_ca)
         self.channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
         self.stub = pb_grpc.SAEServiceStub(self.channel)
@@ -118,7 +134,7 @@ class SAEClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "SAEClient":
+    def __enter__(self) -> SAEClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,17 +151,27 @@ class SAEClient:
                     raise
                 time.sleep(delay)
 
-    def extract(self, text: str | None = None, *, messages: Any = None,
-                features: FeatureRequest | dict) -> ExtractResponse:
+    def extract(
+        self, text: str | None = None, *, messages: Any = None, features: FeatureRequest | dict
+    ) -> ExtractResponse:
         resp = self._safe(self.stub.ExtractFeatures, extract_request(features, text, messages))
         return conv.extract_response_from_pb(resp)
 
-    def generate(self, text: str | None = None, *, messages: Any = None, sampling: SamplingOptions | dict | None = None,
-                 features: FeatureRequest | dict | None = None,
-                 steering: SteeringSpec | dict | None = None) -> Iterator[GenerateChunkOut]:
+    def generate(
+        self,
+        text: str | None = None,
+        *,
+        messages: Any = None,
+        sampling: SamplingOptions | dict | None = None,
+        features: FeatureRequest | dict | None = None,
+        steering: SteeringSpec | dict | None = None,
+    ) -> Iterator[GenerateChunkOut]:
         """Stream chunks; never retried. Stop iterating (or close) to cancel the request."""
-        call = self.stub.Generate(generate_request(text, messages, sampling, features, steering),
-                                  timeout=self.timeout_s, metadata=self.metadata)
+        call = self.stub.Generate(
+            generate_request(text, messages, sampling, features, steering),
+            timeout=self.timeout_s,
+            metadata=self.metadata,
+        )
         try:
             for m in call:
                 yield conv.generate_chunk_from_pb(m)
@@ -166,9 +192,17 @@ class SAEClient:
 class AsyncSAEClient:
     """asyncio client with the same methods as :class:`SAEClient` (``await`` / ``async for``)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float = 120.0, retry_attempts: int = 4,
-                 application: str | None = None, api_key: str | None = None, tls: bool = False,
-                 tls_ca: str | bytes | None = None):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float = 120.0,
+        retry_attempts: int = 4,
+        application: str | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | bytes | None = None,
+    ):
         creds = channel_credentials(tls, tls_ca)
         self.channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.SAEServiceStub(self.channel)
@@ -179,7 +213,7 @@ class AsyncSAEClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncSAEClient":
+    async def __aenter__(self) -> AsyncSAEClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -196,16 +230,26 @@ class AsyncSAEClient:
                     raise
                 await asyncio.sleep(delay)
 
-    async def extract(self, text: str | None = None, *, messages: Any = None,
-                      features: FeatureRequest | dict) -> ExtractResponse:
+    async def extract(
+        self, text: str | None = None, *, messages: Any = None, features: FeatureRequest | dict
+    ) -> ExtractResponse:
         resp = await self._safe(self.stub.ExtractFeatures, extract_request(features, text, messages))
         return conv.extract_response_from_pb(resp)
 
-    async def generate(self, text: str | None = None, *, messages: Any = None,
-                       sampling: SamplingOptions | dict | None = None, features: FeatureRequest | dict | None = None,
-                       steering: SteeringSpec | dict | None = None) -> AsyncIterator[GenerateChunkOut]:
-        call = self.stub.Generate(generate_request(text, messages, sampling, features, steering),
-                                  timeout=self.timeout_s, metadata=self.metadata)
+    async def generate(
+        self,
+        text: str | None = None,
+        *,
+        messages: Any = None,
+        sampling: SamplingOptions | dict | None = None,
+        features: FeatureRequest | dict | None = None,
+        steering: SteeringSpec | dict | None = None,
+    ) -> AsyncIterator[GenerateChunkOut]:
+        call = self.stub.Generate(
+            generate_request(text, messages, sampling, features, steering),
+            timeout=self.timeout_s,
+            metadata=self.metadata,
+        )
         try:
             async for m in call:
                 yield conv.generate_chunk_from_pb(m)

@@ -113,7 +113,7 @@ def field_specs(model: type[BaseModel], env_prefix: str,
         for name, field in m.model_fields.items():
             ann, optional = _unwrap_optional(field.annotation)
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, prefix + (name,))
+                walk(ann, (*prefix, name))
                 continue
             opt = options.pop(name, Option())
             origin, args = typing.get_origin(ann), typing.get_args(ann)
@@ -130,7 +130,7 @@ def field_specs(model: type[BaseModel], env_prefix: str,
             else:
                 kind, convert = "scalar", _scalar(ann, optional, opt.none_words)
             specs.append(FieldSpec(
-                path=prefix + (name,), name=name, flag=opt.flag or "--" + name.replace("_", "-"),
+                path=(*prefix, name), name=name, flag=opt.flag or "--" + name.replace("_", "-"),
                 env=env_prefix + name.upper(), kind=kind, convert=convert, option=opt,
                 description=field.description or "", default=field.get_default(call_default_factory=True),
                 choices=choices))
@@ -181,9 +181,13 @@ def add_options(parser: argparse.ArgumentParser | Any, specs: list[FieldSpec],
             target.add_argument(*flags, action="append", type=_pair(spec.convert),
                                 metavar=spec.option.metavar or "KEY=VALUE", **common)
         else:
-            target.add_argument(*flags, type=spec.convert, choices=spec.choices,
-                                metavar=spec.option.metavar or (None if spec.choices else spec.convert.__name__.upper()),
-                                **common)
+            target.add_argument(
+                *flags,
+                type=spec.convert,
+                choices=spec.choices,
+                metavar=spec.option.metavar or (None if spec.choices else spec.convert.__name__.upper()),
+                **common,
+            )
 
 
 def _pair(convert: Any) -> Any:
@@ -233,9 +237,15 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve(model: type[BaseModel], specs: list[FieldSpec], args: argparse.Namespace,
-            file_values: Mapping[str, Any] | None = None, file_name: str | None = None,
-            environ: Mapping[str, str] | None = None, extra: Mapping[str, list[Any]] | None = None) -> Any:
+def resolve(
+    model: type[BaseModel],
+    specs: list[FieldSpec],
+    args: argparse.Namespace,
+    file_values: Mapping[str, Any] | None = None,
+    file_name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    extra: Mapping[str, list[Any]] | None = None,
+) -> Any:
     """Defaults < config file < environment < flags, validated as ``model``.
 
     ``extra`` adds values to an ``accumulate`` field from elsewhere on the command line (a
@@ -268,8 +278,9 @@ def resolve(model: type[BaseModel], specs: list[FieldSpec], args: argparse.Names
         raise ConfigError(describe_errors(exc, specs, origin, file_name)) from None
 
 
-def describe_errors(exc: ValidationError, specs: list[FieldSpec], origin: Mapping[tuple[str, ...], str],
-                    file_name: str | None) -> str:
+def describe_errors(
+    exc: ValidationError, specs: list[FieldSpec], origin: Mapping[tuple[str, ...], str], file_name: str | None
+) -> str:
     """One clause per error, naming the flag (or variable, or file key) the value came from."""
     by_path = {s.path: s for s in specs}
     parts = []

@@ -43,7 +43,7 @@ def configure_environment(kv_cache_gib: float) -> None:
       non-AOT compile cache loads: a warm compiled start takes ~70 s (measured on this
       project's 2-core CPU machines).
     """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 

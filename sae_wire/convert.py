@@ -19,7 +19,8 @@ the proto are declared ``optional`` and read with ``HasField``; for repeated fie
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict

@@ -38,7 +38,7 @@ class FeatureRequest(_Strict):
     scope: Scope = "all"
 
     @model_validator(mode="after")
-    def _something_asked(self) -> "FeatureRequest":
+    def _something_asked(self) -> FeatureRequest:
         # Neither asked: the strongest 8. Both asked: both come back (values aligned with
         # indices for the top-k, feature_values aligned with feature_ids).
         if self.top_k is None and self.feature_ids is None:
@@ -63,7 +63,7 @@ class SteeringEdit(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _value_when_needed(self) -> "SteeringEdit":
+    def _value_when_needed(self) -> SteeringEdit:
         if self.value is None:
             if self.mode == "ablate":
                 self.value = 0.0
@@ -160,7 +160,7 @@ class PromptInput(_Strict):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "PromptInput":
+    def _exactly_one(self) -> PromptInput:
         if (self.text is None) == (self.messages is None):
             raise ValueError("give exactly one of 'text' or 'messages'")
         return self

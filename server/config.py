@@ -81,50 +81,78 @@ class ServeConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = Field(
         default=None, description="Ray Serve autoscaling bounds (replace replicas when set)")
     max_ongoing_requests: int = Field(default=64, ge=1, description="per replica, before queueing")
-    max_queued_requests: int = Field(default=256, ge=-1, description="beyond this: 503 / RESOURCE_EXHAUSTED; -1 = unbounded")
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
-                                   description="largest accepted HTTP body / gRPC message, bytes; larger HTTP bodies "
-                                   "get 413, larger gRPC messages RESOURCE_EXHAUSTED")
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="beyond this: 503 / RESOURCE_EXHAUSTED; -1 = unbounded"
+    )
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="largest accepted HTTP body / gRPC message, bytes; larger HTTP bodies "
+        "get 413, larger gRPC messages RESOURCE_EXHAUSTED",
+    )
     grpc_max_message_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=1024 * 1024,
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
         description="hard cap of Ray's gRPC proxy on any message, either way (Ray's default is 2 GiB); "
-        "requests between max_request_bytes and this are refused by the replica")
-    max_edits: int | None = Field(default=None, ge=0, description=f"steering edits per request; unset = {SpecLimits.max_edits}")
-    max_vectors: int | None = Field(default=None, ge=0, description=f"raw steering vectors per request; unset = {SpecLimits.max_vectors}")
-    max_top_k: int | None = Field(default=None, ge=1, description=f"largest features.top_k; unset = {SpecLimits.max_top_k}")
-    max_feature_ids: int | None = Field(default=None, ge=1,
-                                        description=f"most features.feature_ids per request; unset = {SpecLimits.max_feature_ids}")
+        "requests between max_request_bytes and this are refused by the replica",
+    )
+    max_edits: int | None = Field(
+        default=None, ge=0, description=f"steering edits per request; unset = {SpecLimits.max_edits}"
+    )
+    max_vectors: int | None = Field(
+        default=None, ge=0, description=f"raw steering vectors per request; unset = {SpecLimits.max_vectors}"
+    )
+    max_top_k: int | None = Field(
+        default=None, ge=1, description=f"largest features.top_k; unset = {SpecLimits.max_top_k}"
+    )
+    max_feature_ids: int | None = Field(
+        default=None, ge=1, description=f"most features.feature_ids per request; unset = {SpecLimits.max_feature_ids}"
+    )
     max_response_feature_values: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="most feature values one response may carry: tokens (prompt and/or max_tokens, by "
         "features.scope) x (top_k + len(feature_ids)) x dictionaries x choices (n, doubled by compare); "
-        f"more is refused with 400 before generation; unset = {SpecLimits.max_response_feature_values:,}")
-    max_concurrent_streams: int = Field(default=32, ge=1,
-                                        description="streaming requests open at once per replica; more get 429 / "
-                                        "RESOURCE_EXHAUSTED")
+        f"more is refused with 400 before generation; unset = {SpecLimits.max_response_feature_values:,}",
+    )
+    max_concurrent_streams: int = Field(
+        default=32, ge=1, description="streaming requests open at once per replica; more get 429 / RESOURCE_EXHAUSTED"
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="accept this API key (at least 8 printable characters). With keys, every route and RPC but "
         "plain /health and gRPC Health/Check needs 'Authorization: Bearer KEY' (Ray's /-/* routes included; gRPC "
         "reflection is off); none = no authentication. Keys from the flag, --api-key-file and the variable are "
-        "all accepted; sae-serve hides them from `ps`, child processes and Ray once started")
-    tls_cert: str | None = Field(default=None, min_length=1,
-                                 description="PEM certificate (chain): serve HTTPS and gRPC over TLS (needs tls_key); "
-                                 "keys are bearer tokens, so use TLS beyond this machine")
+        "all accepted; sae-serve hides them from `ps`, child processes and Ray once started",
+    )
+    tls_cert: str | None = Field(
+        default=None,
+        min_length=1,
+        description="PEM certificate (chain): serve HTTPS and gRPC over TLS (needs tls_key); "
+        "keys are bearer tokens, so use TLS beyond this machine",
+    )
     tls_key: str | None = Field(default=None, min_length=1, description="PEM private key of tls_cert")
-    health_check_period_s: float = Field(default=5.0, gt=0,
-                                         description="Ray Serve health-check period (3 failures restart a replica)")
+    health_check_period_s: float = Field(
+        default=5.0, gt=0, description="Ray Serve health-check period (3 failures restart a replica)"
+    )
     replica_num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved per replica")
-    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs Ray may schedule; unset = this machine's (at least enough for "
-                                     "the replicas)")
+    ray_num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPUs Ray may schedule; unset = this machine's (at least enough for the replicas)",
+    )
     ray_address: str | None = Field(
-        default=None, min_length=1,
+        default=None,
+        min_length=1,
         description="join this running Ray cluster ('HOST:PORT' of its head, or 'auto') instead of starting a local "
-                    "Ray; the replicas then run wherever the cluster has room")
+        "Ray; the replicas then run wherever the cluster has room",
+    )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
-        default="EveryNode", description="Ray Serve's HTTP/gRPC proxies on every node or on the head node only")
+        default="EveryNode", description="Ray Serve's HTTP/gRPC proxies on every node or on the head node only"
+    )
     max_replicas_per_node: int | None = Field(
-        default=None, ge=1, description="at most this many replicas (engines) on one Ray node; 1 spreads them")
+        default=None, ge=1, description="at most this many replicas (engines) on one Ray node; 1 spreads them"
+    )
     cpu_threads_bind: str | None = Field(
         default=None,
         description="VLLM_CPU_OMP_THREADS_BIND for the engine (e.g. '0-1'); None = vLLM's default, "
@@ -132,8 +160,10 @@ class ServeConfig(BaseModel):
     )
     feature_top_n: int = Field(default=10, ge=1, le=1000, description="default tokens per list in feature info")
     use_default_dictionary: bool = Field(
-        default=True, description="serve sae_runtime/data/default_dictionary (if present) when no dictionary is "
-        "given; --no-default-dictionary: none unless given")
+        default=True,
+        description="serve sae_runtime/data/default_dictionary (if present) when no dictionary is "
+        "given; --no-default-dictionary: none unless given",
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -160,13 +190,13 @@ class ServeConfig(BaseModel):
         return self.host not in LOCAL_HOSTS
 
     @model_validator(mode="after")
-    def _ports_differ(self) -> "ServeConfig":
+    def _ports_differ(self) -> ServeConfig:
         if self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}")
         return self
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "ServeConfig":
+    def _tls_pair(self) -> ServeConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both (--tls-cert FILE --tls-key FILE) or neither")
         for name in ("tls_cert", "tls_key"):
@@ -196,7 +226,11 @@ class ServeConfig(BaseModel):
         limits = {**self.engine.limits, **{f: getattr(self, f) for f in LIMIT_FIELDS if getattr(self, f) is not None}}
         if limits != self.engine.limits:
             update["limits"] = limits
-        if not self.engine.dictionaries and self.use_default_dictionary and (DEFAULT_DICTIONARY_DIR / "cfg.json").is_file():
+        if (
+            not self.engine.dictionaries
+            and self.use_default_dictionary
+            and (DEFAULT_DICTIONARY_DIR / "cfg.json").is_file()
+        ):
             update["dictionaries"] = [str(DEFAULT_DICTIONARY_DIR)]
         return self.engine.model_copy(update=update) if update else self.engine
 

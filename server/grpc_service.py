@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -77,7 +78,9 @@ class SAEGrpcMethods:
         if self.max_request_bytes is not None and size > self.max_request_bytes:
             raise ApiError(ErrorKind.TOO_LARGE, f"request is {size} bytes; the limit is {self.max_request_bytes}")
 
-    async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, grpc_context: Any = None) -> pb.ExtractFeaturesResponse:
+    async def ExtractFeatures(
+        self, request: pb.ExtractFeaturesRequest, grpc_context: Any = None
+    ) -> pb.ExtractFeaturesResponse:
         try:
             async with self.service.observed("features.extract", "grpc"):
                 self._authorize(grpc_context)
@@ -87,7 +90,9 @@ class SAEGrpcMethods:
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: Any = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
         acquired = False
         try:
             try:
@@ -113,7 +118,9 @@ class SAEGrpcMethods:
             if acquired:
                 self.service.release_stream()
 
-    async def ListDictionaries(self, request: pb.ListDictionariesRequest, grpc_context: Any = None) -> pb.ListDictionariesResponse:
+    async def ListDictionaries(
+        self, request: pb.ListDictionariesRequest, grpc_context: Any = None
+    ) -> pb.ListDictionariesResponse:
         try:
             self._authorize(grpc_context)
             async with self.service.observed("dictionaries.list", "grpc"):
@@ -126,8 +133,9 @@ class SAEGrpcMethods:
         try:
             async with self.service.observed("dictionaries.feature", "grpc"):
                 self._authorize(grpc_context)
-                info = self.service.feature_info(request.dictionary, request.feature,
-                                                 request.top_n if request.HasField("top_n") else None)
+                info = self.service.feature_info(
+                    request.dictionary, request.feature, request.top_n if request.HasField("top_n") else None
+                )
             return conv.feature_info_pb(info)
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
@@ -138,19 +146,26 @@ class SAEGrpcMethods:
         if self._health is None:
             self._health = health.HealthServicer()
         # SERVING while the engine lives; NOT_SERVING once it died (the replica is replaced).
-        status = (health_pb2.HealthCheckResponse.SERVING if self.service.engine_alive()
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.service.engine_alive()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             self._health.set(name, status)
         return self._health
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
+    ) -> health_pb2.HealthCheckResponse:
         response = self._health_servicer().Check(request, grpc_context)
         if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
             raise GrpcRequestError(grpc_context.details() or f"unknown service {request.service!r}")
         return response
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """Send the status now and again whenever it changes (it does not while the replica lives).
 
         Needs a key when keys are set (it holds a stream open); ``Check`` does not."""

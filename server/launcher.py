@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from server.config import APP_NAME, ServeConfig
 

@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import torch
 
+# The session server's fixtures (sae_server, live_server, ...), shared by every module.
+pytest_plugins = ("tests.server_fixtures",)
+
 # Keep vLLM's CPU KV cache small (the default takes a share of all RAM) and its logs short.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -8,7 +8,8 @@ dictionary and free ports. ``tests/test_server_shutdown.py`` ends it with SIGTER
 checks that no process of its tree is left; if that test did not run, the fixture's
 teardown does the same check.
 
-Import the fixtures into a test module with ``from tests.server_fixtures import sae_server  # noqa: F401``.
+``tests/conftest.py`` registers this module as a pytest plugin, so its fixtures
+(``sae_server``, ``live_server``, ...) are available to every test module by name.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ServerHandle:
     def snapshot_tree(self) -> list[psutil.Process]:
         """The server and every descendant (Ray's GCS/raylet/workers, vLLM processes)."""
         root = psutil.Process(self.proc.pid)
-        self.tree = [root] + root.children(recursive=True)
+        self.tree = [root, *root.children(recursive=True)]
         return self.tree
 
     def stop(self, timeout_s: float = 120) -> tuple[int | None, list[str]]:
@@ -164,7 +165,7 @@ def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
 
 def stop_shared(name: str) -> None:
     """Stop it (idempotent: the first teardown stops it, later ones see it stopped)."""
-    rc, left = _SERVERS[name].stop()
+    _rc, left = _SERVERS[name].stop()
     assert not left, f"processes left after SIGTERM: {left}"
 
 

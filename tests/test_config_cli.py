@@ -40,9 +40,9 @@ def leaf_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tu
     for name, field in model.model_fields.items():
         inner = [a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)]
         if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
-            out.update(leaf_fields(inner[0], prefix + (name,)))
+            out.update(leaf_fields(inner[0], (*prefix, name)))
         else:
-            out[prefix + (name,)] = field
+            out[(*prefix, name)] = field
     return out
 
 
@@ -183,7 +183,7 @@ def test_train_bad_values_name_the_flag_or_variable(capsys):
     assert train_cli.main(["--lr", "-1"]) == 2
     assert capsys.readouterr().err.startswith(
         "sae-train: error: invalid configuration: --lr: Input should be greater than 0")
-    with pytest.raises(ConfigError, match="^SAE_TRAIN_ARCHITECTURE: invalid choice 'dense'"):
+    with pytest.raises(ConfigError, match=r"^SAE_TRAIN_ARCHITECTURE: invalid choice 'dense'"):
         train([], {"SAE_TRAIN_ARCHITECTURE": "dense"})
     with pytest.raises(SystemExit) as exit_:
         train(["--k", "many"])

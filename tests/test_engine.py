@@ -201,7 +201,7 @@ def test_isolation_in_one_batch(sae_engine):
 
     async def batch(with_specs):
         return await asyncio.gather(*[
-            eng.complete(i, greedy(16), sp if with_specs else None) for i, sp in zip(ids, specs)
+            eng.complete(i, greedy(16), sp if with_specs else None) for i, sp in zip(ids, specs, strict=True)
         ])
 
     plain = sae_engine.run(batch(False))
@@ -246,7 +246,7 @@ def test_clamp_raises_promoted_tokens_and_ablate_zeroes_feature(sae_engine, hf_m
     before = sae_engine.run(eng.extract(ids, SAERequestSpec.model_validate({"features": read}).features))
     totals: dict[int, float] = {}
     for t in before[1:]:  # position 0 (the attention sink) has outsized activations
-        for i, v in zip(t.features[0].indices, t.features[0].values):
+        for i, v in zip(t.features[0].indices, t.features[0].values, strict=True):
             totals[i] = totals.get(i, 0.0) + v
     target = max(totals, key=totals.get)  # the prompt's strongest feature
     x = hf_stream(hf_model, ids, d.layer)
@@ -283,7 +283,7 @@ def test_raw_vector_equals_add_edit(sae_engine):
     plain = sae_engine.run(eng.complete(ids, greedy(12)))
     assert a.token_ids == b.token_ids
     assert a.token_ids != plain.token_ids
-    for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+    for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids, strict=True):
         assert abs(la[t] - lb[t]) < 1e-3
 
 
@@ -320,12 +320,32 @@ def test_abort_frees_worker_state(sae_engine):
     "body, field, not_found",
     [
         ({"features": {"dictionaries": ["nope"]}}, "features.dictionaries[0]", True),
-        ({"steering": {"edits": [{"dictionary": "nope", "feature": 1, "value": 1.0}]}}, "steering.edits[0].dictionary", True),
-        ({"steering": {"edits": [{"dictionary": "@topk", "feature": 512, "value": 1.0}]}}, "steering.edits[0].feature", True),
+        (
+            {"steering": {"edits": [{"dictionary": "nope", "feature": 1, "value": 1.0}]}},
+            "steering.edits[0].dictionary",
+            True,
+        ),
+        (
+            {"steering": {"edits": [{"dictionary": "@topk", "feature": 512, "value": 1.0}]}},
+            "steering.edits[0].feature",
+            True,
+        ),
         ({"features": {"dictionaries": ["@topk"], "feature_ids": [9999]}}, "features.feature_ids[0]", False),
-        ({"steering": {"vectors": [{"hook_point": "layers.3", "vector": [1.0] * 10}]}}, "steering.vectors[0].vector", False),
-        ({"steering": {"vectors": [{"hook_point": "layers.30", "vector": [1.0] * 576}]}}, "steering.vectors[0].hook_point", True),
-        ({"steering": {"vectors": [{"hook_point": "attn.3", "vector": [1.0] * 576}]}}, "steering.vectors[0].hook_point", False),
+        (
+            {"steering": {"vectors": [{"hook_point": "layers.3", "vector": [1.0] * 10}]}},
+            "steering.vectors[0].vector",
+            False,
+        ),
+        (
+            {"steering": {"vectors": [{"hook_point": "layers.30", "vector": [1.0] * 576}]}},
+            "steering.vectors[0].hook_point",
+            True,
+        ),
+        (
+            {"steering": {"vectors": [{"hook_point": "attn.3", "vector": [1.0] * 576}]}},
+            "steering.vectors[0].hook_point",
+            False,
+        ),
     ],
 )
 def test_invalid_specs_are_refused_before_the_engine(sae_engine, body, field, not_found):
@@ -367,13 +387,24 @@ def test_malformed_specs_fail_validation(body):
 def test_top_k_beyond_a_dictionary_width_is_refused():
     from sae_runtime.engine.spec import DictionaryInfo, ModelShape, SpecError, SpecLimits, validate_spec
 
-    served = {"wide": DictionaryInfo("wide", "layers.3", 512, None), "narrow": DictionaryInfo("narrow", "layers.3", 64, 8)}
+    served = {
+        "wide": DictionaryInfo("wide", "layers.3", 512, None),
+        "narrow": DictionaryInfo("narrow", "layers.3", 64, 8),
+    }
     shape, limits = ModelShape(num_layers=30, hidden_size=576), SpecLimits(max_top_k=256)
-    validate_spec(SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 64}}),
-                  served, shape, limits)
+    validate_spec(
+        SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 64}}),
+        served,
+        shape,
+        limits,
+    )
     with pytest.raises(SpecError) as info:
-        validate_spec(SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 65}}),
-                      served, shape, limits)
+        validate_spec(
+            SAERequestSpec.model_validate({"features": {"dictionaries": ["wide", "narrow"], "top_k": 65}}),
+            served,
+            shape,
+            limits,
+        )
     assert info.value.field == "features.top_k" and "d_sae=64" in str(info.value) and "'narrow'" in str(info.value)
 
 
@@ -402,5 +433,6 @@ def test_training_harvest_reads_what_the_engine_reads(sae_engine, default_model_
     s = spec(features={"dictionaries": [sae_engine.ids["trained"]], "top_k": 8})
     feats = [f for f in sae_engine.run(eng.extract(ids, s.features)) if trained_on[f.position]]
     assert len(feats) == harvested.shape[0] > 5
-    assert_topk_extraction_matches([f.features[0].values for f in feats], [f.features[0].indices for f in feats],
-                                   d, harvested.float())
+    assert_topk_extraction_matches(
+        [f.features[0].values for f in feats], [f.features[0].indices for f in feats], d, harvested.float()
+    )

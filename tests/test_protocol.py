@@ -90,9 +90,9 @@ def test_install_config_round_trip_and_errors():
     enc = cfg.encode()
     assert enc == {"dictionaries": [{"id": "d0", "path": "/x/d0"}], "feature_address": "ipc:///tmp/s", "dtype": None}
     assert InstallConfig.decode(enc) == cfg
-    with pytest.raises(WorkerSpecError, match=r"install.dictionaries\[0\].path"):
+    with pytest.raises(WorkerSpecError, match=r"install\.dictionaries\[0\]\.path"):
         InstallConfig.decode({"dictionaries": [{"id": "d0"}]})
-    with pytest.raises(WorkerSpecError, match="install.dictionaries: missing"):
+    with pytest.raises(WorkerSpecError, match=r"install\.dictionaries: missing"):
         InstallConfig.decode({})
 
 

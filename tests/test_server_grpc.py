@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
+from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_top_k_and_feature_ids_together_come_back_over_grpc_as_over_http(live_se
                                  features={**features, "scope": "generated"}))
 
     assert len(got.tokens) == len(expected.tokens) > 2
-    for g, e in zip(got.tokens, expected.tokens):
+    for g, e in zip(got.tokens, expected.tokens, strict=True):
         (gd,), (ed,) = g.features, e.features
         assert gd.feature_values is not None, f"gRPC dropped feature_values (token {g.position})"
         assert len(gd.indices) == 3 and len(gd.values) == 3 and len(gd.feature_values) == 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
+from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 

@@ -86,12 +86,24 @@ def test_requests_round_trip_through_the_wire_unchanged(features):
 
     extract = ExtractRequest.model_validate({"text": "x", "features": features})
     assert _server_reads(extract_request(features, "x", None)) == extract
-    generate = GenerateRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "features": features,
-                                               "sampling": {"max_tokens": 3, "temperature": 0.5, "top_p": 0.75,  # float32-exact
-                                                            "stop": ["."], "seed": 1}})
+    generate = GenerateRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "features": features,
+            "sampling": {
+                "max_tokens": 3,
+                "temperature": 0.5,
+                "top_p": 0.75,  # float32-exact
+                "stop": ["."],
+                "seed": 1,
+            },
+        }
+    )
     assert _server_reads(conv.generate_request_pb(generate)) == generate
-    assert _server_reads(generate_request(None, [{"role": "user", "content": "x"}], generate.sampling, features,
-                                          None)) == generate
+    assert (
+        _server_reads(generate_request(None, [{"role": "user", "content": "x"}], generate.sampling, features, None))
+        == generate
+    )
 
 
 def test_top_k_and_feature_ids_together_both_travel():
@@ -100,37 +112,54 @@ def test_top_k_and_feature_ids_together_both_travel():
 
 
 def _tokens(features: list[DictionaryFeatures]) -> list[TokenFeaturesOut]:
-    return [TokenFeaturesOut(position=0, token_id=11, token="Hi", is_prompt=True, features=features),
-            TokenFeaturesOut(position=1, token_id=12, token=" there", is_prompt=False, features=features)]
+    return [
+        TokenFeaturesOut(position=0, token_id=11, token="Hi", is_prompt=True, features=features),
+        TokenFeaturesOut(position=1, token_id=12, token=" there", is_prompt=False, features=features),
+    ]
 
 
-@pytest.mark.parametrize("dictionary_features", [
-    # top_k and feature_ids: the top-k in indices/values, the asked ids' values in feature_values
-    DictionaryFeatures(dictionary="d", indices=[4, 2], values=[3.0, 1.5], feature_values=[0.0, 1.5, 0.25]),
-    DictionaryFeatures(dictionary="d", indices=[4, 2], values=[3.0, 1.5]),  # top_k only
-    DictionaryFeatures(dictionary="d", values=[0.0, 0.5]),  # feature_ids only
-])
+@pytest.mark.parametrize(
+    "dictionary_features",
+    [
+        # top_k and feature_ids: the top-k in indices/values, the asked ids' values in feature_values
+        DictionaryFeatures(dictionary="d", indices=[4, 2], values=[3.0, 1.5], feature_values=[0.0, 1.5, 0.25]),
+        DictionaryFeatures(dictionary="d", indices=[4, 2], values=[3.0, 1.5]),  # top_k only
+        DictionaryFeatures(dictionary="d", values=[0.0, 0.5]),  # feature_ids only
+    ],
+)
 def test_responses_round_trip_through_the_wire_unchanged(dictionary_features):
     """Server model -> message -> client model is the identity (float32-exact values)."""
     resp = ExtractResponse(model="m", tokens=_tokens([dictionary_features]))
     wire = pb.ExtractFeaturesResponse.FromString(conv.extract_response_pb(resp).SerializeToString())
     assert conv.extract_response_from_pb(wire) == resp
-    chunk = GenerateChunkOut(token_ids=[12], text=" there", features=_tokens([dictionary_features]), finished=True,
-                             finish_reason="length", usage={"prompt_tokens": 1, "completion_tokens": 1,
-                                                            "total_tokens": 2})
+    chunk = GenerateChunkOut(
+        token_ids=[12],
+        text=" there",
+        features=_tokens([dictionary_features]),
+        finished=True,
+        finish_reason="length",
+        usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    )
     wire = pb.GenerateResponse.FromString(conv.generate_chunk_pb(chunk).SerializeToString())
     assert conv.generate_chunk_from_pb(wire) == chunk
 
 
 def test_dictionary_and_feature_info_round_trip():
-    d = DictionaryInfoOut(id="d", model="m", hook_point="layers.6", architecture="topk", d_in=8, d_sae=32, k=4,
-                          metrics={"fvu": 0.25})
+    d = DictionaryInfoOut(
+        id="d", model="m", hook_point="layers.6", architecture="topk", d_in=8, d_sae=32, k=4, metrics={"fvu": 0.25}
+    )
     assert conv.dictionary_from_pb(conv.dictionary_pb(d)) == d
     bare = DictionaryInfoOut(id="d", model="m", hook_point="layers.6", architecture="relu", d_in=8, d_sae=32)
     assert conv.dictionary_from_pb(conv.dictionary_pb(bare)) == bare
-    f = FeatureInfoOut(dictionary="d", feature=3, hook_point="layers.6", decoder_norm=1.0,
-                       top_promoted=[{"token_id": 1, "token": "a", "score": 0.5}],
-                       top_suppressed=[{"token_id": 2, "token": "b", "score": -0.5}], density=0.125)
+    f = FeatureInfoOut(
+        dictionary="d",
+        feature=3,
+        hook_point="layers.6",
+        decoder_norm=1.0,
+        top_promoted=[{"token_id": 1, "token": "a", "score": 0.5}],
+        top_suppressed=[{"token_id": 2, "token": "b", "score": -0.5}],
+        density=0.125,
+    )
     assert conv.feature_info_from_pb(conv.feature_info_pb(f)) == f
 
 
@@ -140,14 +169,19 @@ def test_unset_optionals_take_the_shared_defaults():
     assert req.steering is None and req.sampling.max_tokens is None
 
 
-@pytest.mark.parametrize("msg,field", [
-    (pb.GenerateRequest(), "input"),
-    (pb.GenerateRequest(text="x", steering=pb.Steering(edits=[pb.SteeringEdit(dictionary="d", feature=1)])),
-     "steering.edits.0"),  # add needs a value
-    (pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(temperature=9)), "sampling.temperature"),
-    (pb.ExtractFeaturesRequest(text="x"), "features"),
-    (pb.GenerateRequest(text="x", features=pb.FeatureRequest(dictionaries=["d"], scope=7)), "features.scope"),
-])
+@pytest.mark.parametrize(
+    "msg,field",
+    [
+        (pb.GenerateRequest(), "input"),
+        (
+            pb.GenerateRequest(text="x", steering=pb.Steering(edits=[pb.SteeringEdit(dictionary="d", feature=1)])),
+            "steering.edits.0",
+        ),  # add needs a value
+        (pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(temperature=9)), "sampling.temperature"),
+        (pb.ExtractFeaturesRequest(text="x"), "features"),
+        (pb.GenerateRequest(text="x", features=pb.FeatureRequest(dictionaries=["d"], scope=7)), "features.scope"),
+    ],
+)
 def test_invalid_messages_name_the_field_and_map_to_invalid_argument(msg, field):
     read = conv.extract_request_from_pb if isinstance(msg, pb.ExtractFeaturesRequest) else conv.generate_request_from_pb
     with pytest.raises((conv.WireError, ValidationError)) as err:
@@ -159,8 +193,16 @@ def test_invalid_messages_name_the_field_and_map_to_invalid_argument(msg, field)
 
 # Importing these must not import any of BLOCKED: the client installs without torch/vLLM
 # (`pip install sae-serve`, the base install) and the wire package depends on nothing of the server.
-CLIENT_MODULES = ("sae_wire", "sae_wire.models", "sae_wire.convert", "sae_wire.sae_serve_pb2",
-                  "sae_wire.sae_serve_pb2_grpc", "clients", "clients.grpc_client", "clients.cli")
+CLIENT_MODULES = (
+    "sae_wire",
+    "sae_wire.models",
+    "sae_wire.convert",
+    "sae_wire.sae_serve_pb2",
+    "sae_wire.sae_serve_pb2_grpc",
+    "clients",
+    "clients.grpc_client",
+    "clients.cli",
+)
 BLOCKED = ("torch", "vllm", "server", "sae_runtime", "ray", "transformers", "triton")
 GUARD = """
 import importlib, sys
@@ -181,12 +223,20 @@ for name in {modules!r}:
 def _guarded_import(modules: tuple[str, ...], then: str = "", path: str = str(REPO)) -> subprocess.CompletedProcess:
     """Import ``modules`` in a fresh interpreter in which importing any of BLOCKED raises."""
     script = GUARD.format(blocked=BLOCKED, modules=modules) + textwrap.dedent(then)
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_client_and_wire_import_without_torch_vllm_or_the_server():
-    out = _guarded_import(CLIENT_MODULES, """
+    out = _guarded_import(
+        CLIENT_MODULES,
+        """
         from clients.cli import build_parser
         from clients.grpc_client import extract_request
         msg = extract_request({"dictionaries": ["d"], "top_k": 2, "feature_ids": [3]}, "hi", None)
@@ -195,7 +245,8 @@ def test_client_and_wire_import_without_torch_vllm_or_the_server():
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         assert not loaded, loaded
         print("ok")
-    """)
+    """,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
@@ -234,7 +285,11 @@ def test_sae_client_edit_syntax():
     from clients.cli import parse_edit
 
     assert parse_edit("layers.6/topk-512:12:add:4.5") == {
-        "dictionary": "layers.6/topk-512", "feature": 12, "mode": "add", "value": 4.5}
+        "dictionary": "layers.6/topk-512",
+        "feature": 12,
+        "mode": "add",
+        "value": 4.5,
+    }
     assert parse_edit("d:3:ablate") == {"dictionary": "d", "feature": 3, "mode": "ablate"}
     with pytest.raises(argparse.ArgumentTypeError):
         parse_edit("d:x:add:1")
@@ -245,8 +300,9 @@ def test_cli_flags_override_yaml(tmp_path):
 
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text("http_port: 9000\nreplicas: 2\nengine:\n  max_model_len: 1024\n  kv_cache_gib: 2\n")
-    cfg = config_from_args(build_parser().parse_args(["--config", str(cfg_file), "--http-port", "9100",
-                                                      "--kv-cache-gib", "1.5"]))
+    cfg = config_from_args(
+        build_parser().parse_args(["--config", str(cfg_file), "--http-port", "9100", "--kv-cache-gib", "1.5"])
+    )
     assert (cfg.http_port, cfg.replicas, cfg.grpc_port, cfg.host) == (9100, 2, 50051, "127.0.0.1")
     assert (cfg.engine.max_model_len, cfg.engine.kv_cache_gib, cfg.engine.dtype) == (1024, 1.5, "float32")
     bad = tmp_path / "bad.yaml"

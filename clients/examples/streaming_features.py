@@ -29,6 +29,7 @@ for chunk in stream:
         print(f"\n[{chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} generated tokens]")
     for choice in chunk.choices:
         for tok in (choice.model_extra or {}).get("features") or []:
-            feats = ", ".join(f"#{i}={v:.1f}" for i, v in zip(tok["features"][0]["indices"], tok["features"][0]["values"]))
+            first = tok["features"][0]
+            feats = ", ".join(f"#{i}={v:.1f}" for i, v in zip(first["indices"], first["values"], strict=True))
             print(f"\n    {tok['token']!r:>12}: {feats}", end="")
         print(choice.delta.content or "", end="", flush=True)

@@ -145,7 +145,8 @@ def validate_spec(
                                 f"'{narrowest}' (got {f.top_k})")
         if f.feature_ids is not None:
             if len(f.feature_ids) > limits.max_feature_ids:
-                raise SpecError("features.feature_ids", f"at most {limits.max_feature_ids} ids (got {len(f.feature_ids)})")
+                got = len(f.feature_ids)
+                raise SpecError("features.feature_ids", f"at most {limits.max_feature_ids} ids (got {got})")
             smallest = min(dictionaries[n].d_sae for n in f.dictionaries)
             for j, fid in enumerate(f.feature_ids):
                 if not 0 <= fid < smallest:
@@ -156,7 +157,9 @@ def validate_spec(
         if len(s.edits) > limits.max_edits:
             raise SpecError("steering.edits", f"at most {limits.max_edits} edits per request (got {len(s.edits)})")
         if len(s.vectors) > limits.max_vectors:
-            raise SpecError("steering.vectors", f"at most {limits.max_vectors} vectors per request (got {len(s.vectors)})")
+            raise SpecError(
+                "steering.vectors", f"at most {limits.max_vectors} vectors per request (got {len(s.vectors)})"
+            )
         for i, e in enumerate(s.edits):
             info = dictionaries.get(e.dictionary)
             if info is None:
@@ -191,15 +194,18 @@ def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
     """Refuse an edit value that overflows float32 in the worker, alone or times its decoder row."""
     value = float(e.value or 0.0)
     if abs(value) > FLOAT32_MAX:
-        raise SpecError(f"steering.edits[{i}].value",
-                        f"{value:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+        raise SpecError(
+            f"steering.edits[{i}].value", f"{value:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})"
+        )
     if e.mode in ("add", "clamp") and info.decoder_norm_max is not None:
         added = abs(value) * info.decoder_norm_max
         if added > FLOAT32_NORM_MAX:
-            raise SpecError(f"steering.edits[{i}].value",
-                            f"{value:.3g} times the decoder direction (norm up to {info.decoder_norm_max:.3g}) adds "
-                            f"a vector of norm {added:.3g} to the residual stream: beyond {FLOAT32_NORM_MAX:.3g} "
-                            "the next layer's normalisation overflows float32")
+            raise SpecError(
+                f"steering.edits[{i}].value",
+                f"{value:.3g} times the decoder direction (norm up to {info.decoder_norm_max:.3g}) adds "
+                f"a vector of norm {added:.3g} to the residual stream: beyond {FLOAT32_NORM_MAX:.3g} "
+                "the next layer's normalisation overflows float32",
+            )
 
 
 def _check_vector_float32(i: int, v: SteeringVector) -> None:
@@ -207,41 +213,57 @@ def _check_vector_float32(i: int, v: SteeringVector) -> None:
     largest = max((abs(x) for x in v.vector), default=0.0)
     if largest > FLOAT32_MAX:
         j = next(j for j, x in enumerate(v.vector) if abs(x) > FLOAT32_MAX)
-        raise SpecError(f"steering.vectors[{i}].vector[{j}]",
-                        f"{v.vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+        raise SpecError(
+            f"steering.vectors[{i}].vector[{j}]",
+            f"{v.vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})",
+        )
     if abs(v.scale) > FLOAT32_MAX:
-        raise SpecError(f"steering.vectors[{i}].scale",
-                        f"{v.scale:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})")
+        raise SpecError(
+            f"steering.vectors[{i}].scale", f"{v.scale:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})"
+        )
     if largest * abs(v.scale) > FLOAT32_MAX:
-        raise SpecError(f"steering.vectors[{i}].scale",
-                        f"scale {v.scale:.3g} times the vector's largest entry {largest:.3g} overflows float32 "
-                        f"(largest finite value {FLOAT32_MAX:.4g})")
+        raise SpecError(
+            f"steering.vectors[{i}].scale",
+            f"scale {v.scale:.3g} times the vector's largest entry {largest:.3g} overflows float32 "
+            f"(largest finite value {FLOAT32_MAX:.4g})",
+        )
     # ‖scale·vector‖, computed without overflowing float64 either (entries may be ~1e38).
     norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in v.vector)) if largest else 0.0
     if norm > FLOAT32_NORM_MAX:
-        raise SpecError(f"steering.vectors[{i}].scale",
-                        f"scale·vector has norm {norm:.3g}: beyond {FLOAT32_NORM_MAX:.3g} the next layer's "
-                        "normalisation overflows float32 (lower scale or the vector's values)")
+        raise SpecError(
+            f"steering.vectors[{i}].scale",
+            f"scale·vector has norm {norm:.3g}: beyond {FLOAT32_NORM_MAX:.3g} the next layer's "
+            "normalisation overflows float32 (lower scale or the vector's values)",
+        )
 
 
-def response_feature_values(features: FeatureRequest, prompt_tokens: int, max_tokens: int,
-                            choices: int = 1) -> tuple[int, int, int, int]:
+def response_feature_values(
+    features: FeatureRequest, prompt_tokens: int, max_tokens: int, choices: int = 1
+) -> tuple[int, int, int, int]:
     """``(tokens, values per token per dictionary, dictionaries, total)`` a response may carry.
 
     Tokens are the prompt's (when the scope includes the prompt) plus ``max_tokens`` (when it
     includes generated tokens); ``choices`` counts every sequence returned (``n``, doubled by
     ``compare``).
     """
-    tokens = (prompt_tokens if features.scope in ("prompt", "all") else 0) + \
-        (max_tokens if features.scope in ("generated", "all") else 0)
+    tokens = (prompt_tokens if features.scope in ("prompt", "all") else 0) + (
+        max_tokens if features.scope in ("generated", "all") else 0
+    )
     values = (features.top_k or 0) + len(features.feature_ids or ())
     dicts = len(features.dictionaries)
     return tokens, values, dicts, tokens * values * dicts * choices
 
 
-def check_response_budget(features: FeatureRequest | None, prompt_tokens: int, max_tokens: int, choices: int,
-                          limit: int, *, tokens_note: str = "",
-                          lower: str = "lower max_tokens, n, top_k or feature_ids") -> None:
+def check_response_budget(
+    features: FeatureRequest | None,
+    prompt_tokens: int,
+    max_tokens: int,
+    choices: int,
+    limit: int,
+    *,
+    tokens_note: str = "",
+    lower: str = "lower max_tokens, n, top_k or feature_ids",
+) -> None:
     """Raise :class:`SpecError` (field ``features``) when the response would carry more than
     ``limit`` feature values (the ``max_response_feature_values`` limit)."""
     if features is None:
@@ -253,7 +275,8 @@ def check_response_budget(features: FeatureRequest | None, prompt_tokens: int, m
         "features",
         f"{tokens:,} tokens{tokens_note} × {values:,} values × {dicts} dictionar{'y' if dicts == 1 else 'ies'} × "
         f"{choices} choice{'' if choices == 1 else 's'} = {total:,} feature values exceeds the response budget of "
-        f"{limit:,} (max_response_feature_values); {lower}")
+        f"{limit:,} (max_response_feature_values); {lower}",
+    )
 
 
 def steering_salt(spec: SAERequestSpec) -> str | None:
@@ -283,8 +306,12 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
     vectors: list[VectorSpec] = []
     if spec.has_steering:
         s = spec.steering
-        edits = [EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
-                 for e in s.edits]
-        vectors = [VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
-                   for v in s.vectors]
+        edits = [
+            EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
+            for e in s.edits
+        ]
+        vectors = [
+            VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
+            for v in s.vectors
+        ]
     return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors)

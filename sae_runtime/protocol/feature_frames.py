@@ -5,7 +5,8 @@ entry per :class:`FeatureChunk`::
 
     {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool}
 
-followed, for each entry in order, by its raw buffers in the host's byte order (both ends run on one machine): ``positions``
+followed, for each entry in order, by its raw buffers in the host's byte order (both ends
+run on one machine): ``positions``
 (``n`` int32), ``indices`` (``n*m`` int32, only when ``has_idx``), ``values`` (``n*m``
 float32). No pickling: the decoder trusts nothing it has not checked against the header.
 
@@ -88,8 +89,12 @@ def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
     out = []
     i = 1
     for e in header:
-        if not isinstance(e, dict) or not isinstance(e.get("rid"), str) or not isinstance(e.get("dict"), str) \
-                or not isinstance(e.get("has_idx"), bool):
+        if (
+            not isinstance(e, dict)
+            or not isinstance(e.get("rid"), str)
+            or not isinstance(e.get("dict"), str)
+            or not isinstance(e.get("has_idx"), bool)
+        ):
             raise FeatureFrameError("header entry must have string 'rid' and 'dict' and boolean 'has_idx'")
         n, m = _int(e, "n"), _int(e, "m")
         positions = _array(frames, i, n, (n,), np.int32)

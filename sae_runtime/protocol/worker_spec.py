@@ -253,9 +253,12 @@ class InstallConfig:
         for i, e in enumerate(_list(_get(d, "dictionaries", where), f"{where}.dictionaries")):
             w = f"{where}.dictionaries[{i}]"
             e = _need(e, w)
-            dicts.append(DictionaryToLoad(id=_str(_get(e, "id", w), f"{w}.id"), path=_str(_get(e, "path", w), f"{w}.path")))
+            dict_id, path = _str(_get(e, "id", w), f"{w}.id"), _str(_get(e, "path", w), f"{w}.path")
+            dicts.append(DictionaryToLoad(id=dict_id, path=path))
         address = d.get("feature_address")
         dtype = d.get("dtype")
-        return cls(dictionaries=dicts,
-                   feature_address=None if address is None else _str(address, f"{where}.feature_address"),
-                   dtype=None if dtype is None else _str(dtype, f"{where}.dtype"))
+        return cls(
+            dictionaries=dicts,
+            feature_address=None if address is None else _str(address, f"{where}.feature_address"),
+            dtype=None if dtype is None else _str(dtype, f"{where}.dtype"),
+        )

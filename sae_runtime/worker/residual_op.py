@@ -30,7 +30,7 @@ synchronise with the host.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -220,9 +220,10 @@ class SAEWorkerRuntime:
             for i in topk:
                 j, n = jobs[i], sizes[i]
                 kj = min(j.top_k, k)
-                self._chunks.append(FeatureChunk(j.rid, name, j.positions, idx[off:off + n, :kj], vals[off:off + n, :kj]))
+                chunk = FeatureChunk(j.rid, name, j.positions, idx[off : off + n, :kj], vals[off : off + n, :kj])
+                self._chunks.append(chunk)
                 off += n
-        for j, x in zip(jobs, x_of):
+        for j, x in zip(jobs, x_of, strict=True):
             if j.feature_ids is not None:
                 vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
                 self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))

@@ -18,6 +18,7 @@ from ray.serve.deployment import Application, Deployment
 
 from sae_runtime.engine.engine import SAEEngine
 from server.auth import ApiKeys
+from server import faults
 from server.config import ServeConfig
 from server.grpc_service import SAEGrpcMethods
 from server.http_api import build_http_app
@@ -50,7 +51,8 @@ class SAEDeployment(SAEGrpcMethods):
                                   max_concurrent_streams=self.config.max_concurrent_streams)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(self.service, self.config.max_request_bytes, self.api_keys)
+        return build_http_app(self.service, self.config.max_request_bytes, self.api_keys,
+                              fault_injection=faults.enabled())
 
     async def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises 3 times in a row (the vLLM engine
@@ -83,6 +85,8 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
     }
     if config.cpu_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+    if faults.enabled():  # chaos tests only (server/faults.py); explicit, so that it reaches other nodes
+        env[faults.FAULT_INJECTION_ENV] = "1"
     return env
 
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import ApiKeyMiddleware, ApiKeys
 from server.errors import ApiError, ErrorKind, translate
+from server.faults import FEATURE_CHANNEL_ROUTE, FeatureChannelFault, kill_feature_receiver
 from server.models import (
     DictionaryList,
     ErrorBody,
@@ -243,7 +244,8 @@ class OwnedStreamingResponse(StreamingResponse):
         await self.run_cleanup(exc_info)
 
 
-def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKeys | None = None) -> FastAPI:
+def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKeys | None = None,
+                   fault_injection: bool = False) -> FastAPI:
     app = FastAPI(title="sae-serve", version="1", docs_url="/docs", redoc_url=None)
     app.router.route_class = StrictJSONRoute
     handler = OpenAIHandler(service)
@@ -361,5 +363,22 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
+    if fault_injection:
+        _add_fault_routes(app, service)
     return app
+
+
+def _add_fault_routes(app: FastAPI, service: SAEService) -> None:
+    """``POST /debug/faults/feature-channel`` (only with ``SAE_SERVE_FAULT_INJECTION=1``, see
+    :mod:`server.faults`): kill this replica's feature side-channel receiver."""
+    logger.warning("fault injection is on (SAE_SERVE_FAULT_INJECTION=1): %s can kill this replica's "
+                   "feature side channel; never use this in production", FEATURE_CHANNEL_ROUTE)
+
+    @app.post(FEATURE_CHANNEL_ROUTE, include_in_schema=False)
+    async def kill_feature_channel(req: FeatureChannelFault) -> dict[str, Any]:
+        receiver = getattr(service.engine, "receiver", None)
+        if receiver is None:
+            raise ApiError(ErrorKind.NOT_FOUND, "this replica has no feature side channel")
+        before = kill_feature_receiver(receiver, req.kill)
+        return {"killed": req.kill, "replica": service.metrics.replica, "feature_channel_before": before}
 

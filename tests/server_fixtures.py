@@ -192,15 +192,19 @@ def live_server(sae_server: ServerHandle) -> ServerHandle:
     return sae_server
 
 
-# A second server for tests/test_faults.py (it kills the engine and the replica): started
-# with an API key and small limits, so it also checks those end to end. Stopped by that
-# module's fixture; started at most once per session.
+# A second server for tests/test_faults.py (it kills the engine, the replica and the feature
+# side channel's receiver): started with an API key and small limits, so it also checks
+# those end to end, with fault injection on (server/faults.py) and a short feature wait, so
+# that a request whose features never come ends within seconds. Stopped by that module's
+# fixture; started at most once per session.
 FAULT_API_KEY = "sk-fault-test-7f3a9c1e5b"
+FAULT_FEATURE_TIMEOUT_S = 15.0
 
 
 @pytest.fixture(scope="module")
 def fault_server(default_model_dir, tmp_path_factory) -> ServerHandle:
     yield shared_server("sae_serve_faults", tmp_path_factory,
                         ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
-                        {"SAE_SERVE_API_KEYS": FAULT_API_KEY})
+                        {"SAE_SERVE_API_KEYS": FAULT_API_KEY, "SAE_SERVE_FAULT_INJECTION": "1"},
+                        config={"engine": {"feature_timeout_s": FAULT_FEATURE_TIMEOUT_S}})
     stop_shared("sae_serve_faults")

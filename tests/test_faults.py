@@ -1,9 +1,11 @@
-"""Faults: clients that leave mid-stream, a killed vLLM engine process, a killed replica actor.
+"""Faults: clients that leave mid-stream, a killed vLLM engine process, a killed replica actor,
+the feature side channel's receiver killed under load.
 
 Disconnect tests use the session server. The kill tests use a second server
 (``fault_server``: started once with an API key, ``--max-concurrent-streams 2`` and
-``--max-edits 4``, so the same start also checks keys and limits end to end). Every wait
-is bounded; a request that hangs fails the test.
+``--max-edits 4``, so the same start also checks keys and limits end to end, and with
+fault injection on for the side-channel kills). Every wait is bounded; a request that
+hangs fails the test.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from tests.server_fixtures import (  # noqa: F401
     DICTIONARY_ID,
     FAULT_API_KEY,
+    FAULT_FEATURE_TIMEOUT_S,
     ServerHandle,
     fault_server,
     live_server,
@@ -236,6 +239,13 @@ def test_feature_side_channel_survives_undecodable_frames_mid_load(live_server: 
     wait_idle(base)
 
 
+def test_the_fault_injection_route_exists_only_with_its_variable(live_server: ServerHandle):
+    """The session server starts without SAE_SERVE_FAULT_INJECTION: no way to kill its channel."""
+    r = httpx.post(f"{live_server.base_url}/debug/faults/feature-channel", json={"kill": "socket"}, timeout=30)
+    assert r.status_code == 404, r.text
+    assert detail(live_server.base_url)["feature_channel"]["healthy"]
+
+
 # -- the fault server: keys and limits end to end ----------------------------------------------
 
 
@@ -291,6 +301,260 @@ def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
                     err.value.details()
             # non-streaming requests are not streams: still served
             assert c.post(f"{base}/v1/chat/completions", json={"messages": Q, "max_tokens": 1}).status_code == 200
+    wait_idle(base, AUTH)
+
+
+# -- the feature side channel's receiver killed under load (fault server) ---------------------
+#
+# How the receiver is killed: through the fault-injection route (server/faults.py), which
+# exists only because the fault server starts with SAE_SERVE_FAULT_INJECTION=1 and needs its
+# API key. The receiver is an asyncio task on a ZeroMQ socket inside the replica process:
+# nothing at the OS level stops only that (unlinking the IPC socket file leaves the open
+# connection working; killing the process is the replica-actor test below), so the route
+# does in the replica what the two real failures do: end the receiving task ("task", as an
+# unexpected exception would) or close its socket ("socket", a receiver that cannot come
+# back). The load is four feature requests over HTTP and gRPC, streaming and not.
+
+CHAOS_PROMPT = Q[0]["content"]
+CHAOS_TOKENS = 96
+REFERENCE = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 4, "temperature": 0,
+             "features": FEATS}
+
+
+def feature_rows(features: list[dict]) -> list[tuple[int, int, list[int], list[float]]]:
+    return [(t["position"], t["token_id"], t["features"][0]["indices"], t["features"][0]["values"])
+            for t in features]
+
+
+def reference_features(base: str) -> list[tuple[int, int, list[int], list[float]]]:
+    r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json=REFERENCE, timeout=120)
+    assert r.status_code == 200, r.text
+    rows = feature_rows(r.json()["choices"][0]["features"])
+    assert len(rows) >= 5, rows  # prompt tokens and generated ones
+    return rows
+
+
+def assert_same_features(got: list, want: list) -> None:
+    assert [(p, t) for p, t, _, _ in got] == [(p, t) for p, t, _, _ in want]
+    for (p, _, gi, gv), (_, _, wi, wv) in zip(got, want):
+        assert gi == wi, f"position {p}: features {gi} != {wi} before the fault"
+        assert all(abs(a - b) <= 1e-3 + 1e-3 * abs(b) for a, b in zip(gv, wv)), (p, gv, wv)
+
+
+class FeatureLoad:
+    """Feature requests in flight at once: HTTP chat (whole and SSE), HTTP completions, gRPC
+    Generate (a stream). Each records how it ended and when: ``ok`` (all its features),
+    ``unavailable: MESSAGE`` (503 / UNAVAILABLE / an SSE error event of that type), or
+    anything else verbatim (which fails the test)."""
+
+    KINDS = ("http-chat", "http-chat-stream", "http-completions", "grpc-generate")
+
+    def __init__(self, base: str, grpc_target: str):
+        self.base, self.grpc_target = base, grpc_target
+        self.ended: dict[str, tuple[str, float]] = {}
+        self.features_seen = {k: 0 for k in self.KINDS}  # streams: token features received so far
+        self.threads = [threading.Thread(target=self._run, args=(k, i), daemon=True) for i, k in enumerate(self.KINDS)]
+
+    def _run(self, kind: str, seed: int) -> None:
+        try:
+            outcome = getattr(self, "_" + kind.replace("-", "_"))(seed)
+        except Exception as exc:  # a transport failure or a broken body: recorded, fails the test
+            outcome = f"{type(exc).__name__}: {exc}"[:300]
+        self.ended[kind] = (outcome, time.monotonic())
+
+    @staticmethod
+    def _http_error(r: httpx.Response) -> str:
+        try:
+            err = r.json()["error"]
+        except Exception:
+            return f"http {r.status_code}: {r.text[:300]}"
+        if r.status_code == 503 and err["type"] == "service_unavailable":
+            return f"unavailable: {err['message']}"
+        return f"http {r.status_code}: {err}"
+
+    def _body(self, seed: int) -> dict:
+        return {"max_tokens": CHAOS_TOKENS, "temperature": 1.0, "seed": seed, "features": FEATS}
+
+    def _http_chat(self, seed: int) -> str:
+        r = httpx.post(f"{self.base}/v1/chat/completions", headers=AUTH, timeout=httpx.Timeout(180, connect=10),
+                       json={"messages": Q, **self._body(seed)})
+        if r.status_code != 200:
+            return self._http_error(r)
+        choice = r.json()["choices"][0]
+        n = r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] - 1
+        return "ok" if len(choice["features"]) == n else f"features for {len(choice['features'])} of {n} tokens"
+
+    def _http_completions(self, seed: int) -> str:
+        r = httpx.post(f"{self.base}/v1/completions", headers=AUTH, timeout=httpx.Timeout(180, connect=10),
+                       json={"prompt": CHAOS_PROMPT, **self._body(seed)})
+        if r.status_code != 200:
+            return self._http_error(r)
+        body = r.json()
+        n = body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] - 1
+        got = len(body["choices"][0]["features"])
+        return "ok" if got == n else f"features for {got} of {n} tokens"
+
+    def _http_chat_stream(self, seed: int) -> str:
+        with httpx.Client(timeout=httpx.Timeout(180, connect=10), headers=AUTH) as c:
+            with c.stream("POST", f"{self.base}/v1/chat/completions",
+                          json={"messages": Q, "stream": True, **self._body(seed)}) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return self._http_error(r)
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        return "ok"
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]
+                        return f"unavailable: {err['message']}" if err["type"] == "service_unavailable" \
+                            else f"sse error {err}"
+                    self.features_seen["http-chat-stream"] += len(event["choices"][0].get("features") or [])
+        return "cut: the stream ended without [DONE] or an error event"
+
+    def _grpc_generate(self, seed: int) -> str:
+        from clients.proto import sae_serve_pb2 as pb
+        from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+        req = pb.GenerateRequest(text=CHAOS_PROMPT,
+                                 sampling=pb.SamplingOptions(max_tokens=CHAOS_TOKENS, temperature=1.0, seed=seed),
+                                 features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID], top_k=4))
+        with grpc.insecure_channel(self.grpc_target) as ch:
+            try:
+                for msg in pb_grpc.SAEServiceStub(ch).Generate(
+                        req, timeout=180, metadata=[("authorization", AUTH["Authorization"])]):
+                    self.features_seen["grpc-generate"] += len(msg.features)
+                    if msg.finished:
+                        return "ok"
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    return f"unavailable: {err.details()}"
+                return f"grpc {err.code().name}: {err.details()}"
+        return "cut: the stream ended without a finished message"
+
+    def start(self) -> "FeatureLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait_mid_flight(self, timeout: float = 120) -> None:
+        """Until every request runs in the engine and both streams have had features."""
+        deadline = time.monotonic() + timeout
+        while True:
+            d = detail(self.base, AUTH)
+            if d["engine_unfinished_requests"] >= len(self.KINDS) and \
+                    self.features_seen["http-chat-stream"] > 0 and self.features_seen["grpc-generate"] > 0:
+                assert not self.ended, f"requests ended before the fault: {self.ended}"
+                return
+            assert time.monotonic() < deadline and not self.ended, \
+                f"the load never ran all at once: {d['engine_unfinished_requests']} in the engine, {self.ended}"
+            time.sleep(0.1)
+
+    def join(self, by: float) -> dict[str, tuple[str, float]]:
+        for t in self.threads:
+            t.join(max(0.0, by - time.monotonic()))
+        hung = [k for k, t in zip(self.KINDS, self.threads) if t.is_alive()]
+        assert not hung, f"requests still hanging: {hung}; ended: {self.ended}"
+        return self.ended
+
+
+def kill_receiver(server: ServerHandle, kill: str) -> dict:
+    r = httpx.post(f"{server.base_url}/debug/faults/feature-channel", headers=AUTH, json={"kill": kill}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_killing_the_receivers_task_under_load_restarts_it_in_place(fault_server: ServerHandle):
+    """The receiving task dies mid-load: its supervisor restarts it at once, on the same
+    replica, which never reports itself unhealthy; the requests in flight get their
+    features (the restarted task reads what was queued meanwhile), none hangs."""
+    base = fault_server.base_url
+    wait_idle(base, AUTH)
+    want = reference_features(base)
+    before = detail(base, AUTH)["feature_channel"]
+    restarts0 = metric(base, "sae_serve_feature_channel_restarts_total", AUTH)
+    load = FeatureLoad(base, fault_server.grpc_target).start()
+    load.wait_mid_flight()
+    killed = kill_receiver(fault_server, "task")
+    t_kill = time.monotonic()
+    assert killed["feature_channel_before"]["healthy"], killed
+    # /health stays 200 throughout: a restart in place is not an outage.
+    statuses = []
+    while any(t.is_alive() for t in load.threads) and time.monotonic() < t_kill + FAULT_FEATURE_TIMEOUT_S + 20:
+        statuses.append(httpx.get(f"{base}/health", timeout=15).status_code)
+        time.sleep(0.5)
+    ended = load.join(by=t_kill + FAULT_FEATURE_TIMEOUT_S + 20)
+    assert set(statuses) <= {200}, statuses
+    # Every request ended within the feature wait's bound, with all its features or a clear
+    # 503 (only if the kill hit a message the task had in hand: its features are lost).
+    late = {k: round(t - t_kill, 1) for k, (_, t) in ended.items() if t - t_kill > FAULT_FEATURE_TIMEOUT_S + 10}
+    assert not late, f"ended too late after the kill: {late}"
+    bad = {k: o for k, (o, _) in ended.items() if o != "ok" and not
+           (o.startswith("unavailable: ") and "feature_timeout_s" in o)}
+    assert not bad, bad
+    assert sum(o == "ok" for o, _ in ended.values()) >= len(FeatureLoad.KINDS) - 1, ended
+    # Restarted once, on the same replica, and counted.
+    after = detail(base, AUTH)
+    assert after["replica"] == killed["replica"], "the replica was replaced; the receiver should restart in place"
+    assert after["feature_channel"]["healthy"] and after["feature_channel"]["failure"] is None, after
+    assert after["feature_channel"]["restarts"] == before["restarts"] + 1, after["feature_channel"]
+    assert metric(base, "sae_serve_feature_channel_restarts_total", AUTH) == restarts0 + 1
+    assert metric(base, "sae_serve_feature_channel_up", AUTH) == 1
+    # And it serves the same features as before the fault.
+    assert_same_features(reference_features(base), want)
+    wait_idle(base, AUTH)
+
+
+def test_closing_the_receivers_socket_under_load_gets_the_replica_replaced(fault_server: ServerHandle):
+    """The receiver's socket is closed mid-load: every restart fails at once, the receiver
+    gives up, the replica reports itself unhealthy (feature requests in flight and new
+    ones: a 503 / UNAVAILABLE within a second, naming the side channel), Ray Serve's
+    health check replaces the replica, and the new one serves the same features."""
+    from clients.proto import sae_serve_pb2 as pb
+    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+
+    base = fault_server.base_url
+    wait_idle(base, AUTH)
+    want = reference_features(base)
+    restarts0 = metric(base, "sae_serve_feature_channel_restarts_total", AUTH)
+    load = FeatureLoad(base, fault_server.grpc_target).start()
+    load.wait_mid_flight()
+    killed = kill_receiver(fault_server, "socket")
+    t_kill = time.monotonic()
+    # The replica says why it is down, at once.
+    h = httpx.get(f"{base}/health", timeout=15)
+    assert h.status_code == 503 and "feature side channel" in h.json()["reason"], h.text
+    h = httpx.get(f"{base}/health", params={"detail": 1}, headers=AUTH, timeout=15)
+    assert h.status_code == 503, h.text
+    d = h.json()
+    assert d["replica"] == killed["replica"] and not d["feature_channel"]["healthy"], d
+    assert "stopped" in d["feature_channel"]["failure"], d["feature_channel"]
+    # Its counters: every failed restart, and the channel down.
+    assert metric(base, "sae_serve_feature_channel_restarts_total", AUTH) >= restarts0 + 5
+    assert metric(base, "sae_serve_feature_channel_up", AUTH) == 0
+    # In-flight requests end at once with 503 / UNAVAILABLE naming the side channel.
+    ended = load.join(by=t_kill + 10)
+    assert all(o.startswith("unavailable: ") and "feature side channel" in o for o, _ in ended.values()), ended
+    # A new feature request meanwhile: refused at once, over gRPC too (unary ExtractFeatures).
+    with grpc.insecure_channel(fault_server.grpc_target) as ch:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.SAEServiceStub(ch).ExtractFeatures(
+                pb.ExtractFeaturesRequest(text="Hello there", features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
+                timeout=30, metadata=[("authorization", AUTH["Authorization"])])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "feature side channel" in err.value.details()
+        assert time.monotonic() - t0 < 5
+    # Ray Serve replaces the replica (its health check fails), and the new one serves features.
+    took, seen = recover(fault_server)
+    assert -1 not in seen, f"/health hung instead of answering: {seen}"
+    d = detail(base, AUTH)
+    assert d["replica"] != killed["replica"], "the replica with the dead receiver is still serving"
+    assert d["feature_channel"]["healthy"] and d["feature_channel"]["restarts"] == 0, d["feature_channel"]
+    assert_same_features(reference_features(base), want)
+    assert metric(base, "sae_serve_feature_channel_up", AUTH) == 1
+    assert fault_server.proc.poll() is None
     wait_idle(base, AUTH)
 
 

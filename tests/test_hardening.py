@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -327,6 +328,55 @@ def test_a_receiver_that_keeps_dying_turns_the_replica_unhealthy():
             service.check_engine()  # plain generation still runs until Ray replaces the replica
         finally:
             receiver.close()
+
+    asyncio.run(run())
+
+
+def test_fault_injection_route_exists_only_when_enabled_needs_a_key_and_kills_the_receiver(monkeypatch):
+    """The hook tests/test_faults.py uses against a real server (server/faults.py)."""
+    import httpx
+
+    from server import deployment, faults
+    from server.auth import ApiKeys, key_digest
+    from server.config import ServeConfig
+
+    key = "sk-fault-unit-0123"
+    route = faults.FEATURE_CHANNEL_ROUTE
+    monkeypatch.delenv(faults.FAULT_INJECTION_ENV, raising=False)
+    assert not faults.enabled() and faults.FAULT_INJECTION_ENV not in deployment.replica_env(ServeConfig())
+    monkeypatch.setenv(faults.FAULT_INJECTION_ENV, "1")
+    assert deployment.replica_env(ServeConfig())[faults.FAULT_INJECTION_ENV] == "1"  # reaches every replica
+
+    async def run():
+        receiver = FeatureReceiver()
+        receiver.start()
+        engine = FakeEngine()
+        engine.receiver = receiver
+        service = service_for(engine)
+        auth = {"Authorization": f"Bearer {key}"}
+        plain = build_http_app(service, 100_000, ApiKeys([key_digest(key)]))
+        faulty = build_http_app(service, 100_000, ApiKeys([key_digest(key)]), fault_injection=True)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="http://r") as c:
+                assert (await c.post(route, json={"kill": "task"}, headers=auth)).status_code == 404
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=faulty), base_url="http://r") as c:
+                assert (await c.post(route, json={"kill": "task"})).status_code == 401
+                assert (await c.post(route, json={"kill": "everything"}, headers=auth)).status_code == 422
+                r = await c.post(route, json={"kill": "task"}, headers=auth)
+                assert r.status_code == 200 and r.json()["feature_channel_before"]["restarts"] == 0, r.text
+                await _wait(lambda: receiver.restarts == 1 and receiver.healthy and not receiver._task.done())
+                assert (await c.get("/health")).status_code == 200
+                r = await c.post(route, json={"kill": "socket"}, headers=auth)
+                assert r.status_code == 200, r.text
+                await _wait(lambda: not receiver.healthy)
+                h = await c.get("/health")
+                assert h.status_code == 503 and "feature side channel" in h.json()["reason"], h.text
+                r = await c.post(route, json={"kill": "task"}, headers=auth)  # nothing left to kill
+                assert r.status_code == 503 and "not running" in r.json()["error"]["message"], r.text
+        finally:
+            receiver.close()
+        # A receiver whose socket failed still releases its context and directory.
+        assert receiver._ctx.closed and not os.path.exists(receiver._dir)
 
     asyncio.run(run())
 

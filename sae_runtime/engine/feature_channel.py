@@ -216,8 +216,10 @@ class FeatureReceiver:
 
     def close(self) -> None:
         self._closing = True
-        if self._sock.closed:
+        if self._ctx.closed:
             return
+        # (The socket may be closed already, when it failed: the context and the socket's
+        # directory must still go.)
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -113,7 +113,7 @@ def is_engine_dead_error(exc: BaseException) -> bool:
 
 # --------------------------------------------------------------------------- model loading (worker)
 
-LoadedModelCallback = Callable[[Any, int, str], None]
+LoadedModelCallback = Callable[[Any, int, str], object]  # what it returns is ignored
 """``fn(model, num_hidden_layers, architecture)``, called on the served model once loaded."""
 
 

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "environment variables and flags override it)")
     p.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line (keeps keys out of your "
                    "shell history; sae-serve also hides --api-key values from `ps` and Ray once started)")
-    groups = {path: p.add_argument_group(title, text) for path, (title, text) in GROUPS.items()}
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {
+        path: p.add_argument_group(title, text) for path, (title, text) in GROUPS.items()
+    }
     add_options(p, serve_specs(), groups)
     return p
 

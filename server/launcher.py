@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.config import APP_NAME, ServeConfig
 
@@ -119,7 +119,7 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
     from server import proxy_auth
 
     proxy_auth.publish(config.api_key_digests(), config.tls_cert, config.tls_key)
-    tls = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_enabled else {}
+    tls: dict[str, Any] = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_enabled else {}
     serve.start(
         proxy_location=config.proxy_location,
         http_options=HTTPOptions(host=config.host, port=config.http_port, **tls),

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from sae_runtime import vllm_surface
 from sae_runtime.engine.feature_channel import FeatureReceiver, RequestFeatures
 from sae_runtime.engine.outputs import DictionaryFeatures, GenerationChunk, TokenFeatures
 from sae_runtime.engine.spec import (
@@ -31,7 +33,6 @@ from sae_runtime.engine.spec import (
     to_worker_spec,
     validate_spec,
 )
-from sae_runtime import vllm_surface
 from sae_runtime.model_info import read_model_info
 from sae_runtime.protocol import (
     HOOKS_ENV,
@@ -129,7 +130,7 @@ class SAEEngine:
     # -- start / stop -------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, config: EngineConfig | None = None) -> "SAEEngine":
+    async def start(cls, config: EngineConfig | None = None) -> SAEEngine:
         config = config or EngineConfig()
         # Worker processes inherit the environment: the vLLM settings the SAE runtime needs
         # (KV cache size, V1 model runner, compile cache; see vllm_surface), and have our
@@ -256,27 +257,29 @@ class SAEEngine:
         vllm_surface.stream_deltas(params)
         salt = steering_salt(spec) if spec is not None else None
 
-        wants = spec is not None and (spec.wants_features or spec.has_steering)
         features: RequestFeatures | None = None
+        scope: str | None = None  # of the features asked, when asked
         rid = request_id
-        if wants:
-            if spec.wants_features and params.n != 1:
+        if spec is not None and (spec.wants_features or spec.has_steering):
+            asked = spec.features
+            if asked is not None and params.n != 1:
                 raise SpecError("n", "features can be returned only with n=1")
-            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info).encode()}
-            if spec.wants_features:
-                if spec.features.scope != "generated":
+            worker_spec = to_worker_spec(spec, rid, self.dictionary_info).encode()
+            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: worker_spec}
+            if asked is not None:
+                scope = asked.scope
+                if scope != "generated":
                     # Cached prefix tokens skip the forward pass and with it the hook:
                     # recompute them so every prompt token gets its features.
                     params.skip_reading_prefix_cache = True
-                kinds = tuple(k for k, asked in (("top", spec.features.top_k is not None),
-                                                 ("ids", spec.features.feature_ids is not None)) if asked)
-                features = self.receiver.register(rid, spec.features.dictionaries, kinds)
+                kinds = tuple(k for k, on in (("top", asked.top_k is not None),
+                                              ("ids", asked.feature_ids is not None)) if on)
+                features = self.receiver.register(rid, asked.dictionaries, kinds)
 
         prompt = vllm_surface.token_prompt(prompt_token_ids, cache_salt=salt)
         prompt_len = len(prompt_token_ids)
         generated: list[int] = []
         emitted_upto = 0  # positions below this have been handed out (or are out of scope)
-        scope = spec.features.scope if features is not None else None
         if scope == "generated":
             emitted_upto = prompt_len
         first = True
@@ -337,7 +340,7 @@ class SAEEngine:
             try:
                 # Wake at least every second to notice a failed channel.
                 await asyncio.wait_for(features.changed.wait(), min(remaining, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     @staticmethod
@@ -349,11 +352,13 @@ class SAEEngine:
             for name in features.dictionaries:
                 top = features.pop("top", name, pos)
                 ids = features.pop("ids", name, pos)
-                if top is not None:
+                if top is not None and top[0] is not None:
                     item = DictionaryFeatures(dictionary=name, indices=top[0].tolist(), values=top[1].tolist(),
                                               feature_values=None if ids is None else ids[1].tolist())
-                else:
+                elif ids is not None:
                     item = DictionaryFeatures(dictionary=name, values=ids[1].tolist())
+                else:  # register() asked for at least one kind, and both arrive together
+                    raise EngineError(f"no features of {name!r} arrived for position {pos}")
                 per_dict.append(item)
             is_prompt = pos < prompt_len
             token = prompt_ids[pos] if is_prompt else generated[pos - prompt_len]

@@ -198,10 +198,10 @@ class SAEWorkerRuntime:
         rows = torch.cat([j.rows for j in jobs])
         x_all = _stream_rows(hidden, residual, rows).to(d.dtype)
         x_of = list(torch.split(x_all, sizes))
-        topk = [i for i, j in enumerate(jobs) if j.top_k is not None]
+        topk = [(i, j.top_k) for i, j in enumerate(jobs) if j.top_k is not None]
         if topk:
-            x = x_all if len(topk) == len(jobs) else torch.cat([x_of[i] for i in topk])
-            k = max(jobs[i].top_k for i in topk)
+            x = x_all if len(topk) == len(jobs) else torch.cat([x_of[i] for i, _ in topk])
+            k = max(job_k for _, job_k in topk)
             if d.k is not None and d.activation == "topk":
                 k = min(k, d.k)
             k = min(k, d.d_sae)
@@ -214,19 +214,19 @@ class SAEWorkerRuntime:
                     threshold=getattr(d, "threshold", None) if d.activation == "jumprelu" else None,
                     apply_b_dec_to_input=d.cfg.apply_b_dec_to_input,
                 )
-            idx = idx.to(torch.int32).cpu().numpy()
-            vals = vals.float().cpu().numpy()
+            idx_np = idx.to(torch.int32).cpu().numpy()
+            vals_np = vals.float().cpu().numpy()
             off = 0
-            for i in topk:
+            for i, job_k in topk:
                 j, n = jobs[i], sizes[i]
-                kj = min(j.top_k, k)
-                chunk = FeatureChunk(j.rid, name, j.positions, idx[off : off + n, :kj], vals[off : off + n, :kj])
+                kj = min(job_k, k)
+                chunk = FeatureChunk(j.rid, name, j.positions, idx_np[off : off + n, :kj], vals_np[off : off + n, :kj])
                 self._chunks.append(chunk)
                 off += n
         for j, x in zip(jobs, x_of, strict=True):
             if j.feature_ids is not None:
-                vals = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
-                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, vals))
+                named = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
+                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named))
 
 
 def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:

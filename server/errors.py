@@ -126,4 +126,26 @@ def translate(exc: BaseException) -> ApiError | None:
         return ApiError.not_found("dictionary", str(exc))
     if isinstance(exc, ValidationError):
         return ApiError.from_validation_error(exc)
+    client_error = vllm_client_error(exc)
+    if client_error is not None:
+        return client_error
     return None
+
+
+def vllm_client_error(exc: BaseException) -> ApiError | None:
+    """vLLM's own request checks (``VLLMValidationError``: the OpenAI request models'
+    validators, ``SamplingParams`` and the engine's input processor: a logit_bias token
+    outside the vocabulary, an invalid JSON schema...) as a 400 naming vLLM's parameter."""
+    try:
+        from vllm.exceptions import VLLMClientError, VLLMNotFoundError, VLLMValidationError
+    except ImportError:  # unit use without vLLM
+        return None
+    if not isinstance(exc, VLLMClientError):
+        return None
+    if isinstance(exc, VLLMValidationError):
+        message = exc.args[0] if exc.args else str(exc)
+        if exc.__cause__ is not None and str(exc.__cause__) and str(exc.__cause__) not in message:
+            message = f"{message} ({exc.__cause__})"
+        return ApiError.invalid(exc.parameter or None, message)
+    kind = ErrorKind.NOT_FOUND if isinstance(exc, VLLMNotFoundError) else ErrorKind.INVALID
+    return ApiError(kind, str(exc))

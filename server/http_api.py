@@ -256,6 +256,17 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
 
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # unit use without vLLM
+        VLLMClientError = None  # type: ignore[assignment,misc]  # noqa: N806
+    if VLLMClientError is not None:
+        # vLLM's request models check fields in their validators with VLLMValidationError,
+        # which pydantic does not wrap: answer it as a 400 naming the parameter.
+        @app.exception_handler(VLLMClientError)
+        async def _vllm_client_error(_: Request, exc: Exception) -> JSONResponse:
+            return error_response(translate(exc) or ApiError(ErrorKind.INVALID, str(exc)))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         field = getattr(exc, "field", None) or {404: "path", 405: "method"}.get(exc.status_code, "body")

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Union
 
 from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import SAERequestSpec
-from server.errors import ApiError, translate
+from server.errors import ApiError, ErrorKind, translate
 from server.models import PromptInput, TokenFeaturesOut
 from server.openai_models import (
     IGNORED,
@@ -116,8 +116,8 @@ class OpenAIHandler:
                     continue
                 raise ApiError.unsupported(name, f"'{name}' is not supported by sae-serve: {refused[name]}")
             raise ApiError.invalid(name, f"unknown field '{name}'")
-        for name in req.model_fields_set:
-            if name not in refused or name not in type(req).model_fields:
+        for name in refused:  # in the table's order: 'tools' before the 'tool_choice' vLLM derives from it
+            if name not in req.model_fields_set or name not in type(req).model_fields:
                 continue
             info = type(req).model_fields[name]
             default = info.get_default(call_default_factory=True)
@@ -180,6 +180,8 @@ class OpenAIHandler:
 
     def _prompt_ids(self, prompt: str | list[int], field: str) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError.invalid(field, "is empty")
             return self.service.encode(PromptInput(text=prompt), field)
         vocab = len(self.service.engine.tokenizer)
         if not prompt:
@@ -228,6 +230,12 @@ class OpenAIHandler:
             for r in results:
                 if not isinstance(r, BaseException):
                     await r.aclose()  # type: ignore[attr-defined]
+            if isinstance(failure, ApiError) and failure.field is None and failure.kind == ErrorKind.INVALID \
+                    and plan.params.structured_outputs is not None:
+                # The engine compiles the grammar; its error ("Grammar error: Invalid type...")
+                # names no parameter: it is the request's response_format / structured_outputs.
+                name = "response_format" if req.response_format is not None else "structured_outputs"
+                raise ApiError.invalid(name, failure.message) from None
             raise failure
         return results  # type: ignore[return-value]
 

@@ -170,7 +170,7 @@ HTTP_CASES = [
      None, 400, "json_schema"),
     ("response-format-schema-invalid", "POST", "/v1/chat/completions",
      chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
-     None, 400, "JSON"),
+     None, 400, "response_format"),
     ("top-k-negative", "POST", "/v1/chat/completions", chat(top_k=-5), None, 400, "top_k"),
     ("min-p-over-one", "POST", "/v1/chat/completions", chat(min_p=1.5), None, 400, "min_p"),
     ("repetition-penalty-zero", "POST", "/v1/completions", {"prompt": "a", "repetition_penalty": 0}, None, 400,

@@ -111,6 +111,17 @@ def is_engine_dead_error(exc: BaseException) -> bool:
     return isinstance(exc, EngineDeadError)
 
 
+def client_error_classes() -> tuple[type[Exception], type[Exception], type[Exception]] | None:
+    """vLLM's request-error exceptions ``(VLLMClientError, VLLMNotFoundError,
+    VLLMValidationError)``: raised by its OpenAI request models' validators,
+    ``SamplingParams`` and the engine's input checks. None when vLLM is not installed."""
+    try:
+        from vllm.exceptions import VLLMClientError, VLLMNotFoundError, VLLMValidationError
+    except ImportError:  # unit use without vLLM
+        return None
+    return VLLMClientError, VLLMNotFoundError, VLLMValidationError
+
+
 # --------------------------------------------------------------------------- model loading (worker)
 
 LoadedModelCallback = Callable[[Any, int, str], object]  # what it returns is ignored
@@ -371,6 +382,26 @@ def _check_scheduler_output() -> None:
     assert not missing, f"SchedulerOutput has no field(s) {sorted(missing)}"
 
 
+def _check_client_errors() -> None:
+    classes = client_error_classes()
+    assert classes is not None, "vllm.exceptions cannot be imported"
+    client, not_found, validation = classes
+    assert issubclass(not_found, client) and issubclass(validation, client)
+    assert "parameter" in inspect.signature(validation).parameters, "VLLMValidationError(parameter=...)"
+
+
+def _check_openai_protocol() -> None:
+    # server/openai_models.py subclasses these (the one module importing vLLM's OpenAI protocol).
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for request in (ChatCompletionRequest, CompletionRequest):
+        params = inspect.signature(request.to_sampling_params).parameters
+        assert "max_tokens" in params, f"{request.__name__}.to_sampling_params(max_tokens, ...)"
+        for field in ("top_k", "min_p", "ignore_eos", "logit_bias", "response_format", "stop_token_ids"):
+            assert field in request.model_fields, f"{request.__name__}.{field}"
+
+
 ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("AsyncLLM.errored is a property", "engine_errored", _check_errored),
     Assumption("AsyncLLM.output_processor.get_num_unfinished_requests()", "unfinished_requests",
@@ -387,6 +418,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "output_kind, stream_deltas, request_extra_arg (and SAEEngine.generate)", _check_sampling_params),
     Assumption("vllm.v1.engine.exceptions.EngineDeadError / EngineGenerateError", "is_engine_dead_error",
                _check_engine_dead),
+    Assumption("vllm.exceptions.VLLMClientError / VLLMNotFoundError / VLLMValidationError(parameter=)",
+               "client_error_classes (server/errors.py, server/http_api.py)", _check_client_errors),
+    Assumption("vLLM's OpenAI protocol: ChatCompletionRequest / CompletionRequest with to_sampling_params "
+               "and the sampling fields", "server/openai_models.py (subclasses them)", _check_openai_protocol),
     Assumption("vLLM reads VLLM_CPU_KVCACHE_SPACE, VLLM_USE_V2_MODEL_RUNNER, VLLM_USE_AOT_COMPILE",
                "configure_environment", _check_environment),
     Assumption("BaseModelLoader.load_model(self, vllm_config, model_config, ...); ModelConfig layer count, "

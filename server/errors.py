@@ -13,6 +13,7 @@ from enum import StrEnum
 import grpc
 from pydantic import ValidationError
 
+from sae_runtime import vllm_surface
 from sae_runtime.engine.engine import FeatureTimeoutError
 from sae_runtime.engine.spec import SpecError
 from sae_runtime.registry import UnknownDictionaryError
@@ -125,4 +126,26 @@ def translate(exc: BaseException) -> ApiError | None:
         return ApiError.from_validation_error(exc)
     if isinstance(exc, WireError):  # a gRPC message that cannot become a request
         return ApiError.invalid(exc.field, exc.message)
+    client_error = vllm_client_error(exc)
+    if client_error is not None:
+        return client_error
     return None
+
+
+def vllm_client_error(exc: BaseException) -> ApiError | None:
+    """vLLM's own request checks (``VLLMValidationError``: the OpenAI request models'
+    validators, ``SamplingParams`` and the engine's input processor: a logit_bias token
+    outside the vocabulary, an invalid JSON schema...) as a 400 naming vLLM's parameter."""
+    classes = vllm_surface.client_error_classes()
+    if classes is None:
+        return None
+    client_error, not_found_error, validation_error = classes
+    if not isinstance(exc, client_error):
+        return None
+    if isinstance(exc, validation_error):
+        message = exc.args[0] if exc.args else str(exc)
+        if exc.__cause__ is not None and str(exc.__cause__) and str(exc.__cause__) not in message:
+            message = f"{message} ({exc.__cause__})"
+        return ApiError.invalid(getattr(exc, "parameter", None) or None, message)
+    kind = ErrorKind.NOT_FOUND if isinstance(exc, not_found_error) else ErrorKind.INVALID
+    return ApiError(kind, str(exc))

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sae_runtime import vllm_surface
 from server.auth import ApiKeyMiddleware, ApiKeys
 from server.errors import ApiError, ErrorKind, translate
 from server.faults import FEATURE_CHANNEL_ROUTE, FeatureChannelFault, kill_feature_receiver
@@ -257,6 +259,15 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    vllm_errors = vllm_surface.client_error_classes()
+    if vllm_errors is not None:
+        vllm_client_error_class = vllm_errors[0]
+        # vLLM's request models check fields in their validators with VLLMValidationError,
+        # which pydantic does not wrap: answer it as a 400 naming the parameter.
+        @app.exception_handler(vllm_client_error_class)
+        async def _vllm_client_error(_: Request, exc: Exception) -> JSONResponse:
+            return error_response(translate(exc) or ApiError(ErrorKind.INVALID, str(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,6 +1,9 @@
 """OpenAI-compatible chat and text completions on top of :class:`SAEService`.
 
-Each choice (``n``) is its own engine request with ``n=1`` (the engine streams one
+Requests are vLLM's OpenAI models (``server/openai_models.py``); their sampling parameters
+become ``SamplingParams`` through vLLM's own ``to_sampling_params``, so everything vLLM's
+server applies (top_k, min_p, logit_bias, ignore_eos, response_format...) applies here
+too, together with ``steering`` and ``features``. Each choice (``n``) is its own engine request with ``n=1`` (the engine streams one
 sequence per request and returns features per request), run concurrently; with a
 ``seed``, choice ``i`` uses ``seed + i`` so the choices differ but stay reproducible.
 ``compare: true`` runs every choice a second time without the steering (same seeds) and
@@ -19,30 +22,31 @@ from typing import Any, AsyncIterator, Union
 
 from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import SAERequestSpec
-from server.errors import ApiError, translate
-from server.models import PromptInput, TokenFeaturesOut, Usage
+from server.errors import ApiError, ErrorKind, translate
+from server.models import PromptInput, TokenFeaturesOut
 from server.openai_models import (
     IGNORED,
-    UNSUPPORTED_CHAT,
-    UNSUPPORTED_COMPLETION,
+    REFUSED_CHAT,
+    REFUSED_COMPLETION,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionLogProbsContent,
     ChatCompletionRequest,
     ChatDelta,
-    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
-    CompletionLogprobs,
+    CompletionLogProbs,
     CompletionRequest,
-    TokenLogprob,
-    TopLogprob,
     UnsteeredChat,
     UnsteeredCompletion,
+    Usage,
 )
 from server.service import ClosingStream, SAEService
 
@@ -50,15 +54,37 @@ AnyRequest = Union[ChatCompletionRequest, CompletionRequest]
 
 
 @dataclass
+class _Run:
+    """One engine request: choice ``index`` of prompt ``prompt``, steered or not."""
+
+    index: int  # the choice's index in the response (prompt * n + i)
+    prompt: int
+    seed_offset: int  # i: choice i of a prompt uses seed + i
+    steered: bool
+
+
+@dataclass
 class _Plan:
     """What one OpenAI request turns into, after every check has passed."""
 
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     max_tokens: int
     spec: SAERequestSpec | None
     plain_spec: SAERequestSpec | None  # the spec without steering, for compare runs
-    logprobs: int | None
-    runs: list[tuple[int, bool]] = field(default_factory=list)  # (choice index, steered?)
+    params: Any  # vLLM SamplingParams from the request (n and seed set per run)
+    echo: list[str] | None = None  # completions with echo=true: each prompt's text
+    runs: list[_Run] = field(default_factory=list)
+
+    @property
+    def logprobs(self) -> int | None:
+        return self.params.logprobs
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 @dataclass
@@ -78,106 +104,138 @@ class OpenAIHandler:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check_common(self, req: AnyRequest, unsupported: tuple[str, ...]) -> None:
+    def _check_common(self, req: AnyRequest, refused: dict[str, str]) -> None:
         if req.model is not None and req.model != self.service.model_name:
             raise ApiError.not_found("model", f"model '{req.model}' is not served; this server serves "
                                               f"'{self.service.model_name}'")
-        for name, value in req.extra_fields().items():
+        for name, value in (req.model_extra or {}).items():
             if name in IGNORED:
                 continue
-            if name in unsupported:
+            if name in refused:
                 if value in (None, False, [], {}):
                     continue
-                raise ApiError.unsupported(name, f"'{name}' is not supported by sae-serve")
+                raise ApiError.unsupported(name, f"'{name}' is not supported by sae-serve: {refused[name]}")
             raise ApiError.invalid(name, f"unknown field '{name}'")
+        for name in refused:  # in the table's order: 'tools' before the 'tool_choice' vLLM derives from it
+            if name not in req.model_fields_set or name not in type(req).model_fields:
+                continue
+            info = type(req).model_fields[name]
+            default = info.get_default(call_default_factory=True)
+            if getattr(req, name) != default:
+                raise ApiError.unsupported(name, f"'{name}' is not supported by sae-serve: {refused[name]}")
         if req.compare and (req.steering is None or req.steering.empty):
             raise ApiError.invalid("compare", "needs 'steering': it returns the steered and the unsteered completion")
         if req.compare and req.stream:
             raise ApiError.unsupported("compare", "is not supported with stream=true; send two requests instead")
-        if req.stream_options is not None and not req.stream:
-            raise ApiError.invalid("stream_options", "is only allowed with stream=true")
 
-    def _plan(self, req: AnyRequest, prompt_ids: list[int], max_tokens: int | None,
-              logprobs: int | None) -> _Plan:
+    def _sampling_params(self, req: AnyRequest, max_tokens: int) -> Any:
+        """vLLM's own mapping of the request to SamplingParams (its checks raise 400s)."""
+        try:
+            # No server defaults: OpenAI's defaults (temperature 1, top_p 1...) as vLLM applies them.
+            params = req.to_sampling_params(max_tokens, {})
+        except ApiError:
+            raise
+        except Exception as exc:
+            api = translate(exc)
+            if api is None:
+                raise
+            raise api from None
+        params.n = 1  # one engine request per choice (features come back per request)
+        return params
+
+    def _plan(self, req: AnyRequest, prompts: list[list[int]], max_tokens: int | None,
+              echo: list[str] | None = None, field: str = "max_tokens") -> _Plan:
         defaulted = max_tokens is None
-        max_tokens = self.service.check_budget(prompt_ids, max_tokens)
+        budgets = [self.service.check_budget(p, max_tokens, field) for p in prompts]
+        max_tokens = min(budgets)
         spec = self.service.build_spec(req.features, req.steering)
         plain = self.service.build_spec(req.features, None) if req.compare else None
-        runs = [(i, True) for i in range(req.n)]
+        runs = [_Run(p * req.n + i, p, i, True) for p in range(len(prompts)) for i in range(req.n)]
         if req.compare:
-            runs += [(i, False) for i in range(req.n)]
-        # Every run returns its own features: n choices, twice with compare.
-        self.service.check_response_budget(req.features, len(prompt_ids), max_tokens, len(runs),
+            runs += [_Run(r.index, r.prompt, r.seed_offset, False) for r in list(runs)]
+        # Every run returns its own features: n choices per prompt, twice with compare
+        # (counted with the longest prompt: an upper bound for a batch).
+        self.service.check_response_budget(req.features, max(len(p) for p in prompts), max_tokens, len(runs),
                                            max_tokens_defaulted=defaulted)
-        return _Plan(prompt_ids, max_tokens, spec, plain, logprobs, runs)
+        params = self._sampling_params(req, max_tokens)
+        return _Plan(prompts, max_tokens, spec, plain, params, echo, runs)
 
-    def _params(self, req: AnyRequest, plan: _Plan, index: int) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            n=1,
-            max_tokens=plan.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=req.stop_list() or None,
-            seed=None if req.seed is None else req.seed + index,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logprobs=plan.logprobs,
-        )
+    def _params(self, req: AnyRequest, plan: _Plan, run: _Run) -> Any:
+        params = plan.params.clone()
+        params.n = 1
+        if req.seed is not None:
+            params.seed = req.seed + run.seed_offset
+        return params
 
     def plan_chat(self, req: ChatCompletionRequest) -> _Plan:
-        self._check_common(req, UNSUPPORTED_CHAT)
+        self._check_common(req, REFUSED_CHAT)
         self.service.require_chat_template(
             "messages", "chat completions need one: use /v1/completions with a text prompt")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise ApiError.invalid("top_logprobs", "needs logprobs=true")
-        if req.max_tokens is not None and req.max_completion_tokens is not None \
-                and req.max_tokens != req.max_completion_tokens:
-            raise ApiError.invalid("max_completion_tokens", "differs from max_tokens; give one of them")
+        try:
+            field_name, max_tokens = req.given_max_tokens()
+        except ValueError as exc:
+            raise ApiError.invalid("max_completion_tokens", str(exc)) from None
         prompt_ids = self.service.encode(PromptInput(messages=req.messages))
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._plan(req, prompt_ids, req.max_completion_tokens or req.max_tokens, logprobs)
+        return self._plan(req, [prompt_ids], max_tokens, field=field_name)
+
+    def _prompt_ids(self, prompt: str | list[int], field: str) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError.invalid(field, "is empty")
+            return self.service.encode(PromptInput(text=prompt), field)
+        vocab = len(self.service.engine.tokenizer)
+        if not prompt:
+            raise ApiError.invalid(field, "is empty")
+        bad = next((t for t in prompt if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ApiError.invalid(field, f"token id {bad} is outside the vocabulary (size {vocab})")
+        return [int(t) for t in prompt]
 
     def plan_completion(self, req: CompletionRequest) -> _Plan:
-        self._check_common(req, UNSUPPORTED_COMPLETION)
-        if req.echo:
-            raise ApiError.unsupported("echo", "echo=true is not supported")
+        self._check_common(req, REFUSED_COMPLETION)
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise ApiError.unsupported("best_of", "best_of other than n is not supported")
+        if req.echo and req.logprobs is not None:
+            raise ApiError.unsupported("echo", "echo=true with logprobs is not supported: sae-serve does not "
+                                               "return prompt logprobs (echo without logprobs works)")
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise ApiError.unsupported("prompt", "a batch of prompts is not supported; send one request per prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt_ids = self.service.encode(PromptInput(text=prompt), "prompt")
+        batch: list[str | list[int]]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            batch = list(prompt)  # a batch of texts or of token-id lists
         else:
-            vocab = len(self.service.engine.tokenizer)
-            bad = next((t for t in prompt if not 0 <= int(t) < vocab), None)
-            if not prompt:
-                raise ApiError.invalid("prompt", "is empty")
-            if bad is not None:
-                raise ApiError.invalid("prompt", f"token id {bad} is outside the vocabulary (size {vocab})")
-            prompt_ids = [int(t) for t in prompt]
+            batch = [prompt]  # type: ignore[list-item]
+        if not batch:
+            raise ApiError.invalid("prompt", "is empty")
+        many = len(batch) > 1
+        prompts = [self._prompt_ids(p, f"prompt[{i}]" if many else "prompt") for i, p in enumerate(batch)]
+        echo = None
+        if req.echo:
+            echo = [p if isinstance(p, str) else self.service.engine.tokenizer.decode(ids)
+                    for p, ids in zip(batch, prompts)]
         # OpenAI's legacy default for completions is 16 tokens.
-        return self._plan(req, prompt_ids, req.max_tokens or 16, req.logprobs)
+        return self._plan(req, prompts, req.max_tokens or 16, echo)
 
     # -- running --------------------------------------------------------------------------
 
     async def _open_all(self, req: AnyRequest, plan: _Plan) -> list[AsyncIterator[GenerationChunk]]:
         """Open every run; if one is refused, close the others and re-raise."""
-        async def open_one(index: int, steered: bool):
-            spec = plan.spec if steered else plan.plain_spec
-            _, stream = await self.service.open_stream(plan.prompt_ids, self._params(req, plan, index), spec)
+        async def open_one(run: _Run):
+            spec = plan.spec if run.steered else plan.plain_spec
+            _, stream = await self.service.open_stream(plan.prompts[run.prompt], self._params(req, plan, run), spec)
             return stream
 
-        results = await asyncio.gather(*(open_one(i, s) for i, s in plan.runs), return_exceptions=True)
+        results = await asyncio.gather(*(open_one(r) for r in plan.runs), return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             for r in results:
                 if not isinstance(r, BaseException):
                     await r.aclose()  # type: ignore[attr-defined]
+            if isinstance(failure, ApiError) and failure.field is None and failure.kind == ErrorKind.INVALID \
+                    and plan.params.structured_outputs is not None:
+                # The engine compiles the grammar; its error ("Grammar error: Invalid type...")
+                # names no parameter: it is the request's response_format / structured_outputs.
+                name = "response_format" if req.response_format is not None else "structured_outputs"
+                raise ApiError.invalid(name, failure.message) from None
             raise failure
         return results  # type: ignore[return-value]
 
@@ -205,54 +263,56 @@ class OpenAIHandler:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]  # aborts unfinished requests
         done = [t.result() for t in tasks]
-        steered = [a for a, (_, s) in zip(done, plan.runs) if s]
-        plain = [a for a, (_, s) in zip(done, plan.runs) if not s]
+        steered = [a for a, r in zip(done, plan.runs) if r.steered]
+        plain = [a for a, r in zip(done, plan.runs) if not r.steered]
         return steered, plain
 
     def _usage(self, plan: _Plan, accs: list[_Accum]) -> Usage:
         completion = sum(len(a.token_ids) for a in accs)
-        return Usage(prompt_tokens=len(plan.prompt_ids), completion_tokens=completion,
-                     total_tokens=len(plan.prompt_ids) + completion)
+        prompt = plan.prompt_tokens()
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     # -- logprobs -------------------------------------------------------------------------
 
-    def _chat_logprobs(self, token_ids: list[int], steps: list[dict[int, float]], top: int) -> ChatLogprobs:
+    def _chat_logprobs(self, token_ids: list[int], steps: list[dict[int, float]], top: int) -> ChatCompletionLogProbs:
         content = []
         for tid, step in zip(token_ids, steps):
             text = self.service.token_text(tid)
             ranked = sorted(step.items(), key=lambda kv: -kv[1])[:top]
-            content.append(TokenLogprob(
-                token=text, logprob=step.get(tid, float("-inf")), bytes=list(text.encode()),
-                top_logprobs=[TopLogprob(token=self.service.token_text(t), logprob=lp,
-                                         bytes=list(self.service.token_text(t).encode())) for t, lp in ranked],
+            content.append(ChatCompletionLogProbsContent(
+                token=text, logprob=max(step.get(tid, -9999.0), -9999.0), bytes=list(text.encode()),
+                top_logprobs=[ChatCompletionLogProb(token=self.service.token_text(t), logprob=max(lp, -9999.0),
+                                                    bytes=list(self.service.token_text(t).encode()))
+                              for t, lp in ranked],
             ))
-        return ChatLogprobs(content=content)
+        return ChatCompletionLogProbs(content=content)
 
     def _completion_logprobs(self, token_ids: list[int], steps: list[dict[int, float]], top: int,
-                             offset: int) -> CompletionLogprobs:
+                             offset: int) -> CompletionLogProbs:
         tokens, lps, tops, offsets = [], [], [], []
         for tid, step in zip(token_ids, steps):
             text = self.service.token_text(tid)
             tokens.append(text)
-            lps.append(step.get(tid, float("-inf")))
+            lps.append(max(step.get(tid, -9999.0), -9999.0))
             ranked = sorted(step.items(), key=lambda kv: -kv[1])[:top]
-            tops.append({self.service.token_text(t): lp for t, lp in ranked})
+            tops.append({self.service.token_text(t): max(lp, -9999.0) for t, lp in ranked})
             offsets.append(offset)
             offset += len(text)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+        return CompletionLogProbs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
     # -- non-streaming --------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, plan: _Plan) -> ChatCompletion:
         steered, plain = await self._collect(req, plan)
-        top = req.top_logprobs or 0
+        top = plan.logprobs or 0
 
         def choices(accs: list[_Accum]) -> list[ChatChoice]:
             return [ChatChoice(
-                index=i, message=AssistantMessage(content=a.text), finish_reason=a.finish_reason,
-                logprobs=self._chat_logprobs(a.token_ids, a.logprobs, top) if req.logprobs else None,
+                index=r.index, message=AssistantMessage(role="assistant", content=a.text),
+                finish_reason=a.finish_reason,
+                logprobs=self._chat_logprobs(a.token_ids, a.logprobs, top) if plan.logprobs is not None else None,
                 features=a.features if req.features is not None else None,
-            ) for i, a in enumerate(accs)]
+            ) for a, r in zip(accs, plan.runs)]
 
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.service.model_name,
@@ -262,14 +322,16 @@ class OpenAIHandler:
 
     async def completion(self, req: CompletionRequest, plan: _Plan) -> Completion:
         steered, plain = await self._collect(req, plan)
-        top = req.logprobs or 0
+        top = plan.logprobs or 0
 
         def choices(accs: list[_Accum]) -> list[CompletionChoice]:
             return [CompletionChoice(
-                index=i, text=a.text, finish_reason=a.finish_reason,
-                logprobs=self._completion_logprobs(a.token_ids, a.logprobs, top, 0) if req.logprobs is not None else None,
+                index=r.index, text=(plan.echo[r.prompt] if plan.echo else "") + a.text,
+                finish_reason=a.finish_reason,
+                logprobs=self._completion_logprobs(a.token_ids, a.logprobs, top, 0)
+                if plan.logprobs is not None else None,
                 features=a.features if req.features is not None else None,
-            ) for i, a in enumerate(accs)]
+            ) for a, r in zip(accs, plan.runs)]
 
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.service.model_name,
@@ -292,25 +354,25 @@ class OpenAIHandler:
         queue: asyncio.Queue = asyncio.Queue()
         done_marker = object()
 
-        async def pump(index: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        async def pump(slot: int, stream: AsyncIterator[GenerationChunk]) -> None:
             try:
                 async for chunk in stream:
-                    await queue.put((index, chunk))
+                    await queue.put((slot, chunk))
             except BaseException as exc:  # reported in-band: headers are already sent
-                await queue.put((index, exc))
+                await queue.put((slot, exc))
             finally:
-                await queue.put((index, done_marker))
+                await queue.put((slot, done_marker))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         remaining = len(tasks)
         started: set[int] = set()
         offsets = [0] * len(tasks)
         generated = [0] * len(tasks)
-        top = (req.top_logprobs or 0) if is_chat else (req.logprobs or 0)
-        want_lp = (req.logprobs if is_chat else req.logprobs is not None)
+        top = plan.logprobs or 0
+        want_lp = plan.logprobs is not None
         try:
             while remaining:
-                index, item = await queue.get()
+                slot, item = await queue.get()
                 if item is done_marker:
                     remaining -= 1
                     continue
@@ -321,29 +383,33 @@ class OpenAIHandler:
                     yield f"data: {json.dumps({'error': {'message': msg, 'type': kind}})}\n\n"
                     return
                 chunk: GenerationChunk = item
-                generated[index] = chunk.num_generated_tokens
+                run = plan.runs[slot]
+                generated[slot] = chunk.num_generated_tokens
                 feats = self.service.features_out(chunk.features) if req.features is not None else None
+                first = slot not in started
+                started.add(slot)
                 if is_chat:
-                    delta = ChatDelta(content=chunk.text)
-                    if index not in started:
-                        delta.role = "assistant"
-                        started.add(index)
+                    delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
                     lp = self._chat_logprobs(chunk.token_ids, chunk.logprobs or [], top) if want_lp else None
                     out: Any = ChatCompletionChunk(id=rid, created=created, model=self.service.model_name, choices=[
-                        ChatChunkChoice(index=index, delta=delta, finish_reason=chunk.finish_reason,
+                        ChatChunkChoice(index=run.index, delta=delta, finish_reason=chunk.finish_reason,
                                         logprobs=lp, features=feats)])
                 else:
-                    lp = self._completion_logprobs(chunk.token_ids, chunk.logprobs or [], top, offsets[index]) \
+                    text = chunk.text
+                    if first and plan.echo:
+                        text = plan.echo[run.prompt] + text
+                        offsets[slot] += len(plan.echo[run.prompt])
+                    lp = self._completion_logprobs(chunk.token_ids, chunk.logprobs or [], top, offsets[slot]) \
                         if want_lp else None
-                    offsets[index] += len(chunk.text)
+                    offsets[slot] += len(chunk.text)
                     out = CompletionChunk(id=rid, created=created, model=self.service.model_name, choices=[
-                        CompletionChunkChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason,
+                        CompletionChunkChoice(index=run.index, text=text, finish_reason=chunk.finish_reason,
                                               logprobs=lp, features=feats)])
                 yield f"data: {out.model_dump_json(exclude_none=True)}\n\n"
             if req.stream_options is not None and req.stream_options.include_usage:
                 total = sum(generated)
-                usage = Usage(prompt_tokens=len(plan.prompt_ids), completion_tokens=total,
-                              total_tokens=len(plan.prompt_ids) + total)
+                prompt = plan.prompt_tokens()
+                usage = Usage(prompt_tokens=prompt, completion_tokens=total, total_tokens=prompt + total)
                 cls = ChatCompletionChunk if is_chat else CompletionChunk
                 final = cls(id=rid, created=created, model=self.service.model_name, choices=[], usage=usage)
                 yield f"data: {final.model_dump_json(exclude_none=True)}\n\n"

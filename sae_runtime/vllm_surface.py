@@ -56,9 +56,11 @@ def start_async_llm(compilation_config: dict[str, Any] | None = None, **engine_a
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(**engine_args)
     if compilation_config is not None:
-        args.compilation_config = compilation_config
+        # AsyncEngineArgs turns a dict into its CompilationConfig when it is constructed
+        # ("support `EngineArgs(compilation_config={...})`" in its __post_init__).
+        engine_args = {**engine_args, "compilation_config": compilation_config}
+    args = AsyncEngineArgs(**engine_args)
     return AsyncLLM.from_engine_args(args)
 
 
@@ -128,13 +130,17 @@ LoadedModelCallback = Callable[[Any, int, str], object]  # what it returns is ig
 """``fn(model, num_hidden_layers, architecture)``, called on the served model once loaded."""
 
 
+_PATCHED_ATTR = "_sae_patched"
+"""Set on ``BaseModelLoader`` once :func:`wrap_model_loader` wrapped its ``load_model``."""
+
+
 def wrap_model_loader(on_loaded: LoadedModelCallback) -> None:
     """Have ``on_loaded`` called on the served model right after vLLM loads it and before
     its first forward (when vLLM compiles it). Wraps ``BaseModelLoader.load_model`` once
     per process; a speculative decoder's draft model is left alone."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    if BaseModelLoader.__dict__.get("_sae_patched", False):
+    if BaseModelLoader.__dict__.get(_PATCHED_ATTR, False):
         return
     orig_load = BaseModelLoader.load_model
 
@@ -146,8 +152,11 @@ def wrap_model_loader(on_loaded: LoadedModelCallback) -> None:
             on_loaded(model, model_config.get_total_num_hidden_layers(), architectures[0])
         return model
 
-    BaseModelLoader.load_model = load_model
-    BaseModelLoader._sae_patched = True
+    # Replacing a method of vLLM's class (and marking the class with an attribute of our own
+    # that it does not declare) is the point of this function. setattr says so; a plain
+    # assignment is a method-assign error to mypy.
+    setattr(BaseModelLoader, "load_model", load_model)  # noqa: B010
+    setattr(BaseModelLoader, _PATCHED_ATTR, True)
 
 
 # --------------------------------------------------------------------------- the model runner (worker)

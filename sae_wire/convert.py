@@ -42,13 +42,16 @@ from sae_wire.models import (
     Usage,
 )
 
-SCOPE_FROM_PB = {pb.SCOPE_UNSPECIFIED: None, pb.SCOPE_PROMPT: "prompt", pb.SCOPE_GENERATED: "generated",
-                 pb.SCOPE_ALL: "all"}
-SCOPE_TO_PB = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "all": pb.SCOPE_ALL}
-MODE_FROM_PB = {pb.EDIT_MODE_UNSPECIFIED: None, pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp",
-                pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
-MODE_TO_PB = {"add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE,
-              "ablate": pb.EDIT_MODE_ABLATE}
+# Proto enum values are ints (``pb.Scope`` and ``pb.EditMode`` subclass int): the tables read
+# from a message are keyed by int, so any number a message carries can be looked up.
+SCOPE_FROM_PB: dict[int, str | None] = {
+    pb.SCOPE_UNSPECIFIED: None, pb.SCOPE_PROMPT: "prompt", pb.SCOPE_GENERATED: "generated", pb.SCOPE_ALL: "all"}
+SCOPE_TO_PB: dict[str, pb.Scope] = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "all": pb.SCOPE_ALL}
+MODE_FROM_PB: dict[int, str | None] = {
+    pb.EDIT_MODE_UNSPECIFIED: None, pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp",
+    pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
+MODE_TO_PB: dict[str, pb.EditMode] = {
+    "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE}
 SAMPLING_OPTIONALS = ("max_tokens", "temperature", "top_p", "seed")
 
 
@@ -81,7 +84,7 @@ def _set(d: dict[str, Any], key: str, value: Any) -> None:
         d[key] = value
 
 
-def _scope_pb(value: str | None) -> int:
+def _scope_pb(value: str | None) -> pb.Scope:
     return SCOPE_TO_PB[value] if value else pb.SCOPE_UNSPECIFIED
 
 

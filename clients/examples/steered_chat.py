@@ -28,4 +28,7 @@ response = client.chat.completions.create(
     },
 )
 print(f"steered ({dictionary} #{feature} += {value}):\n  {response.choices[0].message.content}")
-print(f"unsteered:\n  {response.model_extra['unsteered']['choices'][0]['message']['content']}")
+extra = response.model_extra or {}  # sae-serve's extra fields; None when there are none
+if "unsteered" not in extra:
+    sys.exit("the response has no 'unsteered' field: is the server sae-serve, and was compare sent?")
+print(f"unsteered:\n  {extra['unsteered']['choices'][0]['message']['content']}")

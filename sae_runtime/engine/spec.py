@@ -286,10 +286,17 @@ def steering_salt(spec: SAERequestSpec) -> str | None:
     steered request salts its cache keys with a digest of its steering: requests with the
     same steering still share blocks, plain requests keep sharing theirs.
     """
-    if not spec.has_steering:
+    steering = spec.steering
+    if steering is None or steering.empty:  # spec.has_steering, spelled out for the type checker
         return None
-    canonical = json.dumps(spec.steering.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(steering.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return "sae-steer-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _edit_spec(e: SteeringEdit, i: int) -> EditSpec:
+    if e.value is None:  # SteeringEdit's validation gives every edit a value (ablate: 0.0)
+        raise SpecError(f"steering.edits[{i}].value", f"mode '{e.mode}' needs a value")
+    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
 
 
 def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> WorkerSpec:
@@ -304,12 +311,9 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
         features = FeatureSpec(dicts=list(f.dictionaries), top_k=f.top_k, feature_ids=f.feature_ids, scope=f.scope)
     edits: list[EditSpec] = []
     vectors: list[VectorSpec] = []
-    if spec.has_steering:
-        s = spec.steering
-        edits = [
-            EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
-            for e in s.edits
-        ]
+    s = spec.steering
+    if s is not None and not s.empty:  # spec.has_steering, spelled out for the type checker
+        edits = [_edit_spec(e, i) for i, e in enumerate(s.edits)]
         vectors = [
             VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
             for v in s.vectors

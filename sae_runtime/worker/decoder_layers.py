@@ -40,6 +40,10 @@ PRE_STEP_ATTR = "_sae_pre_step"
 """Instance attribute of layer 0: also run the step at hook point -1 on its input."""
 MODEL_ATTR = "_sae_decoder_layers"
 """Attribute set on the hooked model: the module path of its decoder layer list."""
+_PATCHED_ATTR = "_sae_patched"
+"""Class attribute of a decoder layer class whose forward this module wrapped."""
+_WRAPPED_ATTR = "_sae_wrapped"
+"""Attribute of the wrapping forward function (a subclass inheriting it is not wrapped again)."""
 
 TESTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -97,7 +101,12 @@ def hooked_layers(model: nn.Module) -> nn.ModuleList:
             f"the SAE step is not in {type(model).__name__}: the sae_serve vLLM plugin did not "
             f"hook this model (is sae-serve installed in this environment, and was "
             f"SAE_SERVE_HOOKS=1 set before the engine started?)")
-    return model.get_submodule(path)
+    layers = model.get_submodule(path)
+    if not isinstance(layers, nn.ModuleList):  # hook_decoder_layers only records a ModuleList's path
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.{path} is a {type(layers).__name__}, not the nn.ModuleList of "
+            f"decoder layers that was hooked")
+    return layers
 
 
 # --------------------------------------------------------------------------- the patch
@@ -153,7 +162,7 @@ def _before_first_layer(args: tuple, kwargs: dict, slots: tuple[int | None, int 
         return None, None
 
     hidden, h_at = get("hidden_states", h_slot)
-    if not isinstance(hidden, torch.Tensor):
+    if not isinstance(hidden, torch.Tensor) or h_at is None:
         raise UnsupportedModelError(f"{where}: cannot find the hidden_states argument of layer 0")
     residual, _ = get("residual", r_slot)
     new = _stream(hidden, -1) if residual is None else _pair(hidden, residual, -1)
@@ -164,10 +173,10 @@ def _before_first_layer(args: tuple, kwargs: dict, slots: tuple[int | None, int 
     return args, kwargs
 
 
-def _patch_layer_class(cls: type, architecture: str) -> None:
+def _patch_layer_class(cls: type[nn.Module], architecture: str) -> None:
     # Once per class; a subclass that inherits an already wrapped forward (Mistral's layer
     # from Llama's) must not wrap it again, or the step would run twice.
-    if cls.__dict__.get("_sae_patched", False) or getattr(cls.forward, "_sae_wrapped", False):
+    if cls.__dict__.get(_PATCHED_ATTR, False) or getattr(cls.forward, _WRAPPED_ATTR, False):
         return
     orig_forward = cls.forward
     slots = _argument_slots(orig_forward)
@@ -182,6 +191,8 @@ def _patch_layer_class(cls: type, architecture: str) -> None:
             args, kwargs = _before_first_layer(args, kwargs, slots, where)
         return _after_layer(orig_forward(self, *args, **kwargs), layer, where)
 
-    forward._sae_wrapped = True  # type: ignore[attr-defined]
+    # Marks set with setattr: they are sae-serve's own attributes on a function and on a
+    # class that declare neither, which is what the checks above read back with getattr.
+    setattr(forward, _WRAPPED_ATTR, True)
     cls.forward = forward
-    cls._sae_patched = True
+    setattr(cls, _PATCHED_ATTR, True)

@@ -31,7 +31,7 @@ class FeatureSender:
     """
 
     def __init__(self, address: str):
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)

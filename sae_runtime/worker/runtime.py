@@ -17,6 +17,7 @@ the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,11 +49,12 @@ class SAEWorkerRuntime:
         self.layers = hooked_layers(model)
         self.hidden_size = vllm_surface.runner_hidden_size(runner)
         self.device = next(model.parameters()).device
-        self.requests: dict[str, RequestState] = {}
+        # None: a request without a spec (remembered so that each is looked at once)
+        self.requests: dict[str, RequestState | None] = {}
         self.steps = 0
         self._plan: StepPlan | None = None
         self._chunks: list[FeatureChunk] = []
-        self._restore_execute = None
+        self._restore_execute: Callable[[], None] | None = None
 
     # -- installation -------------------------------------------------------------------
 
@@ -171,6 +173,8 @@ class SAEWorkerRuntime:
             return _gated_edit_delta(d, xd, batch).float()
         token_kth = None
         if d.activation == "topk" and batch.needs_activation:
+            if d.k is None:  # a top-k dictionary always has k (checked when it loads)
+                raise RuntimeError("top-k dictionary without k")
             pre = d.encode_pre(xd)
             token_kth = torch.topk(pre, d.k, dim=-1).values[:, -1].contiguous()
         edited = kernels.steering_edit(

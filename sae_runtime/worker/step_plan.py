@@ -189,6 +189,8 @@ def build_step_plan(
 
         if state.feature_dicts:
             scope = state.feature_scope
+            if scope is None:  # parse_request sets a scope whenever it sets feature_dicts
+                raise RuntimeError(f"request {state.rid}: features asked without a scope")
             mask = torch.ones(n, dtype=torch.bool) if scope == "all" else kinds[scope]
             if bool(mask.any()):
                 sel_rows = rows[mask]

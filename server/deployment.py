@@ -17,8 +17,8 @@ from ray import serve
 from ray.serve.deployment import Application, Deployment
 
 from sae_runtime.engine.engine import SAEEngine
-from server.auth import ApiKeys
 from server import faults
+from server.auth import ApiKeys
 from server.config import ServeConfig
 from server.grpc_service import SAEGrpcMethods
 from server.http_api import build_http_app

@@ -3,7 +3,8 @@
 Requests are vLLM's OpenAI models (``server/openai_models.py``); their sampling parameters
 become ``SamplingParams`` through vLLM's own ``to_sampling_params``, so everything vLLM's
 server applies (top_k, min_p, logit_bias, ignore_eos, response_format...) applies here
-too, together with ``steering`` and ``features``. Each choice (``n``) is its own engine request with ``n=1`` (the engine streams one
+too, together with ``steering`` and ``features``. Each choice (``n``) is its own engine
+request with ``n=1`` (the engine streams one
 sequence per request and returns features per request), run concurrently; with a
 ``seed``, choice ``i`` uses ``seed + i`` so the choices differ but stay reproducible.
 ``compare: true`` runs every choice a second time without the steering (same seeds) and
@@ -17,8 +18,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Union
+from typing import Any
 
 from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import SAERequestSpec
@@ -50,7 +52,7 @@ from server.openai_models import (
 )
 from server.service import ClosingStream, SAEService
 
-AnyRequest = Union[ChatCompletionRequest, CompletionRequest]
+AnyRequest = ChatCompletionRequest | CompletionRequest
 
 
 @dataclass
@@ -106,8 +108,9 @@ class OpenAIHandler:
 
     def _check_common(self, req: AnyRequest, refused: dict[str, str]) -> None:
         if req.model is not None and req.model != self.service.model_name:
-            raise ApiError.not_found("model", f"model '{req.model}' is not served; this server serves "
-                                              f"'{self.service.model_name}'")
+            raise ApiError.not_found(
+                "model", f"model '{req.model}' is not served; this server serves '{self.service.model_name}'"
+            )
         for name, value in (req.model_extra or {}).items():
             if name in IGNORED:
                 continue
@@ -143,8 +146,14 @@ class OpenAIHandler:
         params.n = 1  # one engine request per choice (features come back per request)
         return params
 
-    def _plan(self, req: AnyRequest, prompts: list[list[int]], max_tokens: int | None,
-              echo: list[str] | None = None, field: str = "max_tokens") -> _Plan:
+    def _plan(
+        self,
+        req: AnyRequest,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        echo: list[str] | None = None,
+        field: str = "max_tokens",
+    ) -> _Plan:
         defaulted = max_tokens is None
         budgets = [self.service.check_budget(p, max_tokens, field) for p in prompts]
         max_tokens = min(budgets)
@@ -155,8 +164,9 @@ class OpenAIHandler:
             runs += [_Run(r.index, r.prompt, r.seed_offset, False) for r in list(runs)]
         # Every run returns its own features: n choices per prompt, twice with compare
         # (counted with the longest prompt: an upper bound for a batch).
-        self.service.check_response_budget(req.features, max(len(p) for p in prompts), max_tokens, len(runs),
-                                           max_tokens_defaulted=defaulted)
+        self.service.check_response_budget(
+            req.features, max(len(p) for p in prompts), max_tokens, len(runs), max_tokens_defaulted=defaulted
+        )
         params = self._sampling_params(req, max_tokens)
         return _Plan(prompts, max_tokens, spec, plain, params, echo, runs)
 
@@ -170,7 +180,8 @@ class OpenAIHandler:
     def plan_chat(self, req: ChatCompletionRequest) -> _Plan:
         self._check_common(req, REFUSED_CHAT)
         self.service.require_chat_template(
-            "messages", "chat completions need one: use /v1/completions with a text prompt")
+            "messages", "chat completions need one: use /v1/completions with a text prompt"
+        )
         try:
             field_name, max_tokens = req.given_max_tokens()
         except ValueError as exc:
@@ -196,8 +207,11 @@ class OpenAIHandler:
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise ApiError.unsupported("best_of", "best_of other than n is not supported")
         if req.echo and req.logprobs is not None:
-            raise ApiError.unsupported("echo", "echo=true with logprobs is not supported: sae-serve does not "
-                                               "return prompt logprobs (echo without logprobs works)")
+            raise ApiError.unsupported(
+                "echo",
+                "echo=true with logprobs is not supported: sae-serve does not "
+                "return prompt logprobs (echo without logprobs works)",
+            )
         prompt = req.prompt
         batch: list[str | list[int]]
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
@@ -210,8 +224,10 @@ class OpenAIHandler:
         prompts = [self._prompt_ids(p, f"prompt[{i}]" if many else "prompt") for i, p in enumerate(batch)]
         echo = None
         if req.echo:
-            echo = [p if isinstance(p, str) else self.service.engine.tokenizer.decode(ids)
-                    for p, ids in zip(batch, prompts)]
+            echo = [
+                p if isinstance(p, str) else self.service.engine.tokenizer.decode(ids)
+                for p, ids in zip(batch, prompts, strict=True)
+            ]
         # OpenAI's legacy default for completions is 16 tokens.
         return self._plan(req, prompts, req.max_tokens or 16, echo)
 
@@ -219,6 +235,7 @@ class OpenAIHandler:
 
     async def _open_all(self, req: AnyRequest, plan: _Plan) -> list[AsyncIterator[GenerationChunk]]:
         """Open every run; if one is refused, close the others and re-raise."""
+
         async def open_one(run: _Run):
             spec = plan.spec if run.steered else plan.plain_spec
             _, stream = await self.service.open_stream(plan.prompts[run.prompt], self._params(req, plan, run), spec)
@@ -230,8 +247,12 @@ class OpenAIHandler:
             for r in results:
                 if not isinstance(r, BaseException):
                     await r.aclose()  # type: ignore[attr-defined]
-            if isinstance(failure, ApiError) and failure.field is None and failure.kind == ErrorKind.INVALID \
-                    and plan.params.structured_outputs is not None:
+            if (
+                isinstance(failure, ApiError)
+                and failure.field is None
+                and failure.kind == ErrorKind.INVALID
+                and plan.params.structured_outputs is not None
+            ):
                 # The engine compiles the grammar; its error ("Grammar error: Invalid type...")
                 # names no parameter: it is the request's response_format / structured_outputs.
                 name = "response_format" if req.response_format is not None else "structured_outputs"
@@ -263,8 +284,8 @@ class OpenAIHandler:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]  # aborts unfinished requests
         done = [t.result() for t in tasks]
-        steered = [a for a, r in zip(done, plan.runs) if r.steered]
-        plain = [a for a, r in zip(done, plan.runs) if not r.steered]
+        steered = [a for a, r in zip(done, plan.runs, strict=True) if r.steered]
+        plain = [a for a, r in zip(done, plan.runs, strict=True) if not r.steered]
         return steered, plain
 
     def _usage(self, plan: _Plan, accs: list[_Accum]) -> Usage:
@@ -276,21 +297,31 @@ class OpenAIHandler:
 
     def _chat_logprobs(self, token_ids: list[int], steps: list[dict[int, float]], top: int) -> ChatCompletionLogProbs:
         content = []
-        for tid, step in zip(token_ids, steps):
+        for tid, step in zip(token_ids, steps, strict=True):
             text = self.service.token_text(tid)
             ranked = sorted(step.items(), key=lambda kv: -kv[1])[:top]
-            content.append(ChatCompletionLogProbsContent(
-                token=text, logprob=max(step.get(tid, -9999.0), -9999.0), bytes=list(text.encode()),
-                top_logprobs=[ChatCompletionLogProb(token=self.service.token_text(t), logprob=max(lp, -9999.0),
-                                                    bytes=list(self.service.token_text(t).encode()))
-                              for t, lp in ranked],
-            ))
+            content.append(
+                ChatCompletionLogProbsContent(
+                    token=text,
+                    logprob=max(step.get(tid, -9999.0), -9999.0),
+                    bytes=list(text.encode()),
+                    top_logprobs=[
+                        ChatCompletionLogProb(
+                            token=self.service.token_text(t),
+                            logprob=max(lp, -9999.0),
+                            bytes=list(self.service.token_text(t).encode()),
+                        )
+                        for t, lp in ranked
+                    ],
+                )
+            )
         return ChatCompletionLogProbs(content=content)
 
-    def _completion_logprobs(self, token_ids: list[int], steps: list[dict[int, float]], top: int,
-                             offset: int) -> CompletionLogProbs:
+    def _completion_logprobs(
+        self, token_ids: list[int], steps: list[dict[int, float]], top: int, offset: int
+    ) -> CompletionLogProbs:
         tokens, lps, tops, offsets = [], [], [], []
-        for tid, step in zip(token_ids, steps):
+        for tid, step in zip(token_ids, steps, strict=True):
             text = self.service.token_text(tid)
             tokens.append(text)
             lps.append(max(step.get(tid, -9999.0), -9999.0))
@@ -307,16 +338,23 @@ class OpenAIHandler:
         top = plan.logprobs or 0
 
         def choices(accs: list[_Accum]) -> list[ChatChoice]:
-            return [ChatChoice(
-                index=r.index, message=AssistantMessage(role="assistant", content=a.text),
-                finish_reason=a.finish_reason,
-                logprobs=self._chat_logprobs(a.token_ids, a.logprobs, top) if plan.logprobs is not None else None,
-                features=a.features if req.features is not None else None,
-            ) for a, r in zip(accs, plan.runs)]
+            return [
+                ChatChoice(
+                    index=r.index,
+                    message=AssistantMessage(role="assistant", content=a.text),
+                    finish_reason=a.finish_reason,
+                    logprobs=self._chat_logprobs(a.token_ids, a.logprobs, top) if plan.logprobs is not None else None,
+                    features=a.features if req.features is not None else None,
+                )
+                for a, r in zip(accs, plan.runs, strict=True)
+            ]
 
         return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.service.model_name,
-            choices=choices(steered), usage=self._usage(plan, steered),
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.service.model_name,
+            choices=choices(steered),
+            usage=self._usage(plan, steered),
             unsteered=UnsteeredChat(choices=choices(plain), usage=self._usage(plan, plain)) if req.compare else None,
         )
 
@@ -325,18 +363,28 @@ class OpenAIHandler:
         top = plan.logprobs or 0
 
         def choices(accs: list[_Accum]) -> list[CompletionChoice]:
-            return [CompletionChoice(
-                index=r.index, text=(plan.echo[r.prompt] if plan.echo else "") + a.text,
-                finish_reason=a.finish_reason,
-                logprobs=self._completion_logprobs(a.token_ids, a.logprobs, top, 0)
-                if plan.logprobs is not None else None,
-                features=a.features if req.features is not None else None,
-            ) for a, r in zip(accs, plan.runs)]
+            return [
+                CompletionChoice(
+                    index=r.index,
+                    text=(plan.echo[r.prompt] if plan.echo else "") + a.text,
+                    finish_reason=a.finish_reason,
+                    logprobs=self._completion_logprobs(a.token_ids, a.logprobs, top, 0)
+                    if plan.logprobs is not None
+                    else None,
+                    features=a.features if req.features is not None else None,
+                )
+                for a, r in zip(accs, plan.runs, strict=True)
+            ]
 
         return Completion(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.service.model_name,
-            choices=choices(steered), usage=self._usage(plan, steered),
-            unsteered=UnsteeredCompletion(choices=choices(plain), usage=self._usage(plan, plain)) if req.compare else None,
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.service.model_name,
+            choices=choices(steered),
+            usage=self._usage(plan, steered),
+            unsteered=UnsteeredCompletion(choices=choices(plain), usage=self._usage(plan, plain))
+            if req.compare
+            else None,
         )
 
     # -- streaming ------------------------------------------------------------------------
@@ -347,9 +395,11 @@ class OpenAIHandler:
         # Closing what this returns closes the engine streams too, even if no line was read.
         return ClosingStream(self._sse(req, plan, streams), *streams)
 
-    async def _sse(self, req: AnyRequest, plan: _Plan, streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[str]:
+    async def _sse(
+        self, req: AnyRequest, plan: _Plan, streams: list[AsyncIterator[GenerationChunk]]
+    ) -> AsyncIterator[str]:
         is_chat = isinstance(req, ChatCompletionRequest)
-        rid = (f"chatcmpl-{uuid.uuid4().hex}" if is_chat else f"cmpl-{uuid.uuid4().hex}")
+        rid = f"chatcmpl-{uuid.uuid4().hex}" if is_chat else f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
         done_marker = object()
@@ -391,20 +441,45 @@ class OpenAIHandler:
                 if is_chat:
                     delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
                     lp = self._chat_logprobs(chunk.token_ids, chunk.logprobs or [], top) if want_lp else None
-                    out: Any = ChatCompletionChunk(id=rid, created=created, model=self.service.model_name, choices=[
-                        ChatChunkChoice(index=run.index, delta=delta, finish_reason=chunk.finish_reason,
-                                        logprobs=lp, features=feats)])
+                    out: Any = ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=self.service.model_name,
+                        choices=[
+                            ChatChunkChoice(
+                                index=run.index,
+                                delta=delta,
+                                finish_reason=chunk.finish_reason,
+                                logprobs=lp,
+                                features=feats,
+                            )
+                        ],
+                    )
                 else:
                     text = chunk.text
                     if first and plan.echo:
                         text = plan.echo[run.prompt] + text
                         offsets[slot] += len(plan.echo[run.prompt])
-                    lp = self._completion_logprobs(chunk.token_ids, chunk.logprobs or [], top, offsets[slot]) \
-                        if want_lp else None
+                    lp = (
+                        self._completion_logprobs(chunk.token_ids, chunk.logprobs or [], top, offsets[slot])
+                        if want_lp
+                        else None
+                    )
                     offsets[slot] += len(chunk.text)
-                    out = CompletionChunk(id=rid, created=created, model=self.service.model_name, choices=[
-                        CompletionChunkChoice(index=run.index, text=text, finish_reason=chunk.finish_reason,
-                                              logprobs=lp, features=feats)])
+                    out = CompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=self.service.model_name,
+                        choices=[
+                            CompletionChunkChoice(
+                                index=run.index,
+                                text=text,
+                                finish_reason=chunk.finish_reason,
+                                logprobs=lp,
+                                features=feats,
+                            )
+                        ],
+                    )
                 yield f"data: {out.model_dump_json(exclude_none=True)}\n\n"
             if req.stream_options is not None and req.stream_options.include_usage:
                 total = sum(generated)

@@ -21,26 +21,48 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
+from vllm.entrypoints.generate.base.protocol import DeltaMessage as ChatDelta
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
     ChatCompletionLogProbsContent,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest as _VllmChatRequest,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponse as _VllmChatResponse,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponseChoice as _VllmChatChoice,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponseStreamChoice as _VllmChatStreamChoice,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionStreamResponse as _VllmChatStream,
+)
+from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatMessage as AssistantMessage,
 )
 from vllm.entrypoints.openai.completion.protocol import (
     CompletionLogProbs,
+)
+from vllm.entrypoints.openai.completion.protocol import (
     CompletionRequest as _VllmCompletionRequest,
+)
+from vllm.entrypoints.openai.completion.protocol import (
     CompletionResponse as _VllmCompletionResponse,
+)
+from vllm.entrypoints.openai.completion.protocol import (
     CompletionResponseChoice as _VllmCompletionChoice,
+)
+from vllm.entrypoints.openai.completion.protocol import (
     CompletionResponseStreamChoice as _VllmCompletionStreamChoice,
+)
+from vllm.entrypoints.openai.completion.protocol import (
     CompletionStreamResponse as _VllmCompletionStream,
 )
-from vllm.entrypoints.generate.base.protocol import DeltaMessage as ChatDelta
 from vllm.entrypoints.serve.engine.protocol import UsageInfo as Usage
 
 from sae_runtime.engine.spec import FeatureRequest, SteeringSpec

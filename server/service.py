@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
-
+from typing import Any
 
 from sae_runtime import vllm_surface
 from sae_runtime.engine.engine import SAEEngine
@@ -62,7 +62,7 @@ class ClosingStream:
         self._inner = inner
         self.closed = False
 
-    def __aiter__(self) -> "ClosingStream":
+    def __aiter__(self) -> ClosingStream:
         return self
 
     def __anext__(self) -> Any:
@@ -313,7 +313,9 @@ class SAEService:
         # ClosingStream: closing it aborts the request in vLLM even if it was never read.
         return first, ClosingStream(self._counted(first, stream), stream)
 
-    async def _counted(self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    async def _counted(
+        self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]
+    ) -> AsyncIterator[GenerationChunk]:
         try:
             for chunk in [first]:
                 self._count_chunk(chunk)
@@ -333,18 +335,28 @@ class SAEService:
 
         prompt_ids = self.encode(req)
         s = req.sampling
-        max_tokens = self.check_budget(prompt_ids, s.max_tokens or min(DEFAULT_GENERATE_MAX_TOKENS,
-                                                                        self.max_model_len - len(prompt_ids)),
-                                       "sampling.max_tokens")
+        max_tokens = self.check_budget(
+            prompt_ids,
+            s.max_tokens or min(DEFAULT_GENERATE_MAX_TOKENS, self.max_model_len - len(prompt_ids)),
+            "sampling.max_tokens",
+        )
         spec = self.build_spec(req.features, req.steering)
-        self.check_response_budget(req.features, len(prompt_ids), max_tokens, max_tokens_field="sampling.max_tokens",
-                                   lower="lower sampling.max_tokens, top_k or feature_ids")
-        params = SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop=s.stop or None, seed=s.seed)
-        first, stream = await self.open_stream(prompt_ids, params, spec)
+        self.check_response_budget(
+            req.features,
+            len(prompt_ids),
+            max_tokens,
+            max_tokens_field="sampling.max_tokens",
+            lower="lower sampling.max_tokens, top_k or feature_ids",
+        )
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop or None, seed=s.seed
+        )
+        _first, stream = await self.open_stream(prompt_ids, params, spec)
         return ClosingStream(self._generate_chunks(len(prompt_ids), stream), stream)
 
-    async def _generate_chunks(self, prompt_len: int, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerateChunkOut]:
+    async def _generate_chunks(
+        self, prompt_len: int, stream: AsyncIterator[GenerationChunk]
+    ) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
         try:
             async for chunk in stream:
@@ -355,8 +367,11 @@ class SAEService:
                     features=self.features_out(chunk.features),
                     finished=chunk.finished,
                     finish_reason=chunk.finish_reason,
-                    usage=Usage(prompt_tokens=prompt_len, completion_tokens=generated,
-                                total_tokens=prompt_len + generated) if chunk.finished else None,
+                    usage=Usage(
+                        prompt_tokens=prompt_len, completion_tokens=generated, total_tokens=prompt_len + generated
+                    )
+                    if chunk.finished
+                    else None,
                 )
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if the client left
@@ -369,8 +384,9 @@ class SAEService:
         self.check_budget(prompt_ids, 1, "text" if req.text is not None else "messages")
         spec = self.build_spec(req.features.model_copy(update={"scope": "prompt"}), None)
         assert spec is not None
-        self.check_response_budget(spec.features, len(prompt_ids), 0,
-                                   lower="send a shorter prompt, or lower top_k or feature_ids")
+        self.check_response_budget(
+            spec.features, len(prompt_ids), 0, lower="send a shorter prompt, or lower top_k or feature_ids"
+        )
         self.check_engine(needs_features=True)
         try:
             tokens = await self.engine.extract(prompt_ids, spec.features)
@@ -383,14 +399,17 @@ class SAEService:
         return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens))
 
     def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len,
-                                         supports_chat=self.supports_chat)])
+        return ModelList(
+            data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len, supports_chat=self.supports_chat)]
+        )
 
     def list_dictionaries(self) -> DictionaryList:
-        return DictionaryList(data=[
-            DictionaryInfoOut(**{k: v for k, v in d.items() if k in DictionaryInfoOut.model_fields})
-            for d in self.engine.registry.describe()
-        ])
+        return DictionaryList(
+            data=[
+                DictionaryInfoOut(**{k: v for k, v in d.items() if k in DictionaryInfoOut.model_fields})
+                for d in self.engine.registry.describe()
+            ]
+        )
 
     def unembedding(self) -> Unembedding:
         if self._unembedding is None:
@@ -404,7 +423,9 @@ class SAEService:
         except UnknownDictionaryError as exc:
             raise ApiError.not_found("dictionary", str(exc)) from None
         if not 0 <= feature < entry.d_sae:
-            raise ApiError.not_found("feature", f"feature {feature} out of range for '{dictionary}' (d_sae={entry.d_sae})")
+            raise ApiError.not_found(
+                "feature", f"feature {feature} out of range for '{dictionary}' (d_sae={entry.d_sae})"
+            )
         top_n = self.feature_top_n if top_n is None else top_n
         if not 1 <= top_n <= 1000:
             raise ApiError.invalid("top_n", f"must be between 1 and 1000 (got {top_n})")

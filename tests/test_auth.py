@@ -3,13 +3,12 @@
 The key checks run against the real FastAPI app and the real gRPC methods with an
 engine-free stand-in service (starting a server costs minutes here), Ray's own gRPC
 server with sae-serve's proxy patch, and in-process gRPC servers for the clients. The
-end-to-end checks (issue 18: keys on Ray's own routes and RPCs, keys out of children and
+end-to-end checks (keys on Ray's own routes and RPCs, keys out of children and
 Ray's job table, TLS) run against one real server started with two keys and TLS
 (``tls_server``, module-scoped, eager); tests/test_faults.py checks keys end to end too.
 """
 
 from __future__ import annotations
-
 
 import asyncio
 import hashlib
@@ -253,7 +252,7 @@ def test_dictionary_and_model_fields_are_ids_not_paths(app_client):
     assert "open(" not in src and "Path(" not in src and "load" not in src
 
 
-# -- issue 18: keys everywhere they are promised, keys out of children, clients, TLS ---------------
+# -- keys everywhere they are promised, keys out of children, clients, TLS ---------------
 
 FLAG_KEY = "sk-flag-key-5e1d0c9b8a"  # given as --api-key on the live server's command line
 
@@ -289,7 +288,7 @@ def make_self_signed(directory) -> tuple[str, str]:
 @pytest.mark.parametrize("query", ["detail=1", "d%65tail=1", "%64etail=true", "detail", "x=1&detail=0",
                                    "detail=1&detail=0", "x=1;detail=1".replace(";", "&")])
 def test_health_detail_needs_a_key_however_the_query_is_spelled(app_client, query):
-    """Issue 18: ``/health?d%65tail=1`` was answered with the detail (the check looked for the
+    """Regression: ``/health?d%65tail=1`` was answered with the detail (the check looked for the
     bytes ``detail``; Starlette decodes the query)."""
     from server.auth import is_open_http_request
 
@@ -320,7 +319,7 @@ def _asgi_call(app, path: str, query: bytes = b"", headers=()) -> tuple[int, byt
 
 
 def test_proxy_refuses_rays_own_routes_without_a_key(monkeypatch):
-    """Issue 18: ``GET /-/routes`` was answered by Ray's proxy without a key. The proxy callback
+    """Regression: ``GET /-/routes`` was answered by Ray's proxy without a key. The proxy callback
     now puts the key check in front of everything the proxy answers (outermost middleware)."""
     from server import proxy_auth, proxy_health
 
@@ -353,7 +352,7 @@ def test_proxy_refuses_rays_own_routes_without_a_key(monkeypatch):
 
 
 def test_grpc_watch_needs_a_key_check_does_not():
-    """Issue 18: ``Health/Watch`` held streams open for anyone; now only ``Check`` is open."""
+    """Regression: ``Health/Watch`` held streams open for anyone; now only ``Check`` is open."""
     from grpc_health.v1 import health_pb2
 
     m = grpc_methods()
@@ -470,7 +469,7 @@ def test_proxy_grpc_guard_and_tls_on_rays_own_grpc_server(tmp_path, monkeypatch)
 
 
 def test_keys_leave_the_environment_and_rays_entrypoint(monkeypatch):
-    """Issue 18: the keys stayed in the environment every Ray/vLLM child inherits, and Ray
+    """Regression: the keys stayed in the environment every Ray/vLLM child inherits, and Ray
     recorded ``--api-key K`` as the job's entrypoint."""
     import ray._private.utils as ray_utils
 
@@ -530,7 +529,7 @@ class _RecordingServicer:
 
 
 def test_both_python_clients_and_sae_client_send_the_key(monkeypatch, capsys):
-    """Issue 18: neither client could send a key."""
+    """Regression: neither client could send a key."""
     from clients import cli as client_cli
     from clients.grpc_client import AsyncSAEClient, SAEClient
 
@@ -598,7 +597,7 @@ def test_tls_settings_are_checked_at_start(tmp_path):
 
 # -- the live server: keys (one from SAE_SERVE_API_KEYS, one from --api-key) and TLS ----------------
 # One server for all of them, started as a user starts it (eager, to start sooner): the key
-# probes of issue 18 run against it over HTTPS / gRPC+TLS, so TLS is checked along the way.
+# probes of the key checks run against it over HTTPS / gRPC+TLS, so TLS is checked along the way.
 
 LIVE_ENV_KEY = "sk-live-env-key-3c2b1a0f9e"
 
@@ -710,7 +709,7 @@ def _environ(pid: int) -> bytes:
 
 @pytest.mark.slow
 def test_live_keys_never_reach_children_or_rays_job_table(tls_server):
-    """Issue 18: every Ray and vLLM child inherited SAE_SERVE_API_KEYS, and Ray stored the
+    """Regression: every Ray and vLLM child inherited SAE_SERVE_API_KEYS, and Ray stored the
     ``--api-key K`` command line as the job's entrypoint."""
     import psutil
 

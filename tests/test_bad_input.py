@@ -18,7 +18,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
+from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 
@@ -281,60 +281,152 @@ def grpc_cases() -> list[tuple]:
         return pb.SteeringVector(**{"hook_point": "layers.6", "vector": [0.0] * 576, **kw})
 
     return [
-        ("unknown-dictionary", "ExtractFeatures", pb.ExtractFeaturesRequest(text="x", features=F(dictionaries=["../x"])),
-         C.NOT_FOUND, "features.dictionaries[0]"),
+        (
+            "unknown-dictionary",
+            "ExtractFeatures",
+            pb.ExtractFeaturesRequest(text="x", features=F(dictionaries=["../x"])),
+            C.NOT_FOUND,
+            "features.dictionaries[0]",
+        ),
         ("no-features", "ExtractFeatures", pb.ExtractFeaturesRequest(text="x"), C.INVALID_ARGUMENT, "features"),
-        ("no-input", "ExtractFeatures", pb.ExtractFeaturesRequest(features=F(dictionaries=[D])), C.INVALID_ARGUMENT,
-         "input"),
+        (
+            "no-input",
+            "ExtractFeatures",
+            pb.ExtractFeaturesRequest(features=F(dictionaries=[D])),
+            C.INVALID_ARGUMENT,
+            "input",
+        ),
         ("empty-text", "ExtractFeatures", ex(text=""), C.INVALID_ARGUMENT, "text"),
         ("over-context", "ExtractFeatures", ex(text="word " * 700), C.INVALID_ARGUMENT, "text"),
         ("over-size-limit", "ExtractFeatures", ex(text="a" * 300_000), C.RESOURCE_EXHAUSTED, "limit"),
         ("top-k-zero", "ExtractFeatures", ex(top_k=0), C.INVALID_ARGUMENT, "features.top_k"),
         ("top-k-huge", "ExtractFeatures", ex(top_k=100000), C.INVALID_ARGUMENT, "features.top_k"),
-        ("feature-id-out-of-range", "ExtractFeatures", ex(feature_ids=[2**31]), C.INVALID_ARGUMENT,
-         "features.feature_ids[0]"),
-        ("feature-ids-too-many", "ExtractFeatures", ex(feature_ids=list(range(2000))), C.INVALID_ARGUMENT,
-         "features.feature_ids"),
-        ("bad-scope-enum", "ExtractFeatures", pb.ExtractFeaturesRequest(text="x", features=F(dictionaries=[D], scope=77)),
-         C.INVALID_ARGUMENT, "features.scope"),
-        ("bad-role", "Generate", pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="root", content="x")])),
-         C.INVALID_ARGUMENT, "messages.0.role"),
+        (
+            "feature-id-out-of-range",
+            "ExtractFeatures",
+            ex(feature_ids=[2**31]),
+            C.INVALID_ARGUMENT,
+            "features.feature_ids[0]",
+        ),
+        (
+            "feature-ids-too-many",
+            "ExtractFeatures",
+            ex(feature_ids=list(range(2000))),
+            C.INVALID_ARGUMENT,
+            "features.feature_ids",
+        ),
+        (
+            "bad-scope-enum",
+            "ExtractFeatures",
+            pb.ExtractFeaturesRequest(text="x", features=F(dictionaries=[D], scope=77)),
+            C.INVALID_ARGUMENT,
+            "features.scope",
+        ),
+        (
+            "bad-role",
+            "Generate",
+            pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="root", content="x")])),
+            C.INVALID_ARGUMENT,
+            "messages.0.role",
+        ),
         ("max-tokens-zero", "Generate", gen(max_tokens=0), C.INVALID_ARGUMENT, "sampling.max_tokens"),
         ("max-tokens-huge", "Generate", gen(max_tokens=10**9), C.INVALID_ARGUMENT, "sampling.max_tokens"),
         ("temperature-nan", "Generate", gen(temperature=float("nan")), C.INVALID_ARGUMENT, "sampling.temperature"),
         ("top-p-inf", "Generate", gen(top_p=float("inf")), C.INVALID_ARGUMENT, "sampling.top_p"),
         ("too-many-stops", "Generate", gen(stop=[str(i) for i in range(100)]), C.INVALID_ARGUMENT, "sampling.stop"),
         ("edit-out-of-range", "Generate", gen([e(feature=99999)]), C.NOT_FOUND, "steering.edits[0].feature"),
-        ("edit-unknown-dictionary", "Generate", gen([e(dictionary="/etc/passwd")]), C.NOT_FOUND,
-         "steering.edits[0].dictionary"),
+        (
+            "edit-unknown-dictionary",
+            "Generate",
+            gen([e(dictionary="/etc/passwd")]),
+            C.NOT_FOUND,
+            "steering.edits[0].dictionary",
+        ),
         ("edit-value-nan", "Generate", gen([e(value=float("nan"))]), C.INVALID_ARGUMENT, "steering.edits.0.value"),
         ("edit-value-inf", "Generate", gen([e(value=float("-inf"))]), C.INVALID_ARGUMENT, "steering.edits.0.value"),
         ("edit-mode-enum", "Generate", gen([e(mode=42)]), C.INVALID_ARGUMENT, "steering.edits[0].mode"),
-        ("edit-no-value", "Generate", gen([pb.SteeringEdit(dictionary=D, feature=1, mode=pb.EDIT_MODE_CLAMP)]),
-         C.INVALID_ARGUMENT, "steering.edits.0"),
+        (
+            "edit-no-value",
+            "Generate",
+            gen([pb.SteeringEdit(dictionary=D, feature=1, mode=pb.EDIT_MODE_CLAMP)]),
+            C.INVALID_ARGUMENT,
+            "steering.edits.0",
+        ),
         ("thousand-edits", "Generate", gen([e()] * 1000), C.INVALID_ARGUMENT, "steering.edits"),
-        ("vector-wrong-length", "Generate", gen(vectors=[v(vector=[1.0] * 3)]), C.INVALID_ARGUMENT,
-         "steering.vectors[0].vector"),
-        ("vector-nan", "Generate", gen(vectors=[v(vector=[float("nan")] * 576)]), C.INVALID_ARGUMENT,
-         "steering.vectors.0.vector"),
-        ("vector-bad-hook", "Generate", gen(vectors=[v(hook_point="blocks.6.hook_resid_post; drop")]),
-         C.INVALID_ARGUMENT, "steering.vectors[0].hook_point"),
-        ("budget-generate", "Generate",
-         pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=450),
-                            features=F(dictionaries=[D], top_k=256, feature_ids=list(range(512)))),
-         C.INVALID_ARGUMENT, "max_response_feature_values"),
-        ("budget-extract", "ExtractFeatures", ex(text="word " * 450, top_k=256, feature_ids=list(range(512))),
-         C.INVALID_ARGUMENT, "max_response_feature_values"),
-        ("edit-value-overflows-float32", "Generate", gen([e(value=1e39)]), C.INVALID_ARGUMENT,
-         "steering.edits[0].value"),
-        ("vector-times-scale-overflows", "Generate", gen(vectors=[v(vector=[1e30] * 576, scale=1e10)]),
-         C.INVALID_ARGUMENT, "steering.vectors[0].scale"),
-        ("get-feature-unknown", "GetFeature", pb.GetFeatureRequest(dictionary="nope", feature=1), C.NOT_FOUND,
-         "dictionary"),
-        ("get-feature-out-of-range", "GetFeature", pb.GetFeatureRequest(dictionary=D, feature=4096), C.NOT_FOUND,
-         "feature"),
-        ("get-feature-top-n-zero", "GetFeature", pb.GetFeatureRequest(dictionary=D, feature=1, top_n=0),
-         C.INVALID_ARGUMENT, "top_n"),
+        (
+            "vector-wrong-length",
+            "Generate",
+            gen(vectors=[v(vector=[1.0] * 3)]),
+            C.INVALID_ARGUMENT,
+            "steering.vectors[0].vector",
+        ),
+        (
+            "vector-nan",
+            "Generate",
+            gen(vectors=[v(vector=[float("nan")] * 576)]),
+            C.INVALID_ARGUMENT,
+            "steering.vectors.0.vector",
+        ),
+        (
+            "vector-bad-hook",
+            "Generate",
+            gen(vectors=[v(hook_point="blocks.6.hook_resid_post; drop")]),
+            C.INVALID_ARGUMENT,
+            "steering.vectors[0].hook_point",
+        ),
+        (
+            "budget-generate",
+            "Generate",
+            pb.GenerateRequest(
+                text="hi",
+                sampling=pb.SamplingOptions(max_tokens=450),
+                features=F(dictionaries=[D], top_k=256, feature_ids=list(range(512))),
+            ),
+            C.INVALID_ARGUMENT,
+            "max_response_feature_values",
+        ),
+        (
+            "budget-extract",
+            "ExtractFeatures",
+            ex(text="word " * 450, top_k=256, feature_ids=list(range(512))),
+            C.INVALID_ARGUMENT,
+            "max_response_feature_values",
+        ),
+        (
+            "edit-value-overflows-float32",
+            "Generate",
+            gen([e(value=1e39)]),
+            C.INVALID_ARGUMENT,
+            "steering.edits[0].value",
+        ),
+        (
+            "vector-times-scale-overflows",
+            "Generate",
+            gen(vectors=[v(vector=[1e30] * 576, scale=1e10)]),
+            C.INVALID_ARGUMENT,
+            "steering.vectors[0].scale",
+        ),
+        (
+            "get-feature-unknown",
+            "GetFeature",
+            pb.GetFeatureRequest(dictionary="nope", feature=1),
+            C.NOT_FOUND,
+            "dictionary",
+        ),
+        (
+            "get-feature-out-of-range",
+            "GetFeature",
+            pb.GetFeatureRequest(dictionary=D, feature=4096),
+            C.NOT_FOUND,
+            "feature",
+        ),
+        (
+            "get-feature-top-n-zero",
+            "GetFeature",
+            pb.GetFeatureRequest(dictionary=D, feature=1, top_n=0),
+            C.INVALID_ARGUMENT,
+            "top_n",
+        ),
     ]
 
 
@@ -370,16 +462,20 @@ def test_bad_grpc_request(live_server, channel, index):
 
 
 def _raw_call(channel, method: str, payload: bytes):
-    call = channel.unary_unary(f"/sae_serve.v1.SAEService/{method}", request_serializer=None,
-                               response_deserializer=None)
+    call = channel.unary_unary(
+        f"/sae_serve.v1.SAEService/{method}", request_serializer=None, response_deserializer=None
+    )
     return call(payload, timeout=120)
 
 
-@pytest.mark.parametrize("name,payload,needle", [
-    # Field 1 (text) holding invalid UTF-8: protobuf refuses to parse it.
-    ("bad-utf8-string", b"\x0a\x02\xff\xfe", "bad UTF-8"),
-    ("not-a-protobuf", b"\xff\xff\xff\xff\xff", "Wire format was corrupt"),
-])
+@pytest.mark.parametrize(
+    "name,payload,needle",
+    [
+        # Field 1 (text) holding invalid UTF-8: protobuf refuses to parse it.
+        ("bad-utf8-string", b"\x0a\x02\xff\xfe", "bad UTF-8"),
+        ("not-a-protobuf", b"\xff\xff\xff\xff\xff", "Wire format was corrupt"),
+    ],
+)
 def test_unparseable_grpc_messages_do_not_hurt_the_server(channel, name, payload, needle):
     # Ray's proxy parses the message before any sae-serve code runs and answers UNKNOWN
     # with protobuf's DecodeError (INVALID_ARGUMENT would be right; Ray 2.60 does not
@@ -406,6 +502,7 @@ def test_grpc_message_over_the_proxy_cap_is_refused_before_the_replica(channel):
 
 def test_oversized_chunked_body_is_413(live_server, http):
     """A body without Content-Length (chunked) over max_request_bytes: 413 like a declared one."""
+
     def body():
         yield b'{"messages": [{"role": "user", "content": "'
         for _ in range(25):
@@ -422,10 +519,19 @@ def test_still_generates_and_extracts_after_all_of_it(http, channel):
     from sae_wire import sae_serve_pb2 as pb
     from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
-    r = http.post("/v1/chat/completions", json={"messages": Q, "max_tokens": 3, "temperature": 0,
-                                                "steering": {"edits": [edit(value=2.0)]}, "features": FEAT})
+    r = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": Q,
+            "max_tokens": 3,
+            "temperature": 0,
+            "steering": {"edits": [edit(value=2.0)]},
+            "features": FEAT,
+        },
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
     resp = pb_grpc.SAEServiceStub(channel).ExtractFeatures(
         pb.ExtractFeaturesRequest(text="Hello world", features=pb.FeatureRequest(dictionaries=[D], top_k=2)),
-        timeout=120)
+        timeout=120,
+    )
     assert len(resp.tokens) >= 2 and len(resp.tokens[0].features[0].indices) == 2

@@ -21,15 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.server_fixtures import (  # noqa: F401
-    DICTIONARY_ID,
-    FAULT_API_KEY,
-    FAULT_FEATURE_TIMEOUT_S,
-    ServerHandle,
-    fault_server,
-    live_server,
-    sae_server,
-)
+from tests.server_fixtures import DICTIONARY_ID, FAULT_API_KEY, FAULT_FEATURE_TIMEOUT_S, ServerHandle
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +78,7 @@ def test_http_client_leaving_an_sse_stream_aborts_it_in_the_engine(live_server):
             assert during["engine_unfinished_requests"] >= 1 and during["open_streams"] >= 1, during
             assert sum(w["tracked_requests"] for w in during["workers"]) >= 1, during
         # leaving the `with` closes the connection mid-stream
-    took, after = wait_idle(base)
+    _took, after = wait_idle(base)
     assert after["open_streams"] == 0
     # Nothing more is generated for it, and far fewer than the 400 tokens asked for were.
     gen = metric(base, "sae_serve_generated_tokens_total")
@@ -144,7 +136,7 @@ def feature_socket(server: ServerHandle) -> str:
 
 
 def garbage_messages() -> list[list[bytes]]:
-    """Messages the receiver cannot decode (each one ended its receiving task before issue 18)."""
+    """Messages the receiver cannot decode (each one used to end its receiving task)."""
     entry = {"rid": "nobody", "dict": DICTIONARY_ID, "n": 4, "m": 4, "has_idx": True}
     return [
         [b"\xff\xfe not json"],
@@ -159,7 +151,7 @@ def garbage_messages() -> list[list[bytes]]:
 def test_feature_side_channel_survives_undecodable_frames_mid_load(live_server: ServerHandle):
     """Chaos: feed the replica's feature socket frames it cannot decode while feature requests
     run. Every request ends within a bound (success, or a clear 503), the frames are counted,
-    and the replica keeps serving features. Before issue 18 the first frame ended the
+    and the replica keeps serving features. The first such frame used to end the
     receiving task: every feature request then waited 60 s and got a 500 while /health
     stayed green."""
     import zmq
@@ -256,7 +248,8 @@ def test_api_key_end_to_end_and_never_logged(fault_server: ServerHandle):
     base = fault_server.base_url
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200  # open
     assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
-    assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong-key-000"}, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer wrong-key-000"}
+    assert httpx.get(f"{base}/v1/models", headers=wrong, timeout=30).status_code == 401
     assert httpx.get(f"{base}/health?detail=1", timeout=30).status_code == 401
     assert httpx.get(f"{base}/v1/models", headers=AUTH, timeout=30).status_code == 200
     with grpc.insecure_channel(fault_server.grpc_target) as ch:
@@ -264,8 +257,9 @@ def test_api_key_end_to_end_and_never_logged(fault_server: ServerHandle):
         with pytest.raises(grpc.RpcError) as err:
             stub.ListDictionaries(pb.ListDictionariesRequest(), timeout=60)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        ok = stub.ListDictionaries(pb.ListDictionariesRequest(), timeout=60,
-                                   metadata=[("authorization", f"Bearer {FAULT_API_KEY}")])
+        ok = stub.ListDictionaries(
+            pb.ListDictionariesRequest(), timeout=60, metadata=[("authorization", f"Bearer {FAULT_API_KEY}")]
+        )
         assert [d.id for d in ok.dictionaries] == [DICTIONARY_ID]
     # Never in the server's output, nor anywhere in Ray's logs of this session.
     assert FAULT_API_KEY not in fault_server.log_path.read_text(errors="replace")
@@ -279,14 +273,20 @@ def test_api_key_end_to_end_and_never_logged(fault_server: ServerHandle):
 def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
     base = fault_server.base_url
     edit = {"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 1.0}
-    r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, timeout=60,
-                   json={"messages": Q, "max_tokens": 2, "steering": {"edits": [edit] * 5}})
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=AUTH,
+        timeout=60,
+        json={"messages": Q, "max_tokens": 2, "steering": {"edits": [edit] * 5}},
+    )
     assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"], r.text
     # --max-concurrent-streams 2: a third stream is refused with 429 (and RESOURCE_EXHAUSTED).
     body = {"messages": Q, "max_tokens": 200, "stream": True}
     with httpx.Client(timeout=120, headers=AUTH) as c:
-        with c.stream("POST", f"{base}/v1/chat/completions", json=body) as s1, \
-                c.stream("POST", f"{base}/v1/chat/completions", json=body) as s2:
+        with (
+            c.stream("POST", f"{base}/v1/chat/completions", json=body) as s1,
+            c.stream("POST", f"{base}/v1/chat/completions", json=body) as s2,
+        ):
             assert s1.status_code == 200 and s2.status_code == 200
             r3 = c.post(f"{base}/v1/chat/completions", json=body)
             assert r3.status_code == 429 and r3.json()["error"]["param"] == "stream", r3.text
@@ -295,10 +295,17 @@ def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
 
             with grpc.insecure_channel(fault_server.grpc_target) as ch:
                 with pytest.raises(grpc.RpcError) as err:
-                    list(pb_grpc.SAEServiceStub(ch).Generate(
-                        pb.GenerateRequest(text="hi"), timeout=60, metadata=[("authorization", AUTH["Authorization"])]))
-                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_streams" in \
-                    err.value.details()
+                    list(
+                        pb_grpc.SAEServiceStub(ch).Generate(
+                            pb.GenerateRequest(text="hi"),
+                            timeout=60,
+                            metadata=[("authorization", AUTH["Authorization"])],
+                        )
+                    )
+                assert (
+                    err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and "max_concurrent_streams" in err.value.details()
+                )
             # non-streaming requests are not streams: still served
             assert c.post(f"{base}/v1/chat/completions", json={"messages": Q, "max_tokens": 1}).status_code == 200
     wait_idle(base, AUTH)
@@ -317,13 +324,16 @@ def test_limits_from_flags_end_to_end(fault_server: ServerHandle):
 
 CHAOS_PROMPT = Q[0]["content"]
 CHAOS_TOKENS = 96
-REFERENCE = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 4, "temperature": 0,
-             "features": FEATS}
+REFERENCE = {
+    "messages": [{"role": "user", "content": "Name three colours."}],
+    "max_tokens": 4,
+    "temperature": 0,
+    "features": FEATS,
+}
 
 
 def feature_rows(features: list[dict]) -> list[tuple[int, int, list[int], list[float]]]:
-    return [(t["position"], t["token_id"], t["features"][0]["indices"], t["features"][0]["values"])
-            for t in features]
+    return [(t["position"], t["token_id"], t["features"][0]["indices"], t["features"][0]["values"]) for t in features]
 
 
 def reference_features(base: str) -> list[tuple[int, int, list[int], list[float]]]:
@@ -336,9 +346,9 @@ def reference_features(base: str) -> list[tuple[int, int, list[int], list[float]
 
 def assert_same_features(got: list, want: list) -> None:
     assert [(p, t) for p, t, _, _ in got] == [(p, t) for p, t, _, _ in want]
-    for (p, _, gi, gv), (_, _, wi, wv) in zip(got, want):
+    for (p, _, gi, gv), (_, _, wi, wv) in zip(got, want, strict=True):
         assert gi == wi, f"position {p}: features {gi} != {wi} before the fault"
-        assert all(abs(a - b) <= 1e-3 + 1e-3 * abs(b) for a, b in zip(gv, wv)), (p, gv, wv)
+        assert all(abs(a - b) <= 1e-3 + 1e-3 * abs(b) for a, b in zip(gv, wv, strict=True)), (p, gv, wv)
 
 
 class FeatureLoad:
@@ -376,8 +386,12 @@ class FeatureLoad:
         return {"max_tokens": CHAOS_TOKENS, "temperature": 1.0, "seed": seed, "features": FEATS}
 
     def _http_chat(self, seed: int) -> str:
-        r = httpx.post(f"{self.base}/v1/chat/completions", headers=AUTH, timeout=httpx.Timeout(180, connect=10),
-                       json={"messages": Q, **self._body(seed)})
+        r = httpx.post(
+            f"{self.base}/v1/chat/completions",
+            headers=AUTH,
+            timeout=httpx.Timeout(180, connect=10),
+            json={"messages": Q, **self._body(seed)},
+        )
         if r.status_code != 200:
             return self._http_error(r)
         choice = r.json()["choices"][0]
@@ -385,8 +399,12 @@ class FeatureLoad:
         return "ok" if len(choice["features"]) == n else f"features for {len(choice['features'])} of {n} tokens"
 
     def _http_completions(self, seed: int) -> str:
-        r = httpx.post(f"{self.base}/v1/completions", headers=AUTH, timeout=httpx.Timeout(180, connect=10),
-                       json={"prompt": CHAOS_PROMPT, **self._body(seed)})
+        r = httpx.post(
+            f"{self.base}/v1/completions",
+            headers=AUTH,
+            timeout=httpx.Timeout(180, connect=10),
+            json={"prompt": CHAOS_PROMPT, **self._body(seed)},
+        )
         if r.status_code != 200:
             return self._http_error(r)
         body = r.json()
@@ -396,8 +414,9 @@ class FeatureLoad:
 
     def _http_chat_stream(self, seed: int) -> str:
         with httpx.Client(timeout=httpx.Timeout(180, connect=10), headers=AUTH) as c:
-            with c.stream("POST", f"{self.base}/v1/chat/completions",
-                          json={"messages": Q, "stream": True, **self._body(seed)}) as r:
+            with c.stream(
+                "POST", f"{self.base}/v1/chat/completions", json={"messages": Q, "stream": True, **self._body(seed)}
+            ) as r:
                 if r.status_code != 200:
                     r.read()
                     return self._http_error(r)
@@ -409,8 +428,11 @@ class FeatureLoad:
                     event = json.loads(line[6:])
                     if "error" in event:
                         err = event["error"]
-                        return f"unavailable: {err['message']}" if err["type"] == "service_unavailable" \
+                        return (
+                            f"unavailable: {err['message']}"
+                            if err["type"] == "service_unavailable"
                             else f"sse error {err}"
+                        )
                     self.features_seen["http-chat-stream"] += len(event["choices"][0].get("features") or [])
         return "cut: the stream ended without [DONE] or an error event"
 
@@ -418,13 +440,16 @@ class FeatureLoad:
         from clients.proto import sae_serve_pb2 as pb
         from clients.proto import sae_serve_pb2_grpc as pb_grpc
 
-        req = pb.GenerateRequest(text=CHAOS_PROMPT,
-                                 sampling=pb.SamplingOptions(max_tokens=CHAOS_TOKENS, temperature=1.0, seed=seed),
-                                 features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID], top_k=4))
+        req = pb.GenerateRequest(
+            text=CHAOS_PROMPT,
+            sampling=pb.SamplingOptions(max_tokens=CHAOS_TOKENS, temperature=1.0, seed=seed),
+            features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID], top_k=4),
+        )
         with grpc.insecure_channel(self.grpc_target) as ch:
             try:
                 for msg in pb_grpc.SAEServiceStub(ch).Generate(
-                        req, timeout=180, metadata=[("authorization", AUTH["Authorization"])]):
+                    req, timeout=180, metadata=[("authorization", AUTH["Authorization"])]
+                ):
                     self.features_seen["grpc-generate"] += len(msg.features)
                     if msg.finished:
                         return "ok"
@@ -434,7 +459,7 @@ class FeatureLoad:
                 return f"grpc {err.code().name}: {err.details()}"
         return "cut: the stream ended without a finished message"
 
-    def start(self) -> "FeatureLoad":
+    def start(self) -> FeatureLoad:
         for t in self.threads:
             t.start()
         return self
@@ -444,18 +469,22 @@ class FeatureLoad:
         deadline = time.monotonic() + timeout
         while True:
             d = detail(self.base, AUTH)
-            if d["engine_unfinished_requests"] >= len(self.KINDS) and \
-                    self.features_seen["http-chat-stream"] > 0 and self.features_seen["grpc-generate"] > 0:
+            if (
+                d["engine_unfinished_requests"] >= len(self.KINDS)
+                and self.features_seen["http-chat-stream"] > 0
+                and self.features_seen["grpc-generate"] > 0
+            ):
                 assert not self.ended, f"requests ended before the fault: {self.ended}"
                 return
-            assert time.monotonic() < deadline and not self.ended, \
+            assert time.monotonic() < deadline and not self.ended, (
                 f"the load never ran all at once: {d['engine_unfinished_requests']} in the engine, {self.ended}"
+            )
             time.sleep(0.1)
 
     def join(self, by: float) -> dict[str, tuple[str, float]]:
         for t in self.threads:
             t.join(max(0.0, by - time.monotonic()))
-        hung = [k for k, t in zip(self.KINDS, self.threads) if t.is_alive()]
+        hung = [k for k, t in zip(self.KINDS, self.threads, strict=True) if t.is_alive()]
         assert not hung, f"requests still hanging: {hung}; ended: {self.ended}"
         return self.ended
 
@@ -491,8 +520,11 @@ def test_killing_the_receivers_task_under_load_restarts_it_in_place(fault_server
     # 503 (only if the kill hit a message the task had in hand: its features are lost).
     late = {k: round(t - t_kill, 1) for k, (_, t) in ended.items() if t - t_kill > FAULT_FEATURE_TIMEOUT_S + 10}
     assert not late, f"ended too late after the kill: {late}"
-    bad = {k: o for k, (o, _) in ended.items() if o != "ok" and not
-           (o.startswith("unavailable: ") and "feature_timeout_s" in o)}
+    bad = {
+        k: o
+        for k, (o, _) in ended.items()
+        if o != "ok" and not (o.startswith("unavailable: ") and "feature_timeout_s" in o)
+    }
     assert not bad, bad
     assert sum(o == "ok" for o, _ in ended.values()) >= len(FeatureLoad.KINDS) - 1, ended
     # Restarted once, on the same replica, and counted.
@@ -543,11 +575,13 @@ def test_closing_the_receivers_socket_under_load_gets_the_replica_replaced(fault
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.SAEServiceStub(ch).ExtractFeatures(
                 pb.ExtractFeaturesRequest(text="Hello there", features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
-                timeout=30, metadata=[("authorization", AUTH["Authorization"])])
+                timeout=30,
+                metadata=[("authorization", AUTH["Authorization"])],
+            )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "feature side channel" in err.value.details()
         assert time.monotonic() - t0 < 5
     # Ray Serve replaces the replica (its health check fails), and the new one serves features.
-    took, seen = recover(fault_server)
+    _took, seen = recover(fault_server)
     assert -1 not in seen, f"/health hung instead of answering: {seen}"
     d = detail(base, AUTH)
     assert d["replica"] != killed["replica"], "the replica with the dead receiver is still serving"
@@ -585,12 +619,13 @@ class Load:
                     for line in r.iter_lines():
                         if line.startswith("data: "):
                             last = line[6:]
-                    self.results.append("done" if last == "[DONE]" else
-                                        "sse-error" if "error" in json.loads(last or "{}") else "cut")
+                    self.results.append(
+                        "done" if last == "[DONE]" else "sse-error" if "error" in json.loads(last or "{}") else "cut"
+                    )
         except httpx.HTTPError as exc:
             self.results.append(f"transport {type(exc).__name__}")
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -639,20 +674,24 @@ def recover(server: ServerHandle, timeout: float = 420) -> tuple[float, list[int
 
 
 def assert_serves(server: ServerHandle) -> None:
-    r = httpx.post(f"{server.base_url}/v1/chat/completions", headers=AUTH, timeout=120,
-                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
-                         "features": FEATS})
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers=AUTH,
+        timeout=120,
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "features": FEATS},
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
 
-@pytest.mark.parametrize("victim", ["VLLM::EngineCore", "ServeReplica:sae-serve:SAEDeployment"],
-                         ids=["engine-process", "replica-actor"])
+@pytest.mark.parametrize(
+    "victim", ["VLLM::EngineCore", "ServeReplica:sae-serve:SAEDeployment"], ids=["engine-process", "replica-actor"]
+)
 def test_killed_under_load_the_deployment_recovers_by_itself(fault_server: ServerHandle, victim: str):
     assert_serves(fault_server)
     load = running_load(fault_server)
     proc = find(fault_server, victim)
     proc.send_signal(signal.SIGKILL)
-    took, seen = recover(fault_server)
+    _took, seen = recover(fault_server)
     load.join(timeout=60)
     assert -1 not in seen, f"/health hung instead of answering 503: {seen}"
     assert seen[0] == 503 or 503 in seen[:20], seen  # unhealthy at once, not only after Ray noticed
@@ -660,7 +699,8 @@ def test_killed_under_load_the_deployment_recovers_by_itself(fault_server: Serve
     assert len(load.results) == 4, load.results
     assert any(r != "done" and r != "http 200" for r in load.results), load.results
     # (A lost replica's requests get 503 from the proxy too: server.proxy_health.ProxyErrors.)
-    assert all(r in ("done", "http 200", "http 503", "sse-error", "cut")
-               or r.startswith("transport") for r in load.results), load.results
+    assert all(
+        r in ("done", "http 200", "http 503", "sse-error", "cut") or r.startswith("transport") for r in load.results
+    ), load.results
     assert_serves(fault_server)
     assert fault_server.proc.poll() is None  # sae-serve itself never went down

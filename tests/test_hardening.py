@@ -1,4 +1,4 @@
-"""Issue 18 (part): the response budget, float32 overflow, the supervised feature side channel,
+"""Hardening: the response budget, float32 overflow, the supervised feature side channel,
 cancellation and error paths. Engine-free: the real FastAPI app, OpenAI handler, gRPC methods
 and side-channel receiver run against a stand-in engine, so these run in seconds. The same
 behaviour against a real server: tests/test_bad_input.py (budget and overflow cases) and
@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from sae_runtime.engine.engine import EngineConfig, FeatureTimeoutError, SAEEngine
 from sae_runtime.engine.feature_channel import FeatureReceiver
-from sae_runtime.engine.outputs import DictionaryFeatures, GenerationChunk, TokenFeatures
+from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import (
     FLOAT32_MAX,
     DictionaryInfo,
@@ -316,7 +316,7 @@ def test_a_receiver_that_keeps_dying_turns_the_replica_unhealthy():
             for _ in range(3):
                 task = receiver._task
                 task.cancel()
-                await _wait(lambda: task.done() and receiver._task is not task)
+                await _wait(lambda task=task: task.done() and receiver._task is not task)
             assert not receiver.healthy and "stopped 3 times" in receiver.failure
             assert not service.engine_alive()  # what /health, gRPC health and Ray's check_health read
             body = await service.health(detail=True)
@@ -457,10 +457,20 @@ def test_a_stream_cancelled_before_its_body_starts_releases_its_slot_and_aborts_
                        "n": 2, "seed": 0}).encode()
 
     async def run():
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
         sent = [{"type": "http.request", "body": body, "more_body": False}]
         started = asyncio.Event()
 
@@ -543,8 +553,11 @@ def test_unexpected_grpc_errors_are_internal_with_a_short_message(caplog):
     ctx = FakeContext()
     with caplog.at_level("ERROR", logger="sae_serve.grpc"):
         with pytest.raises(GrpcRequestError):
-            asyncio.run(grpc_methods(service).ExtractFeatures(
-                pb.ExtractFeaturesRequest(text="hi", features=pb.FeatureRequest(dictionaries=[D])), ctx))
+            asyncio.run(
+                grpc_methods(service).ExtractFeatures(
+                    pb.ExtractFeaturesRequest(text="hi", features=pb.FeatureRequest(dictionaries=[D])), ctx
+                )
+            )
     assert ctx.code() == grpc.StatusCode.INTERNAL
     assert ctx.details() == "internal error (RuntimeError); the server log has the details"
     assert "secret detail" in caplog.text and "Traceback" in caplog.text  # kept server-side
@@ -552,6 +565,7 @@ def test_unexpected_grpc_errors_are_internal_with_a_short_message(caplog):
 
 def test_an_oversized_chunked_body_is_413():
     with TestClient(build_http_app(service_for(FakeEngine()), 100_000)) as http:
+
         def chunks():
             yield b'{"text": "'
             for _ in range(30):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.feature_reference import assert_close_where_decided, assert_topk_extraction_matches, decided
-from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
+from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,13 @@ def test_health_models_and_dictionaries(http):
     assert [m["id"] for m in models] == [MODEL]
     assert models[0]["supports_chat"] is True and models[0]["max_model_len"] == 512  # tests/server_fixtures.py
     (d,) = http.get("/v1/dictionaries").json()["data"]
-    assert (d["id"], d["hook_point"], d["architecture"], d["d_sae"], d["k"]) == (DICTIONARY_ID, "layers.6", "topk", 512, 16)
+    assert (d["id"], d["hook_point"], d["architecture"], d["d_sae"], d["k"]) == (
+        DICTIONARY_ID,
+        "layers.6",
+        "topk",
+        512,
+        16,
+    )
 
 
 def test_chat_non_streaming_greedy_answer_and_usage(client):
@@ -54,8 +60,12 @@ def test_chat_non_streaming_greedy_answer_and_usage(client):
 
 def test_chat_steered_with_compare_and_features(client):
     r = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=8, temperature=0,
-        extra_body={"steering": STEER, "compare": True, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 3}})
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"steering": STEER, "compare": True, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 3}},
+    )
     steered = r.choices[0].message.content
     unsteered = r.model_extra["unsteered"]["choices"][0]["message"]["content"]
     assert unsteered.startswith("The capital of France is Paris")
@@ -69,9 +79,17 @@ def test_chat_steered_with_compare_and_features(client):
 
 def test_chat_streaming_with_and_without_steering(client):
     def run(extra):
-        chunks = list(client.chat.completions.create(
-            model=MODEL, messages=QUESTION, max_tokens=8, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra))
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=QUESTION,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra,
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         return chunks, text
 
@@ -86,12 +104,18 @@ def test_chat_streaming_with_and_without_steering(client):
 
 
 def test_completions_endpoint_with_logprobs_seed_and_n(client):
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
-                                  temperature=0.8, seed=7, n=2, logprobs=2)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0.8, seed=7, n=2, logprobs=2
+    )
     assert len(r.choices) == 2 and r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
-    assert all(len(tl) <= 2 and lp <= 0 for c in r.choices for tl, lp in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs))
-    again = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
-                                      temperature=0.8, seed=7, n=2)
+    assert all(
+        len(tl) <= 2 and lp <= 0
+        for c in r.choices
+        for tl, lp in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs, strict=True)
+    )
+    again = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0.8, seed=7, n=2
+    )
     assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded: reproducible
 
 
@@ -107,7 +131,8 @@ def _reference(live_server, text: str) -> tuple[list[int], torch.Tensor]:
     d = SparseDictionary.load(live_server.dictionary_dir)
     captured = {}
     handle = model.model.layers[d.layer].register_forward_hook(
-        lambda m, a, out: captured.__setitem__("x", out[0] if isinstance(out, tuple) else out))
+        lambda m, a, out: captured.__setitem__("x", out[0] if isinstance(out, tuple) else out)
+    )
     with torch.no_grad():
         model(torch.tensor([ids]))
     handle.remove()
@@ -126,18 +151,21 @@ def test_extraction_over_http_and_grpc_matches_reference(live_server, http):
     assert [t["token_id"] for t in over_http] == ids == [t.token_id for t in over_grpc]
     assert [t["position"] for t in over_http] == list(range(len(ids)))
     # Against the reference (robust to rounding at the top-k boundary: tests/feature_reference.py).
-    checked = assert_topk_extraction_matches([t["features"][0]["values"] for t in over_http],
-                                             [t["features"][0]["indices"] for t in over_http], d, x)
+    checked = assert_topk_extraction_matches(
+        [t["features"][0]["values"] for t in over_http], [t["features"][0]["indices"] for t in over_http], d, x
+    )
     assert checked > 50
-    for t_http, t_grpc in zip(over_http, over_grpc):
+    for t_http, t_grpc in zip(over_http, over_grpc, strict=True):
         (f,) = t_http["features"]
         # gRPC carries float32: the same numbers as HTTP to float32 precision (same engine).
         assert t_grpc.features[0].indices == f["indices"]
-        torch.testing.assert_close(torch.tensor(t_grpc.features[0].values), torch.tensor(f["values"]),
-                                   atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(t_grpc.features[0].values), torch.tensor(f["values"]), atol=1e-5, rtol=1e-6
+        )
     fids = [0, 5, 300]
-    by_id = http.post("/v1/features/extract", json={"text": text, "features": {
-        "dictionaries": [DICTIONARY_ID], "feature_ids": fids}}).json()["tokens"]
+    by_id = http.post(
+        "/v1/features/extract", json={"text": text, "features": {"dictionaries": [DICTIONARY_ID], "feature_ids": fids}}
+    ).json()["tokens"]
     got = torch.tensor([t["features"][0]["values"] for t in by_id])
     assert_close_where_decided(got, d.encode(x)[:, fids], decided(d, x)[:, fids])
 
@@ -151,31 +179,55 @@ def test_feature_info_reads_the_unembedding(http):
 
 
 def test_metrics_count_requests_tokens_and_steering(http, client):
-    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
-                                   extra_body={"steering": STEER})
+    client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=2, temperature=0, extra_body={"steering": STEER}
+    )
     text = http.get("/metrics").text
-    for series in ("sae_serve_requests_total", "sae_serve_request_latency_seconds_bucket",
-                   "sae_serve_generated_tokens_total", "sae_serve_steered_requests_total",
-                   "sae_serve_extracted_tokens_total"):
+    for series in (
+        "sae_serve_requests_total",
+        "sae_serve_request_latency_seconds_bucket",
+        "sae_serve_generated_tokens_total",
+        "sae_serve_steered_requests_total",
+        "sae_serve_extracted_tokens_total",
+    ):
         assert series in text
     steered = [line for line in text.splitlines() if line.startswith("sae_serve_steered_requests_total")]
     assert float(steered[0].rsplit(" ", 1)[1]) >= 1
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"steering": {"edits": [{"dictionary": "nope", "feature": 1, "value": 1.0}]}}, 404, "steering.edits[0].dictionary"),
-    ({"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 4096, "value": 1.0}]}}, 404, "steering.edits[0].feature"),
-    ({"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 1, "mode": "add"}]}}, 422, "steering.edits.0"),
-    ({"steering": {"vectors": [{"hook_point": "layers.6", "vector": [1.0, 2.0]}]}}, 400, "steering.vectors[0].vector"),
-    ({"features": {"dictionaries": [DICTIONARY_ID], "top_k": 100000}}, 400, "features.top_k"),
-    ({"temperature": 7}, 422, "temperature"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"bogus_field": 1}, 400, "bogus_field"),
-    ({"model": "gpt-4"}, 404, "model"),
-    ({"max_tokens": 100000}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "prompt"),
-    ({"compare": True}, 400, "compare"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        (
+            {"steering": {"edits": [{"dictionary": "nope", "feature": 1, "value": 1.0}]}},
+            404,
+            "steering.edits[0].dictionary",
+        ),
+        (
+            {"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 4096, "value": 1.0}]}},
+            404,
+            "steering.edits[0].feature",
+        ),
+        (
+            {"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 1, "mode": "add"}]}},
+            422,
+            "steering.edits.0",
+        ),
+        (
+            {"steering": {"vectors": [{"hook_point": "layers.6", "vector": [1.0, 2.0]}]}},
+            400,
+            "steering.vectors[0].vector",
+        ),
+        ({"features": {"dictionaries": [DICTIONARY_ID], "top_k": 100000}}, 400, "features.top_k"),
+        ({"temperature": 7}, 422, "temperature"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"bogus_field": 1}, 400, "bogus_field"),
+        ({"model": "gpt-4"}, 404, "model"),
+        ({"max_tokens": 100000}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "prompt"),
+        ({"compare": True}, 400, "compare"),
+    ],
+)
 def test_bad_chat_requests_are_refused_with_the_field_named(http, body, status, param):
     r = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, **body})
     assert r.status_code == status, r.text
@@ -185,11 +237,15 @@ def test_bad_chat_requests_are_refused_with_the_field_named(http, body, status, 
 def test_bad_feature_requests_and_oversized_bodies(http):
     assert http.get("/v1/dictionaries/nope/features/1").status_code == 404
     assert http.get(f"/v1/dictionaries/{DICTIONARY_ID}/features/512").status_code == 404
-    r = http.post("/v1/features/extract", json={"text": "hi", "messages": QUESTION,
-                                                "features": {"dictionaries": [DICTIONARY_ID]}})
+    r = http.post(
+        "/v1/features/extract", json={"text": "hi", "messages": QUESTION, "features": {"dictionaries": [DICTIONARY_ID]}}
+    )
     assert r.status_code == 422
-    r = http.post("/v1/features/extract", content=b'{"text": "' + b"a" * 300_000 + b'"}',
-                  headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/features/extract",
+        content=b'{"text": "' + b"a" * 300_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413
     r = http.post("/v1/features/extract", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
@@ -205,20 +261,30 @@ def test_grpc_status_codes_for_bad_input(live_server):
     with grpc.insecure_channel(live_server.grpc_target) as ch:
         stub = pb_grpc.SAEServiceStub(ch)
         cases = [
-            (pb.ExtractFeaturesRequest(text="x", features=pb.FeatureRequest(dictionaries=["nope"])),
-             grpc.StatusCode.NOT_FOUND, "features.dictionaries[0]"),
+            (
+                pb.ExtractFeaturesRequest(text="x", features=pb.FeatureRequest(dictionaries=["nope"])),
+                grpc.StatusCode.NOT_FOUND,
+                "features.dictionaries[0]",
+            ),
             (pb.ExtractFeaturesRequest(text="x"), grpc.StatusCode.INVALID_ARGUMENT, "features"),
-            (pb.ExtractFeaturesRequest(text="word " * 600, features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
-             grpc.StatusCode.INVALID_ARGUMENT, "tokens; the model's context"),
-            (pb.ExtractFeaturesRequest(text="a" * 300_000, features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
-             grpc.StatusCode.RESOURCE_EXHAUSTED, "limit"),
+            (
+                pb.ExtractFeaturesRequest(text="word " * 600, features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "tokens; the model's context",
+            ),
+            (
+                pb.ExtractFeaturesRequest(text="a" * 300_000, features=pb.FeatureRequest(dictionaries=[DICTIONARY_ID])),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "limit",
+            ),
         ]
         for req, code, needle in cases:
             with pytest.raises(grpc.RpcError) as err:
                 stub.ExtractFeatures(req, timeout=120)
             assert err.value.code() == code and needle in err.value.details(), err.value.details()
-        bad_edit = pb.GenerateRequest(text="x", steering=pb.Steering(edits=[
-            pb.SteeringEdit(dictionary=DICTIONARY_ID, feature=99999, value=1.0)]))
+        bad_edit = pb.GenerateRequest(
+            text="x", steering=pb.Steering(edits=[pb.SteeringEdit(dictionary=DICTIONARY_ID, feature=99999, value=1.0)])
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(bad_edit, timeout=120))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "steering.edits[0].feature" in err.value.details()

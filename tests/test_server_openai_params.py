@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.server_fixtures import DICTIONARY_ID, live_server, sae_server  # noqa: F401
+from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +131,8 @@ def test_prompt_batch_with_echo_and_n(client, tokenizer):
     singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
                for p in prompts]
     r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, temperature=0, echo=True)
-    assert {c.index: c.text for c in r.choices} == {p: prompt + single
-                                                    for p, (prompt, single) in enumerate(zip(prompts, singles))}
+    echoed = {p: prompt + single for p, (prompt, single) in enumerate(zip(prompts, singles, strict=True))}
+    assert {c.index: c.text for c in r.choices} == echoed
     assert r.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
     # n choices per prompt, indexed prompt * n + i as in vLLM (vLLM refuses n > 1 when greedy)
     r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, seed=1, echo=True, n=2)
@@ -144,9 +144,13 @@ def test_prompt_batch_with_echo_and_n(client, tokenizer):
     texts: dict[int, str] = {}
     feats: dict[int, int] = {}
     for chunk in client.completions.create(
-            model=MODEL, prompt=ids, max_tokens=4, temperature=0, stream=True,
-            extra_body={"steering": STEER, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 1,
-                                                        "scope": "generated"}}):
+        model=MODEL,
+        prompt=ids,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        extra_body={"steering": STEER, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 1, "scope": "generated"}},
+    ):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
             feats[c.index] = feats.get(c.index, 0) + len((c.model_extra or {}).get("features") or [])
@@ -161,6 +165,7 @@ def test_refused_vllm_fields_are_named(client):
         client.completions.create(model=MODEL, prompt="a", max_tokens=2, echo=True, logprobs=1)
     assert err.value.status_code == 400 and "echo" in str(err.value) and "prompt logprobs" in str(err.value)
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=2, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
     assert "tools" in str(err.value)

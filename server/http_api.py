@@ -72,10 +72,11 @@ class BodySizeLimit:
             await error_response(too_big)(scope, receive, send)
             return
         if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            receive = await self._prefetch(receive)
-            if receive is None:
+            buffered = await self._prefetch(receive)
+            if buffered is None:
                 await error_response(too_big)(scope, _disconnected, send)
                 return
+            receive = buffered
         seen = 0
 
         async def limited() -> Message:

@@ -215,9 +215,11 @@ class OpenAIHandler:
         prompt = req.prompt
         batch: list[str | list[int]]
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            batch = list(prompt)  # a batch of texts or of token-id lists
-        else:
-            batch = [prompt]  # type: ignore[list-item]
+            batch = [p for p in prompt if isinstance(p, (str, list))]  # a batch of texts or of token-id lists
+        elif isinstance(prompt, str):
+            batch = [prompt]
+        else:  # one prompt of token ids
+            batch = [[t for t in prompt if isinstance(t, int)]]
         if not batch:
             raise ApiError.invalid("prompt", "is empty")
         many = len(batch) > 1
@@ -246,7 +248,7 @@ class OpenAIHandler:
         if failure is not None:
             for r in results:
                 if not isinstance(r, BaseException):
-                    await r.aclose()  # type: ignore[attr-defined]
+                    await r.aclose()
             if (
                 isinstance(failure, ApiError)
                 and failure.field is None
@@ -320,7 +322,10 @@ class OpenAIHandler:
     def _completion_logprobs(
         self, token_ids: list[int], steps: list[dict[int, float]], top: int, offset: int
     ) -> CompletionLogProbs:
-        tokens, lps, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for tid, step in zip(token_ids, steps, strict=True):
             text = self.service.token_text(tid)
             tokens.append(text)
@@ -460,7 +465,7 @@ class OpenAIHandler:
                     if first and plan.echo:
                         text = plan.echo[run.prompt] + text
                         offsets[slot] += len(plan.echo[run.prompt])
-                    lp = (
+                    clp = (
                         self._completion_logprobs(chunk.token_ids, chunk.logprobs or [], top, offsets[slot])
                         if want_lp
                         else None
@@ -475,7 +480,7 @@ class OpenAIHandler:
                                 index=run.index,
                                 text=text,
                                 finish_reason=chunk.finish_reason,
-                                logprobs=lp,
+                                logprobs=clp,
                                 features=feats,
                             )
                         ],

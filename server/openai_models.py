@@ -186,7 +186,7 @@ class CompletionRequest(_VllmCompletionRequest, _Ours):
     vocabulary by sae-serve (400 naming ``prompt``).
     """
 
-    prompt: str | list[str] | list[int] | list[list[int]]  # type: ignore[assignment]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     n: int = Field(default=1, ge=1, le=8)
     stop: str | list[str] | None = Field(default_factory=list, description="at most 16 stop strings")

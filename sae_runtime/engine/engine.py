@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,7 @@ class SAEEngine:
         sampling_params: Any,
         spec: SAERequestSpec | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """Stream one request. ``sampling_params`` is a vLLM ``SamplingParams`` (copied).
 
         Invalid specs raise :class:`SpecError` before anything is sent to vLLM. Closing the

@@ -47,7 +47,7 @@ class FeatureRequest(_Strict):
 
 
 class SteeringEdit(_Strict):
-    """One edit of one feature; see the design notes' table for each mode's effect."""
+    """One edit of one feature; README.md, "Steering semantics", has each mode's effect."""
 
     dictionary: str
     feature: int = Field(ge=0)

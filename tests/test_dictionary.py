@@ -60,7 +60,7 @@ def inputs(n: int = 16, seed: int = 1, d_in: int = D_IN) -> torch.Tensor:
 
 def reference_encode(arch: str, t: dict, x: torch.Tensor, k: int = K,
                      apply_b_dec: bool = True) -> torch.Tensor:
-    """The design notes' formulas, written out independently, in float64."""
+    """The encode/decode formulas (README.md, "Dictionaries"), written out independently, in float64."""
     t = {name: v.double() for name, v in t.items()}
     x = x.double()
     xc = x - t["b_dec"] if apply_b_dec else x

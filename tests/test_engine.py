@@ -241,7 +241,7 @@ def test_clamp_raises_promoted_tokens_and_ablate_zeroes_feature(sae_engine, hf_m
     assert p_steer > 10 * p_base, (p_base, p_steer)
 
     # Ablate: the feature's activation in the stream the next layer reads goes to what the
-    # design notes' formula predicts from the unsteered stream.
+    # README's steering formula predicts from the unsteered stream.
     read = {"dictionaries": [did], "top_k": 8, "scope": "prompt"}
     before = sae_engine.run(eng.extract(ids, SAERequestSpec.model_validate({"features": read}).features))
     totals: dict[int, float] = {}

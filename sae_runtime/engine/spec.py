@@ -1,7 +1,7 @@
 """The per-request SAE spec: which features to return and which steering edits to apply.
 
 The pydantic models of the request fields ``features`` and ``steering`` are the wire
-contract's (:mod:`sae_wire.models`, design notes, "HTTP"); HTTP and gRPC conversion code
+contract's (:mod:`sae_wire.models`; README.md, "Steering semantics"); HTTP and gRPC conversion code
 build them, and the engine validates them against the served dictionaries *in the API
 process*, before anything reaches vLLM. What crosses into the worker is only the
 already-checked :class:`~sae_runtime.protocol.WorkerSpec` made by :func:`to_worker_spec`,

@@ -9,7 +9,7 @@ mode alike. In a step where no request has a spec, the step returns at its first
 the layer's output passes through unchanged.
 
 At hook point ``L`` the layer has returned either ``(hidden_states, residual)``, whose sum
-is the residual stream ``x`` the design notes call ``layers.L``, or ``x`` itself. Steering
+is the residual stream ``x`` README.md calls ``layers.L``, or ``x`` itself. Steering
 adds its ``delta`` to ``hidden_states`` (or to ``x``) of the edited rows only, so layer
 ``L+1`` sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
 the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.

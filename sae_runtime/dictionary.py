@@ -43,7 +43,7 @@ from pydantic import (
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .hook_points import canonical_hook_point, parse_hook_point
+from .hook_points import canonical_hook_point, parse_hook_point, saelens_hook_name
 
 Architecture = Literal["standard", "topk", "jumprelu", "gated"]
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "jumprelu", "gated")
@@ -53,6 +53,16 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 _OWN_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
+
+# The SAELens release whose cfg.json layout ``save`` writes, recorded as
+# ``metadata.sae_lens_version``. SAELens reads a config as its 6.x layout only when that
+# version is >= 6.0 (sae_lens/loading/pretrained_sae_loaders.py, handle_config_defaulting);
+# without it, handle_pre_6_0_config rebuilds ``metadata`` from top-level keys alone and
+# drops what is in ours (hook_name, model_name).
+SAELENS_FORMAT_VERSION = "6.54.0"
+# Our own spelling of the hook point (``layers.L`` / ``embeddings``), written in ``metadata``
+# next to SAELens' ``hook_name`` (``blocks.L.hook_resid_post`` / ``blocks.0.hook_resid_pre``).
+HOOK_POINT_KEY = "hook_point"
 
 # Every tensor name a dictionary can hold; the architecture decides which are present.
 _TENSOR_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")
@@ -116,7 +126,9 @@ def _merge_metadata(data: dict[str, Any]) -> dict[str, Any]:
 
     SAELens >= 6 writes them in ``metadata`` (a few 6.x releases called it ``meta``);
     older versions kept ``model_name`` and ``hook_name`` (before that ``hook_point``) at
-    the top level. Top-level copies are left in place so that saving preserves them.
+    the top level. Top-level copies are left in place here; ``save`` moves them into
+    ``metadata``. Ours since the SAELens 6 layout also carry ``metadata.hook_point``
+    (``layers.L``), which stands in for a missing ``hook_name``.
     """
     data = dict(data)
     meta = data.pop("meta", None)
@@ -131,6 +143,8 @@ def _merge_metadata(data: dict[str, Any]) -> dict[str, Any]:
                 if data.get(alias) is not None:
                     metadata[key] = data[alias]
                     break
+    if metadata.get("hook_name") is None and metadata.get(HOOK_POINT_KEY) is not None:
+        metadata["hook_name"] = metadata[HOOK_POINT_KEY]
     data["metadata"] = metadata
     return data
 
@@ -153,6 +167,21 @@ class DictionaryMetadata(BaseModel):
     def _residual_stream_only(cls, value: str) -> str:
         parse_hook_point(value)  # raises ValueError with the accepted forms
         return value
+
+    @model_validator(mode="after")
+    def _one_hook_point(self) -> DictionaryMetadata:
+        ours = (self.model_extra or {}).get(HOOK_POINT_KEY)
+        if ours is None:
+            return self
+        try:
+            point = canonical_hook_point(ours)
+        except ValueError as exc:
+            raise ValueError(f"{HOOK_POINT_KEY}: {exc}") from None
+        if point != canonical_hook_point(self.hook_name):
+            raise ValueError(
+                f"hook_name {self.hook_name!r} ({canonical_hook_point(self.hook_name)}) and "
+                f"{HOOK_POINT_KEY} {ours!r} ({point}) name different hook points")
+        return self
 
 
 class DictionaryConfig(BaseModel):
@@ -526,6 +555,8 @@ class SparseDictionary(nn.Module):
     def save(self, path: str | Path, *, extra_files: Mapping[str, Any] | None = None) -> Path:
         """Write the dictionary as a SAELens directory and return its path.
 
+        ``cfg.json`` is in SAELens 6's layout (see :func:`saelens_config_dict`), so
+        ``SAE.load_from_disk`` reads every field, hook point included.
         Writes ``cfg.json``, ``sae_weights.safetensors`` and ``sparsity.safetensors``
         (removed if this dictionary has no sparsity, so a stale one cannot describe
         other weights). Other files in the directory (metrics, labels) are left alone
@@ -533,10 +564,8 @@ class SparseDictionary(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        data = self.cfg.model_dump(mode="json")
-        data["dtype"] = dtype_name(self.dtype)  # the tensors' dtype, even after .to()
-        if data.get("k") is None:
-            data.pop("k", None)
+        # the tensors' dtype, even after .to()
+        data = saelens_config_dict(self.cfg, dtype_name(self.dtype))
         tensors = {name: param.detach().cpu().contiguous()
                    for name, param in self.named_parameters()}
         _write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
@@ -626,6 +655,65 @@ class SparseDictionary(nn.Module):
         return dictionary
 
 
+# --------------------------------------------------------------------------- cfg.json
+
+
+def saelens_config_dict(cfg: DictionaryConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The ``cfg.json`` contents ``save`` writes: SAELens 6's layout.
+
+    What SAELens 6.x does with a cfg.json (``SAE.load_from_disk`` in sae_lens/saes/sae.py):
+    ``handle_config_defaulting`` (sae_lens/loading/pretrained_sae_loaders.py) treats it as
+    6.x only if ``metadata.sae_lens_version`` (or a top-level one) is >= 6.0, else
+    ``handle_pre_6_0_config`` rebuilds ``metadata`` from top-level keys and drops ours;
+    ``SAEConfig.from_dict`` keeps the top-level keys that are fields of the architecture's
+    config class (``d_in``, ``d_sae``, ``dtype``, ``apply_b_dec_to_input``,
+    ``normalize_activations``, ``reshape_activations``; ``k`` and
+    ``rescale_acts_by_decoder_norm`` for ``topk``, whose ``k`` would default to 100),
+    picks the class by ``architecture`` and builds ``SAEMetadata`` from ``metadata`` as it
+    is. So: the config fields at the top level, ``model_name`` / ``hook_name`` (in
+    TransformerLens' ``blocks.L.hook_resid_post`` form) / ``sae_lens_version`` and the
+    other SAELens metadata keys in ``metadata``, with our ``layers.L`` form beside them in
+    ``metadata.hook_point``. Everything else we keep (training provenance...) stays where
+    it was; SAELens ignores it. ``dtype`` replaces ``cfg.dtype`` (the tensors' dtype).
+    """
+    data = cfg.model_dump(mode="json")
+    metadata = data.pop("metadata")
+    # Layouts before SAELens 6 (and this server's, before it wrote SAELens 6's) keep
+    # SAELens' metadata keys at the top level, where SAELens 6 no longer looks for them.
+    for key in sorted(_METADATA_KEYS & data.keys()):
+        value = data.pop(key)
+        if metadata.get(key) is None:
+            metadata[key] = value
+    data.pop("hook_point", None)  # SAELens < 5's hook_name, already merged into metadata
+    hook_point = canonical_hook_point(metadata.pop("hook_name"))
+    head: dict[str, Any] = {
+        "architecture": data.pop("architecture"),
+        "d_in": data.pop("d_in"),
+        "d_sae": data.pop("d_sae"),
+        "dtype": dtype if dtype is not None else data["dtype"],
+    }
+    data.pop("dtype")
+    k = data.pop("k", None)
+    if head["architecture"] == "topk":
+        head["k"] = k
+        head["rescale_acts_by_decoder_norm"] = bool(
+            data.pop("rescale_acts_by_decoder_norm", False))
+    elif k is not None:
+        data["k"] = k
+    head["apply_b_dec_to_input"] = data.pop("apply_b_dec_to_input")
+    head["normalize_activations"] = data.pop("normalize_activations")
+    head["reshape_activations"] = data.pop("reshape_activations", None) or "none"
+    for key in ("sae_lens_version", HOOK_POINT_KEY):
+        metadata.pop(key, None)
+    meta_head = {
+        "model_name": metadata.pop("model_name"),
+        "hook_name": saelens_hook_name(hook_point),
+        HOOK_POINT_KEY: hook_point,
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+    }
+    return {**head, **data, "metadata": {**meta_head, **metadata}}
+
+
 # --------------------------------------------------------------------------- file helpers
 
 
@@ -701,6 +789,8 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None,
     for key, value in (overrides or {}).items():
         if key in _METADATA_KEYS:
             metadata[key] = value
+            if key == "hook_name":  # an overridden hook name replaces ours too
+                metadata.pop(HOOK_POINT_KEY, None)
         else:
             data[key] = value
     metadata.update(extra_metadata or {})

@@ -68,6 +68,16 @@ def canonical_hook_point(name: str) -> str:
     return hook_point_name(parse_hook_point(name))
 
 
+def saelens_hook_name(name: str) -> str:
+    """SAELens' (TransformerLens') name of a hook point: what ``metadata.hook_name`` holds.
+
+    ``layers.L`` -> ``blocks.L.hook_resid_post``; ``embeddings`` -> ``blocks.0.hook_resid_pre``
+    (TransformerLens has no ``resid_post`` before block 0). Any accepted spelling goes in.
+    """
+    layer = parse_hook_point(name)
+    return "blocks.0.hook_resid_pre" if layer == -1 else f"blocks.{layer}.hook_resid_post"
+
+
 def validate_hook_point(name: str, num_layers: int) -> str:
     """Check that ``name`` is a hook point of a model with ``num_layers`` decoder layers.
 

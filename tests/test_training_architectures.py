@@ -189,6 +189,7 @@ def corpus(tmp_path_factory) -> Path:
 ])
 def test_sae_train_cli_on_family(family, hook_flag, canonical, tiny_dirs, corpus, tmp_path, capsys):
     from sae_runtime.dictionary import SparseDictionary
+    from sae_runtime.hook_points import saelens_hook_name
     from sae_runtime.model_info import read_model_info
     from sae_runtime.registry import DictionaryRegistry
     from sae_runtime.training.cli import main
@@ -205,7 +206,8 @@ def test_sae_train_cli_on_family(family, hook_flag, canonical, tiny_dirs, corpus
     d = SparseDictionary.load(out, expected_d_in=info.hidden_size, expected_hook_point=canonical)
     assert d.hook_point == canonical and d.model_name == info.name == family
     raw = json.loads((out / "cfg.json").read_text())
-    assert raw["metadata"]["hook_name"] == canonical and raw["metadata"]["model_name"] == info.name
+    assert raw["metadata"]["hook_point"] == canonical and raw["metadata"]["model_name"] == info.name
+    assert raw["metadata"]["hook_name"] == saelens_hook_name(canonical)  # what SAELens reads
     # what `sae-serve --model DIR --dictionary OUT` does with it before any engine starts
     registry = DictionaryRegistry.load([out], model_name=info.name, num_layers=info.num_layers,
                                        hidden_size=info.hidden_size)

@@ -6,7 +6,10 @@ Writes dictionaries into a throwaway Hugging Face cache, loads each one with SAE
 (SAELens' gemma_2 converter), Llama Scope (llama_scope, with the release's
 norm_scaling_factor), a SAELens directory with expected_average_only_in + the release's
 factor, every architecture x apply_b_dec_to_input (+ top-k decoder-norm rescaling), and
-TransformerLens' center_writing_weights (gpt2-small-res-jb) end to end. Prints OK/BAD.
+TransformerLens' center_writing_weights (gpt2-small-res-jb) end to end; and the other
+way, directories sae-serve writes loaded by ``SAE.load_from_disk`` (every architecture, a
+``layers.L`` and the embeddings hook point: hook_name, model_name, k and activations).
+Prints OK/BAD.
 
 sae-lens is not a dependency; install it and its dependencies beside the project's torch
 without touching .venv, then run with that folder on PYTHONPATH:
@@ -19,6 +22,8 @@ without touching .venv, then run with that folder on PYTHONPATH:
 
 Last run (sae-lens 6.54.0, transformer-lens 3.9.0, torch 2.13.0+cpu): every line OK, the
 activations equal to the bit except top-k with decoder-norm rescaling (folded: < 1e-5).
+Section G (our writer -> SAELens) was added afterwards and has not been run against
+sae-lens yet; tests/test_saelens_format.py checks the keys it relies on without sae-lens.
 """
 
 import json
@@ -289,5 +294,49 @@ print(
     f"{verdict} center_writing_weights end to end: ours(raw TL stream) vs SAELens(centred TL stream) "
     f"max|Δ|={err:.2e}; hook {ours.hook_point}"
 )
+
+# G. The other direction: directories sae-serve writes (SparseDictionary.save, as sae-train
+#    does), loaded by SAELens: every field read (hook_name in TransformerLens' form, model_name,
+#    k), same activations. A layers.L and the embeddings hook point.
+from sae_runtime.dictionary import DictionaryConfig
+
+for arch in ["standard", "jumprelu", "topk", "gated"]:
+    for hook, want in [("layers.1", "blocks.1.hook_resid_post"), ("embeddings", "blocks.0.hook_resid_pre")]:
+        t = {
+            "W_enc": torch.randn(d_in, d_sae, generator=g) / 6,
+            "W_dec": torch.randn(d_sae, d_in, generator=g),
+            "b_dec": torch.randn(d_in, generator=g),
+        }
+        if arch == "gated":
+            t.update(
+                b_gate=torch.randn(d_sae, generator=g) * 0.3,
+                r_mag=torch.randn(d_sae, generator=g) * 0.2,
+                b_mag=torch.randn(d_sae, generator=g) * 0.3,
+            )
+        else:
+            t["b_enc"] = torch.randn(d_sae, generator=g) * 0.3
+        if arch == "jumprelu":
+            t["threshold"] = torch.rand(d_sae, generator=g) * 0.4
+        cfg = DictionaryConfig.model_validate(
+            {
+                "architecture": arch,
+                "d_in": d_in,
+                "d_sae": d_sae,
+                "k": 8 if arch == "topk" else None,
+                "metadata": {"model_name": "m", "hook_name": hook},
+            }
+        )
+        f = SparseDictionary(cfg, t).save(DISK / f"ours-{arch}-{hook}")
+        theirs = SAE.load_from_disk(str(f))
+        meta = theirs.cfg.metadata
+        fields_ok = (
+            meta.hook_name == want
+            and meta.model_name == "m"
+            and theirs.cfg.architecture() == arch
+            and (arch != "topk" or theirs.cfg.k == 8)
+        )
+        verdict = "OK " if fields_ok else "BAD"
+        print(f"{verdict} ours -> SAELens {arch} {hook}: hook_name={meta.hook_name} model_name={meta.model_name}")
+        check(f"ours -> SAELens {arch} {hook}", SparseDictionary.load(f), theirs, torch.randn(64, d_in, generator=g))
 
 shutil.rmtree(CACHE.parent, ignore_errors=True)

@@ -100,6 +100,8 @@ def to_dictionary(trainer: SAETrainer, cfg: TrainConfig, scale: float, model_nam
     t["W_dec"] = t["W_dec"] / scale
     t["b_dec"] = t["b_dec"] / scale
     arch = trainer.saved_architecture
+    # hook_name in our form here; SparseDictionary.save writes SAELens' (blocks.L.hook_resid_post)
+    # with ours beside it in metadata.hook_point.
     data: dict[str, Any] = {
         "architecture": arch, "d_in": trainer.d_in, "d_sae": trainer.d_sae,
         "dtype": cfg.weights_dtype, "apply_b_dec_to_input": True,

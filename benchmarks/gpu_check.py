@@ -142,12 +142,14 @@ def part_tests(timeout: float, dry_run: bool) -> Result:
         counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
     # Collection errors for a missing package are this machine's limit, not a failure.
     missing, other_errors = {}, []
-    for path, why in re.findall(r"^ERROR (\S+)(?: - (.*))?$", out, flags=re.M):
-        m = re.search(r"No module named '([\w.]+)'", why or "")
-        if m and not m.group(1).split(".")[0] in ("sae_runtime", "server", "clients", "sae_wire", "tests"):
+    sections = re.split(r"^_+ ERROR collecting (\S+) _+$", out, flags=re.M)
+    reasons = dict(zip(sections[1::2], sections[2::2], strict=True))
+    for path in re.findall(r"^ERROR (\S+)", out, flags=re.M):
+        m = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", reasons.get(path, ""))
+        if m and m.group(1).split(".")[0] not in ("sae_runtime", "server", "clients", "sae_wire", "tests"):
             missing[path] = m.group(1)
         else:
-            other_errors.append(f"{path}: {why}")
+            other_errors.append(path)
     figures = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("passed", "failed", "skipped"))
     if missing:
         figures += "; not collected: " + ", ".join(f"{Path(p).name} (needs {m}, not installed)"

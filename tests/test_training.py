@@ -210,7 +210,7 @@ def test_sparse_backward_equals_dense_autograd():
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "standard"])
 def test_bfloat16_autocast_step(kind):
-    from sae_runtime.training.train import train_step
+    from sae_runtime.training.trainers import train_step
 
     t = SAETrainer(kind, 32, 128, k=6)
     opt = torch.optim.Adam(t.parameters(), lr=1e-3)
@@ -222,6 +222,7 @@ def test_bfloat16_autocast_step(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")  # also without the conftest
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])
 def test_cuda_step_matches_cpu(kind):
     """On CUDA the step runs the Triton sparse decode (forward and backward)."""

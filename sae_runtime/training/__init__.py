@@ -7,9 +7,24 @@ decoder-only transformers model; disk cache, shuffled batches), ``trainers``
 (resume), ``config`` (options), ``train`` (the run), ``cli`` (``sae-train``).
 """
 
-from .config import TrainConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = ["TrainConfig", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: ``config`` needs pydantic, while ``trainers`` needs torch alone (the GPU check,
+    # benchmarks/gpu_check.py, times the trainers on machines that have nothing else).
+    if name == "TrainConfig":
+        from .config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(*args, **kwargs):

@@ -35,7 +35,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import load_split, take_tokens
 from .evaluate import evaluate
-from .trainers import SAETrainer, StepOutput
+from .trainers import SAETrainer, train_step
 
 METRICS_FILE = "metrics.json"
 COMMAND_FILE = "training_command.txt"
@@ -118,19 +118,6 @@ def to_dictionary(trainer: SAETrainer, cfg: TrainConfig, scale: float, model_nam
         data["metadata"]["batchtopk_k"] = cfg.k
     data.update(extra_cfg or {})
     return SparseDictionary(DictionaryConfig.model_validate(data), t, dtype=cfg.weights_dtype)
-
-
-def train_step(trainer: SAETrainer, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               *, bf16: bool = False) -> StepOutput:
-    """One optimisation step: loss, backward, decoder-norm constraint, update."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = trainer(x)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    trainer.remove_parallel_grad()
-    optimizer.step()
-    trainer.normalize_decoder()
-    return out
 
 
 def _served_copy(dictionary: SparseDictionary) -> SparseDictionary:

@@ -332,3 +332,16 @@ class SAETrainer(nn.Module):
         elif self.kind == "jumprelu":
             t["threshold"] = self.log_threshold.detach().exp().float().cpu()
         return t
+
+
+def train_step(trainer: SAETrainer, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               *, bf16: bool = False) -> StepOutput:
+    """One optimisation step: loss, backward, decoder-norm constraint, update."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = trainer(x)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    trainer.remove_parallel_grad()
+    optimizer.step()
+    trainer.normalize_decoder()
+    return out

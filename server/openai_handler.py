@@ -81,6 +81,10 @@ class _Plan:
     def logprobs(self) -> int | None:
         return self.params.logprobs
 
+    def runs_of(self, steered: bool) -> list[_Run]:
+        """The requested choices (``steered``, even without steering) or their compare copies."""
+        return [r for r in self.runs if r.steered == steered]
+
     @property
     def prompt_ids(self) -> list[int]:
         return self.prompts[0]
@@ -342,7 +346,7 @@ class OpenAIHandler:
         steered, plain = await self._collect(req, plan)
         top = plan.logprobs or 0
 
-        def choices(accs: list[_Accum]) -> list[ChatChoice]:
+        def choices(accs: list[_Accum], runs: list[_Run]) -> list[ChatChoice]:
             return [
                 ChatChoice(
                     index=r.index,
@@ -351,23 +355,25 @@ class OpenAIHandler:
                     logprobs=self._chat_logprobs(a.token_ids, a.logprobs, top) if plan.logprobs is not None else None,
                     features=a.features if req.features is not None else None,
                 )
-                for a, r in zip(accs, plan.runs, strict=True)
+                for a, r in zip(accs, runs, strict=True)
             ]
 
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.service.model_name,
-            choices=choices(steered),
+            choices=choices(steered, plan.runs_of(True)),
             usage=self._usage(plan, steered),
-            unsteered=UnsteeredChat(choices=choices(plain), usage=self._usage(plan, plain)) if req.compare else None,
+            unsteered=UnsteeredChat(choices=choices(plain, plan.runs_of(False)), usage=self._usage(plan, plain))
+            if req.compare
+            else None,
         )
 
     async def completion(self, req: CompletionRequest, plan: _Plan) -> Completion:
         steered, plain = await self._collect(req, plan)
         top = plan.logprobs or 0
 
-        def choices(accs: list[_Accum]) -> list[CompletionChoice]:
+        def choices(accs: list[_Accum], runs: list[_Run]) -> list[CompletionChoice]:
             return [
                 CompletionChoice(
                     index=r.index,
@@ -378,16 +384,16 @@ class OpenAIHandler:
                     else None,
                     features=a.features if req.features is not None else None,
                 )
-                for a, r in zip(accs, plan.runs, strict=True)
+                for a, r in zip(accs, runs, strict=True)
             ]
 
         return Completion(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.service.model_name,
-            choices=choices(steered),
+            choices=choices(steered, plan.runs_of(True)),
             usage=self._usage(plan, steered),
-            unsteered=UnsteeredCompletion(choices=choices(plain), usage=self._usage(plan, plain))
+            unsteered=UnsteeredCompletion(choices=choices(plain, plan.runs_of(False)), usage=self._usage(plan, plain))
             if req.compare
             else None,
         )

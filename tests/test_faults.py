@@ -437,8 +437,8 @@ class FeatureLoad:
         return "cut: the stream ended without [DONE] or an error event"
 
     def _grpc_generate(self, seed: int) -> str:
-        from clients.proto import sae_serve_pb2 as pb
-        from clients.proto import sae_serve_pb2_grpc as pb_grpc
+        from sae_wire import sae_serve_pb2 as pb
+        from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
         req = pb.GenerateRequest(
             text=CHAOS_PROMPT,
@@ -544,8 +544,8 @@ def test_closing_the_receivers_socket_under_load_gets_the_replica_replaced(fault
     gives up, the replica reports itself unhealthy (feature requests in flight and new
     ones: a 503 / UNAVAILABLE within a second, naming the side channel), Ray Serve's
     health check replaces the replica, and the new one serves the same features."""
-    from clients.proto import sae_serve_pb2 as pb
-    from clients.proto import sae_serve_pb2_grpc as pb_grpc
+    from sae_wire import sae_serve_pb2 as pb
+    from sae_wire import sae_serve_pb2_grpc as pb_grpc
 
     base = fault_server.base_url
     wait_idle(base, AUTH)

@@ -21,6 +21,7 @@ import httpx
 import psutil
 import pytest
 
+from sae_runtime.engine.feature_channel import MAX_RESTARTS
 from tests.server_fixtures import DICTIONARY_ID, FAULT_API_KEY, FAULT_FEATURE_TIMEOUT_S, ServerHandle
 
 pytestmark = pytest.mark.slow
@@ -562,9 +563,11 @@ def test_closing_the_receivers_socket_under_load_gets_the_replica_replaced(fault
     assert h.status_code == 503, h.text
     d = h.json()
     assert d["replica"] == killed["replica"] and not d["feature_channel"]["healthy"], d
-    assert "stopped" in d["feature_channel"]["failure"], d["feature_channel"]
-    # Its counters: every failed restart, and the channel down.
-    assert metric(base, "sae_serve_feature_channel_restarts_total", AUTH) >= restarts0 + 5
+    # It gave up after MAX_RESTARTS restarts within the window (the window may still hold an
+    # earlier test's restart, so how many of them this kill caused depends on the order).
+    assert f"stopped {MAX_RESTARTS + 1} times" in d["feature_channel"]["failure"], d["feature_channel"]
+    # Its counters: the failed restarts, and the channel down.
+    assert metric(base, "sae_serve_feature_channel_restarts_total", AUTH) > restarts0
     assert metric(base, "sae_serve_feature_channel_up", AUTH) == 0
     # In-flight requests end at once with 503 / UNAVAILABLE naming the side channel.
     ended = load.join(by=t_kill + 10)

@@ -189,3 +189,24 @@ def test_engine_refuses_bad_harvest_hook_points_naming_them(hook_points, field, 
     with pytest.raises(SpecError) as info:
         SAEEngine.stream_layers(engine, hook_points)
     assert info.value.field == field and problem in str(info.value)
+
+
+def test_worker_copies_stream_rows_after_edits_for_both_layer_shapes():
+    """The worker's stream copy at a hook point: ``hidden + residual`` (or the stream itself)
+    at the planned rows, one chunk per request, and the hidden states left untouched."""
+    from sae_runtime.worker.runtime import SAEWorkerRuntime
+    from sae_runtime.worker.step_plan import LayerPlan, StreamJob
+
+    rt: Any = object.__new__(SAEWorkerRuntime)  # only the step's state, no vLLM runner
+    rt._chunks, rt.dictionaries = [], {}
+    hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
+    jobs = [StreamJob("a", torch.tensor([0, 1, 2]), np.array([0, 1, 2], np.int32)),
+            StreamJob("b", torch.tensor([4]), np.array([7], np.int32))]
+    assert rt._apply_layer(3, LayerPlan(streams=jobs), hidden, residual) is None
+    assert rt._apply_layer(-1, LayerPlan(streams=jobs[1:]), hidden, None) is None
+    a, b, b_emb = rt._chunks
+    assert (a.rid, a.layer, a.positions.tolist()) == ("a", 3, [0, 1, 2])
+    assert np.array_equal(a.values, (hidden + residual)[:3].numpy())
+    assert (b.rid, b.layer, b.positions.tolist()) == ("b", 3, [7])
+    assert np.array_equal(b.values, (hidden + residual)[4:5].numpy())
+    assert (b_emb.layer, b_emb.values.tolist()) == (-1, hidden[4:5].tolist())

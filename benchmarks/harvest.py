@@ -13,7 +13,7 @@ go through:
    forward passes of ``--tf-group-tokens`` tokens stopping after the hook point.
 
 Tokens/s counts context tokens (every position is computed). Each runs ``--repeats`` times
-over all contexts after a one-group warm-up; the median is reported, with the ratios to
+over all contexts after a warm-up on 4 contexts; the median is reported, with the ratios to
 plain vLLM. vLLM runs in the mode sae-train uses (eager) unless ``--compiled``; both vLLM
 runs use the same engine settings (prefix caching off, same context length and batch).
 Run: ``.venv/bin/python benchmarks/harvest.py [--contexts 64 --ctx-len 256]``; a tiny check:
@@ -44,8 +44,8 @@ def groups(contexts: list, tokens: int) -> list[list]:
 
 
 def timed(passes: list[list], run_group: Callable[[list], None], repeats: int) -> float:
-    """Median tokens/s of ``repeats`` passes over every group, after one warm-up group."""
-    run_group(passes[0])
+    """Median tokens/s of ``repeats`` passes over every group, after a small warm-up."""
+    run_group(passes[0][:4])
     total = sum(len(c) for g in passes for c in g)
     rates = []
     for _ in range(repeats):

@@ -75,9 +75,12 @@ def bench_plain(args, model_dir: Path, contexts: list) -> float:
             n = len(out.prompt_token_ids or ())
         return n
 
+    async def all_of(ids: list[list[int]]) -> list[int]:
+        return list(await asyncio.gather(*(one(i) for i in ids)))
+
     def run_group(group: list) -> None:
         ids = [[int(t) for t in c.tolist()] for c in group]
-        done = loop.run_until_complete(asyncio.gather(*(one(i) for i in ids)))
+        done = loop.run_until_complete(all_of(ids))
         assert sum(done) == sum(len(i) for i in ids), done
 
     try:

@@ -436,3 +436,89 @@ def test_training_harvest_reads_what_the_engine_reads(sae_engine, default_model_
     assert_topk_extraction_matches(
         [f.features[0].values for f in feats], [f.features[0].indices for f in feats], d, harvested.float()
     )
+
+
+# --------------------------------------------------------------------------- harvesting
+
+HARVEST_POINTS = ["embeddings", "layers.3", "layers.6", 29]
+"""Hook points of the harvest tests: layers.3 and embeddings have no dictionary in the
+session engine, layers.6 has one, 29 (a layer number) is the last layer."""
+
+
+def test_harvested_streams_match_transformers(sae_engine, hf_model):
+    """SAEEngine.harvest_streams returns, per prompt and hook point, the raw stream of every
+    token (position 0 included, cached prefixes recomputed), transformers' to STREAM_RTOL."""
+    from sae_runtime import hf_streams
+
+    eng = sae_engine.engine
+    first = eng.encode_text(PROMPT)
+    prompts = [first, eng.encode_text("Paris is the capital of France, and Rome of Italy."), first]
+    sae_engine.run(eng.complete(first, greedy(1)))  # its prefix is now in vLLM's cache
+    got = sae_engine.run(eng.harvest_streams(prompts, HARVEST_POINTS))
+    layers = [-1, 3, 6, 29]
+    assert len(got) == len(prompts)
+    for ids, streams in zip(prompts, got, strict=True):
+        assert sorted(streams) == layers
+        ref = hf_streams.residual_streams(hf_model, torch.tensor([ids]), layers, stop_early=False)
+        for L in layers:
+            x, r = streams[L], ref[L][0]
+            assert x.shape == (len(ids), eng.shape.hidden_size) and x.dtype == torch.float32, (L, x.shape)
+            rel = (x - r).norm(dim=-1) / r.norm(dim=-1)
+            assert rel.max() < STREAM_RTOL, (L, rel.max().item())
+        # not vacuous: each hook point's rows are its own, not a neighbour's
+        for L, other in ((3, 6), (6, 29), (-1, 3)):
+            o = ref[other][0]
+            assert ((streams[L] - o).norm(dim=-1) / o.norm(dim=-1)).min() > 100 * STREAM_RTOL, (L, other)
+    # bad input is refused before anything reaches vLLM, naming it
+    with pytest.raises(SpecError, match=r"token_id_lists\[1\]: is empty"):
+        sae_engine.run(eng.harvest_streams([first, []], ["layers.3"]))
+    with pytest.raises(SpecError, match=r"hook_points\[1\]: 'layers.30' is not a hook point"):
+        sae_engine.run(eng.harvest_streams([first], ["layers.3", "layers.30"]))
+
+
+def test_sae_train_harvests_through_the_engine(sae_engine, default_model_dir, tmp_path):
+    """sae-train's vLLM harvest keeps the transformers harvest's rows (position 0 and special
+    tokens out, same order), writes the same activation cache, and a short run trains."""
+    if sae_engine.mode != "eager":
+        pytest.skip("one engine mode is enough for a training run; the streams are checked in both")
+    from sae_runtime.training.activations import ActivationCache, ModelActivations
+    from sae_runtime.training.config import TrainConfig
+    from sae_runtime.training.engine_harvest import EngineActivations
+    from sae_runtime.training.train import run
+
+    eng = sae_engine.engine
+    harvester = EngineActivations(default_model_dir, engine=eng, loop=sae_engine.loop)
+    source = ModelActivations(default_model_dir)
+    contexts = [torch.tensor(eng.encode_text(t)) for t in (PROMPT, "One two three four five six seven.")]
+    a, b = harvester.harvest(contexts, [-1, 1]), source.harvest(contexts, [-1, 1])
+    for L in (-1, 1):
+        assert a[L].shape == b[L].shape == (sum(len(c) - 1 for c in contexts), 576)
+        assert ((a[L] - b[L]).norm(dim=-1) / b[L].norm(dim=-1)).max() < STREAM_RTOL
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + PROMPT * 4)
+    threads = torch.get_num_threads()
+
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(hook_point="layers.1", data=[str(corpus)], ctx_len=64, eval_fraction=0.2,
+                           max_tokens=600, d_sae=64, k=8, batch_size=128, steps=4, warmup_steps=1,
+                           eval_tokens=96, progress=False, threads=1, **kw)
+
+    try:
+        assert cfg().harvest == "vllm"
+        m = run(cfg(cache_dir=str(tmp_path / "c_vllm")), tmp_path / "out", command="test", source=source,
+                harvester=harvester)
+        run(cfg(cache_dir=str(tmp_path / "c_tf"), harvest="transformers"), tmp_path / "out_tf", command="test",
+            source=source)
+    finally:
+        torch.set_num_threads(threads)
+    assert m["eval"]["fvu"] < 1.5 and m["config"]["harvest"] == "vllm"
+    SparseDictionary.load(tmp_path / "out", expected_d_in=576, expected_hook_point="layers.1")
+    # one fingerprint whatever the source, and the same float16 rows in it
+    (dv,), (dt,) = list((tmp_path / "c_vllm").iterdir()), list((tmp_path / "c_tf").iterdir())
+    assert dv.name == dt.name
+    xv, xt = ActivationCache(dv).open(1).float(), ActivationCache(dt).open(1).float()
+    assert xv.shape == xt.shape and xv.shape[0] > 128
+    torch.testing.assert_close(xv, xt, atol=2e-3, rtol=2e-3)  # float16 rounding of ~1e-6 differences

@@ -5,9 +5,11 @@ the field, and the engine's encoding of a real request is what the worker decode
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from sae_runtime.engine.spec import DictionaryInfo, SAERequestSpec, to_worker_spec
 from sae_runtime.protocol import (
@@ -17,13 +19,14 @@ from sae_runtime.protocol import (
     FeatureFrameError,
     FeatureSpec,
     InstallConfig,
+    StreamChunk,
     VectorSpec,
     WorkerSpec,
     WorkerSpecError,
     decode_message,
     encode_message,
 )
-from sae_runtime.worker.step_plan import parse_request
+from sae_runtime.worker.step_plan import build_step_plan, parse_request
 
 FULL = WorkerSpec(
     rid="r1",
@@ -43,9 +46,10 @@ def test_encoding_is_the_documented_plain_dict():
         "vectors": [{"layer": -1, "vector": [0.5, -1.0], "scale": 2.0, "scope": "generated"}],
     }
     assert WorkerSpec(rid="r2").encode() == {"rid": "r2"}
+    assert WorkerSpec(rid="r3", streams=[-1, 4]).encode() == {"rid": "r3", "streams": [-1, 4]}
 
 
-@pytest.mark.parametrize("spec", [FULL, WorkerSpec(rid="x"),
+@pytest.mark.parametrize("spec", [FULL, WorkerSpec(rid="x"), WorkerSpec(rid="z", streams=[-1, 0, 12]),
                                   WorkerSpec(rid="y", features=FeatureSpec(["a", "b"], None, [0], "all"))])
 def test_round_trip(spec):
     assert WorkerSpec.decode(spec.encode()) == spec
@@ -78,6 +82,11 @@ def _with(path: list, value):
     (_with(["vectors", 0, "vector", 1], "x"), "sae.vectors[0].vector[1]"),
     (_with(["vectors", 0, "layer"], -2), "sae.vectors[0].layer"),
     (_with(["vectors", 0, "layer"], True), "sae.vectors[0].layer"),
+    (_with(["streams"], 3), "sae.streams: expected a list"),
+    (_with(["streams"], [2, "layers.3"]), "sae.streams[1]: expected an integer"),
+    (_with(["streams"], [-2]), "sae.streams[0]: must be >= -1"),
+    (_with(["streams"], [1.5]), "sae.streams[0]"),
+    (_with(["streams"], [4, 4]), "sae.streams: hook points repeat"),
 ])
 def test_malformed_spec_names_the_field(data, field):
     with pytest.raises(WorkerSpecError) as info:
@@ -123,3 +132,81 @@ def test_feature_frames_round_trip_and_refuse_garbage():
     frames = [bytes(f) for f in encode_message(chunks)]
     with pytest.raises(FeatureFrameError, match="frame"):
         decode_message(frames[:-1])
+
+
+def test_stream_chunks_round_trip_beside_feature_chunks_and_refuse_garbage():
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    chunks = [StreamChunk("r", -1, np.array([0, 1], np.int32), rows),
+              FeatureChunk("r", "d0", np.array([1], np.int32), None, np.array([[7.0]], np.float32)),
+              StreamChunk("s", 5, np.array([2], np.int32), rows[:1] + 10)]
+    out = decode_message([bytes(f) for f in encode_message(chunks)])
+    assert [type(c).__name__ for c in out] == ["StreamChunk", "FeatureChunk", "StreamChunk"]
+    assert isinstance(out[0], StreamChunk) and isinstance(out[2], StreamChunk)
+    assert (out[0].rid, out[0].layer, out[0].positions.tolist()) == ("r", -1, [0, 1])
+    assert out[0].values.tolist() == rows.tolist() and out[2].values.tolist() == [[10.0, 11.0, 12.0]]
+    frames = [bytes(f) for f in encode_message(chunks)]
+    header = json.loads(frames[0])
+    for key, value, problem in (("kind", "rows", "kind 'stream'"), ("layer", -2, "'layer'"),
+                                ("layer", "0", "'layer'"), ("m", 4, "frame")):
+        bad = [dict(e) for e in header]
+        bad[0][key] = value
+        with pytest.raises(FeatureFrameError, match=problem):
+            decode_message([json.dumps(bad).encode(), *frames[1:]])
+
+
+def test_stream_requests_plan_every_prompt_row_at_each_hook_point_without_a_dictionary():
+    """Hook points with no dictionary (here -1 and 3) get the rows; generated tokens do not."""
+    state = parse_request(WorkerSpec(rid="h", streams=[-1, 3]), prompt_len=4, hidden_size=2, num_layers=5)
+    plan = build_step_plan([(state, 10, np.array([2, 3, 4], np.int64))], {}, torch.device("cpu"))
+    assert plan is not None and set(plan.layers) == {-1, 3}
+    for L in (-1, 3):
+        (job,) = plan.layers[L].streams
+        assert job.rid == "h" and job.rows.tolist() == [10, 11] and job.positions.tolist() == [2, 3]
+        assert not plan.layers[L].extract and not plan.layers[L].edits
+    # a decode step of the same request (only generated tokens) needs no hook
+    assert build_step_plan([(state, 0, np.array([4], np.int64))], {}, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match=r"sae.streams: hook points \[5\] beyond the model's 5 layers"):
+        parse_request(WorkerSpec(rid="h", streams=[5]), prompt_len=4, hidden_size=2, num_layers=5)
+
+
+@pytest.mark.parametrize("hook_points, field, problem", [
+    ("layers.3", "hook_points", "non-empty list"),
+    ([], "hook_points", "non-empty list"),
+    (["layers.3", "attn.2"], "hook_points[1]", "unsupported hook point"),
+    ([30], "hook_points[0]", "not a hook point of this model"),
+    (["layers.30"], "hook_points[0]", "layers.0 .. layers.29"),
+    ([-2], "hook_points[0]", "not a hook point"),
+    ([True], "hook_points[0]", "hook point name or layer number"),
+])
+def test_engine_refuses_bad_harvest_hook_points_naming_them(hook_points, field, problem):
+    from types import SimpleNamespace
+
+    from sae_runtime.engine.engine import SAEEngine
+    from sae_runtime.engine.spec import ModelShape, SpecError
+
+    engine: Any = SimpleNamespace(shape=ModelShape(num_layers=30, hidden_size=576))
+    assert SAEEngine.stream_layers(engine, ["embeddings", 12, "blocks.3.hook_resid_pre", "layers.12"]) == [-1, 2, 12]
+    with pytest.raises(SpecError) as info:
+        SAEEngine.stream_layers(engine, hook_points)
+    assert info.value.field == field and problem in str(info.value)
+
+
+def test_worker_copies_stream_rows_after_edits_for_both_layer_shapes():
+    """The worker's stream copy at a hook point: ``hidden + residual`` (or the stream itself)
+    at the planned rows, one chunk per request, and the hidden states left untouched."""
+    from sae_runtime.worker.runtime import SAEWorkerRuntime
+    from sae_runtime.worker.step_plan import LayerPlan, StreamJob
+
+    rt: Any = object.__new__(SAEWorkerRuntime)  # only the step's state, no vLLM runner
+    rt._chunks, rt.dictionaries = [], {}
+    hidden, residual = torch.randn(6, 4), torch.randn(6, 4)
+    jobs = [StreamJob("a", torch.tensor([0, 1, 2]), np.array([0, 1, 2], np.int32)),
+            StreamJob("b", torch.tensor([4]), np.array([7], np.int32))]
+    assert rt._apply_layer(3, LayerPlan(streams=jobs), hidden, residual) is None
+    assert rt._apply_layer(-1, LayerPlan(streams=jobs[1:]), hidden, None) is None
+    a, b, b_emb = rt._chunks
+    assert (a.rid, a.layer, a.positions.tolist()) == ("a", 3, [0, 1, 2])
+    assert np.array_equal(a.values, (hidden + residual)[:3].numpy())
+    assert (b.rid, b.layer, b.positions.tolist()) == ("b", 3, [7])
+    assert np.array_equal(b.values, (hidden + residual)[4:5].numpy())
+    assert (b_emb.layer, b_emb.values.tolist()) == (-1, hidden[4:5].tolist())

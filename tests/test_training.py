@@ -334,7 +334,7 @@ def _tiny_cfg(text_dir: Path, tmp: Path, **kw) -> TrainConfig:
     base = dict(hook_point="layers.1", data=[str(text_dir)], ctx_len=64, eval_fraction=0.2,
                 max_tokens=2000, d_sae=64, k=8, batch_size=128, steps=12, warmup_steps=2,
                 checkpoint_every=4, eval_tokens=96, cache_dir=str(tmp / "cache"),
-                progress=False, threads=1)
+                progress=False, threads=1, harvest="transformers")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -373,13 +373,25 @@ def test_streaming_run_without_cache(tmp_path, text_dir, source):
     assert m["architecture"] == "jumprelu" and m["eval"]["fvu"] < 1.5
 
 
-def test_cli_config_file_and_flags(tmp_path):
+def test_cli_config_file_and_flags(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("architecture: jumprelu\nlr: 0.01\nk: 16\nout: somewhere\n")
     cfg, out, _ = resolve(["--config", str(tmp_path / "c.yaml"), "--lr", "0.002",
                            "--hook-point", "blocks.5.hook_resid_post", "--max-tokens", "all"])
     assert (cfg.architecture, cfg.lr, cfg.k, cfg.hook_point, cfg.max_tokens) == (
         "jumprelu", 0.002, 16, "layers.5", None)
     assert out == "somewhere"
+    assert cfg.harvest == "vllm"  # the default: through the serving engine
+    assert resolve(["--harvest", "transformers"])[0].harvest == "transformers"
+    assert resolve([], environ={"SAE_TRAIN_HARVEST": "transformers"})[0].harvest == "transformers"
+    with pytest.raises(ValueError) as info:
+        resolve([], environ={"SAE_TRAIN_HARVEST": "engine"})
+    assert "SAE_TRAIN_HARVEST" in str(info.value) and "vllm" in str(info.value), str(info.value)
+    with pytest.raises(SystemExit):
+        resolve(["--harvest", "hf"])
+    err = capsys.readouterr().err
+    assert "--harvest: invalid choice: 'hf'" in err and "'vllm', 'transformers'" in err
+    # the harvest source changes neither the run's fingerprint (resume) nor the cache's
+    assert TrainConfig(harvest="vllm").run_fingerprint() == TrainConfig(harvest="transformers").run_fingerprint()
     help_text = subprocess.run([sys.executable, "-m", "sae_runtime.training.cli", "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--architecture" in help_text and "examples:" in help_text

@@ -200,7 +200,7 @@ def test_sae_train_cli_on_family(family, hook_flag, canonical, tiny_dirs, corpus
                "--ctx-len", "32", "--eval-fraction", "0.25", "--max-tokens", "600",
                "--d-sae", "64", "--k", "8", "--batch-size", "64", "--steps", "6",
                "--warmup-steps", "1", "--eval-tokens", "96", "--cache-dir", str(tmp_path / "cache"),
-               "--no-progress", "--threads", "1", "-o", str(out)])
+               "--no-progress", "--threads", "1", "--harvest", "transformers", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     info = read_model_info(model_dir)
     d = SparseDictionary.load(out, expected_d_in=info.hidden_size, expected_hook_point=canonical)

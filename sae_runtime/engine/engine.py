@@ -6,7 +6,9 @@ installs the SAE runtime in the worker with one ``collective_rpc``, and opens th
 side channel. :meth:`SAEEngine.generate` validates a request's spec *before* the request
 reaches vLLM, carries it in ``SamplingParams.extra_args``, and streams
 :class:`~sae_runtime.engine.outputs.GenerationChunk` objects that hold new text and the
-features of the tokens the model has read so far.
+features of the tokens the model has read so far. :meth:`SAEEngine.harvest_streams` runs
+prompts as prefills only and returns the raw residual streams at hook points (sae-train's
+harvest).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sae_runtime.engine.spec import (
     to_worker_spec,
     validate_spec,
 )
+from sae_runtime.hook_points import parse_hook_point
 from sae_runtime.model_info import read_model_info
 from sae_runtime.protocol import (
     HOOKS_ENV,
@@ -43,6 +46,7 @@ from sae_runtime.protocol import (
     WORKER_EXTENSION,
     DictionaryToLoad,
     InstallConfig,
+    WorkerSpec,
 )
 from sae_runtime.registry import DictionaryRegistry
 
@@ -392,3 +396,69 @@ class SAEEngine:
         spec = SAERequestSpec(features=features.model_copy(update={"scope": "prompt"}))
         result = await self.complete(prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0), spec)
         return result.features
+
+    # -- harvesting ---------------------------------------------------------------------
+
+    def stream_layers(self, hook_points: Any) -> list[int]:
+        """Hook points (names such as ``layers.12``/``embeddings``, or layer numbers with
+        ``-1`` the embeddings) as sorted layer numbers; :class:`SpecError` on ``hook_points``
+        names the bad one."""
+        if isinstance(hook_points, (str, int)) or not hook_points:
+            raise SpecError("hook_points", f"expected a non-empty list of hook points, got {hook_points!r}")
+        layers = []
+        n = self.shape.num_layers
+        for i, h in enumerate(hook_points):
+            where = f"hook_points[{i}]"
+            if isinstance(h, bool) or not isinstance(h, (str, int)):
+                raise SpecError(where, f"expected a hook point name or layer number, got {h!r}")
+            if isinstance(h, str):
+                try:
+                    layer = parse_hook_point(h)
+                except ValueError as exc:
+                    raise SpecError(where, str(exc)) from None
+            else:
+                layer = h
+            if not -1 <= layer < n:
+                raise SpecError(where, f"{h!r} is not a hook point of this model (valid: embeddings = -1, "
+                                f"layers.0 .. layers.{n - 1})")
+            layers.append(layer)
+        return sorted(set(layers))
+
+    async def harvest_streams(self, token_id_lists: list[list[int]], hook_points: Any) -> list[dict[int, Any]]:
+        """The raw residual stream of every prompt token at each hook point.
+
+        Returns, per prompt (same order), ``{layer: float32 tensor [T, d]}`` keyed by layer
+        number (``-1`` = embeddings). Each prompt runs as a prefill (``max_tokens=1``) with
+        prefix-cache reading skipped so every position is computed; all prompts are in
+        flight at once so vLLM batches them (the caller bounds a call's size: the rows of
+        every prompt are held until it returns).
+        """
+        import torch
+        from vllm import SamplingParams
+
+        layers = self.stream_layers(hook_points)
+        for i, ids in enumerate(token_id_lists):
+            if not ids:
+                raise SpecError(f"token_id_lists[{i}]", "is empty")
+            if len(ids) >= self.config.max_model_len:
+                raise SpecError(f"token_id_lists[{i}]", f"has {len(ids)} tokens; the model's context is "
+                                f"{self.config.max_model_len}")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        vllm_surface.stream_deltas(params)
+        params.skip_reading_prefix_cache = True
+
+        async def one(ids: list[int]) -> dict[int, Any]:
+            rid = uuid.uuid4().hex
+            p = params.clone()
+            p.extra_args = {SPEC_KEY: WorkerSpec(rid=rid, streams=layers).encode()}
+            rows = self.receiver.register(rid, [], kinds=(), streams=tuple(layers))
+            try:
+                async for _ in self.llm.generate(vllm_surface.token_prompt(list(ids)), p, rid):
+                    pass
+                wanted = range(len(ids))
+                await self._wait_for(rows, wanted)
+                return {L: torch.from_numpy(rows.stream(L, wanted)) for L in layers}
+            finally:
+                self.receiver.unregister(rid)
+
+        return list(await asyncio.gather(*(one(ids) for ids in token_id_lists)))

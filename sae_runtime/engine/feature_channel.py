@@ -33,8 +33,10 @@ import zmq
 import zmq.asyncio
 
 from sae_runtime.protocol.feature_frames import (  # noqa: F401  (re-exported for callers of this module)
+    Chunk,
     FeatureChunk,
     FeatureFrameError,
+    StreamChunk,
     decode_message,
     encode_message,
 )
@@ -55,14 +57,26 @@ class RequestFeatures:
 
     ``rows[kind][dictionary][position]``: kind ``"top"`` holds ``(indices, values)`` of a
     top-k request, kind ``"ids"`` the values of explicitly requested feature ids.
+    ``stream_rows[layer][position]``: the raw residual stream row at a hook point asked for
+    in ``streams`` (stream chunks).
     """
 
     dictionaries: list[str]
     kinds: tuple[str, ...] = ("top",)
     rows: dict[str, dict[str, dict[int, tuple[np.ndarray | None, np.ndarray]]]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    streams: tuple[int, ...] = ()
+    stream_rows: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
-    def add(self, chunk: FeatureChunk) -> None:
+    def add(self, chunk: Chunk) -> None:
+        if isinstance(chunk, StreamChunk):
+            if chunk.layer not in self.streams:
+                raise ValueError(f"stream of hook point {chunk.layer}, not asked for")
+            table_s = self.stream_rows.setdefault(chunk.layer, {})
+            for j, pos in enumerate(chunk.positions.tolist()):
+                table_s[pos] = chunk.values[j]  # a recomputed position overwrites: same numbers
+            self.changed.set()
+            return
         kind = "ids" if chunk.indices is None else "top"
         table = self.rows.setdefault(kind, {}).setdefault(chunk.dictionary, {})
         for j, pos in enumerate(chunk.positions.tolist()):
@@ -75,7 +89,12 @@ class RequestFeatures:
         return all(
             p in self.rows.get(kind, {}).get(d, {})
             for kind in self.kinds for d in self.dictionaries for p in positions
-        )
+        ) and all(p in self.stream_rows.get(L, {}) for L in self.streams for p in positions)
+
+    def stream(self, layer: int, positions: range) -> np.ndarray:
+        """``[len(positions), d]`` float32: the stream rows at hook point ``layer``."""
+        table = self.stream_rows[layer]
+        return np.stack([table[p] for p in positions])
 
     def pop(self, kind: str, dictionary: str, position: int) -> tuple[np.ndarray | None, np.ndarray] | None:
         if kind not in self.kinds:
@@ -197,8 +216,9 @@ class FeatureReceiver:
                                type(exc).__name__, exc)
         return delivered
 
-    def register(self, rid: str, dictionaries: list[str], kinds: tuple[str, ...] = ("top",)) -> RequestFeatures:
-        req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds)
+    def register(self, rid: str, dictionaries: list[str], kinds: tuple[str, ...] = ("top",),
+                 streams: tuple[int, ...] = ()) -> RequestFeatures:
+        req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds, streams=tuple(streams))
         self._requests[rid] = req
         return req
 

@@ -18,8 +18,10 @@ and ``tests/test_import_rules.py`` enforces the import rule.
 from __future__ import annotations
 
 from sae_runtime.protocol.feature_frames import (  # noqa: F401
+    Chunk,
     FeatureChunk,
     FeatureFrameError,
+    StreamChunk,
     decode_message,
     encode_message,
 )

@@ -3,12 +3,15 @@
 One ZeroMQ multipart message per engine step: frame 0 is a JSON header, a list with one
 entry per :class:`FeatureChunk`::
 
-    {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool}
+    {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool}    # a FeatureChunk
+    {"rid": str, "kind": "stream", "layer": int, "n": int, "m": int}  # a StreamChunk
 
 followed, for each entry in order, by its raw buffers in the host's byte order (both ends
 run on one machine): ``positions``
 (``n`` int32), ``indices`` (``n*m`` int32, only when ``has_idx``), ``values`` (``n*m``
 float32). No pickling: the decoder trusts nothing it has not checked against the header.
+A stream chunk carries raw residual stream rows (``m`` = hidden size) at hook point
+``layer`` (``-1`` = embeddings) instead of features.
 
 The worker encodes (``sae_runtime/worker/feature_sender.py``), the API process decodes
 (``sae_runtime/engine/feature_channel.py``); the sockets live there.
@@ -38,11 +41,37 @@ class FeatureChunk:
     """``[n, k]`` float32 activations, sorted descending for top-k; ``[n, m]`` for explicit ids."""
 
 
-def encode_message(chunks: list[FeatureChunk]) -> list[bytes | memoryview]:
+@dataclass
+class StreamChunk:
+    """Raw residual stream rows of some tokens of one request at one hook point, one step."""
+
+    rid: str
+    """The request's ``WorkerSpec.rid``."""
+    layer: int
+    """Hook point as a layer number (``-1`` = embeddings)."""
+    positions: np.ndarray
+    """``[n]`` int32 token positions in the request."""
+    values: np.ndarray
+    """``[n, d]`` float32: the stream at those positions."""
+
+
+STREAM_KIND = "stream"
+"""Header ``kind`` of a :class:`StreamChunk` (feature chunks have no ``kind``)."""
+
+Chunk = FeatureChunk | StreamChunk
+
+
+def encode_message(chunks: list[Chunk]) -> list[bytes | memoryview]:
     """One step's chunks → ZeroMQ frames (header + contiguous buffers)."""
-    header = []
+    header: list[dict] = []
     frames: list[bytes | memoryview] = [b""]
     for c in chunks:
+        if isinstance(c, StreamChunk):
+            header.append({"rid": c.rid, "kind": STREAM_KIND, "layer": int(c.layer),
+                           "n": int(c.positions.shape[0]), "m": int(c.values.shape[1])})
+            frames.append(np.ascontiguousarray(c.positions, dtype=np.int32).data)
+            frames.append(np.ascontiguousarray(c.values, dtype=np.float32).data)
+            continue
         entry = {"rid": c.rid, "dict": c.dictionary, "n": int(c.positions.shape[0]), "m": int(c.values.shape[1])}
         entry["has_idx"] = c.indices is not None
         frames.append(np.ascontiguousarray(c.positions, dtype=np.int32).data)
@@ -75,7 +104,7 @@ def _array(frames: list, i: int, count: int, shape: tuple[int, ...], dtype: type
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
+def decode_message(frames: list[bytes]) -> list[Chunk]:
     """ZeroMQ frames → chunks; anything malformed raises :class:`FeatureFrameError` (never
     another exception type), so one bad message can be dropped without touching the rest."""
     if not frames:
@@ -86,9 +115,21 @@ def decode_message(frames: list[bytes]) -> list[FeatureChunk]:
         raise FeatureFrameError(f"header is not JSON: {exc}") from None
     if not isinstance(header, list):
         raise FeatureFrameError("header must be a list of chunk entries")
-    out = []
+    out: list[Chunk] = []
     i = 1
     for e in header:
+        if isinstance(e, dict) and "kind" in e:
+            if e["kind"] != STREAM_KIND or not isinstance(e.get("rid"), str):
+                raise FeatureFrameError(f"header entry of kind {e['kind']!r} must be kind 'stream' with a string 'rid'")
+            layer = e.get("layer")
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < -1:
+                raise FeatureFrameError(f"header field 'layer' must be an integer >= -1 (got {layer!r})")
+            n, m = _int(e, "n"), _int(e, "m")
+            positions = _array(frames, i, n, (n,), np.int32)
+            values = _array(frames, i + 1, n * m, (n, m), np.float32)
+            i += 2
+            out.append(StreamChunk(e["rid"], layer, positions, values))
+            continue
         if (
             not isinstance(e, dict)
             or not isinstance(e.get("rid"), str)

@@ -15,7 +15,12 @@ Encoded request spec (``SamplingParams.extra_args["sae"]``)::
      "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate",
                 "value": float, "scope": ...}],                     # edits and vectors: only
      "vectors": [{"layer": int, "vector": [float], "scale": float,  # when there is steering
-                  "scope": ...}]}
+                  "scope": ...}],
+     "streams": [int]}                                              # only when raw streams are asked
+
+``streams`` asks for the raw residual stream rows of the request's prompt tokens at hook
+points given as layer numbers (``L >= 0`` after decoder layer ``L``, ``-1`` the
+embeddings); hook points need no dictionary. The engine checks them against the model.
 """
 
 from __future__ import annotations
@@ -192,6 +197,9 @@ class WorkerSpec:
     """Steering edits, in request order."""
     vectors: list[VectorSpec] = field(default_factory=list)
     """Steering vectors, in request order."""
+    streams: list[int] = field(default_factory=list)
+    """Hook points (layer numbers, ``-1`` = embeddings) whose raw residual stream rows of the
+    prompt tokens the worker sends back (sorted, no repeats); empty: none."""
 
     def encode(self) -> dict[str, Any]:
         """The plain dict carried in ``SamplingParams.extra_args[SPEC_KEY]``."""
@@ -201,6 +209,8 @@ class WorkerSpec:
         if self.edits or self.vectors:
             out["edits"] = [e.encode() for e in self.edits]
             out["vectors"] = [v.encode() for v in self.vectors]
+        if self.streams:
+            out["streams"] = list(self.streams)
         return out
 
     @classmethod
@@ -215,7 +225,18 @@ class WorkerSpec:
                    for i, e in enumerate(_list(d.get("edits") or [], f"{where}.edits"))],
             vectors=[VectorSpec.decode(v, f"{where}.vectors[{i}]")
                      for i, v in enumerate(_list(d.get("vectors") or [], f"{where}.vectors"))],
+            streams=_streams(d.get("streams"), f"{where}.streams"),
         )
+
+
+def _streams(data: Any, where: str) -> list[int]:
+    """Hook point layer numbers of ``WorkerSpec.streams``: integers >= -1, no repeats."""
+    if data is None:
+        return []
+    layers = [_int(x, f"{where}[{i}]", -1) for i, x in enumerate(_list(data, where))]
+    if len(set(layers)) != len(layers):
+        raise WorkerSpecError(f"{where}: hook points repeat ({layers})")
+    return sorted(layers)
 
 
 # ------------------------------------------------------------------------- installation

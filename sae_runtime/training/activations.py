@@ -14,6 +14,11 @@ others' (see ``tests/test_training.py``), and letting it in would spend the dict
 capacity and the loss on one outlier direction. The server still computes features there
 (the dictionary is defined for every input), they are simply not what it was trained for.
 
+Two harvest sources give the same rows (to float32 rounding, ~1e-6 relative): the vLLM
+engine (``engine_harvest.EngineActivations``, the default: prefill-only requests whose raw
+stream rows come back over the engine's side channel) and transformers
+(:class:`ModelActivations`, the reference, also the model evaluation runs on).
+
 Two ways to feed the trainer, both deterministic given the seed, so a resumed run sees the
 same batches as an uninterrupted one:
 
@@ -42,28 +47,21 @@ from ..hook_points import hook_point_name, parse_hook_point, validate_hook_point
 CACHE_VERSION = 1
 
 
-class ModelActivations:
-    """A decoder-only causal LM (transformers) that returns residual streams at hook points.
+class HarvestSource:
+    """What every harvest source shares: the tokenizer, the model's shape and which tokens
+    train the dictionary. Subclasses set the attributes below and implement ``harvest``:
+    :class:`ModelActivations` (transformers, the reference) and
+    :class:`sae_runtime.training.engine_harvest.EngineActivations` (the vLLM engine, the
+    default)."""
 
-    Any architecture whose decoder layers ``hf_streams`` finds (every family in
-    ``tests/tiny_models.py``); hook point indices are ``-1`` (``embeddings``) to
-    ``num_layers - 1``.
-    """
+    model_path: str
+    tokenizer: Any
+    num_layers: int
+    d_model: int
+    special_ids: Tensor
+    pad_id: int
 
-    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.model_path = str(model_path)
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        # transformers decorates PreTrainedModel.to with functools.wraps, which typeshed's
-        # _Wrapped types as an unbound function (it expects the model as argument 1).
-        self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
-        self.layers_path, self.layers = hf_streams.find_decoder_layers(self.model)
-        self.num_layers = len(self.layers)
-        self.d_model = hf_streams.hidden_size(self.model)
+    def _token_rules(self) -> None:
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
@@ -83,6 +81,39 @@ class ModelActivations:
         pos = torch.arange(input_ids.shape[1])
         mask = (pos[None, :] < lengths[:, None]) & (pos[None, :] > 0)
         return mask & ~torch.isin(input_ids, self.special_ids)
+
+    def harvest(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> dict[int, Tensor]:
+        """Training-token activations ``[n, d]`` per layer for a batch of contexts (CPU,
+        float32): the rows of ``training_mask``, context by context, in position order."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the source holds beyond its tokenizer (an engine); idempotent."""
+
+
+class ModelActivations(HarvestSource):
+    """A decoder-only causal LM (transformers) that returns residual streams at hook points.
+
+    Any architecture whose decoder layers ``hf_streams`` finds (every family in
+    ``tests/tiny_models.py``); hook point indices are ``-1`` (``embeddings``) to
+    ``num_layers - 1``. The reference harvest, and the model evaluation runs on.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        # transformers decorates PreTrainedModel.to with functools.wraps, which typeshed's
+        # _Wrapped types as an unbound function (it expects the model as argument 1).
+        self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
+        self.layers_path, self.layers = hf_streams.find_decoder_layers(self.model)
+        self.num_layers = len(self.layers)
+        self.d_model = hf_streams.hidden_size(self.model)
+        self._token_rules()
 
     @torch.no_grad()
     def residuals(self, input_ids: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
@@ -155,7 +186,7 @@ class ActivationCache:
     def _file(self, layer: int) -> Path:
         return self.root / f"{hook_point_name(layer)}.f16"
 
-    def harvest(self, source: ModelActivations, contexts: Sequence[Tensor], layers: Sequence[int],
+    def harvest(self, source: HarvestSource, contexts: Sequence[Tensor], layers: Sequence[int],
                 *, fingerprint: str, tokens_per_batch: int = 4096, progress: bool = True) -> None:
         """Harvest ``contexts`` (in order) into the cache, continuing a partial harvest."""
         from tqdm.auto import tqdm
@@ -242,7 +273,7 @@ class StreamingBatches:
     ``skip(n)`` replays the first ``n`` batches without returning them (for resume).
     """
 
-    def __init__(self, source: ModelActivations, contexts: Sequence[Tensor], layer: int,
+    def __init__(self, source: HarvestSource, contexts: Sequence[Tensor], layer: int,
                  batch_size: int, seed: int, buffer_tokens: int = 65536,
                  tokens_per_batch: int = 4096):
         self.source, self.contexts, self.layer = source, list(contexts), layer

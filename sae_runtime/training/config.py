@@ -72,12 +72,16 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seed of the initial weights and the batch order")
 
     # machinery
+    harvest: Literal["vllm", "transformers"] = Field(
+        "vllm", description="what computes the activations: 'vllm' (the serving engine, prefill only; "
+        "the fast path) or 'transformers' (the reference); both give the same rows to float32 rounding")
     device: str = Field("auto", description="torch device; 'auto' = cuda if available, else cpu")
     threads: int | None = Field(None, gt=0, description="torch CPU threads")
     cache: bool = Field(True, description="harvest to an on-disk activation cache first")
     cache_dir: str | None = Field(None, description="activation cache; unset = $SAE_SERVE_CACHE/activations")
     buffer_tokens: int = Field(65536, gt=0, description="shuffling buffer without cache")
-    harvest_tokens_per_batch: int = Field(2048, gt=0, description="tokens per model forward pass while harvesting")
+    harvest_tokens_per_batch: int = Field(2048, gt=0, description="tokens per harvest call: one transformers "
+                                          "forward pass, or the prompts in flight at once in vLLM")
     checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints (a rerun resumes from the last)")
     keep_checkpoints: bool = Field(False, description="keep the checkpoints once the dictionary is written")
     eval_tokens: int = Field(16384, gt=0, description="held-out tokens for the final evaluation")
@@ -118,6 +122,7 @@ class TrainConfig(BaseModel):
             "weights_dtype",
             "progress",
             "harvest_tokens_per_batch",
+            "harvest",
         }
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 

@@ -30,7 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dictionary import DictionaryConfig, SparseDictionary, dtype_name
-from .activations import ActivationCache, ModelActivations, ShuffledBatches, StreamingBatches, cache_fingerprint
+from .activations import (
+    ActivationCache,
+    HarvestSource,
+    ModelActivations,
+    ShuffledBatches,
+    StreamingBatches,
+    cache_fingerprint,
+)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import load_split, take_tokens
@@ -129,13 +136,28 @@ def _served_copy(dictionary: SparseDictionary) -> SparseDictionary:
 
 def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = None,
         stop_after: int | None = None, source: ModelActivations | None = None,
+        harvester: HarvestSource | None = None,
         log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
     """Train (or resume) and write the dictionary directory; returns the metrics.
 
     ``stop_after`` ends the run after that many steps *without* finishing (as a kill
     would, after a checkpoint): used to test resuming. ``source`` reuses an already
-    loaded model (it must be ``cfg.model``).
+    loaded transformers model (it must be ``cfg.model``; evaluation runs on it, and so does
+    the harvest with ``harvest="transformers"``). ``harvester`` reuses a harvest source
+    (e.g. an ``EngineActivations`` on a running engine); else ``cfg.harvest`` decides, and
+    an engine started here is shut down once it is no longer needed.
     """
+    started: list[HarvestSource] = []  # harvest sources _run started (closed here whatever happens)
+    try:
+        return _run(cfg, out_dir, command, stop_after, source, harvester, log, started)
+    finally:
+        for own in started:
+            own.close()
+
+
+def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop_after: int | None,
+         source: ModelActivations | None, harvester: HarvestSource | None, log: Callable[[str], None],
+         own_box: list[HarvestSource]) -> dict[str, Any]:
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,10 +166,18 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model_path, model_name, _ = check_model(cfg)
-    if source is None:
-        source = ModelActivations(model_path, device=device)
-    layer = source.layer_of(cfg.hook_point)
-    d_in = source.d_model
+    if harvester is None:
+        if cfg.harvest == "transformers":
+            if source is None:
+                source = ModelActivations(model_path, device=device)
+            harvester = source
+        else:
+            from .engine_harvest import EngineActivations
+
+            harvester = EngineActivations(model_path, max_model_len=cfg.ctx_len + 1)
+            own_box.append(harvester)
+    layer = harvester.layer_of(cfg.hook_point)
+    d_in = harvester.d_model
 
     # ---------------------------------------------------------------- data
     cache: ActivationCache | None = None
@@ -163,7 +193,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
         cache = ActivationCache(root / fp)
     # With a complete cache the training text is not needed again: tokenize only the held-out side.
     cached = cache is not None and cache.complete(fp)
-    split = load_split(cfg.data, source.tokenizer, ctx_len=cfg.ctx_len,
+    split = load_split(cfg.data, harvester.tokenizer, ctx_len=cfg.ctx_len,
                        eval_fraction=cfg.eval_fraction, seed=cfg.data_seed,
                        text_field=cfg.text_field, eval_only=cached)
     train_ctx = take_tokens(split.train, cfg.max_tokens)
@@ -171,8 +201,10 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
     if not train_ctx and not cached:
         raise ValueError("no training text after the held-out split")
     if cache is not None:
-        cache.harvest(source, train_ctx, [layer], fingerprint=fp,
+        cache.harvest(harvester, train_ctx, [layer], fingerprint=fp,
                       tokens_per_batch=cfg.harvest_tokens_per_batch, progress=cfg.progress)
+        if own_box:  # everything is on disk: free the engine before training
+            harvester.close()
         table = cache.open(layer)
         n_train = table.shape[0]
         batches: ShuffledBatches | StreamingBatches = ShuffledBatches(table, cfg.batch_size, cfg.seed)
@@ -181,16 +213,19 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, command: str | None = N
         sample = table[pick].float()
     else:
         n_train = sum(max(len(c) - 1, 0) for c in train_ctx)
-        batches = StreamingBatches(source, train_ctx, layer, cfg.batch_size, cfg.seed,
+        batches = StreamingBatches(harvester, train_ctx, layer, cfg.batch_size, cfg.seed,
                                    buffer_tokens=cfg.buffer_tokens,
                                    tokens_per_batch=cfg.harvest_tokens_per_batch)
         sample_ctx = take_tokens(train_ctx, SCALE_SAMPLE)
-        sample = torch.cat([source.harvest(sample_ctx[i:i + 8], [layer])[layer]
+        sample = torch.cat([harvester.harvest(sample_ctx[i:i + 8], [layer])[layer]
                             for i in range(0, len(sample_ctx), 8)])
     steps_per_epoch = max(1, n_train // cfg.batch_size)
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
     scale = (math.sqrt(d_in) / float(sample.norm(dim=1).mean())
              if cfg.normalize_activations == "expected_average_only_in" else 1.0)
+
+    if source is None:  # evaluation runs on transformers (CE loss with the reconstruction spliced in)
+        source = ModelActivations(model_path, device=device)
 
     # ---------------------------------------------------------------- trainer
     trainer = build_trainer(cfg, d_in)

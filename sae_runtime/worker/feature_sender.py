@@ -10,7 +10,7 @@ import logging
 
 import zmq
 
-from sae_runtime.protocol.feature_frames import FeatureChunk, encode_message
+from sae_runtime.protocol.feature_frames import Chunk, encode_message
 
 logger = logging.getLogger("sae_runtime.feature_channel")
 
@@ -40,7 +40,7 @@ class FeatureSender:
         self.sent_messages = 0
         self.dropped_messages = 0
 
-    def send(self, chunks: list[FeatureChunk]) -> None:
+    def send(self, chunks: list[Chunk]) -> None:
         if not chunks:
             return
         try:

@@ -12,7 +12,9 @@ At hook point ``L`` the layer has returned either ``(hidden_states, residual)``,
 is the residual stream ``x`` README.md calls ``layers.L``, or ``x`` itself. Steering
 adds its ``delta`` to ``hidden_states`` (or to ``x``) of the edited rows only, so layer
 ``L+1`` sees ``x + delta``, and every other row stays bit-identical. Features are extracted from
-the stream after this step's edits, i.e. from what layer ``L+1`` actually reads.
+the stream after this step's edits, i.e. from what layer ``L+1`` actually reads; so are
+the raw stream rows a request asks for (``WorkerSpec.streams``: harvesting for training),
+which need no dictionary at their hook point and are sent as stream chunks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from sae_runtime import kernels, vllm_surface
 from sae_runtime.dictionary import SparseDictionary
-from sae_runtime.protocol import SPEC_KEY, FeatureChunk, WorkerSpec
+from sae_runtime.protocol import SPEC_KEY, Chunk, FeatureChunk, StreamChunk, WorkerSpec
 from sae_runtime.worker import residual_op
 from sae_runtime.worker.decoder_layers import LAYER_ATTR, hooked_layers
 from sae_runtime.worker.feature_sender import FeatureSender
@@ -33,6 +35,7 @@ from sae_runtime.worker.step_plan import (
     ExtractJob,
     RequestState,
     StepPlan,
+    StreamJob,
     build_step_plan,
     parse_request,
 )
@@ -53,7 +56,7 @@ class SAEWorkerRuntime:
         self.requests: dict[str, RequestState | None] = {}
         self.steps = 0
         self._plan: StepPlan | None = None
-        self._chunks: list[FeatureChunk] = []
+        self._chunks: list[Chunk] = []
         self._restore_execute: Callable[[], None] | None = None
 
     # -- installation -------------------------------------------------------------------
@@ -110,7 +113,8 @@ class SAEWorkerRuntime:
         found = vllm_surface.request_extra_arg(self.runner, req_id, SPEC_KEY)
         if found is not None:
             encoded, num_prompt_tokens = found
-            state = parse_request(WorkerSpec.decode(encoded), num_prompt_tokens, self.hidden_size)
+            state = parse_request(WorkerSpec.decode(encoded), num_prompt_tokens, self.hidden_size,
+                                  len(self.layers))
         # Requests without a spec are remembered too, so each is looked at once.
         self.requests[req_id] = state
         return state
@@ -150,9 +154,9 @@ class SAEWorkerRuntime:
         lp = plan.layers.get(L)
         if lp is None:
             return None
-        return self._apply_layer(lp, hidden, residual)
+        return self._apply_layer(L, lp, hidden, residual)
 
-    def _apply_layer(self, lp: Any, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+    def _apply_layer(self, L: int, lp: Any, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
         new_hidden = hidden
         if lp.edits or lp.vectors is not None:
             new_hidden = hidden.clone()
@@ -164,7 +168,21 @@ class SAEWorkerRuntime:
                 new_hidden.index_add_(0, lp.vectors.rows, lp.vectors.vectors.to(hidden.dtype))
         for name, jobs in lp.extract.items():
             self._extract(self.dictionaries[name], name, new_hidden, residual, jobs)
+        if lp.streams:
+            self._copy_streams(L, lp.streams, new_hidden, residual)
         return None if new_hidden is hidden else new_hidden
+
+    def _copy_streams(self, L: int, jobs: list[StreamJob], hidden: torch.Tensor,
+                      residual: torch.Tensor | None) -> None:
+        """Raw stream rows of every job at hook point ``L``: one gather and one copy to the
+        host for the whole step, split per request (views of one array)."""
+        rows = jobs[0].rows if len(jobs) == 1 else torch.cat([j.rows for j in jobs])
+        x = _stream_rows(hidden, residual, rows).float().cpu().numpy()
+        off = 0
+        for j in jobs:
+            n = j.rows.numel()
+            self._chunks.append(StreamChunk(j.rid, L, j.positions, x[off:off + n]))
+            off += n
 
     def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
         """``edited − x`` for the edit batch rows (each edit computed from the original x)."""

@@ -44,14 +44,21 @@ class RequestState:
     top_k: int | None
     feature_ids: torch.Tensor | None
     feature_scope: str | None
+    streams: list[int] = field(default_factory=list)
+    """Hook points whose raw stream rows of the prompt tokens are sent back."""
 
 
 def _in_scope(scope: str, kind: str) -> bool:
     return scope == "all" or scope == kind
 
 
-def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int) -> RequestState:
+def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
+                  num_layers: int | None = None) -> RequestState:
     """Turn a request's :class:`~sae_runtime.protocol.WorkerSpec` into tensors."""
+    if num_layers is not None:
+        bad = [L for L in spec.streams if L >= num_layers]
+        if bad:
+            raise ValueError(f"sae.streams: hook points {bad} beyond the model's {num_layers} layers")
     edits: dict[str, dict[str, ScopedEdits]] = {}
     by_dict: dict[str, list[EditSpec]] = {}
     for e in spec.edits:
@@ -89,6 +96,7 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int) -> Reques
         top_k=feats.top_k if feats else None,
         feature_ids=torch.tensor(feats.feature_ids, dtype=torch.int64) if feats and feats.feature_ids else None,
         feature_scope=feats.scope if feats else None,
+        streams=list(spec.streams),
     )
 
 
@@ -120,10 +128,20 @@ class ExtractJob:
 
 
 @dataclass
+class StreamJob:
+    """Raw stream rows of one request to copy out at one hook point."""
+
+    rid: str
+    rows: torch.Tensor  # [n] int64
+    positions: np.ndarray  # [n] int32
+
+
+@dataclass
 class LayerPlan:
     edits: dict[str, EditBatch] = field(default_factory=dict)
     vectors: VectorBatch | None = None
     extract: dict[str, list[ExtractJob]] = field(default_factory=dict)
+    streams: list[StreamJob] = field(default_factory=list)
 
 
 @dataclass
@@ -200,6 +218,15 @@ def build_step_plan(
                         ExtractJob(state.rid, sel_rows.to(device), sel_pos.astype(np.int32), state.top_k,
                                    None if state.feature_ids is None else state.feature_ids.to(device))
                     )
+
+        if state.streams:
+            # Prompt tokens only (a harvest is a prefill); each is copied where it is computed.
+            is_prompt_np = positions < state.prompt_len
+            if is_prompt_np.any():
+                sel_rows = rows[torch.from_numpy(is_prompt_np)].to(device)
+                sel_pos = positions[is_prompt_np].astype(np.int32)
+                for L in state.streams:
+                    layer(L).streams.append(StreamJob(state.rid, sel_rows, sel_pos))
 
     for name, (rows_l, slot_l, slots) in edit_acc.items():
         if not rows_l:

@@ -1,0 +1,116 @@
+"""sae-train's harvest through the vLLM engine (``--harvest vllm``, the default).
+
+Each context runs as a prefill-only request (``max_tokens=1``, prefix-cache reading
+skipped) that asks the worker for the raw residual stream at the hook points
+(``WorkerSpec.streams``); the rows come back over the engine's feature side channel
+(:meth:`sae_runtime.engine.engine.SAEEngine.harvest_streams`). Every context of a
+``harvest`` call is in flight at once, so vLLM batches them as it batches any prefill.
+The tokens kept are the transformers harvest's (``HarvestSource.training_mask``: not
+position 0, not special tokens), in the same order, so the activation cache and its
+fingerprint do not depend on the source.
+
+The engine runs on its own asyncio loop in a background thread (sae-train is synchronous)
+and is started on the first ``harvest`` call, so a run whose activation cache is already
+complete never starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..model_info import read_model_info
+from .activations import HarvestSource
+
+START_TIMEOUT_S = 1800.0
+"""Engine start (model load, and compilation when not eager) must finish within this."""
+CALL_TIMEOUT_S = 3600.0
+"""One ``harvest`` call must finish within this."""
+
+
+class EngineActivations(HarvestSource):
+    """Residual streams at hook points from the vLLM engine (an :class:`SAEEngine` without
+    dictionaries, or a running one handed in with its event loop)."""
+
+    def __init__(self, model_path: str | os.PathLike, *, engine: Any = None,
+                 loop: asyncio.AbstractEventLoop | None = None, max_model_len: int = 2048,
+                 enforce_eager: bool = True):
+        from transformers import AutoTokenizer
+
+        if (engine is None) != (loop is None):
+            raise ValueError("pass both engine and the event loop it runs on, or neither")
+        self.model_path = str(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        info = read_model_info(self.model_path)
+        self.num_layers, self.d_model = info.num_layers, info.hidden_size
+        self._token_rules()
+        self.engine, self.loop = engine, loop
+        self._own = engine is None  # started (and so shut down) here
+        self._thread: threading.Thread | None = None
+        self._max_model_len, self._eager = max_model_len, enforce_eager
+
+    # -- engine ---------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _start(self) -> Any:
+        if self.engine is not None:
+            return self.engine
+        from ..engine.engine import EngineConfig, SAEEngine
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="sae-train-engine", daemon=True)
+        thread.start()
+        self.loop, self._thread = loop, thread
+        # No dictionaries: hook points need none to hand their stream out. Prefix caching
+        # off: every request skips reading it anyway.
+        config = EngineConfig(model=self.model_path, max_model_len=self._max_model_len,
+                              enforce_eager=self._eager, enable_prefix_caching=False)
+        try:
+            self.engine = self._run(SAEEngine.start(config), START_TIMEOUT_S)
+        except BaseException:
+            self._stop_loop()
+            raise
+        return self.engine
+
+    def _stop_loop(self) -> None:
+        if self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+        self.loop, self._thread = None, None
+
+    def close(self) -> None:
+        if not self._own or self.engine is None:
+            return
+        engine, self.engine = self.engine, None
+
+        async def shutdown() -> None:
+            engine.shutdown()
+            await asyncio.sleep(0.2)  # let the cancelled output handler finish on this loop
+
+        try:
+            self._run(shutdown(), 120)
+        finally:
+            self._stop_loop()
+
+    # -- harvest --------------------------------------------------------------------------
+
+    def residuals(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> list[dict[int, Tensor]]:
+        """Per context ``{layer: float32 [T, d]}``: the stream of every token (position 0 too)."""
+        engine = self._start()
+        ids = [[int(t) for t in c.tolist()] for c in contexts]
+        return self._run(engine.harvest_streams(ids, list(layers)), CALL_TIMEOUT_S)
+
+    def harvest(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> dict[int, Tensor]:
+        streams = self.residuals(contexts, layers)
+        masks = [self.training_mask(c[None].long(), torch.tensor([len(c)]))[0] for c in contexts]
+        return {L: torch.cat([s[L][m] for s, m in zip(streams, masks, strict=True)]) for L in layers}

@@ -23,6 +23,7 @@ import torch
 
 from .dictionary import SparseDictionary
 from .dictionary_sources import load_dictionary
+from .feature_index import INDEX_FILE, FeatureIndex, FeatureIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class RegisteredDictionary:
     source: str | None = None
     """What the dictionary was loaded from (a path, ``hf:...``, ``sae_lens:...``):
     ``SparseDictionary.load(source)`` loads it again, e.g. in the worker process."""
+    index: FeatureIndex | None = None
+    """Its feature index (``feature_index.sqlite`` in its folder, opened read-only), if any."""
 
     @property
     def d_in(self) -> int:
@@ -117,6 +120,16 @@ def same_model(dictionary_model: str | None, served_model: str) -> bool:
     if not dictionary_model or dictionary_model.strip().lower() == "unknown":
         return True
     return bool(model_identities(dictionary_model) & model_identities(served_model))
+
+
+def _open_index(path: Path | None) -> FeatureIndex | None:
+    """The feature index in a dictionary's folder, or None when it has none."""
+    if path is None or not path.is_dir() or not (path / INDEX_FILE).exists():
+        return None
+    try:
+        return FeatureIndex(path / INDEX_FILE)
+    except FeatureIndexError as e:
+        raise RegistryError(f"{e} (move it away to serve the dictionary without its index)") from e
 
 
 def _read_metrics(path: Path | None) -> dict[str, Any] | None:
@@ -224,6 +237,7 @@ class DictionaryRegistry:
             metrics=_read_metrics(dictionary.path if dictionary.path is None
                                   or dictionary.path.is_dir() else None),
             source=dictionary.source,
+            index=_open_index(dictionary.path),
         )
 
     # ------------------------------------------------------------ lookup

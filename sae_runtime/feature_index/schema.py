@@ -1,0 +1,91 @@
+"""The feature index's on-disk format: one SQLite file beside a dictionary.
+
+``feature_index.sqlite`` holds, for every feature of one dictionary, what ``sae-index``
+measured over a corpus (its max-activating contexts, the distribution of its nonzero
+activations, how often it fires, the tokens it promotes and suppresses, the features it
+fires with) and a label with the score of a detection test. Servers open it read-only
+(every replica, concurrently). The tables:
+
+``meta(key TEXT PRIMARY KEY, value TEXT)``
+    ``schema_version`` (:data:`SCHEMA_VERSION`), ``dictionary_id``, ``model``,
+    ``hook_point``, ``d_sae``, ``corpus`` (what was read), ``tokens_scored`` (tokens the
+    statistics are over: position 0 and special tokens excluded), ``top_n``, ``window``,
+    ``quantile_levels`` and ``hist_bins`` (JSON), ``label_method``, ``created`` (UTC ISO
+    time), ``builder`` (the sae-serve version). Values are text; numbers as decimal, lists
+    as JSON.
+
+``features`` — one row per feature, every feature present (a feature that never fired
+has ``n_fired = 0``, ``max_act = 0`` and no examples):
+    ``feature INTEGER PRIMARY KEY`` — the feature's index in the dictionary;
+    ``max_act REAL`` — largest activation seen;
+    ``n_fired INTEGER`` and ``density REAL`` — tokens where it was nonzero, and that count
+    over ``tokens_scored``;
+    ``quantiles BLOB`` — float32 × len(:data:`QUANTILE_LEVELS`), quantiles of its nonzero
+    activations;
+    ``hist BLOB`` — int32 × :data:`HIST_BINS`, counts of its nonzero activations in equal
+    bins over ``(0, max_act]`` (bin ``b`` holds ``(b/B·max, (b+1)/B·max]``);
+    ``top_tokens TEXT`` — JSON ``[[token_id, token, count], ...]``: the tokens at which its
+    top examples peak, most frequent first;
+    ``promoted TEXT``, ``suppressed TEXT`` — JSON ``[[token_id, token, score], ...]``: the
+    logit-lens tokens of its decoder direction;
+    ``cooccur TEXT`` — JSON ``[[feature, jaccard], ...]``: the features firing on the same
+    tokens most often, by Jaccard index of their firing sets;
+    ``label TEXT``, ``label_source TEXT`` (``"tokens"`` for the deterministic label,
+    ``"explainer:<model>"`` for one written by a language model), ``label_score REAL`` —
+    the label's detection score (balanced accuracy of picking held-out activating contexts
+    out of non-activating ones using the label; 0.5 is chance), NULL when not scored.
+
+``examples`` — the top-N max-activating contexts of each feature:
+    ``feature INTEGER``, ``rank INTEGER`` (0 = strongest), ``activation REAL`` (the peak),
+    ``token_ids BLOB`` (int32 × window), ``acts BLOB`` (float32 × window: the feature's
+    activation at each token of the window), ``peak INTEGER`` (offset of the peak token in
+    the window), ``doc TEXT`` (document id in the corpus), ``position INTEGER`` (the peak's
+    position in its context); primary key ``(feature, rank)``.
+
+``features_fts`` — FTS5 over ``label`` and ``tokens`` (the top and promoted tokens as
+text), ``rowid`` = feature; searched by ``GET /v1/dictionaries/{id}/features?q=``.
+"""
+
+from __future__ import annotations
+
+INDEX_FILE = "feature_index.sqlite"
+"""The index's file name inside a dictionary's folder."""
+
+SCHEMA_VERSION = 1
+
+QUANTILE_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
+"""Levels of the stored quantiles of each feature's nonzero activations."""
+
+HIST_BINS = 32
+"""Bins of each feature's activation histogram (equal width over ``(0, max_act]``)."""
+
+DDL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE features (
+    feature INTEGER PRIMARY KEY,
+    max_act REAL NOT NULL,
+    n_fired INTEGER NOT NULL,
+    density REAL NOT NULL,
+    quantiles BLOB NOT NULL,
+    hist BLOB NOT NULL,
+    top_tokens TEXT NOT NULL,
+    promoted TEXT NOT NULL,
+    suppressed TEXT NOT NULL,
+    cooccur TEXT NOT NULL,
+    label TEXT NOT NULL,
+    label_source TEXT NOT NULL,
+    label_score REAL
+);
+CREATE TABLE examples (
+    feature INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    activation REAL NOT NULL,
+    token_ids BLOB NOT NULL,
+    acts BLOB NOT NULL,
+    peak INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (feature, rank)
+) WITHOUT ROWID;
+CREATE VIRTUAL TABLE features_fts USING fts5(label, tokens, tokenize = 'unicode61');
+"""

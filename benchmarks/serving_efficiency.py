@@ -1,0 +1,198 @@
+"""Serving efficiency: the deployed server against its own engine in-process, side by side.
+
+The same chat requests (the default model's chat template, greedy, ``ignore_eos``, the same
+number of new tokens) at each concurrency, with and without top-8 features on every token,
+go through:
+
+1. the in-process engine: ``SAEEngine`` with the server's default engine settings, driven
+   from this process (no HTTP, no Ray, no JSON);
+2. the default deployment: ``sae-serve`` (Ray Serve proxy → replica → the same engine),
+   streamed chat completions over HTTP from this process (``stream=true``, features in
+   each chunk when asked for), every token read.
+
+tokens/s is generated tokens over wall time for the whole batch; median of ``--repeats``
+after a warm-up. The ratio server/engine is what the deployment costs. ``--bind`` runs the
+whole comparison once per CPU thread binding (``VLLM_CPU_OMP_THREADS_BIND``; ``default`` =
+what sae-serve does with no setting), since the binding decides how the engine shares the
+cores with the API process, Ray's proxy and vLLM's engine core.
+
+Run: ``.venv/bin/python benchmarks/serving_efficiency.py [--concurrency 8,32] [--bind default,0-1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+from load import free_port, start_server, stop_server  # noqa: E402  (benchmarks/load.py)
+
+TOPICS = ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"]
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write about the history of {TOPICS[i % len(TOPICS)]} (note {i})."}]
+
+
+async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict[tuple[int, bool], float]:
+    """tokens/s of the in-process engine per (concurrency, features)."""
+    from vllm import SamplingParams
+
+    from sae_runtime.engine.engine import SAEEngine
+    from sae_runtime.engine.spec import SAERequestSpec
+    from server.config import ServeConfig
+
+    if bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    else:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    config = ServeConfig().engine
+    if not config.dictionaries:
+        config = config.model_copy(update={"dictionaries": [str(REPO / "sae_runtime/data/default_dictionary")]})
+    if args.eager:
+        config = config.model_copy(update={"enforce_eager": True})
+    eng = await SAEEngine.start(config)
+    did = eng.registry.ids()[0]
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8}})
+    out: dict[tuple[int, bool], float] = {}
+    try:
+        for n in concurrencies:
+            ids = [eng.encode_chat(messages(i)) for i in range(n)]
+            for with_features in (False, True):
+                spec = features if with_features else None
+
+                async def batch(ids=ids, spec=spec) -> float:
+                    t0 = time.perf_counter()
+                    outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
+                    total = sum(o.num_generated_tokens for o in outs)
+                    assert total == len(ids) * args.tokens, total
+                    return total / (time.perf_counter() - t0)
+
+                await batch()
+                out[(n, with_features)] = statistics.median([await batch() for _ in range(args.repeats)])
+                print(f"  engine  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
+                      flush=True)
+    finally:
+        eng.shutdown()
+    return out
+
+
+async def stream_chat(client: httpx.AsyncClient, base: str, i: int, args, did: str | None) -> int:
+    """Generated tokens of one streamed chat completion, every chunk read (and, with
+    features, a check that each generated token came with its features)."""
+    body: dict = {"model": args.model_name, "messages": messages(i), "max_tokens": args.tokens,
+                  "temperature": 0.0, "ignore_eos": True, "stream": True,
+                  "stream_options": {"include_usage": True}}
+    if did is not None:
+        body["features"] = {"dictionaries": [did], "top_k": 8, "scope": "generated"}
+    with_features = 0
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                with_features += len(choice.get("features") or [])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+                if did is not None and with_features != tokens:
+                    raise RuntimeError(f"{tokens} tokens but {with_features} with features")
+                return tokens
+    raise RuntimeError("stream ended without usage")
+
+
+async def server_rates(
+    args, bind: str | None, concurrencies: list[int], out_dir: Path
+) -> dict[tuple[int, bool], float]:
+    http_port, grpc_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    extra = ["--cpu-threads-bind", bind] if bind else []
+    if args.eager:
+        extra.append("--enforce-eager")
+    server_args = argparse.Namespace(
+        dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
+    )
+    proc = start_server(server_args, http_port, grpc_port, out_dir)
+    out: dict[tuple[int, bool], float] = {}
+    try:
+        dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
+        did = dicts[0]["id"]
+        limits = httpx.Limits(max_connections=max(concurrencies) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            for n in concurrencies:
+                for with_features in (False, True):
+                    want = did if with_features else None
+
+                    async def batch(n=n, want=want) -> float:
+                        t0 = time.perf_counter()
+                        counts = await asyncio.gather(*[stream_chat(client, base, i, args, want) for i in range(n)])
+                        total = sum(counts)
+                        assert total == n * args.tokens, (total, n * args.tokens)
+                        return total / (time.perf_counter() - t0)
+
+                    await batch()
+                    out[(n, with_features)] = statistics.median([await batch() for _ in range(args.repeats)])
+                    print(
+                        f"  server  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
+                        flush=True,
+                    )
+    finally:
+        stop_server(proc)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", default="8,32", help="comma-separated numbers of concurrent chat streams")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--bind",
+        default="default",
+        help="comma-separated VLLM_CPU_OMP_THREADS_BIND values; 'default' = sae-serve's default",
+    )
+    p.add_argument("--eager", action="store_true", help="both sides in vLLM's eager mode (starts faster)")
+    p.add_argument("--start-timeout", type=float, default=900.0)
+    p.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="model name the server serves")
+    args = p.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    binds = [None if b == "default" else b for b in args.bind.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for bind in binds:
+            label = bind or "default"
+            print(f"binding {label}: in-process engine", flush=True)
+            eng = asyncio.run(engine_rates(args, bind, concurrencies))
+            print(f"binding {label}: sae-serve", flush=True)
+            srv = asyncio.run(server_rates(args, bind, concurrencies, Path(tmp)))
+            for key in eng:
+                rows.append((label, key[0], key[1], eng[key], srv[key]))
+    print(
+        f"\n{args.tokens} new tokens per request, greedy, chat template, "
+        f"{'eager' if args.eager else 'compiled'} mode, median of {args.repeats}\n"
+    )
+    print("| binding | streams | features | engine tokens/s | server tokens/s | server / engine |")
+    print("|---|---:|---|---:|---:|---:|")
+    for label, n, feats, e, s in rows:
+        print(f"| {label} | {n} | {'top-8' if feats else 'none'} | {e:.1f} | {s:.1f} | {s / e:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,8 +33,11 @@ from sae_wire.models import (
     ExtractResponse,
     FeatureInfoOut,
     FeatureRequest,
+    FeatureSearchResponse,
     GenerateChunkOut,
     SamplingOptions,
+    SearchByExampleRequest,
+    SearchByExampleResponse,
     SteeringSpec,
 )
 
@@ -44,6 +47,23 @@ T = TypeVar("T")
 
 
 # -- request builders shared by both clients ---------------------------------------------------
+
+def feature_request_msg(dictionary: str, feature: int, top_n: int | None, examples: int | None
+                        ) -> pb.GetFeatureRequest:
+    req = pb.GetFeatureRequest(dictionary=dictionary, feature=feature)
+    if top_n is not None:
+        req.top_n = top_n
+    if examples is not None:
+        req.examples = examples
+    return req
+
+
+def search_request_msg(dictionary: str, q: str, limit: int | None) -> pb.SearchFeaturesRequest:
+    req = pb.SearchFeaturesRequest(dictionary=dictionary, q=q)
+    if limit is not None:
+        req.limit = limit
+    return req
+
 
 
 def _prompt(text: str | None, messages: Sequence[ChatMessage | dict[str, Any]] | None) -> dict[str, Any]:
@@ -182,11 +202,18 @@ class SAEClient:
         resp = self._safe(self.stub.ListDictionaries, pb.ListDictionariesRequest())
         return [conv.dictionary_from_pb(d) for d in resp.dictionaries]
 
-    def get_feature(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
-        req = pb.GetFeatureRequest(dictionary=dictionary, feature=feature)
-        if top_n is not None:
-            req.top_n = top_n
-        return conv.feature_info_from_pb(self._safe(self.stub.GetFeature, req))
+    def get_feature(self, dictionary: str, feature: int, top_n: int | None = None,
+                    examples: int | None = None) -> FeatureInfoOut:
+        return conv.feature_info_from_pb(self._safe(self.stub.GetFeature,
+                                                    feature_request_msg(dictionary, feature, top_n, examples)))
+
+    def search_features(self, dictionary: str, q: str, limit: int | None = None) -> FeatureSearchResponse:
+        req = search_request_msg(dictionary, q, limit)
+        return conv.search_features_response_from_pb(self._safe(self.stub.SearchFeatures, req))
+
+    def search_by_example(self, request: SearchByExampleRequest | dict) -> SearchByExampleResponse:
+        req = conv.search_by_example_request_pb(request)
+        return conv.search_by_example_response_from_pb(self._safe(self.stub.SearchByExample, req))
 
 
 class AsyncSAEClient:
@@ -260,8 +287,15 @@ class AsyncSAEClient:
         resp = await self._safe(self.stub.ListDictionaries, pb.ListDictionariesRequest())
         return [conv.dictionary_from_pb(d) for d in resp.dictionaries]
 
-    async def get_feature(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
-        req = pb.GetFeatureRequest(dictionary=dictionary, feature=feature)
-        if top_n is not None:
-            req.top_n = top_n
+    async def get_feature(self, dictionary: str, feature: int, top_n: int | None = None,
+                          examples: int | None = None) -> FeatureInfoOut:
+        req = feature_request_msg(dictionary, feature, top_n, examples)
         return conv.feature_info_from_pb(await self._safe(self.stub.GetFeature, req))
+
+    async def search_features(self, dictionary: str, q: str, limit: int | None = None) -> FeatureSearchResponse:
+        req = search_request_msg(dictionary, q, limit)
+        return conv.search_features_response_from_pb(await self._safe(self.stub.SearchFeatures, req))
+
+    async def search_by_example(self, request: SearchByExampleRequest | dict) -> SearchByExampleResponse:
+        req = conv.search_by_example_request_pb(request)
+        return conv.search_by_example_response_from_pb(await self._safe(self.stub.SearchByExample, req))

@@ -27,16 +27,25 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from sae_wire import sae_serve_pb2 as pb
 from sae_wire.models import (
+    CooccurringFeature,
     DictionaryFeatures,
     DictionaryInfoOut,
+    ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,
+    FeatureExampleOut,
+    FeatureIndexCard,
     FeatureInfoOut,
     FeatureRequest,
+    FeatureSearchHit,
+    FeatureSearchResponse,
     GenerateChunkOut,
     GenerateRequest,
     SamplingOptions,
+    SearchByExampleRequest,
+    SearchByExampleResponse,
     SteeringSpec,
+    TokenCountOut,
     TokenFeaturesOut,
     TokenScore,
     Usage,
@@ -52,6 +61,9 @@ MODE_FROM_PB: dict[int, str | None] = {
     pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
 MODE_TO_PB: dict[str, pb.EditMode] = {
     "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE}
+NORMALIZE_FROM_PB: dict[int, str | None] = {
+    pb.NORMALIZE_UNSPECIFIED: None, pb.NORMALIZE_NONE: "none", pb.NORMALIZE_MAX: "max"}
+NORMALIZE_TO_PB: dict[str, pb.Normalize] = {"none": pb.NORMALIZE_NONE, "max": pb.NORMALIZE_MAX}
 SAMPLING_OPTIONALS = ("max_tokens", "temperature", "top_p", "seed")
 
 
@@ -97,6 +109,11 @@ def feature_request_dict(msg: pb.FeatureRequest) -> dict[str, Any]:
     if msg.feature_ids:
         d["feature_ids"] = list(msg.feature_ids)
     _set(d, "scope", _enum(SCOPE_FROM_PB, msg.scope, "features.scope"))
+    _set(d, "normalize", _enum(NORMALIZE_FROM_PB, msg.normalize, "features.normalize"))
+    if msg.labels:
+        d["labels"] = True
+    if msg.HasField("exclude_dense_above"):
+        d["exclude_dense_above"] = msg.exclude_dense_above
     return d
 
 
@@ -154,6 +171,30 @@ def generate_request_dict(msg: pb.GenerateRequest) -> dict[str, Any]:
     return data
 
 
+def search_by_example_request_dict(msg: pb.SearchByExampleRequest) -> dict[str, Any]:
+    d: dict[str, Any] = {"dictionary": msg.dictionary, "texts": list(msg.texts),
+                         "contrast_texts": list(msg.contrast_texts)}
+    if msg.HasField("limit"):
+        d["limit"] = msg.limit
+    if msg.HasField("exclude_dense_above"):
+        d["exclude_dense_above"] = msg.exclude_dense_above
+    return d
+
+
+def search_by_example_request_from_pb(msg: pb.SearchByExampleRequest) -> SearchByExampleRequest:
+    """Raises :class:`pydantic.ValidationError` naming the field."""
+    return SearchByExampleRequest.model_validate(search_by_example_request_dict(msg))
+
+
+def search_by_example_request_pb(request: SearchByExampleRequest | dict) -> pb.SearchByExampleRequest:
+    r = _model(SearchByExampleRequest, request)
+    msg = pb.SearchByExampleRequest(dictionary=r.dictionary, texts=r.texts, contrast_texts=r.contrast_texts,
+                                    limit=r.limit)
+    if r.exclude_dense_above is not None:
+        msg.exclude_dense_above = r.exclude_dense_above
+    return msg
+
+
 def extract_request_from_pb(msg: pb.ExtractFeaturesRequest) -> ExtractRequest:
     """Raises :class:`WireError` or :class:`pydantic.ValidationError`, both naming the field."""
     return ExtractRequest.model_validate(extract_request_dict(msg))
@@ -171,6 +212,11 @@ def feature_request_pb(features: FeatureRequest | dict) -> pb.FeatureRequest:
     msg = pb.FeatureRequest(dictionaries=f.dictionaries, feature_ids=f.feature_ids or [], scope=_scope_pb(f.scope))
     if f.top_k is not None:  # with feature_ids too: both are asked, both come back
         msg.top_k = f.top_k
+    if f.normalize != "none":
+        msg.normalize = NORMALIZE_TO_PB[f.normalize]
+    msg.labels = f.labels
+    if f.exclude_dense_above is not None:
+        msg.exclude_dense_above = f.exclude_dense_above
     return msg
 
 
@@ -229,7 +275,8 @@ def generate_request_pb(request: GenerateRequest | dict) -> pb.GenerateRequest:
 
 def dictionary_features_pb(d: DictionaryFeatures) -> pb.DictionaryFeatures:
     return pb.DictionaryFeatures(dictionary=d.dictionary, indices=d.indices or [], values=d.values,
-                                 feature_values=d.feature_values or [])
+                                 feature_values=d.feature_values or [], labels=d.labels or [],
+                                 feature_labels=d.feature_labels or [])
 
 
 def token_features_pb(tokens: Sequence[TokenFeaturesOut]) -> list[pb.TokenFeatures]:
@@ -270,14 +317,41 @@ def feature_info_pb(f: FeatureInfoOut) -> pb.FeatureInfo:
     )
     if f.density is not None:
         out.density = f.density
+    out.has_index = f.has_index
+    if f.index is not None:
+        out.index.CopyFrom(feature_index_card_pb(f.index))
     return out
+
+
+def feature_index_card_pb(c: FeatureIndexCard) -> pb.FeatureIndexCard:
+    out = pb.FeatureIndexCard(
+        label=c.label, label_source=c.label_source, max_activation=c.max_activation, density=c.density,
+        n_fired=c.n_fired, quantile_levels=c.quantile_levels, quantiles=c.quantiles, histogram=c.histogram,
+        histogram_max=c.histogram_max, top_tokens=[pb.TokenCount(**t.model_dump()) for t in c.top_tokens],
+        cooccurring=[pb.CooccurringFeature(**f.model_dump()) for f in c.cooccurring],
+        examples=[pb.FeatureExample(**e.model_dump()) for e in c.examples])
+    if c.label_score is not None:
+        out.label_score = c.label_score
+    return out
+
+
+def search_features_response_pb(r: FeatureSearchResponse) -> pb.SearchFeaturesResponse:
+    return pb.SearchFeaturesResponse(dictionary=r.dictionary, query=r.query,
+                                     results=[pb.FeatureSearchHit(**h.model_dump()) for h in r.results])
+
+
+def search_by_example_response_pb(r: SearchByExampleResponse) -> pb.SearchByExampleResponse:
+    return pb.SearchByExampleResponse(dictionary=r.dictionary,
+                                      results=[pb.ExampleSearchHit(**h.model_dump()) for h in r.results])
 
 
 # -- responses: message -> model (the client) -------------------------------------------------
 
 def dictionary_features_from_pb(d: pb.DictionaryFeatures) -> DictionaryFeatures:
     return DictionaryFeatures(dictionary=d.dictionary, indices=list(d.indices) or None, values=list(d.values),
-                              feature_values=list(d.feature_values) or None)
+                              feature_values=list(d.feature_values) or None,
+                              labels=list(d.labels) or None,
+                              feature_labels=list(d.feature_labels) or None)
 
 
 def tokens_from_pb(tokens: Sequence[pb.TokenFeatures]) -> list[TokenFeaturesOut]:
@@ -314,4 +388,30 @@ def feature_info_from_pb(f: pb.FeatureInfo) -> FeatureInfoOut:
     return FeatureInfoOut(dictionary=f.dictionary, feature=f.feature, hook_point=f.hook_point,
                           decoder_norm=f.decoder_norm, top_promoted=scores(f.top_promoted),
                           top_suppressed=scores(f.top_suppressed),
-                          density=f.density if f.HasField("density") else None)
+                          density=f.density if f.HasField("density") else None, has_index=f.has_index,
+                          index=feature_index_card_from_pb(f.index) if f.HasField("index") else None)
+
+
+def feature_index_card_from_pb(c: pb.FeatureIndexCard) -> FeatureIndexCard:
+    return FeatureIndexCard(
+        label=c.label, label_source=c.label_source, label_score=c.label_score if c.HasField("label_score") else None,
+        max_activation=c.max_activation, density=c.density, n_fired=c.n_fired,
+        quantile_levels=list(c.quantile_levels), quantiles=list(c.quantiles), histogram=list(c.histogram),
+        histogram_max=c.histogram_max,
+        top_tokens=[TokenCountOut(token_id=t.token_id, token=t.token, count=t.count) for t in c.top_tokens],
+        cooccurring=[CooccurringFeature(feature=f.feature, jaccard=f.jaccard, label=f.label) for f in c.cooccurring],
+        examples=[FeatureExampleOut(activation=e.activation, tokens=list(e.tokens), token_ids=list(e.token_ids),
+                                    activations=list(e.activations), peak=e.peak, doc=e.doc, position=e.position)
+                  for e in c.examples])
+
+
+def search_features_response_from_pb(m: pb.SearchFeaturesResponse) -> FeatureSearchResponse:
+    return FeatureSearchResponse(dictionary=m.dictionary, query=m.query, results=[
+        FeatureSearchHit(feature=h.feature, label=h.label, density=h.density, max_activation=h.max_activation)
+        for h in m.results])
+
+
+def search_by_example_response_from_pb(m: pb.SearchByExampleResponse) -> SearchByExampleResponse:
+    return SearchByExampleResponse(dictionary=m.dictionary, results=[
+        ExampleSearchHit(feature=h.feature, score=h.score, label=h.label, max_activation=h.max_activation,
+                         density=h.density) for h in m.results])

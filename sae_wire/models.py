@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Scope = Literal["prompt", "generated", "all"]
 EditModeName = Literal["add", "clamp", "scale", "ablate"]
+Normalize = Literal["none", "max"]
 
 
 # -- the SAE request fields: ``features`` and ``steering`` ---------------------------------
@@ -36,6 +37,16 @@ class FeatureRequest(_Strict):
         default=None, min_length=1, description="return these features' values (with top_k: as well)"
     )
     scope: Scope = "all"
+    # Read through the dictionary's feature index (server/README.md, "Feature index"):
+    normalize: Normalize = Field(
+        default="none", description="'max': each value divided by the feature's max activation in the index"
+    )
+    labels: bool = Field(default=False, description="a label (from the index) beside each feature id")
+    exclude_dense_above: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="leave features whose indexed firing density is above this out of the top k "
+        "(the top k among the other features comes back)",
+    )
 
     @model_validator(mode="after")
     def _something_asked(self) -> FeatureRequest:
@@ -118,6 +129,12 @@ class DictionaryFeatures(BaseModel):
     )
     feature_values: list[float] | None = Field(
         default=None, description="activations of the requested feature_ids when top_k was asked as well"
+    )
+    labels: list[str] | None = Field(
+        default=None, description="with features.labels: the label of each feature of 'values', aligned with it"
+    )
+    feature_labels: list[str] | None = Field(
+        default=None, description="with features.labels: the labels of the feature_ids, aligned with feature_values"
     )
 
 
@@ -252,3 +269,93 @@ class FeatureInfoOut(BaseModel):
     top_promoted: list[TokenScore]
     top_suppressed: list[TokenScore]
     density: float | None = Field(default=None, description="fraction of tokens it fires on, when recorded")
+    has_index: bool = Field(default=False, description="whether the dictionary has a feature index; "
+                            "false: 'index' is null (build one with sae-index)")
+    index: FeatureIndexCard | None = Field(default=None, description="what the feature index holds about it")
+
+
+# -- the feature index: cards, search, search by example -------------------------------------
+
+class TokenCountOut(BaseModel):
+    token_id: int
+    token: str
+    count: float = Field(description="how many of its top examples peak at this token")
+
+
+class CooccurringFeature(BaseModel):
+    feature: int
+    jaccard: float = Field(description="Jaccard index of the two features' firing token sets")
+    label: str
+
+
+class FeatureExampleOut(BaseModel):
+    """One max-activating context from the index."""
+
+    activation: float = Field(description="the feature's activation at the peak token")
+    tokens: list[str]
+    token_ids: list[int]
+    activations: list[float] = Field(description="the feature's activation at each token, aligned with tokens")
+    peak: int = Field(description="index of the peak token in tokens")
+    doc: str = Field(description="id of the corpus document")
+    position: int = Field(description="position of the peak token in its context")
+
+
+class FeatureIndexCard(BaseModel):
+    """A feature's entry in its dictionary's feature index."""
+
+    label: str
+    label_source: str = Field(description="'tokens' (deterministic) or 'explainer:<model>'")
+    label_score: float | None = Field(default=None, description="detection balanced accuracy (0.5 = chance)")
+    max_activation: float
+    density: float = Field(description="fraction of indexed tokens it fires on")
+    n_fired: int
+    quantile_levels: list[float]
+    quantiles: list[float] = Field(description="of its nonzero activations, at quantile_levels")
+    histogram: list[int] = Field(description="counts of its nonzero activations in equal bins over (0, histogram_max]")
+    histogram_max: float = Field(description="upper edge of the last bin (= max_activation); bin b is "
+                                 "(b/B·max, (b+1)/B·max]")
+    top_tokens: list[TokenCountOut]
+    cooccurring: list[CooccurringFeature]
+    examples: list[FeatureExampleOut]
+
+
+class FeatureSearchHit(BaseModel):
+    feature: int
+    label: str
+    density: float
+    max_activation: float
+
+
+class FeatureSearchResponse(BaseModel):
+    """``GET /v1/dictionaries/{id}/features?q=`` and gRPC SearchFeatures."""
+
+    dictionary: str
+    query: str
+    results: list[FeatureSearchHit]
+
+
+class SearchByExampleRequest(_Strict):
+    """``POST /v1/features/search`` and gRPC SearchByExample."""
+
+    dictionary: str
+    texts: list[str] = Field(min_length=1, max_length=64, description="texts the features should fire on")
+    contrast_texts: list[str] = Field(default_factory=list, max_length=64,
+                                      description="texts whose score is subtracted")
+    limit: int = Field(default=20, ge=1, le=1000)
+    exclude_dense_above: float | None = Field(default=None, gt=0.0, le=1.0,
+                                              description="leave out features denser than this")
+
+
+class ExampleSearchHit(BaseModel):
+    feature: int
+    score: float = Field(description="mean over texts of max over tokens of activation / max_activation, "
+                         "minus the same over contrast_texts")
+    label: str
+    max_activation: float
+    density: float
+
+
+class SearchByExampleResponse(BaseModel):
+    dictionary: str
+    results: list[ExampleSearchHit]
+FeatureInfoOut.model_rebuild()

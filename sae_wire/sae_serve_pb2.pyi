@@ -22,6 +22,12 @@ class EditMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDIT_MODE_CLAMP: _ClassVar[EditMode]
     EDIT_MODE_SCALE: _ClassVar[EditMode]
     EDIT_MODE_ABLATE: _ClassVar[EditMode]
+
+class Normalize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALIZE_UNSPECIFIED: _ClassVar[Normalize]
+    NORMALIZE_NONE: _ClassVar[Normalize]
+    NORMALIZE_MAX: _ClassVar[Normalize]
 SCOPE_UNSPECIFIED: Scope
 SCOPE_PROMPT: Scope
 SCOPE_GENERATED: Scope
@@ -31,6 +37,9 @@ EDIT_MODE_ADD: EditMode
 EDIT_MODE_CLAMP: EditMode
 EDIT_MODE_SCALE: EditMode
 EDIT_MODE_ABLATE: EditMode
+NORMALIZE_UNSPECIFIED: Normalize
+NORMALIZE_NONE: Normalize
+NORMALIZE_MAX: Normalize
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -47,16 +56,22 @@ class Chat(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class FeatureRequest(_message.Message):
-    __slots__ = ("dictionaries", "top_k", "feature_ids", "scope")
+    __slots__ = ("dictionaries", "top_k", "feature_ids", "scope", "normalize", "labels", "exclude_dense_above")
     DICTIONARIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FEATURE_IDS_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_DENSE_ABOVE_FIELD_NUMBER: _ClassVar[int]
     dictionaries: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     feature_ids: _containers.RepeatedScalarFieldContainer[int]
     scope: Scope
-    def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    normalize: Normalize
+    labels: bool
+    exclude_dense_above: float
+    def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ..., normalize: _Optional[_Union[Normalize, str]] = ..., labels: _Optional[bool] = ..., exclude_dense_above: _Optional[float] = ...) -> None: ...
 
 class SteeringEdit(_message.Message):
     __slots__ = ("dictionary", "feature", "mode", "value", "scope")
@@ -107,16 +122,20 @@ class SamplingOptions(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DictionaryFeatures(_message.Message):
-    __slots__ = ("dictionary", "indices", "values", "feature_values")
+    __slots__ = ("dictionary", "indices", "values", "feature_values", "labels", "feature_labels")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LABELS_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     indices: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     feature_values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, dictionary: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., feature_values: _Optional[_Iterable[float]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    feature_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dictionary: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., feature_values: _Optional[_Iterable[float]] = ..., labels: _Optional[_Iterable[str]] = ..., feature_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenFeatures(_message.Message):
     __slots__ = ("position", "token_id", "token", "is_prompt", "features")
@@ -221,14 +240,16 @@ class ListDictionariesResponse(_message.Message):
     def __init__(self, dictionaries: _Optional[_Iterable[_Union[DictionaryInfo, _Mapping]]] = ...) -> None: ...
 
 class GetFeatureRequest(_message.Message):
-    __slots__ = ("dictionary", "feature", "top_n")
+    __slots__ = ("dictionary", "feature", "top_n", "examples")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     feature: int
     top_n: int
-    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., top_n: _Optional[int] = ...) -> None: ...
+    examples: int
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., top_n: _Optional[int] = ..., examples: _Optional[int] = ...) -> None: ...
 
 class TokenScore(_message.Message):
     __slots__ = ("token_id", "token", "score")
@@ -241,7 +262,7 @@ class TokenScore(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class FeatureInfo(_message.Message):
-    __slots__ = ("dictionary", "feature", "hook_point", "decoder_norm", "top_promoted", "top_suppressed", "density")
+    __slots__ = ("dictionary", "feature", "hook_point", "decoder_norm", "top_promoted", "top_suppressed", "density", "has_index", "index")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +270,8 @@ class FeatureInfo(_message.Message):
     TOP_PROMOTED_FIELD_NUMBER: _ClassVar[int]
     TOP_SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
+    HAS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     feature: int
     hook_point: str
@@ -256,4 +279,142 @@ class FeatureInfo(_message.Message):
     top_promoted: _containers.RepeatedCompositeFieldContainer[TokenScore]
     top_suppressed: _containers.RepeatedCompositeFieldContainer[TokenScore]
     density: float
-    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., hook_point: _Optional[str] = ..., decoder_norm: _Optional[float] = ..., top_promoted: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., top_suppressed: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ...) -> None: ...
+    has_index: bool
+    index: FeatureIndexCard
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., hook_point: _Optional[str] = ..., decoder_norm: _Optional[float] = ..., top_promoted: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., top_suppressed: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., has_index: _Optional[bool] = ..., index: _Optional[_Union[FeatureIndexCard, _Mapping]] = ...) -> None: ...
+
+class TokenCount(_message.Message):
+    __slots__ = ("token_id", "token", "count")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    count: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., count: _Optional[float] = ...) -> None: ...
+
+class CooccurringFeature(_message.Message):
+    __slots__ = ("feature", "jaccard", "label")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    JACCARD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    jaccard: float
+    label: str
+    def __init__(self, feature: _Optional[int] = ..., jaccard: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+
+class FeatureExample(_message.Message):
+    __slots__ = ("activation", "tokens", "token_ids", "activations", "peak", "doc", "position")
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    activation: float
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    activations: _containers.RepeatedScalarFieldContainer[float]
+    peak: int
+    doc: str
+    position: int
+    def __init__(self, activation: _Optional[float] = ..., tokens: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., activations: _Optional[_Iterable[float]] = ..., peak: _Optional[int] = ..., doc: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class FeatureIndexCard(_message.Message):
+    __slots__ = ("label", "label_source", "label_score", "max_activation", "density", "n_fired", "quantile_levels", "quantiles", "histogram", "histogram_max", "top_tokens", "cooccurring", "examples")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    N_FIRED_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_MAX_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COOCCURRING_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    label_source: str
+    label_score: float
+    max_activation: float
+    density: float
+    n_fired: int
+    quantile_levels: _containers.RepeatedScalarFieldContainer[float]
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    histogram: _containers.RepeatedScalarFieldContainer[int]
+    histogram_max: float
+    top_tokens: _containers.RepeatedCompositeFieldContainer[TokenCount]
+    cooccurring: _containers.RepeatedCompositeFieldContainer[CooccurringFeature]
+    examples: _containers.RepeatedCompositeFieldContainer[FeatureExample]
+    def __init__(self, label: _Optional[str] = ..., label_source: _Optional[str] = ..., label_score: _Optional[float] = ..., max_activation: _Optional[float] = ..., density: _Optional[float] = ..., n_fired: _Optional[int] = ..., quantile_levels: _Optional[_Iterable[float]] = ..., quantiles: _Optional[_Iterable[float]] = ..., histogram: _Optional[_Iterable[int]] = ..., histogram_max: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenCount, _Mapping]]] = ..., cooccurring: _Optional[_Iterable[_Union[CooccurringFeature, _Mapping]]] = ..., examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ...) -> None: ...
+
+class SearchFeaturesRequest(_message.Message):
+    __slots__ = ("dictionary", "q", "limit")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    q: str
+    limit: int
+    def __init__(self, dictionary: _Optional[str] = ..., q: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class FeatureSearchHit(_message.Message):
+    __slots__ = ("feature", "label", "density", "max_activation")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    label: str
+    density: float
+    max_activation: float
+    def __init__(self, feature: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., max_activation: _Optional[float] = ...) -> None: ...
+
+class SearchFeaturesResponse(_message.Message):
+    __slots__ = ("dictionary", "query", "results")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    query: str
+    results: _containers.RepeatedCompositeFieldContainer[FeatureSearchHit]
+    def __init__(self, dictionary: _Optional[str] = ..., query: _Optional[str] = ..., results: _Optional[_Iterable[_Union[FeatureSearchHit, _Mapping]]] = ...) -> None: ...
+
+class SearchByExampleRequest(_message.Message):
+    __slots__ = ("dictionary", "texts", "contrast_texts", "limit", "exclude_dense_above")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    CONTRAST_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_DENSE_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    contrast_texts: _containers.RepeatedScalarFieldContainer[str]
+    limit: int
+    exclude_dense_above: float
+    def __init__(self, dictionary: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., contrast_texts: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., exclude_dense_above: _Optional[float] = ...) -> None: ...
+
+class ExampleSearchHit(_message.Message):
+    __slots__ = ("feature", "score", "label", "max_activation", "density")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    score: float
+    label: str
+    max_activation: float
+    density: float
+    def __init__(self, feature: _Optional[int] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., max_activation: _Optional[float] = ..., density: _Optional[float] = ...) -> None: ...
+
+class SearchByExampleResponse(_message.Message):
+    __slots__ = ("dictionary", "results")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    results: _containers.RepeatedCompositeFieldContainer[ExampleSearchHit]
+    def __init__(self, dictionary: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ExampleSearchHit, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,16 @@ class SAEServiceStub:
                 request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.SerializeToString,
                 response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.FromString,
                 _registered_method=True)
+        self.SearchFeatures = channel.unary_unary(
+                '/sae_serve.v1.SAEService/SearchFeatures',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesRequest.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesResponse.FromString,
+                _registered_method=True)
+        self.SearchByExample = channel.unary_unary(
+                '/sae_serve.v1.SAEService/SearchByExample',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.FromString,
+                _registered_method=True)
 
 
 class SAEServiceServicer:
@@ -88,6 +98,22 @@ class SAEServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchFeatures(self, request, context):
+        """Features whose index label or top tokens match a query (needs the feature index:
+        FAILED_PRECONDITION without one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchByExample(self, request, context):
+        """Features that fire on example texts (and not on contrast texts), relative to their
+        indexed max activation (needs the feature index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SAEServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +136,16 @@ def add_SAEServiceServicer_to_server(servicer, server):
                     servicer.GetFeature,
                     request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.FromString,
                     response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.SerializeToString,
+            ),
+            'SearchFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchFeatures,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesRequest.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesResponse.SerializeToString,
+            ),
+            'SearchByExample': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchByExample,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class SAEService:
             '/sae_serve.v1.SAEService/GetFeature',
             sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.SerializeToString,
             sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/SearchFeatures',
+            sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesRequest.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchByExample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/SearchByExample',
+            sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.FromString,
             options,
             channel_credentials,
             insecure,

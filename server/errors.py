@@ -23,6 +23,7 @@ from sae_wire.convert import WireError
 class ErrorKind(StrEnum):
     INVALID = "invalid_request_error"
     NOT_FOUND = "not_found_error"
+    NO_INDEX = "index_missing"
     TOO_LARGE = "request_too_large"
     UNSUPPORTED = "unsupported_parameter"
     UNAUTHENTICATED = "authentication_error"
@@ -34,6 +35,7 @@ class ErrorKind(StrEnum):
 HTTP_STATUS = {
     ErrorKind.INVALID: 400,
     ErrorKind.NOT_FOUND: 404,
+    ErrorKind.NO_INDEX: 409,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED: 400,
     ErrorKind.UNAUTHENTICATED: 401,
@@ -45,6 +47,7 @@ HTTP_STATUS = {
 GRPC_CODE = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.NO_INDEX: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNSUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,

@@ -134,9 +134,34 @@ class SAEGrpcMethods:
             async with self.service.observed("dictionaries.feature", "grpc"):
                 self._authorize(grpc_context)
                 info = self.service.feature_info(
-                    request.dictionary, request.feature, request.top_n if request.HasField("top_n") else None
+                    request.dictionary, request.feature, request.top_n if request.HasField("top_n") else None,
+                    request.examples if request.HasField("examples") else None,
                 )
             return conv.feature_info_pb(info)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def SearchFeatures(
+        self, request: pb.SearchFeaturesRequest, grpc_context: Any = None
+    ) -> pb.SearchFeaturesResponse:
+        try:
+            async with self.service.observed("dictionaries.search", "grpc"):
+                self._authorize(grpc_context)
+                found = self.service.search_features(
+                    request.dictionary, request.q, request.limit if request.HasField("limit") else None)
+            return conv.search_features_response_pb(found)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def SearchByExample(
+        self, request: pb.SearchByExampleRequest, grpc_context: Any = None
+    ) -> pb.SearchByExampleResponse:
+        try:
+            async with self.service.observed("features.search", "grpc"):
+                self._authorize(grpc_context)
+                self._check_size(request)
+                found = await self.service.search_by_example(conv.search_by_example_request_from_pb(request))
+            return conv.search_by_example_response_pb(found)
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
 

@@ -33,7 +33,10 @@ from server.models import (
     ExtractRequest,
     ExtractResponse,
     FeatureInfoOut,
+    FeatureSearchResponse,
     ModelList,
+    SearchByExampleRequest,
+    SearchByExampleResponse,
 )
 from server.openai_handler import OpenAIHandler
 from server.openai_models import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
@@ -357,10 +360,21 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
             return service.list_dictionaries()
 
     @app.get("/v1/dictionaries/{dictionary:path}/features/{feature}", response_model=FeatureInfoOut)
-    async def feature(dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
+    async def feature(dictionary: str, feature: int, top_n: int | None = None,
+                      examples: int | None = None) -> FeatureInfoOut:
         # ':path' because derived ids contain a slash ("layers.6/topk-512").
         async with service.observed("dictionaries.feature", "http"):
-            return service.feature_info(dictionary, feature, top_n)
+            return service.feature_info(dictionary, feature, top_n, examples)
+
+    @app.get("/v1/dictionaries/{dictionary:path}/features", response_model=FeatureSearchResponse)
+    async def search_features(dictionary: str, q: str, limit: int | None = None) -> FeatureSearchResponse:
+        async with service.observed("dictionaries.search", "http"):
+            return service.search_features(dictionary, q, limit)
+
+    @app.post("/v1/features/search", response_model=SearchByExampleResponse)
+    async def search_by_example(req: SearchByExampleRequest) -> SearchByExampleResponse:
+        async with service.observed("features.search", "http"):
+            return await service.search_by_example(req)
 
     # -- operations -----------------------------------------------------------------------
 

@@ -275,7 +275,7 @@ class OpenAIHandler:
                 acc.text += chunk.text
                 acc.token_ids += chunk.token_ids
                 acc.logprobs += chunk.logprobs or []
-                acc.features += self.service.features_out(chunk.features)
+                acc.features += self.service.features_out(chunk.features, req.features)
                 acc.finish_reason = chunk.finish_reason or acc.finish_reason
             return acc
 
@@ -446,7 +446,7 @@ class OpenAIHandler:
                 chunk: GenerationChunk = item
                 run = plan.runs[slot]
                 generated[slot] = chunk.num_generated_tokens
-                feats = self.service.features_out(chunk.features) if req.features is not None else None
+                feats = self.service.features_out(chunk.features, req.features) if req.features is not None else None
                 first = slot not in started
                 started.add(slot)
                 if is_chat:

@@ -26,19 +26,24 @@ from sae_runtime.engine.spec import (
     check_response_budget,
 )
 from sae_runtime.registry import UnknownDictionaryError
+from server import index_views
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
 from server.models import (
     DictionaryInfoOut,
     DictionaryList,
+    ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,
     FeatureInfoOut,
+    FeatureSearchResponse,
     GenerateChunkOut,
     GenerateRequest,
     ModelCard,
     ModelList,
     PromptInput,
+    SearchByExampleRequest,
+    SearchByExampleResponse,
     TokenFeaturesOut,
     TokenScore,
     Usage,
@@ -271,6 +276,9 @@ class SAEService:
             self.engine.validate(spec)
         except SpecError as exc:
             raise ApiError.from_spec_error(exc) from None
+        if features is not None:  # normalize / labels / exclude_dense_above read the feature index
+            index_views.check_feature_options(features, self.engine.registry)
+            spec.features = index_views.worker_features(features, self.engine.registry, self.limits)
         return spec
 
     # -- token text and features ---------------------------------------------------------
@@ -283,8 +291,12 @@ class SAEService:
                 self._token_text[token_id] = text
         return text
 
-    def features_out(self, tokens: list[TokenFeatures]) -> list[TokenFeaturesOut]:
-        return [TokenFeaturesOut(**dict(t), token=self.token_text(t.token_id)) for t in tokens]
+    def features_out(self, tokens: list[TokenFeatures], features: FeatureRequest | None = None
+                     ) -> list[TokenFeaturesOut]:
+        """The engine's features for the client, with the token's text; ``features`` (the
+        client's request) applies its index options (dense features out, normalised, labelled)."""
+        out = [TokenFeaturesOut(**dict(t), token=self.token_text(t.token_id)) for t in tokens]
+        return index_views.apply_feature_options(out, features, self.engine.registry)
 
     # -- generation ----------------------------------------------------------------------
 
@@ -352,10 +364,10 @@ class SAEService:
             max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop or None, seed=s.seed
         )
         _first, stream = await self.open_stream(prompt_ids, params, spec)
-        return ClosingStream(self._generate_chunks(len(prompt_ids), stream), stream)
+        return ClosingStream(self._generate_chunks(len(prompt_ids), stream, req.features), stream)
 
     async def _generate_chunks(
-        self, prompt_len: int, stream: AsyncIterator[GenerationChunk]
+        self, prompt_len: int, stream: AsyncIterator[GenerationChunk], features: FeatureRequest | None = None
     ) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
         try:
@@ -364,7 +376,7 @@ class SAEService:
                 yield GenerateChunkOut(
                     token_ids=chunk.token_ids,
                     text=chunk.text,
-                    features=self.features_out(chunk.features),
+                    features=self.features_out(chunk.features, features),
                     finished=chunk.finished,
                     finish_reason=chunk.finish_reason,
                     usage=Usage(
@@ -396,7 +408,7 @@ class SAEService:
                 raise
             raise api from None
         self.metrics.tokens(prompt=len(prompt_ids), extracted=len(tokens))
-        return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens))
+        return ExtractResponse(model=self.model_name, tokens=self.features_out(tokens, req.features))
 
     def list_models(self) -> ModelList:
         return ModelList(
@@ -416,12 +428,18 @@ class SAEService:
             self._unembedding = Unembedding.load(self.engine.model_dir)
         return self._unembedding
 
-    def feature_info(self, dictionary: str, feature: int, top_n: int | None = None) -> FeatureInfoOut:
-        """Decoder norm, density and the tokens feature ``feature`` promotes/suppresses."""
+    def _dictionary(self, dictionary: str, field: str = "dictionary") -> Any:
         try:
-            entry = self.engine.registry.get(dictionary)
+            return self.engine.registry.get(dictionary)
         except UnknownDictionaryError as exc:
-            raise ApiError.not_found("dictionary", str(exc)) from None
+            raise ApiError.not_found(field, str(exc)) from None
+
+    def feature_info(self, dictionary: str, feature: int, top_n: int | None = None,
+                     examples: int | None = None) -> FeatureInfoOut:
+        """Decoder norm, density and the tokens feature ``feature`` promotes/suppresses, and
+        what the dictionary's feature index holds about it (``examples``: how many of its
+        max-activating contexts)."""
+        entry = self._dictionary(dictionary)
         if not 0 <= feature < entry.d_sae:
             raise ApiError.not_found(
                 "feature", f"feature {feature} out of range for '{dictionary}' (d_sae={entry.d_sae})"
@@ -431,8 +449,15 @@ class SAEService:
             raise ApiError.invalid("top_n", f"must be between 1 and 1000 (got {top_n})")
         d_i = entry.dictionary.W_dec[feature].detach().float().cpu()
         promoted, suppressed = self.unembedding().top_tokens(d_i, top_n)
+        examples = index_views.DEFAULT_EXAMPLES if examples is None else examples
+        if not 0 <= examples <= index_views.MAX_EXAMPLES:
+            raise ApiError.invalid("examples", f"must be between 0 and {index_views.MAX_EXAMPLES} (got {examples})")
         sparsity = entry.dictionary.sparsity
         density = None if sparsity is None else float(10.0 ** sparsity[feature])
+        card = None
+        if entry.index is not None:
+            card = index_views.index_card(entry.index, feature, examples, self.token_text)
+            density = card.density
         return FeatureInfoOut(
             dictionary=entry.id,
             feature=feature,
@@ -441,4 +466,65 @@ class SAEService:
             top_promoted=[TokenScore(token_id=t, token=self.token_text(t), score=s) for t, s in promoted],
             top_suppressed=[TokenScore(token_id=t, token=self.token_text(t), score=s) for t, s in suppressed],
             density=density,
+            has_index=card is not None,
+            index=card,
         )
+
+    # -- the feature index: search ---------------------------------------------------------
+
+    def search_features(self, dictionary: str, q: str, limit: int | None = None) -> FeatureSearchResponse:
+        """Features whose index label or top tokens match every word of ``q`` (as prefixes)."""
+        entry = self._dictionary(dictionary)
+        index = index_views.require_index(entry)
+        hits = index_views.search(index, q, 20 if limit is None else limit)
+        return FeatureSearchResponse(dictionary=entry.id, query=q, results=hits)
+
+    async def search_by_example(self, req: SearchByExampleRequest) -> SearchByExampleResponse:
+        """Features ranked by how strongly the texts make them fire, relative to their indexed
+        max, minus the same over the contrast texts (server/README.md, "Search by example")."""
+        entry = self._dictionary(req.dictionary)
+        index = index_views.require_index(entry)
+        prompts = [("texts", i, t) for i, t in enumerate(req.texts)]
+        prompts += [("contrast_texts", i, t) for i, t in enumerate(req.contrast_texts)]
+        encoded = []
+        for field, i, text in prompts:
+            ids = self.engine.encode_text(text)
+            if not ids:
+                raise ApiError.invalid(f"{field}[{i}]", "is empty")
+            self.check_budget(ids, 1, f"{field}[{i}]")
+            encoded.append(ids)
+        d = entry.dictionary
+        k = min(self.limits.max_top_k, entry.d_sae, *([d.k] if d.activation == "topk" and d.k else []))
+        features = FeatureRequest(dictionaries=[entry.id], top_k=k, scope="prompt")
+        spec = self.build_spec(features, None)
+        assert spec is not None and spec.features is not None
+        for ids in encoded:
+            self.check_response_budget(spec.features, len(ids), 0, lower="send shorter texts")
+        self.check_engine(needs_features=True)
+        try:
+            results = await asyncio.gather(*(self.engine.extract(ids, spec.features) for ids in encoded))
+        except Exception as exc:
+            api = translate(exc)
+            if api is None:
+                raise
+            raise api from None
+        self.metrics.tokens(prompt=sum(map(len, encoded)), extracted=sum(map(len, results)))
+        maxes = index.max_activations
+        skip = set(getattr(self.engine.tokenizer, "all_special_ids", None) or ())
+        per_text = []
+        for (field, i, _text), tokens in zip(prompts, results, strict=True):
+            scores = index_views.text_scores(self.features_out(tokens), entry.id, maxes, skip)
+            if scores is None:
+                raise ApiError.invalid(f"{field}[{i}]", "has no token to score: the first token and special "
+                                       "tokens are left out (they carry attention-sink activations)")
+            per_text.append(scores)
+        n = len(req.texts)
+        ranked = index_views.example_scores(per_text[:n], per_text[n:])
+        dens = index.densities
+        if req.exclude_dense_above is not None:
+            ranked = {f: v for f, v in ranked.items() if dens[f] <= req.exclude_dense_above}
+        top = sorted(ranked.items(), key=lambda fv: (-fv[1], fv[0]))[: req.limit]
+        labels = index.labels(f for f, _ in top)
+        return SearchByExampleResponse(dictionary=entry.id, results=[
+            ExampleSearchHit(feature=f, score=v, label=labels.get(f, ""), max_activation=float(maxes[f]),
+                             density=float(dens[f])) for f, v in top])

@@ -145,9 +145,12 @@ _SERVERS: dict[str, ServerHandle] = {}
 
 
 def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
-                  extra_env: dict[str, str] | None = None, config: dict | None = None) -> ServerHandle:
+                  extra_env: dict[str, str] | None = None, config: dict | None = None,
+                  index_model_dir: Path | None = None) -> ServerHandle:
     """The ``name`` server of this session, started on first use with the test dictionary
-    (and ``config`` as its ``--config`` YAML file, for settings without a flag)."""
+    (and ``config`` as its ``--config`` YAML file, for settings without a flag; with
+    ``index_model_dir``, the dictionary gets a feature index built from that model's real
+    activations, ``tests/index_factory.py``)."""
     from tests.dictionary_factory import make_dictionary
 
     if name not in _SERVERS:
@@ -159,6 +162,10 @@ def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
             extra_args = ("--config", str(tmp / "serve.yaml"), *extra_args)
         # Same seed and shape as conftest's "topk" dictionary, under an explicit id.
         dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
+        if index_model_dir is not None:
+            from tests.index_factory import write_index
+
+            write_index(dictionary, index_model_dir, DICTIONARY_ID)
         _SERVERS[name] = start_server(tmp, dictionary, extra_args, extra_env)
     return _SERVERS[name]
 
@@ -176,9 +183,11 @@ SESSION_MAX_RESPONSE_FEATURE_VALUES = 300_000
 
 @pytest.fixture(scope="session")
 def sae_server(default_model_dir, tmp_path_factory) -> ServerHandle:
-    """One running ``sae-serve`` for the session (see the module docstring)."""
+    """One running ``sae-serve`` for the session (see the module docstring); its dictionary
+    has a feature index (``tests/index_factory.py``)."""
     yield shared_server("sae_serve", tmp_path_factory,
-                        config={"max_response_feature_values": SESSION_MAX_RESPONSE_FEATURE_VALUES})
+                        config={"max_response_feature_values": SESSION_MAX_RESPONSE_FEATURE_VALUES},
+                        index_model_dir=default_model_dir)
     stop_shared("sae_serve")
 
 

@@ -309,3 +309,43 @@ def test_cli_flags_override_yaml(tmp_path):
     bad.write_text("http_prot: 1\n")
     with pytest.raises(ValueError, match="http_prot"):
         config_from_args(build_parser().parse_args(["--config", str(bad)]))
+
+
+def test_feature_index_messages_round_trip():
+    from sae_wire.models import (
+        FeatureIndexCard,
+        FeatureSearchResponse,
+        SearchByExampleRequest,
+        SearchByExampleResponse,
+    )
+
+    feats = {"dictionaries": ["d"], "top_k": 3, "feature_ids": [1], "normalize": "max", "labels": True,
+             "exclude_dense_above": 0.25}
+    req = _server_reads(conv.extract_request_pb({"text": "x", "features": feats}))
+    assert req.features.model_dump() == {**feats, "scope": "all"}
+    plain = _server_reads(conv.extract_request_pb({"text": "x", "features": {"dictionaries": ["d"]}}))
+    assert (plain.features.normalize, plain.features.labels, plain.features.exclude_dense_above) == ("none", False,
+                                                                                                    None)
+    labelled = DictionaryFeatures(dictionary="d", indices=[4, 2], values=[1.0, 0.5], feature_values=[0.25],
+                                  labels=["four", "two"], feature_labels=["one"])
+    assert conv.dictionary_features_from_pb(conv.dictionary_features_pb(labelled)) == labelled
+    card = FeatureIndexCard(
+        label="sea", label_source="tokens", label_score=0.75, max_activation=2.5, density=0.125, n_fired=3,
+        quantile_levels=[0.5], quantiles=[1.5], histogram=[1, 2], histogram_max=2.5,
+        top_tokens=[{"token_id": 5, "token": " sea", "count": 2.0}],
+        cooccurring=[{"feature": 7, "jaccard": 0.5, "label": "waves"}],
+        examples=[{"activation": 2.5, "tokens": ["a", " sea"], "token_ids": [1, 5], "activations": [0.0, 2.5],
+                   "peak": 1, "doc": "doc-1", "position": 4}])
+    info = FeatureInfoOut(dictionary="d", feature=1, hook_point="layers.6", decoder_norm=1.0, top_promoted=[],
+                          top_suppressed=[], density=0.125, has_index=True, index=card)
+    assert conv.feature_info_from_pb(conv.feature_info_pb(info)) == info
+    bare = info.model_copy(update={"has_index": False, "index": None})
+    assert conv.feature_info_from_pb(conv.feature_info_pb(bare)) == bare
+    found = FeatureSearchResponse(dictionary="d", query="sea",
+                                  results=[{"feature": 1, "label": "sea", "density": 0.125, "max_activation": 2.5}])
+    assert conv.search_features_response_from_pb(conv.search_features_response_pb(found)) == found
+    ask = SearchByExampleRequest(dictionary="d", texts=["a"], contrast_texts=["b"], limit=5, exclude_dense_above=0.5)
+    assert conv.search_by_example_request_from_pb(conv.search_by_example_request_pb(ask)) == ask
+    ranked = SearchByExampleResponse(dictionary="d", results=[
+        {"feature": 1, "score": 0.5, "label": "sea", "max_activation": 2.5, "density": 0.125}])
+    assert conv.search_by_example_response_from_pb(conv.search_by_example_response_pb(ranked)) == ranked

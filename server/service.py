@@ -43,7 +43,7 @@ from server.models import (
     TokenScore,
     Usage,
 )
-from server.unembedding import Unembedding
+from sae_runtime.unembedding import Unembedding
 
 DEFAULT_GENERATE_MAX_TOKENS = 64
 

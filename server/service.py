@@ -26,6 +26,7 @@ from sae_runtime.engine.spec import (
     check_response_budget,
 )
 from sae_runtime.registry import UnknownDictionaryError
+from sae_runtime.unembedding import Unembedding
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
 from server.models import (
@@ -43,7 +44,6 @@ from server.models import (
     TokenScore,
     Usage,
 )
-from sae_runtime.unembedding import Unembedding
 
 DEFAULT_GENERATE_MAX_TOKENS = 64
 

@@ -501,7 +501,7 @@ class SAEEngine:
                 await self._wait_for(rows, range(len(ids)))
                 table = rows.rows["top"][dictionary]
                 got = [table[pos] for pos in range(len(ids))]
-                return (np.stack([g[0] for g in got]).astype(np.int64, copy=False),
+                return (np.stack([np.asarray(g[0]) for g in got]).astype(np.int64, copy=False),
                         np.stack([g[1] for g in got]).astype(np.float32, copy=False))
             finally:
                 self.receiver.unregister(rid)

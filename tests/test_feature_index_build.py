@@ -58,17 +58,21 @@ def test_bad_input_fails_before_the_engine_starts(tmp_path, corpus, capsys):
     assert not (other / INDEX_FILE).exists()
 
 
-def test_an_empty_corpus_is_refused(tmp_path, default_model_dir):
+def test_corpus_contexts_and_an_empty_corpus(tmp_path, default_model_dir, corpus):
     from transformers import AutoTokenizer
 
     (tmp_path / "empty.txt").write_text("  \n")
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     with pytest.raises(IndexBuildError, match=r"^data: no text in"):
         corpus_contexts(IndexConfig(data=[str(tmp_path)]), tok)
-    cfg = IndexConfig(data=["sotu"], max_tokens=1000, ctx_len=64)
+    cfg = IndexConfig(data=[str(corpus)], max_tokens=300, ctx_len=64)
     ctxs = corpus_contexts(cfg, tok)
-    assert 1000 <= sum(len(c.token_ids) for c in ctxs) < 1064 and all(len(c.token_ids) <= 64 for c in ctxs)
-    assert [c.offset for c in ctxs] == [c.offset for c in corpus_contexts(cfg, tok)]  # seeded, reproducible
+    assert 300 <= sum(len(c.token_ids) for c in ctxs) < 364 and all(len(c.token_ids) <= 64 for c in ctxs)
+    again = corpus_contexts(cfg, tok)  # a seeded sample: reproducible
+    assert [(c.doc, c.offset) for c in ctxs] == [(c.doc, c.offset) for c in again]
+    for c in ctxs:  # each context is its document's tokens from its offset
+        ids = tok((corpus / c.doc).read_text(), add_special_tokens=False)["input_ids"]
+        assert c.token_ids.tolist() == ids[c.offset:c.offset + 64]
 
 
 # -- through the session engine -------------------------------------------------------------

@@ -199,6 +199,18 @@ def check_inputs(cfg: IndexConfig) -> None:
         raise IndexBuildError(f"out: {out} exists; pass --overwrite to replace it or --out to write elsewhere")
     if cfg.ctx_len >= cfg.max_model_len:
         raise IndexBuildError(f"ctx_len: {cfg.ctx_len} must be below max_model_len ({cfg.max_model_len})")
+    from ..default_model import MODEL_NAME, prepare_default_model
+    from ..model_info import read_model_info
+    from ..registry import DictionaryRegistry
+
+    try:
+        info = (read_model_info(prepare_default_model(), name=MODEL_NAME) if cfg.model == "default"
+                else read_model_info(cfg.model))
+        # What the engine checks when it loads the dictionary (model, hook point, width).
+        DictionaryRegistry.load([str(d)], model_name=info.name, num_layers=info.num_layers,
+                                hidden_size=info.hidden_size)
+    except (ValueError, OSError) as exc:
+        raise IndexBuildError(f"dictionary: {exc}") from None
 
 
 class _Work:

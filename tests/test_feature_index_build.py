@@ -88,12 +88,24 @@ def test_harvest_features_equals_the_servers_extraction(sae_engine, role, top_k)
              "We the people"]
     ids = [engine.encode_text(t) for t in texts]
     bulk = sae_engine.run(engine.harvest_features(ids, dict_id, top_k))
+    differ = 0
     for prompt, (idx, val) in zip(ids, bulk, strict=True):
         assert idx.shape == val.shape == (len(prompt), top_k) and idx.dtype == np.int64
         ref = sae_engine.run(engine.extract(prompt, FeatureRequest(dictionaries=[dict_id], top_k=top_k)))
         assert [t.position for t in ref] == list(range(len(prompt)))
-        np.testing.assert_array_equal(idx, [t.features[0].indices for t in ref])
-        np.testing.assert_allclose(val, [t.features[0].values for t in ref], rtol=1e-6, atol=1e-6)
+        # The prompts ran batched here and alone there: the same numbers up to float32
+        # rounding, so the same features but where two sit within rounding of the k-th place.
+        for p, tok in enumerate(ref):
+            got = dict(zip(idx[p].tolist(), val[p].tolist(), strict=True))
+            want = dict(zip(tok.features[0].indices, tok.features[0].values, strict=True))
+            tol = 1e-3 * max(1.0, max(abs(v) for v in want.values()))
+            for f in got.keys() & want.keys():
+                assert got[f] == pytest.approx(want[f], abs=tol), (p, f)
+            edge = max(min(got.values()), min(want.values())) + tol
+            for f in got.keys() ^ want.keys():
+                assert got.get(f, want.get(f)) <= edge, (p, f)
+                differ += 1
+    assert differ <= 4
 
 
 def _cfg(sae_engine, corpus: Path, out: Path, **kw) -> IndexConfig:

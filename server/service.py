@@ -26,6 +26,7 @@ from sae_runtime.engine.spec import (
     check_response_budget,
 )
 from sae_runtime.registry import UnknownDictionaryError
+from sae_runtime.unembedding import Unembedding
 from server import index_views
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
@@ -48,7 +49,6 @@ from server.models import (
     TokenScore,
     Usage,
 )
-from server.unembedding import Unembedding
 
 DEFAULT_GENERATE_MAX_TOKENS = 64
 

@@ -11,6 +11,8 @@ import pytest
 from pydantic import BaseModel
 
 from sae_runtime.config_cli import ConfigError, field_specs
+from sae_runtime.feature_index import cli as index_cli
+from sae_runtime.feature_index.config import IndexConfig
 from sae_runtime.training import cli as train_cli
 from sae_runtime.training.config import TrainConfig
 from server import cli as serve_cli
@@ -25,9 +27,13 @@ SERVE_FLAGS = """--config --model --dictionary --dictionary-id --no-default-dict
 TRAIN_FLAGS = """--config -o --out --print-config --model --hook-point --data --text-field --max-tokens
 --architecture --expansion-factor --d-sae --k --batch-size --lr --epochs --steps --warmup-steps --threads
 --cache --no-cache --cache-dir --eval-tokens --progress --no-progress --ctx-len --eval-fraction""".split()
+INDEX_FLAGS = """--config --print-config --dictionary --model --data --text-field --ctx-len --max-tokens --top-n
+--window --top-k --out -o --work-dir --resume --no-resume --overwrite --keep-work --max-model-len --enforce-eager
+--no-enforce-eager --progress --no-progress""".split()
 # Options of the command line only (not settings of the model).
 SERVE_EXTRAS = {"--config", "--api-key-file", "-h", "--help"}
 TRAIN_EXTRAS = {"--config", "-o", "--out", "--print-config", "-h", "--help"}
+INDEX_EXTRAS = {"--config", "--print-config", "-h", "--help"}
 # Variables the project reads for other purposes: a generated one must not take their name.
 OTHER_VARIABLES = {"SAE_SERVE_API_KEY", "SAE_SERVE_CACHE", "SAE_SERVE_DEVICE", "SAE_SERVE_HOOKS",
                    "SAE_SERVE_SAELENS_YAML", "SAE_SERVE_LOAD_API_KEY", "SAE_SERVE_TEST_ALL_MODES",
@@ -51,6 +57,8 @@ CASES = [
                  "SAE_SERVE_", id="sae-serve"),
     pytest.param(TrainConfig, train_cli.build_parser, train_cli.train_specs, TRAIN_EXTRAS, TRAIN_FLAGS,
                  "SAE_TRAIN_", id="sae-train"),
+    pytest.param(IndexConfig, index_cli.build_parser, index_cli.index_specs, INDEX_EXTRAS, INDEX_FLAGS,
+                 "SAE_INDEX_", id="sae-index"),
 ]
 
 
@@ -196,3 +204,19 @@ def test_generator_refuses_options_for_missing_fields():
     with pytest.raises(ValueError, match="no_such_field"):
         field_specs(ServeConfig, "X_", {"no_such_field": Option()})
     assert isinstance(serve_cli.build_parser(), argparse.ArgumentParser)
+
+
+def test_index_precedence_flag_over_variable_over_file_and_bad_values(tmp_path, capsys):
+    (tmp_path / "i.yaml").write_text("top_n: 8\nwindow: 12\ndata: [a.txt]\nout: x.sqlite\n")
+    env = {"SAE_INDEX_TOP_N": "20", "SAE_INDEX_DATA": "b.txt,c.txt", "SAE_INDEX_MAX_TOKENS": "all"}
+    cfg, _ = index_cli.resolve(["--config", str(tmp_path / "i.yaml"), "--top-n", "30", "-o", "y.sqlite"], env)
+    assert (cfg.top_n, cfg.window, cfg.data, cfg.max_tokens, cfg.out) == (30, 12, ["b.txt", "c.txt"], None,
+                                                                         "y.sqlite")
+    cfg, _ = index_cli.resolve([], {})
+    assert cfg.dictionary is None and cfg.out_path().name == "feature_index.sqlite"
+    assert cfg.work_path().name == "feature_index.sqlite.work" and cfg.data == ["sotu"]
+    assert index_cli.main(["--window", "0"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "sae-index: error: invalid configuration: --window: Input should be greater than 0")
+    with pytest.raises(ConfigError, match=r"^SAE_INDEX_TOP_K: invalid int value"):
+        index_cli.resolve([], {"SAE_INDEX_TOP_K": "lots"})

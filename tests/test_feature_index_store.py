@@ -38,7 +38,7 @@ def index_path(tmp_path):
             _record(3, "numbers", 7.0, top_tokens=[TokenCount(5, " oceanic", 2)]),
         ])
         w.add_examples(0, [Example(5.0, [1, 2, 3], [0.0, 5.0, 1.0], 1, "doc-a", 7),
-                           Example(4.0, [4, 5], [4.0, 0.0], 0, "doc-b", 0)])
+                           Example(4.0, [4, 5], [4.0, 0.0], 0, "doc-b", 0, context_offset=512)])
     return path
 
 
@@ -53,6 +53,7 @@ def test_round_trip(index_path):
     assert idx.feature(9) is None
     ex = idx.examples(0)
     assert [e.activation for e in ex] == [5.0, 4.0] and ex[0].token_ids == [1, 2, 3] and ex[0].peak == 1
+    assert ex[0].context_offset == 0 and ex[1].context_offset == 512 and ex[1].doc == "doc-b"
     assert idx.examples(0, limit=1) == ex[:1] and idx.examples(1) == []
     assert idx.max_activations.tolist() == [5.0, 2.5, 0.0, 7.0]
     assert idx.labels([1, 3, 1]) == {1: "tax policy", 3: "numbers"}

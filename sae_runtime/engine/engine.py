@@ -8,7 +8,8 @@ reaches vLLM, carries it in ``SamplingParams.extra_args``, and streams
 :class:`~sae_runtime.engine.outputs.GenerationChunk` objects that hold new text and the
 features of the tokens the model has read so far. :meth:`SAEEngine.harvest_streams` runs
 prompts as prefills only and returns the raw residual streams at hook points (sae-train's
-harvest).
+harvest); :meth:`SAEEngine.harvest_features` does the same for one dictionary's top-k
+features (sae-index).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sae_runtime.engine.feature_channel import FeatureReceiver, RequestFeatures
 from sae_runtime.engine.outputs import DictionaryFeatures, GenerationChunk, TokenFeatures
 from sae_runtime.engine.spec import (
     DictionaryInfo,
+    FeatureRequest,
     ModelShape,
     SAERequestSpec,
     SpecError,
@@ -458,6 +460,49 @@ class SAEEngine:
                 wanted = range(len(ids))
                 await self._wait_for(rows, wanted)
                 return {L: torch.from_numpy(rows.stream(L, wanted)) for L in layers}
+            finally:
+                self.receiver.unregister(rid)
+
+        return list(await asyncio.gather(*(one(ids) for ids in token_id_lists)))
+
+    async def harvest_features(self, token_id_lists: list[list[int]], dictionary: str,
+                               top_k: int) -> list[tuple[Any, Any]]:
+        """The ``top_k`` strongest features of ``dictionary`` at every prompt token.
+
+        Returns, per prompt (same order), ``(indices int64 [T, top_k], values float32
+        [T, top_k])`` as numpy arrays: exactly what :meth:`extract` returns for the same
+        prompt and ``top_k``, without building per-token objects. Like
+        :meth:`harvest_streams`: prefill only, prefix-cache reading skipped, every prompt in
+        flight at once (the caller bounds a call's size).
+        """
+        import numpy as np
+        from vllm import SamplingParams
+
+        spec = SAERequestSpec(features=FeatureRequest(dictionaries=[dictionary], top_k=top_k, scope="prompt"))
+        self.validate(spec)
+        for i, ids in enumerate(token_id_lists):
+            if not ids:
+                raise SpecError(f"token_id_lists[{i}]", "is empty")
+            if len(ids) >= self.config.max_model_len:
+                raise SpecError(f"token_id_lists[{i}]", f"has {len(ids)} tokens; the model's context is "
+                                f"{self.config.max_model_len}")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        vllm_surface.stream_deltas(params)
+        params.skip_reading_prefix_cache = True
+
+        async def one(ids: list[int]) -> tuple[Any, Any]:
+            rid = uuid.uuid4().hex
+            p = params.clone()
+            p.extra_args = {SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info).encode()}
+            rows = self.receiver.register(rid, [dictionary], kinds=("top",))
+            try:
+                async for _ in self.llm.generate(vllm_surface.token_prompt(list(ids)), p, rid):
+                    pass
+                await self._wait_for(rows, range(len(ids)))
+                table = rows.rows["top"][dictionary]
+                got = [table[pos] for pos in range(len(ids))]
+                return (np.stack([np.asarray(g[0]) for g in got]).astype(np.int64, copy=False),
+                        np.stack([g[1] for g in got]).astype(np.float32, copy=False))
             finally:
                 self.receiver.unregister(rid)
 

@@ -11,8 +11,13 @@ fires with) and a label with the score of a detection test. Servers open it read
     ``hook_point``, ``d_sae``, ``corpus`` (what was read), ``tokens_scored`` (tokens the
     statistics are over: position 0 and special tokens excluded), ``top_n``, ``window``,
     ``quantile_levels`` and ``hist_bins`` (JSON), ``label_method``, ``created`` (UTC ISO
-    time), ``builder`` (the sae-serve version). Values are text; numbers as decimal, lists
-    as JSON.
+    time), ``builder`` (the sae-serve version); ``sae-index`` adds ``architecture``,
+    ``contexts`` and ``context_tokens`` (what was read), ``ctx_len`` and ``data_seed`` (how
+    the corpus was cut and sampled: documents tokenized without special tokens, contexts of
+    ``ctx_len`` tokens never crossing a document), ``top_k`` (features read per token) and
+    ``top_k_complete`` (``true`` when that is every nonzero feature: a TopK dictionary; for
+    other architectures the statistics see only each token's ``top_k`` strongest), and
+    ``quantile_method``. Values are text; numbers as decimal, lists as JSON.
 
 ``features`` — one row per feature, every feature present (a feature that never fired
 has ``n_fired = 0``, ``max_act = 0`` and no examples):
@@ -21,9 +26,13 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
     ``n_fired INTEGER`` and ``density REAL`` — tokens where it was nonzero, and that count
     over ``tokens_scored``;
     ``quantiles BLOB`` — float32 × len(:data:`QUANTILE_LEVELS`), quantiles of its nonzero
-    activations;
+    activations, not exact: read from a fine log-spaced histogram (2048 bins over
+    1e-3..1e5, each ×1.009 wide; the inverted-CDF quantile interpolated in its bin, capped
+    at ``max_act``), so within ~1% of the exact value;
     ``hist BLOB`` — int32 × :data:`HIST_BINS`, counts of its nonzero activations in equal
-    bins over ``(0, max_act]`` (bin ``b`` holds ``(b/B·max, (b+1)/B·max]``);
+    bins over ``(0, max_act]`` (bin ``b`` holds ``(b/B·max, (b+1)/B·max]``), from the same
+    fine histogram (a count whose fine bin straddles a boundary may sit one bin off); the
+    counts add up to ``n_fired``;
     ``top_tokens TEXT`` — JSON ``[[token_id, token, count], ...]``: the tokens at which its
     top examples peak, most frequent first;
     ``promoted TEXT``, ``suppressed TEXT`` — JSON ``[[token_id, token, score], ...]``: the
@@ -39,8 +48,13 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
     ``feature INTEGER``, ``rank INTEGER`` (0 = strongest), ``activation REAL`` (the peak),
     ``token_ids BLOB`` (int32 × window), ``acts BLOB`` (float32 × window: the feature's
     activation at each token of the window), ``peak INTEGER`` (offset of the peak token in
-    the window), ``doc TEXT`` (document id in the corpus), ``position INTEGER`` (the peak's
-    position in its context); primary key ``(feature, rank)``.
+    the window; 0 at positions the statistics exclude: position 0 and special tokens),
+    ``peak INTEGER`` (offset of the peak token in the window), ``doc TEXT`` (document id in
+    the corpus), ``position INTEGER`` (the peak's position in its context),
+    ``context_offset INTEGER`` (where the context starts in its document, in tokens of the
+    document tokenized without special tokens: the context is that token list's slice
+    ``[context_offset, context_offset + ctx_len)``, so ``position + 1`` tokens from there
+    reproduce the peak); primary key ``(feature, rank)``.
 
 ``features_fts`` — FTS5 over ``label`` and ``tokens`` (the top and promoted tokens as
 text), ``rowid`` = feature; searched by ``GET /v1/dictionaries/{id}/features?q=``.
@@ -85,6 +99,7 @@ CREATE TABLE examples (
     peak INTEGER NOT NULL,
     doc TEXT NOT NULL,
     position INTEGER NOT NULL,
+    context_offset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (feature, rank)
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE features_fts USING fts5(label, tokens, tokenize = 'unicode61');

@@ -41,6 +41,8 @@ class Example:
     """Id of the corpus document the context came from."""
     position: int
     """Position of the peak token in its context (as the engine saw it)."""
+    context_offset: int = 0
+    """Where the context starts in its document (tokens, no special tokens added)."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,9 @@ class IndexWriter:
             if len(ex.token_ids) != len(ex.acts) or not 0 <= ex.peak < len(ex.token_ids):
                 raise ValueError(f"feature {feature} example {rank}: window and peak do not agree")
             self._db.execute(
-                "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?)",
                 (feature, rank, float(ex.activation), np.asarray(ex.token_ids, np.int32).tobytes(),
-                 np.asarray(ex.acts, np.float32).tobytes(), ex.peak, ex.doc, ex.position))
+                 np.asarray(ex.acts, np.float32).tobytes(), ex.peak, ex.doc, ex.position, ex.context_offset))
 
     def close(self) -> None:
         """Commit and compact the file."""
@@ -233,11 +235,12 @@ class FeatureIndex:
 
     def examples(self, feature: int, limit: int | None = None) -> list[Example]:
         rows = self._db.execute(
-            "SELECT activation, token_ids, acts, peak, doc, position FROM examples "
+            "SELECT activation, token_ids, acts, peak, doc, position, context_offset FROM examples "
             "WHERE feature = ? ORDER BY rank LIMIT ?", (int(feature), -1 if limit is None else limit))
         return [Example(activation=a, token_ids=np.frombuffer(t, np.int32).tolist(),
-                        acts=np.frombuffer(x, np.float32).tolist(), peak=p, doc=d, position=pos)
-                for a, t, x, p, d, pos in rows]
+                        acts=np.frombuffer(x, np.float32).tolist(), peak=p, doc=d, position=pos,
+                        context_offset=off)
+                for a, t, x, p, d, pos, off in rows]
 
     def search(self, q: str, limit: int = 20) -> list[SearchHit]:
         """Features whose label or top tokens match every word of ``q`` (as prefixes), best

@@ -1,9 +1,10 @@
 """The model's unembedding, read from its checkpoint, for "which tokens does feature i push".
 
-The replica's model weights live in vLLM's worker process, out of reach; reading the two
+Used by the server's feature endpoint and by ``sae-index`` (promoted/suppressed tokens of
+each feature). The model weights live in vLLM's worker process, out of reach; reading the two
 tensors needed (``lm_head.weight`` — or the tied ``model.embed_tokens.weight`` — and the
 final norm gain ``model.norm.weight``) from the safetensors files costs ~110 MB for the
-default model and keeps the feature endpoint independent of the engine.
+default model and keeps both independent of the engine.
 """
 
 from __future__ import annotations

@@ -1,0 +1,388 @@
+"""Building a feature index (``sae-index``): corpus → serving engine → statistics → file.
+
+The corpus' documents are tokenized without special tokens and cut into contexts of
+``ctx_len`` tokens that never cross a document (as sae-train does); a seeded sample of
+them, ``max_tokens`` in all, is read. Every context runs through the same vLLM engine and
+feature extraction the server uses (:meth:`SAEEngine.harvest_features`: prefill only, the
+dictionary's top-k features of every token). Statistics skip position 0 and special tokens
+(``HarvestSource.training_mask``, the rule training uses) and accumulate in
+:class:`~.stats.IndexStats`.
+
+Contexts are processed in shards of about ``shard_tokens`` tokens; after each shard the
+accumulated statistics and the count of shards done go to the work dir (``<out>.work``),
+so an interrupted run, started again with the same settings, continues after the last
+completed shard and writes the same file. The label step (:mod:`.labels`) runs on the
+final statistics only, separate from them. The engine computes the next batch while the
+statistics of the previous one are added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..training.activations import HarvestSource
+from ..training.data import DataError, iter_documents
+from .config import DEFAULT_TOP_K_CAP, IndexConfig
+from .labels import METHOD, label_feature
+from .schema import HIST_BINS, QUANTILE_LEVELS
+from .stats import FINE_BINS, FINE_LOG10_MAX, FINE_LOG10_MIN, ContextFeatures, IndexStats
+from .store import Example, FeatureRecord, IndexWriter, TokenCount
+
+logger = logging.getLogger("sae_runtime.feature_index")
+
+START_TIMEOUT_S = 1800.0
+CALL_TIMEOUT_S = 3600.0
+MIN_CONTEXT = 2
+TOP_TOKENS = 10
+
+
+class IndexBuildError(ValueError):
+    """A build that cannot start (bad settings, missing input, an existing output)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    doc: str
+    offset: int
+    """Token offset of the context in its document."""
+    token_ids: np.ndarray
+
+
+class _TokenRules(HarvestSource):
+    """The training token rules (which positions count) for a tokenizer."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._token_rules()
+
+    def mask(self, ids: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(ids.astype(np.int64))
+        return self.training_mask(t[None], torch.tensor([len(t)]))[0].numpy()
+
+
+def corpus_contexts(cfg: IndexConfig, tokenizer: Any) -> list[Context]:
+    """The contexts of the corpus the index reads: a seeded sample of ``max_tokens``."""
+    contexts: list[Context] = []
+    for doc in iter_documents(cfg.data, text_field=cfg.text_field):
+        if not doc.text.strip():
+            continue
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), cfg.ctx_len):
+            piece = ids[start:start + cfg.ctx_len]
+            if len(piece) >= MIN_CONTEXT:
+                contexts.append(Context(doc.doc_id, start, np.asarray(piece, np.int64)))
+    if not contexts:
+        raise IndexBuildError(f"data: no text in {cfg.data} (every document is empty or shorter than "
+                              f"{MIN_CONTEXT} tokens)")
+    order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(cfg.data_seed)).tolist()
+    out, total = [], 0
+    for i in order:
+        if cfg.max_tokens is not None and total >= cfg.max_tokens:
+            break
+        out.append(contexts[i])
+        total += len(contexts[i].token_ids)
+    return out
+
+
+def _shards(contexts: Sequence[Context], shard_tokens: int) -> list[range]:
+    out, start, total = [], 0, 0
+    for i, c in enumerate(contexts):
+        total += len(c.token_ids)
+        if total >= shard_tokens:
+            out.append(range(start, i + 1))
+            start, total = i + 1, 0
+    if start < len(contexts):
+        out.append(range(start, len(contexts)))
+    return out
+
+
+def _batches(ids: range, contexts: Sequence[Context], batch_tokens: int) -> list[list[int]]:
+    out: list[list[int]] = [[]]
+    total = 0
+    for i in ids:
+        if out[-1] and total + len(contexts[i].token_ids) > batch_tokens:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += len(contexts[i].token_ids)
+    return [b for b in out if b]
+
+
+class _EngineThread:
+    """An SAEEngine on its own event loop in a background thread (or a given one)."""
+
+    def __init__(self, engine: Any = None, loop: asyncio.AbstractEventLoop | None = None):
+        if (engine is None) != (loop is None):
+            raise ValueError("pass both engine and the event loop it runs on, or neither")
+        self.engine, self.loop = engine, loop
+        self._own = engine is None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def start(self, cfg: IndexConfig, dictionary_dir: Path) -> Any:
+        if self.engine is not None:
+            return self.engine
+        from ..engine.engine import EngineConfig, SAEEngine
+
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="sae-index-engine", daemon=True)
+        self._thread.start()
+        self.loop = loop
+        config = EngineConfig(model=None if cfg.model == "default" else cfg.model,
+                              dictionaries=[str(dictionary_dir)], dtype=cfg.dtype,
+                              enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
+                              max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
+                              enable_prefix_caching=False)
+        try:
+            self.engine = self.submit(SAEEngine.start(config)).result(START_TIMEOUT_S)
+        except BaseException:
+            self._stop_loop()
+            raise
+        return self.engine
+
+    def _stop_loop(self) -> None:
+        if self._own and self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+            self.loop, self._thread = None, None
+
+    def close(self) -> None:
+        if not self._own or self.engine is None:
+            return
+        engine, self.engine = self.engine, None
+
+        async def shutdown() -> None:
+            engine.shutdown()
+            await asyncio.sleep(0.2)
+
+        try:
+            self.submit(shutdown()).result(120)
+        finally:
+            self._stop_loop()
+
+
+def _served_entry(engine: Any, dictionary_dir: Path) -> Any:
+    want = dictionary_dir.resolve()
+    for entry in engine.registry:
+        if entry.path is not None and Path(entry.path).resolve() == want:
+            return entry
+    raise IndexBuildError(f"dictionary: the engine does not serve {dictionary_dir}")
+
+
+def check_inputs(cfg: IndexConfig) -> None:
+    """What can be checked before an engine starts; raises :class:`IndexBuildError`."""
+    d = cfg.dictionary_dir()
+    if not (d / "cfg.json").is_file():
+        raise IndexBuildError(f"dictionary: no dictionary at {d} (a folder with cfg.json and "
+                              "sae_weights.safetensors)")
+    out = cfg.out_path()
+    if out.exists() and not cfg.overwrite:
+        raise IndexBuildError(f"out: {out} exists; pass --overwrite to replace it or --out to write elsewhere")
+    if cfg.ctx_len >= cfg.max_model_len:
+        raise IndexBuildError(f"ctx_len: {cfg.ctx_len} must be below max_model_len ({cfg.max_model_len})")
+    from ..default_model import MODEL_NAME, prepare_default_model
+    from ..model_info import read_model_info
+    from ..registry import DictionaryRegistry
+
+    try:
+        info = (read_model_info(prepare_default_model(), name=MODEL_NAME) if cfg.model == "default"
+                else read_model_info(cfg.model))
+        # What the engine checks when it loads the dictionary (model, hook point, width).
+        DictionaryRegistry.load([str(d)], model_name=info.name, num_layers=info.num_layers,
+                                hidden_size=info.hidden_size)
+    except (ValueError, OSError) as exc:
+        raise IndexBuildError(f"dictionary: {exc}") from None
+
+
+class _Work:
+    """The work dir: accumulated statistics after the completed shards, and their count."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]):
+        self.path, self.fingerprint = path, fingerprint
+        self.progress_file, self.state_file = path / "progress.json", path / "state.pt"
+
+    def load(self, resume: bool) -> tuple[int, IndexStats | None]:
+        if not self.progress_file.is_file():
+            return 0, None
+        progress = json.loads(self.progress_file.read_text())
+        if not resume:
+            shutil.rmtree(self.path)
+            return 0, None
+        if progress.get("fingerprint") != self.fingerprint:
+            raise IndexBuildError(
+                f"work_dir: {self.path} holds an unfinished run with other settings; pass --no-resume to "
+                "start over (it is deleted) or use another --work-dir")
+        return int(progress["shards_done"]), IndexStats.load(self.state_file)
+
+    def save(self, shards_done: int, stats: IndexStats) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        stats.save(self.state_file)
+        tmp = self.progress_file.with_name("progress.json.tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards_done": shards_done}))
+        tmp.replace(self.progress_file)
+
+
+def build(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLoop | None = None,
+          on_shard: Callable[[int], None] | None = None) -> Path:
+    """Build the index ``cfg`` describes and return its path. ``engine``/``loop``: a running
+    :class:`SAEEngine` serving the dictionary (else one is started and shut down here);
+    ``on_shard(i)`` is called after shard ``i`` is saved to the work dir."""
+    check_inputs(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    runner = _EngineThread(engine, loop)
+    try:
+        eng = runner.start(cfg, cfg.dictionary_dir())
+        return _build(cfg, runner, eng, on_shard)
+    finally:
+        runner.close()
+
+
+def _build(cfg: IndexConfig, runner: _EngineThread, eng: Any, on_shard: Callable[[int], None] | None) -> Path:
+    from tqdm import tqdm
+
+    entry = _served_entry(eng, cfg.dictionary_dir())
+    complete = entry.architecture == "topk" and entry.k is not None
+    top_k = cfg.top_k or (entry.k if complete else DEFAULT_TOP_K_CAP)
+    top_k = min(top_k, entry.d_sae)
+    complete = complete and top_k >= entry.k
+    rules = _TokenRules(eng.tokenizer)
+    try:
+        contexts = corpus_contexts(cfg, eng.tokenizer)
+    except DataError as exc:
+        raise IndexBuildError(f"data: {exc}") from None
+    shards = _shards(contexts, cfg.shard_tokens)
+    work = _Work(cfg.work_path(), cfg.run_fingerprint())
+    done, stats = work.load(cfg.resume)
+    if stats is None:
+        stats = IndexStats(entry.d_sae, top_n=cfg.top_n, window=cfg.window, reservoir=cfg.random_windows,
+                           seed=cfg.data_seed)
+    total = sum(len(c.token_ids) for c in contexts)
+    done_tokens = sum(len(contexts[i].token_ids) for s in shards[:done] for i in s)
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="sae-index", disable=not cfg.progress)
+
+    def submit(batch: list[int]) -> Any:
+        ids = [contexts[i].token_ids.tolist() for i in batch]
+        return runner.submit(eng.harvest_features(ids, entry.id, top_k))
+
+    try:
+        for s in range(done, len(shards)):
+            batches = _batches(shards[s], contexts, cfg.batch_tokens)
+            pending = submit(batches[0])
+            for b, batch in enumerate(batches):
+                results = pending.result(CALL_TIMEOUT_S)
+                if b + 1 < len(batches):
+                    pending = submit(batches[b + 1])  # the engine runs it while we add this one
+                stats.update([ContextFeatures(ctx_id=i, token_ids=contexts[i].token_ids,
+                                              mask=rules.mask(contexts[i].token_ids), indices=ix, values=vx)
+                              for i, (ix, vx) in zip(batch, results, strict=True)])
+                bar.update(sum(len(contexts[i].token_ids) for i in batch))
+            work.save(s + 1, stats)
+            if on_shard is not None:
+                on_shard(s)
+    finally:
+        bar.close()
+    meta = {"dictionary_id": entry.id, "model": eng.model_name, "hook_point": entry.hook_point,
+            "d_sae": entry.d_sae, "architecture": entry.architecture, "corpus": json.dumps(cfg.data),
+            "contexts": len(contexts), "context_tokens": total, "tokens_scored": stats.tokens,
+            "ctx_len": cfg.ctx_len, "data_seed": cfg.data_seed, "top_n": cfg.top_n, "window": cfg.window,
+            "top_k": top_k, "top_k_complete": json.dumps(complete),
+            "quantile_method": f"fine log-spaced histogram ({FINE_BINS} bins over 1e{FINE_LOG10_MIN:g}.."
+                               f"1e{FINE_LOG10_MAX:g}), inverted CDF interpolated in the bin",
+            "label_method": METHOD, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "builder": f"sae-serve {_version()}"}
+    out = cfg.out_path()
+    write_index(out, stats, contexts, eng, entry, meta, cfg)
+    if not cfg.keep_work:
+        shutil.rmtree(work.path, ignore_errors=True)
+    return out
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sae-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _logit_lens(eng: Any, entry: Any, n: int) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
+    from ..unembedding import Unembedding
+
+    unemb = Unembedding.load(eng.model_dir)
+    W_dec = entry.dictionary.W_dec.detach().float().cpu()
+    if unemb.norm_gain is not None:
+        W_dec = W_dec * unemb.norm_gain
+    promoted, suppressed = [], []
+    for s in range(0, len(W_dec), 256):
+        scores = W_dec[s:s + 256] @ unemb.W_U.T
+        hi, lo = torch.topk(scores, n, dim=1), torch.topk(-scores, n, dim=1)
+        for vh, ih, vl, il in zip(hi.values.tolist(), hi.indices.tolist(), lo.values.tolist(),
+                                  lo.indices.tolist(), strict=True):
+            promoted.append(list(zip(ih, vh, strict=True)))
+            suppressed.append([(i, -v) for i, v in zip(il, vl, strict=True)])
+    return promoted, suppressed
+
+
+def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], eng: Any, entry: Any,
+                meta: dict[str, Any], cfg: IndexConfig) -> None:
+    """Finish the statistics (quantiles, histograms, co-occurrence, logit lens, labels) and
+    write the file (to a temporary name first: a finished index replaces the old one at once)."""
+    texts: dict[int, str] = {}
+
+    def text(t: int) -> str:
+        if t not in texts:
+            texts[t] = eng.tokenizer.decode([t])
+        return texts[t]
+
+    quantiles = stats.quantiles(QUANTILE_LEVELS)
+    hist = stats.coarse_hist(HIST_BINS)
+    density = stats.density()
+    cooc = stats.cooccurring(cfg.cooccur_top)
+    promoted, suppressed = _logit_lens(eng, entry, cfg.logit_top)
+    randoms = stats.random_windows()
+    random_tokens = [w for w, _ in randoms]
+    random_active = (torch.stack([a for _, a in randoms]) if randoms
+                     else torch.zeros(0, stats.d, dtype=torch.bool)).T.numpy()
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with IndexWriter(tmp, meta) as writer:
+        records = []
+        for f in range(stats.d):
+            exs = stats.examples(f)
+            peaks = Counter(e["token_ids"][e["peak"]] for e in exs)
+            label, score = label_feature(f, [e["token_ids"] for e in exs], [e["peak"] for e in exs],
+                                         [t for t, _ in promoted[f]], random_tokens, random_active[f], text)
+            records.append(FeatureRecord(
+                feature=f, max_act=float(stats.max_act[f]), n_fired=int(stats.n_fired[f]),
+                density=float(density[f]), quantiles=quantiles[f].tolist(), hist=hist[f].tolist(),
+                top_tokens=[TokenCount(t, text(t), c) for t, c in peaks.most_common(TOP_TOKENS)],
+                promoted=[TokenCount(t, text(t), round(s, 4)) for t, s in promoted[f]],
+                suppressed=[TokenCount(t, text(t), round(s, 4)) for t, s in suppressed[f]],
+                cooccur=[(g, round(j, 4)) for g, j in cooc[f]], label=label.text, label_source="tokens",
+                label_score=score))
+            writer.add_examples(f, [Example(
+                activation=e["activation"], token_ids=e["token_ids"], acts=e["acts"], peak=e["peak"],
+                doc=contexts[e["ctx"]].doc, position=e["position"], context_offset=contexts[e["ctx"]].offset)
+                for e in exs])
+        writer.add_features(records)
+    os.replace(tmp, out)

@@ -27,15 +27,18 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from sae_wire import sae_serve_pb2 as pb
 from sae_wire.models import (
+    AppliedEdit,
     DictionaryFeatures,
     DictionaryInfoOut,
     ExtractRequest,
     ExtractResponse,
+    FeatureCondition,
     FeatureInfoOut,
     FeatureRequest,
     GenerateChunkOut,
     GenerateRequest,
     SamplingOptions,
+    SteeringApplied,
     SteeringSpec,
     TokenFeaturesOut,
     TokenScore,
@@ -49,9 +52,11 @@ SCOPE_FROM_PB: dict[int, str | None] = {
 SCOPE_TO_PB: dict[str, pb.Scope] = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "all": pb.SCOPE_ALL}
 MODE_FROM_PB: dict[int, str | None] = {
     pb.EDIT_MODE_UNSPECIFIED: None, pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp",
-    pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
+    pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate", pb.EDIT_MODE_PROJECT_CAP: "project_cap",
+    pb.EDIT_MODE_ORTHOGONAL: "orthogonal"}
 MODE_TO_PB: dict[str, pb.EditMode] = {
-    "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE}
+    "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE,
+    "project_cap": pb.EDIT_MODE_PROJECT_CAP, "orthogonal": pb.EDIT_MODE_ORTHOGONAL}
 SAMPLING_OPTIONALS = ("max_tokens", "temperature", "top_p", "seed")
 
 
@@ -108,6 +113,10 @@ def steering_dict(msg: pb.Steering) -> dict[str, Any]:
         if e.HasField("value"):
             ed["value"] = e.value
         _set(ed, "scope", _enum(SCOPE_FROM_PB, e.scope, f"steering.edits[{i}].scope"))
+        if e.unit:
+            ed["unit"] = e.unit
+        if e.HasField("when"):
+            ed["when"] = _condition_dict(e.when)
         edits.append(ed)
     vectors = []
     for i, v in enumerate(msg.vectors):
@@ -116,7 +125,18 @@ def steering_dict(msg: pb.Steering) -> dict[str, Any]:
             vd["scale"] = v.scale
         _set(vd, "scope", _enum(SCOPE_FROM_PB, v.scope, f"steering.vectors[{i}].scope"))
         vectors.append(vd)
-    return {"edits": edits, "vectors": vectors}
+    out: dict[str, Any] = {"edits": edits, "vectors": vectors}
+    if msg.stop_when:
+        out["stop_when"] = [_condition_dict(c) for c in msg.stop_when]
+    return out
+
+
+def _condition_dict(c: pb.FeatureCondition) -> dict[str, Any]:
+    return {"dictionary": c.dictionary, "feature": c.feature, "above": c.above}
+
+
+def _condition_pb(c: FeatureCondition) -> pb.FeatureCondition:
+    return pb.FeatureCondition(dictionary=c.dictionary, feature=c.feature, above=c.above)
 
 
 def sampling_dict(msg: pb.SamplingOptions) -> dict[str, Any]:
@@ -182,10 +202,15 @@ def steering_pb(steering: SteeringSpec | dict) -> pb.Steering:
                                scope=_scope_pb(e.scope))
         if e.value is not None:
             edit.value = e.value
+        if e.unit is not None:
+            edit.unit = e.unit
+        if e.when is not None:
+            edit.when.CopyFrom(_condition_pb(e.when))
         msg.edits.append(edit)
     for v in s.vectors:
         msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point, vector=v.vector, scale=v.scale,
                                              scope=_scope_pb(v.scope)))
+    msg.stop_when.extend(_condition_pb(c) for c in s.stop_when)
     return msg
 
 
@@ -249,7 +274,29 @@ def generate_chunk_pb(chunk: GenerateChunkOut) -> pb.GenerateResponse:
                               finished=chunk.finished, finish_reason=chunk.finish_reason or "")
     if chunk.usage is not None:
         out.usage.CopyFrom(pb.Usage(**chunk.usage.model_dump()))
+    if chunk.steering_applied is not None:
+        out.steering_applied.CopyFrom(steering_applied_pb(chunk.steering_applied))
     return out
+
+
+def steering_applied_pb(a: SteeringApplied) -> pb.SteeringApplied:
+    out = pb.SteeringApplied()
+    for e in a.edits:
+        item = pb.AppliedEdit(edit=e.edit, dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
+                              unit=e.unit, value=e.value, scope=_scope_pb(e.scope))
+        if e.raw_value is not None:
+            item.raw_value = e.raw_value
+        out.edits.append(item)
+    return out
+
+
+def steering_applied_from_pb(m: pb.SteeringApplied) -> SteeringApplied:
+    return SteeringApplied(edits=[
+        AppliedEdit.model_validate({
+            "edit": e.edit, "dictionary": e.dictionary, "feature": e.feature, "mode": MODE_FROM_PB[e.mode] or "add",
+            "unit": e.unit, "value": e.value, "raw_value": e.raw_value if e.HasField("raw_value") else None,
+            "scope": SCOPE_FROM_PB[e.scope] or "all"})
+        for e in m.edits])
 
 
 def dictionary_pb(d: DictionaryInfoOut) -> pb.DictionaryInfo:
@@ -298,6 +345,7 @@ def generate_chunk_from_pb(m: pb.GenerateResponse) -> GenerateChunkOut:
         finish_reason=m.finish_reason or None,
         usage=Usage(prompt_tokens=m.usage.prompt_tokens, completion_tokens=m.usage.completion_tokens,
                     total_tokens=m.usage.total_tokens) if m.HasField("usage") else None,
+        steering_applied=steering_applied_from_pb(m.steering_applied) if m.HasField("steering_applied") else None,
     )
 
 

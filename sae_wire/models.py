@@ -16,7 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scope = Literal["prompt", "generated", "all"]
-EditModeName = Literal["add", "clamp", "scale", "ablate"]
+EditModeName = Literal["add", "clamp", "scale", "ablate", "project_cap", "orthogonal"]
+StrengthUnit = Literal["raw", "max", "residual_norm"]
+VALUE_UNIT_MODES = ("add", "clamp", "project_cap", "orthogonal")
+"""Modes whose value is a coefficient of the decoder row and so takes a strength unit
+(scale's value is a factor, ablate has none: their unit is always ``raw``)."""
 
 
 # -- the SAE request fields: ``features`` and ``steering`` ---------------------------------
@@ -46,14 +50,38 @@ class FeatureRequest(_Strict):
         return self
 
 
+class FeatureCondition(_Strict):
+    """A feature firing: ``feature`` of ``dictionary``, at that dictionary's hook point, has an
+    activation above ``above`` (``when`` of an edit; ``stop_when`` of a request's steering)."""
+
+    dictionary: str
+    feature: int = Field(ge=0)
+    above: float = Field(default=0.0, description="activation threshold (strictly above)")
+
+    @field_validator("above")
+    @classmethod
+    def _finite_above(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
 class SteeringEdit(_Strict):
     """One edit of one feature; README.md, "Steering semantics", has each mode's effect."""
 
     dictionary: str
     feature: int = Field(ge=0)
     mode: EditModeName = "add"
-    value: float | None = Field(default=None, description="v for add/clamp, s for scale; unused by ablate")
+    value: float | None = Field(
+        default=None, description="v for add/clamp/project_cap/orthogonal, s for scale; unused by ablate")
+    unit: StrengthUnit | None = Field(
+        default=None, description="unit of v: raw (activation units), max (multiples of the feature's indexed max "
+        "activation), residual_norm (fraction of the stream's norm at each token); unset: max when the dictionary "
+        "has a feature index, else raw. scale and ablate take raw only")
     scope: Scope = "all"
+    when: FeatureCondition | None = Field(
+        default=None, description="apply only on tokens where this feature fires (its activation in the same "
+        "forward pass, before this request's edits at its hook point); its hook point must not come after the edit's")
 
     @field_validator("value")
     @classmethod
@@ -69,6 +97,9 @@ class SteeringEdit(_Strict):
                 self.value = 0.0
             else:
                 raise ValueError(f"mode '{self.mode}' needs a value")
+        if self.unit not in (None, "raw") and self.mode not in VALUE_UNIT_MODES:
+            raise ValueError(f"unit '{self.unit}' does not apply to mode '{self.mode}' (its value is "
+                             f"{'a factor' if self.mode == 'scale' else 'unused'}): leave unit unset or 'raw'")
         return self
 
 
@@ -98,10 +129,33 @@ class SteeringVector(_Strict):
 class SteeringSpec(_Strict):
     edits: list[SteeringEdit] = Field(default_factory=list)
     vectors: list[SteeringVector] = Field(default_factory=list)
+    stop_when: list[FeatureCondition] = Field(
+        default_factory=list, description="end generation (finish_reason 'feature') when one of these fires on a "
+        "generated token")
 
     @property
     def empty(self) -> bool:
-        return not self.edits and not self.vectors
+        return not self.edits and not self.vectors and not self.stop_when
+
+
+class AppliedEdit(BaseModel):
+    """What one edit of a request resolved to (the response's ``steering_applied``)."""
+
+    edit: int = Field(description="index of the edit in steering.edits")
+    dictionary: str
+    feature: int
+    mode: EditModeName
+    unit: StrengthUnit = Field(description="the unit used, the default made explicit")
+    value: float = Field(description="the value as given")
+    raw_value: float | None = Field(
+        description="the value in raw (activation) units; null for residual_norm (it depends on each token)")
+    scope: Scope
+
+
+class SteeringApplied(BaseModel):
+    """A steered request's edits as the engine applies them."""
+
+    edits: list[AppliedEdit] = Field(default_factory=list)
 
 
 # -- per-token features (what the engine returns, what every response carries) -------------
@@ -216,6 +270,7 @@ class GenerateChunkOut(BaseModel):
     finished: bool = False
     finish_reason: str | None = None
     usage: Usage | None = None
+    steering_applied: SteeringApplied | None = Field(default=None, description="first chunk of a steered request")
 
 
 class DictionaryInfoOut(BaseModel):

@@ -22,6 +22,8 @@ class EditMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDIT_MODE_CLAMP: _ClassVar[EditMode]
     EDIT_MODE_SCALE: _ClassVar[EditMode]
     EDIT_MODE_ABLATE: _ClassVar[EditMode]
+    EDIT_MODE_PROJECT_CAP: _ClassVar[EditMode]
+    EDIT_MODE_ORTHOGONAL: _ClassVar[EditMode]
 SCOPE_UNSPECIFIED: Scope
 SCOPE_PROMPT: Scope
 SCOPE_GENERATED: Scope
@@ -31,6 +33,8 @@ EDIT_MODE_ADD: EditMode
 EDIT_MODE_CLAMP: EditMode
 EDIT_MODE_SCALE: EditMode
 EDIT_MODE_ABLATE: EditMode
+EDIT_MODE_PROJECT_CAP: EditMode
+EDIT_MODE_ORTHOGONAL: EditMode
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -59,18 +63,32 @@ class FeatureRequest(_message.Message):
     def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
 
 class SteeringEdit(_message.Message):
-    __slots__ = ("dictionary", "feature", "mode", "value", "scope")
+    __slots__ = ("dictionary", "feature", "mode", "value", "scope", "unit", "when")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     feature: int
     mode: EditMode
     value: float
     scope: Scope
-    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    unit: str
+    when: FeatureCondition
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., unit: _Optional[str] = ..., when: _Optional[_Union[FeatureCondition, _Mapping]] = ...) -> None: ...
+
+class FeatureCondition(_message.Message):
+    __slots__ = ("dictionary", "feature", "above")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    ABOVE_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    feature: int
+    above: float
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., above: _Optional[float] = ...) -> None: ...
 
 class SteeringVector(_message.Message):
     __slots__ = ("hook_point", "vector", "scale", "scope")
@@ -85,12 +103,40 @@ class SteeringVector(_message.Message):
     def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
 
 class Steering(_message.Message):
-    __slots__ = ("edits", "vectors")
+    __slots__ = ("edits", "vectors", "stop_when")
     EDITS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     edits: _containers.RepeatedCompositeFieldContainer[SteeringEdit]
     vectors: _containers.RepeatedCompositeFieldContainer[SteeringVector]
-    def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ...) -> None: ...
+    stop_when: _containers.RepeatedCompositeFieldContainer[FeatureCondition]
+    def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ..., stop_when: _Optional[_Iterable[_Union[FeatureCondition, _Mapping]]] = ...) -> None: ...
+
+class AppliedEdit(_message.Message):
+    __slots__ = ("edit", "dictionary", "feature", "mode", "unit", "value", "raw_value", "scope")
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    RAW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    edit: int
+    dictionary: str
+    feature: int
+    mode: EditMode
+    unit: str
+    value: float
+    raw_value: float
+    scope: Scope
+    def __init__(self, edit: _Optional[int] = ..., dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., raw_value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+
+class SteeringApplied(_message.Message):
+    __slots__ = ("edits",)
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    edits: _containers.RepeatedCompositeFieldContainer[AppliedEdit]
+    def __init__(self, edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -175,20 +221,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., features: _Optional[_Union[FeatureRequest, _Mapping]] = ..., steering: _Optional[_Union[Steering, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "features", "finished", "finish_reason", "usage")
+    __slots__ = ("token_ids", "text", "features", "finished", "finish_reason", "usage", "steering_applied")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    STEERING_APPLIED_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
     finished: bool
     finish_reason: str
     usage: Usage
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    steering_applied: SteeringApplied
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steering_applied: _Optional[_Union[SteeringApplied, _Mapping]] = ...) -> None: ...
 
 class ListDictionariesRequest(_message.Message):
     __slots__ = ()

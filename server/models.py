@@ -26,6 +26,7 @@ from sae_wire.models import (  # noqa: F401
     GenerateRequest,
     PromptInput,
     SamplingOptions,
+    SteeringApplied,
     SteeringSpec,
     TokenFeatures,
     TokenFeaturesOut,

@@ -24,6 +24,7 @@ from sae_runtime.engine.spec import (
     SpecLimits,
     SteeringSpec,
     check_response_budget,
+    steering_applied,
 )
 from sae_runtime.registry import UnknownDictionaryError
 from server.errors import ApiError, ErrorKind, translate
@@ -39,6 +40,7 @@ from server.models import (
     ModelCard,
     ModelList,
     PromptInput,
+    SteeringApplied,
     TokenFeaturesOut,
     TokenScore,
     Usage,
@@ -273,6 +275,11 @@ class SAEService:
             raise ApiError.from_spec_error(exc) from None
         return spec
 
+    def steering_applied(self, spec: SAERequestSpec | None) -> SteeringApplied | None:
+        """What a validated spec's edits resolve to, for the response's ``steering_applied``."""
+        info = getattr(self.engine, "dictionary_info", None)
+        return steering_applied(spec, info) if info is not None else None
+
     # -- token text and features ---------------------------------------------------------
 
     def token_text(self, token_id: int) -> str:
@@ -351,11 +358,12 @@ class SAEService:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop or None, seed=s.seed
         )
+        applied = self.steering_applied(spec)
         _first, stream = await self.open_stream(prompt_ids, params, spec)
-        return ClosingStream(self._generate_chunks(len(prompt_ids), stream), stream)
+        return ClosingStream(self._generate_chunks(len(prompt_ids), stream, applied), stream)
 
     async def _generate_chunks(
-        self, prompt_len: int, stream: AsyncIterator[GenerationChunk]
+        self, prompt_len: int, stream: AsyncIterator[GenerationChunk], applied: SteeringApplied | None = None
     ) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
         try:
@@ -372,7 +380,9 @@ class SAEService:
                     )
                     if chunk.finished
                     else None,
+                    steering_applied=applied,
                 )
+                applied = None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if the client left
 

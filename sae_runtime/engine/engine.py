@@ -114,6 +114,12 @@ def _decoder_norm_max(entry: Any) -> float | None:
         return None
 
 
+def _max_activations(entry: Any) -> Any:
+    """Per-feature max activations from a registered dictionary's feature index, or None."""
+    index = getattr(entry, "index", None)
+    return None if index is None else index.max_activations
+
+
 class SAEEngine:
     def __init__(self, config: EngineConfig, llm: Any, registry: DictionaryRegistry, model_dir: Path,
                  model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any):
@@ -128,7 +134,8 @@ class SAEEngine:
         self.limits = SpecLimits(**config.limits)
         self.dictionary_info = {
             r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k,
-                                 decoder_norm_max=_decoder_norm_max(r)) for r in registry
+                                 decoder_norm_max=_decoder_norm_max(r),
+                                 max_activations=_max_activations(r)) for r in registry
         }
 
     # -- start / stop -------------------------------------------------------------------

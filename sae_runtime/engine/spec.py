@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,12 +29,16 @@ from sae_runtime.protocol.worker_spec import (
 # The request fields themselves are the wire contract's (one definition, shared with the
 # gRPC converter and the client); this module adds the checks against what is served.
 from sae_wire.models import (  # noqa: F401
+    VALUE_UNIT_MODES,
+    AppliedEdit,
     EditModeName,
     FeatureRequest,
     Scope,
+    SteeringApplied,
     SteeringEdit,
     SteeringSpec,
     SteeringVector,
+    StrengthUnit,
 )
 
 # Defaults for the limits; the server can lower or raise them per deployment.
@@ -99,6 +104,38 @@ class DictionaryInfo:
     k: int | None
     decoder_norm_max: float | None = None
     """Largest L2 norm of a decoder row (``W_dec[i]``), to bound steering edits; None = unknown."""
+    max_activations: Any = field(default=None, compare=False)
+    """Per-feature max activation from the dictionary's feature index (float ``[d_sae]``), or
+    None when it has no index (then edits default to ``raw`` units and ``max`` is refused)."""
+
+    @property
+    def has_index(self) -> bool:
+        return self.max_activations is not None
+
+
+def edit_unit(e: SteeringEdit, info: DictionaryInfo) -> StrengthUnit:
+    """The unit an edit's value is in, its default made explicit: ``max`` when the dictionary
+    has a feature index, else ``raw``; always ``raw`` for scale and ablate."""
+    if e.mode not in VALUE_UNIT_MODES:
+        return "raw"
+    if e.unit is not None:
+        return e.unit
+    return "max" if info.has_index else "raw"
+
+
+def raw_edit_value(i: int, e: SteeringEdit, info: DictionaryInfo) -> float | None:
+    """The edit's value in raw (activation) units; None for ``residual_norm`` (per token, in
+    the worker). :class:`SpecError` on ``steering.edits[i].unit`` for ``max`` without an index."""
+    value = float(e.value or 0.0)
+    unit = edit_unit(e, info)
+    if unit == "residual_norm":
+        return None
+    if unit == "max":
+        if not info.has_index:
+            raise SpecError(f"steering.edits[{i}].unit", f"'max' needs the feature index of '{info.id}', which "
+                            "has none (build one with sae-index, or give unit 'raw' or 'residual_norm')")
+        return value * float(info.max_activations[e.feature])
+    return value
 
 
 @dataclass(frozen=True)
@@ -171,6 +208,10 @@ def validate_spec(
                     not_found=True,
                 )
             _check_edit_float32(i, e, info)
+            if e.when is not None:
+                raise SpecError(f"steering.edits[{i}].when", "conditional edits are not served yet")
+        if s.stop_when:
+            raise SpecError("steering.stop_when", "is not served yet")
         for i, v in enumerate(s.vectors):
             try:
                 layer = parse_hook_point(v.hook_point)
@@ -190,14 +231,24 @@ def validate_spec(
             _check_vector_float32(i, v)
 
 
+# A residual_norm value is a fraction of the stream's norm: beyond this it is surely a mistake.
+MAX_RESIDUAL_NORM_VALUE = 1e4
+
+
 def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
     """Refuse an edit value that overflows float32 in the worker, alone or times its decoder row."""
-    value = float(e.value or 0.0)
+    raw = raw_edit_value(i, e, info)
+    if raw is None:
+        if abs(float(e.value or 0.0)) > MAX_RESIDUAL_NORM_VALUE:
+            raise SpecError(f"steering.edits[{i}].value", f"{e.value:.3g} times the stream's norm: unit "
+                            f"'residual_norm' takes values up to {MAX_RESIDUAL_NORM_VALUE:g}")
+        return
+    value = raw
     if abs(value) > FLOAT32_MAX:
         raise SpecError(
             f"steering.edits[{i}].value", f"{value:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})"
         )
-    if e.mode in ("add", "clamp") and info.decoder_norm_max is not None:
+    if e.mode in VALUE_UNIT_MODES and info.decoder_norm_max is not None:
         added = abs(value) * info.decoder_norm_max
         if added > FLOAT32_NORM_MAX:
             raise SpecError(
@@ -279,6 +330,20 @@ def check_response_budget(
     )
 
 
+def steering_applied(spec: SAERequestSpec | None, dictionaries: dict[str, DictionaryInfo]) -> SteeringApplied | None:
+    """What a validated request's edits resolve to (units made explicit, values in raw units);
+    None for a request without edits."""
+    if spec is None or spec.steering is None or not spec.steering.edits:
+        return None
+    edits = []
+    for i, e in enumerate(spec.steering.edits):
+        info = dictionaries[e.dictionary]
+        edits.append(AppliedEdit(edit=i, dictionary=e.dictionary, feature=e.feature, mode=e.mode,
+                                 unit=edit_unit(e, info), value=float(e.value or 0.0),
+                                 raw_value=raw_edit_value(i, e, info), scope=e.scope))
+    return SteeringApplied(edits=edits)
+
+
 def steering_salt(spec: SAERequestSpec) -> str | None:
     """The prefix-cache salt for a steered request, ``None`` for an unsteered one.
 
@@ -293,10 +358,14 @@ def steering_salt(spec: SAERequestSpec) -> str | None:
     return "sae-steer-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _edit_spec(e: SteeringEdit, i: int) -> EditSpec:
+def _edit_spec(e: SteeringEdit, i: int, info: DictionaryInfo) -> EditSpec:
     if e.value is None:  # SteeringEdit's validation gives every edit a value (ablate: 0.0)
         raise SpecError(f"steering.edits[{i}].value", f"mode '{e.mode}' needs a value")
-    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
+    raw = raw_edit_value(i, e, info)
+    if raw is None:
+        return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value),
+                        scope=e.scope, unit="residual_norm")
+    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=raw, scope=e.scope)
 
 
 def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> WorkerSpec:
@@ -313,7 +382,7 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
     vectors: list[VectorSpec] = []
     s = spec.steering
     if s is not None and not s.empty:  # spec.has_steering, spelled out for the type checker
-        edits = [_edit_spec(e, i) for i, e in enumerate(s.edits)]
+        edits = [_edit_spec(e, i, dictionaries[e.dictionary]) for i, e in enumerate(s.edits)]
         vectors = [
             VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
             for v in s.vectors

@@ -12,8 +12,10 @@ Encoded request spec (``SamplingParams.extra_args["sae"]``)::
     {"rid": str,
      "features": {"dicts": [str], "top_k": int | None, "feature_ids": [int] | None,
                   "scope": "prompt" | "generated" | "all"},          # only when features are asked
-     "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate",
-                "value": float, "scope": ...}],                     # edits and vectors: only
+     "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate"
+                        | "project_cap" | "orthogonal",
+                "value": float, "scope": ...,
+                "unit": "raw" | "residual_norm"}],                   # edits and vectors: only
      "vectors": [{"layer": int, "vector": [float], "scale": float,  # when there is steering
                   "scope": ...}],
      "streams": [int]}                                              # only when raw streams are asked
@@ -30,8 +32,12 @@ from typing import Any
 
 SCOPES = ("prompt", "generated", "all")
 """Which tokens a feature request, edit or vector applies to."""
-EDIT_MODES = ("add", "clamp", "scale", "ablate")
+EDIT_MODES = ("add", "clamp", "scale", "ablate", "project_cap", "orthogonal")
 """Steering edit modes by name (the kernels' ``EditMode`` members, lower case)."""
+WORKER_UNITS = ("raw", "residual_norm")
+"""Strength units the worker applies: ``raw`` values are used as they are; ``residual_norm``
+values are multiplied per token by ``||x|| / ||d_i||`` (so ``v·d_i`` has norm ``v·||x||``). The
+API process resolves ``max`` into ``raw`` before a spec is encoded."""
 
 
 class WorkerSpecError(ValueError):
@@ -135,10 +141,15 @@ class EditSpec:
     """The edit's number (added amount, clamp target or scale factor; unused by ablate)."""
     scope: str
     """Tokens it applies to: ``"prompt"``, ``"generated"`` or ``"all"``."""
+    unit: str = "raw"
+    """One of :data:`WORKER_UNITS` (encoded only when not ``raw``)."""
 
     def encode(self) -> dict[str, Any]:
-        return {"dict": self.dictionary, "feature": self.feature, "mode": self.mode, "value": float(self.value),
-                "scope": self.scope}
+        out: dict[str, Any] = {"dict": self.dictionary, "feature": self.feature, "mode": self.mode,
+                               "value": float(self.value), "scope": self.scope}
+        if self.unit != "raw":
+            out["unit"] = self.unit
+        return out
 
     @classmethod
     def decode(cls, data: Any, where: str = "edits[0]") -> EditSpec:
@@ -149,6 +160,7 @@ class EditSpec:
             mode=_choice(_get(d, "mode", where), EDIT_MODES, f"{where}.mode"),
             value=_float(_get(d, "value", where), f"{where}.value"),
             scope=_choice(_get(d, "scope", where), SCOPES, f"{where}.scope"),
+            unit=_choice(d.get("unit", "raw"), WORKER_UNITS, f"{where}.unit"),
         )
 
 

@@ -187,6 +187,8 @@ class SAEWorkerRuntime:
     def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
         """``edited − x`` for the edit batch rows (each edit computed from the original x)."""
         xd = x.to(d.dtype)
+        if batch.per_norm is not None:
+            batch = _per_token_values(d, x, batch)
         if d.activation == "gated":
             return _gated_edit_delta(d, xd, batch).float()
         token_kth = None
@@ -257,6 +259,23 @@ def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torc
     return hidden[rows] if residual is None else hidden[rows] + residual[rows]
 
 
+def _per_token_values(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> EditBatch:
+    """The batch with one slot per row, its residual_norm values turned into raw ones for that
+    row's token: ``v · ||x|| / ||d_i||`` (so the edit's ``v_eff · d_i`` has norm ``v · ||x||``;
+    a zero decoder row gives 0)."""
+    slot = batch.token_slot.long()
+    feats, modes, vals = batch.features[slot], batch.modes[slot], batch.values[slot].float()
+    assert batch.per_norm is not None
+    per_norm = batch.per_norm[slot]
+    x_norm = x.float().norm(dim=1, keepdim=True)  # [n, 1]
+    d_norm = d.W_dec.float().index_select(0, feats.reshape(-1)).norm(dim=1).reshape(feats.shape)
+    factor = torch.where(d_norm > 0, x_norm / torch.where(d_norm > 0, d_norm, 1.0), 0.0)
+    vals = torch.where(per_norm, vals * factor, vals)
+    rows = torch.arange(slot.numel(), dtype=batch.token_slot.dtype, device=slot.device)
+    return EditBatch(rows=batch.rows, token_slot=rows, features=feats, modes=modes, values=vals,
+                     needs_activation=batch.needs_activation)
+
+
 def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
     """Torch path for gated dictionaries (the steering kernel covers relu/jumprelu/topk)."""
     feats = batch.features[batch.token_slot.long()]  # [n, E]
@@ -268,7 +287,12 @@ def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) ->
     coef = torch.where(modes == kernels.EditMode.CLAMP, vals - acts, coef)
     coef = torch.where(modes == kernels.EditMode.SCALE, (vals - 1) * acts, coef)
     coef = torch.where(modes == kernels.EditMode.ABLATE, -acts, coef)
-    return torch.einsum("ne,ned->nd", coef, d.W_dec.float()[feats])
+    dec = d.W_dec.float()[feats]  # [n, E, d_in]
+    norm2 = (dec * dec).sum(-1)
+    proj = torch.where(norm2 > 0, torch.einsum("nd,ned->ne", x.float(), dec) / torch.where(norm2 > 0, norm2, 1.0), 0.0)
+    coef = torch.where(modes == kernels.EditMode.PROJECT_CAP, -torch.clamp(proj - vals, min=0.0), coef)
+    coef = torch.where(modes == kernels.EditMode.ORTHOGONAL, vals - proj, coef)
+    return torch.einsum("ne,ned->nd", coef, dec)
 
 
 class _Lazy:

@@ -28,6 +28,7 @@ class ScopedEdits:
     features: torch.Tensor  # [E] int64
     modes: torch.Tensor  # [E] int32
     values: torch.Tensor  # [E] float32
+    per_norm: torch.Tensor  # [E] bool: value in residual_norm units (times ||x|| / ||d_i|| per token)
 
 
 @dataclass
@@ -72,6 +73,7 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
                     features=torch.tensor([e.feature for e in sel], dtype=torch.int64),
                     modes=torch.tensor([int(edit_mode_from_name(e.mode)) for e in sel], dtype=torch.int32),
                     values=torch.tensor([e.value for e in sel], dtype=torch.float32),
+                    per_norm=torch.tensor([e.unit == "residual_norm" for e in sel], dtype=torch.bool),
                 )
         if scoped:
             edits[name] = scoped
@@ -109,7 +111,8 @@ class EditBatch:
     features: torch.Tensor  # [S, E] int64
     modes: torch.Tensor  # [S, E] int32 (0 pads)
     values: torch.Tensor  # [S, E] float32
-    needs_activation: bool  # any edit other than ADD
+    needs_activation: bool  # any CLAMP, SCALE or ABLATE edit (they read the feature's activation)
+    per_norm: torch.Tensor | None = None  # [S, E] bool, None when no edit is in residual_norm units
 
 
 @dataclass
@@ -149,15 +152,16 @@ class StepPlan:
     layers: dict[int, LayerPlan]
 
 
-def _pack_slots(slots: list[ScopedEdits]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack_slots(slots: list[ScopedEdits]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(s.features.numel() for s in slots)
     feats = torch.zeros(len(slots), width, dtype=torch.int64)
     modes = torch.zeros(len(slots), width, dtype=torch.int32)
     vals = torch.zeros(len(slots), width, dtype=torch.float32)
+    per_norm = torch.zeros(len(slots), width, dtype=torch.bool)
     for i, s in enumerate(slots):
         n = s.features.numel()
-        feats[i, :n], modes[i, :n], vals[i, :n] = s.features, s.modes, s.values
-    return feats, modes, vals
+        feats[i, :n], modes[i, :n], vals[i, :n], per_norm[i, :n] = s.features, s.modes, s.values, s.per_norm
+    return feats, modes, vals, per_norm
 
 
 def build_step_plan(
@@ -231,14 +235,15 @@ def build_step_plan(
     for name, (rows_l, slot_l, slots) in edit_acc.items():
         if not rows_l:
             continue
-        feats, modes, vals = _pack_slots(slots)
+        feats, modes, vals, per_norm = _pack_slots(slots)
         layer(dict_layers[name]).edits[name] = EditBatch(
             rows=torch.cat(rows_l).to(device),
             token_slot=torch.cat(slot_l).to(device),
             features=feats.to(device),
             modes=modes.to(device),
             values=vals.to(device),
-            needs_activation=bool((modes > 1).any()),
+            needs_activation=bool(((modes >= 2) & (modes <= 4)).any()),
+            per_norm=per_norm.to(device) if bool(per_norm.any()) else None,
         )
     for L, (rows_l, vecs_l) in vec_acc.items():
         if rows_l:

@@ -1,0 +1,156 @@
+"""Steering modes and strength units on the real engine: each edit's stream equals its formula.
+
+Every case runs the prompt with one edit on the indexed test dictionary (layers.8, decoder
+rows of different norms, a feature index: tests/steering_helpers.py) and reads back the
+stream at layers.8 after the edit; the formula is computed in float64 from the unedited
+stream of the same prompt (``SAEEngine.harvest_streams``) and the dictionary's weights. The
+table these check is README.md's "Steering semantics".
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from sae_runtime.engine.spec import SAERequestSpec, SpecError, steering_applied
+from tests.steering_helpers import INDEXED_LAYER, indexed_max_act, steered_stream
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The ocean liner sailed from Paris to the sea."
+
+
+def _spec(edits: list[dict]) -> SAERequestSpec:
+    return SAERequestSpec.model_validate({"steering": {"edits": edits}})
+
+
+@pytest.fixture(scope="module")
+def case(sae_engine):
+    """Prompt ids, the unedited stream at layers.8, the indexed dictionary, and a feature that
+    fires on most tokens (so clamp/scale/ablate/project_cap have something to act on)."""
+    eng = sae_engine.engine
+    ids = eng.encode_text(PROMPT)
+    raw = sae_engine.run(eng.harvest_streams([ids], [INDEXED_LAYER]))[0][INDEXED_LAYER].double()
+    did = sae_engine.ids["indexed"]
+    d = eng.registry.get(did).dictionary
+    acts = d.encode(raw.float()).double()
+    feature = int((acts > 0).sum(0).argmax())
+    assert int((acts[:, feature] > 0).sum()) >= len(ids) // 2
+    return ids, raw, did, d, acts, feature
+
+
+def _expected(raw: torch.Tensor, d, acts: torch.Tensor, f: int, mode: str, v: float) -> torch.Tensor:
+    """README's table, row by row (v already in raw units, one per token or one for all)."""
+    dv = d.W_dec[f].double()
+    a = acts[:, f:f + 1]
+    vv = torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1)
+    c = (raw @ dv / (dv @ dv)).unsqueeze(1)  # the stream's coefficient along d_i
+    coef = {
+        "add": vv.expand_as(a),
+        "clamp": vv - a,
+        "scale": (vv - 1) * a,
+        "ablate": -a,
+        "project_cap": -torch.clamp(c - vv, min=0.0),
+        "orthogonal": vv - c,
+    }[mode]
+    return raw + coef * dv
+
+
+def _close_rows(out: torch.Tensor, expect: torch.Tensor, raw: torch.Tensor, rel: float = 1e-4) -> None:
+    """Each row within ``rel`` of its own stream's norm (the first token's stream is ~100x the others')."""
+    err = (out - expect).norm(dim=1)
+    bound = rel * raw.norm(dim=1) + 1e-4
+    assert bool((err <= bound).all()), f"rows off by {err.tolist()} (bounds {bound.tolist()})"
+
+
+CASES = [  # mode, unit given, value
+    ("add", "raw", 3.0),
+    ("clamp", "raw", 2.0),
+    ("scale", None, 0.25),
+    ("ablate", None, None),
+    ("project_cap", "raw", 0.5),
+    ("orthogonal", "raw", -1.5),
+    ("add", None, 2.0),  # the indexed dictionary's default unit: max
+    ("clamp", "max", 1.5),
+    ("add", "residual_norm", 0.3),
+    ("orthogonal", "residual_norm", 0.1),
+    ("project_cap", "residual_norm", 0.01),
+]
+
+
+@pytest.mark.parametrize("mode,unit,value", CASES, ids=[f"{m}-{u or 'default'}" for m, u, _ in CASES])
+def test_mode_and_unit_match_formula(sae_engine, case, mode, unit, value):
+    ids, raw, did, d, acts, f = case
+    edit = {"dictionary": did, "feature": f, "mode": mode}
+    if unit is not None:
+        edit["unit"] = unit
+    if value is not None:
+        edit["value"] = value
+    spec = _spec([edit])
+    out = sae_engine.run(steered_stream(sae_engine.engine, ids, spec, INDEXED_LAYER)).double()
+
+    applied = steering_applied(spec, sae_engine.engine.dictionary_info)
+    assert applied is not None and len(applied.edits) == 1
+    used = applied.edits[0].unit
+    assert used == (unit or ("max" if mode in ("add", "clamp", "project_cap", "orthogonal") else "raw"))
+    given = 0.0 if value is None else value
+    if used == "max":
+        v: object = given * indexed_max_act(f)
+        assert applied.edits[0].raw_value == pytest.approx(v, rel=1e-6)
+    elif used == "residual_norm":
+        assert applied.edits[0].raw_value is None
+        v = given * raw.norm(dim=1) / d.W_dec[f].double().norm()
+    else:
+        v = given
+    expect = _expected(raw, d, acts, f, mode, v)  # type: ignore[arg-type]
+    _close_rows(out, expect, raw)
+    assert float((out - raw).norm(dim=1).max()) > 0.1, "the edit changed nothing"
+    if used == "residual_norm" and mode == "add":
+        # the added vector's norm is value·||x|| at every token
+        torch.testing.assert_close((out - raw).norm(dim=1), given * raw.norm(dim=1), rtol=1e-3, atol=1e-3)
+
+
+def test_project_cap_leaves_streams_below_the_cap(sae_engine, case):
+    ids, raw, did, d, _acts, f = case
+    dv = d.W_dec[f].double()
+    c = raw @ dv / (dv @ dv)
+    cap = float(c.median())  # about half the tokens are above it
+    spec = _spec([{"dictionary": did, "feature": f, "mode": "project_cap", "value": cap, "unit": "raw"}])
+    out = sae_engine.run(steered_stream(sae_engine.engine, ids, spec, INDEXED_LAYER)).double()
+    below = c <= cap
+    assert 0 < int(below.sum()) < len(ids)
+    _close_rows(out[below], raw[below], raw[below], rel=1e-6)
+    c_out = out @ dv / (dv @ dv)
+    torch.testing.assert_close(c_out[~below], torch.full_like(c_out[~below], cap), rtol=0, atol=1e-3)
+
+
+def test_new_modes_and_units_keep_a_plain_request_in_the_batch_unchanged(sae_engine, case):
+    """Isolation: a plain request batched with a steered one gets its own stream."""
+    ids, raw, did, _d, _acts, f = case
+    eng = sae_engine.engine
+    steered = _spec([
+        {"dictionary": did, "feature": f, "mode": "orthogonal", "value": 0.2, "unit": "residual_norm"},
+        {"dictionary": did, "feature": f + 1, "mode": "project_cap", "value": 0.0},
+        {"dictionary": did, "feature": 3, "mode": "add", "value": 4.0},
+    ])
+    plain = SAERequestSpec()
+
+    async def both():
+        return await asyncio.gather(steered_stream(eng, ids, steered, INDEXED_LAYER),
+                                    steered_stream(eng, ids, plain, INDEXED_LAYER))
+
+    out_steered, out_plain = sae_engine.run(both())
+    _close_rows(out_plain.double(), raw, raw, rel=1e-6)
+    assert float((out_steered.double() - raw).norm(dim=1).min()) > 0.1
+
+
+def test_max_unit_needs_an_index(sae_engine):
+    did = sae_engine.ids["topk"]  # no feature index
+    with pytest.raises(SpecError) as err:
+        sae_engine.engine.validate(_spec([{"dictionary": did, "feature": 1, "value": 1.0, "unit": "max"}]))
+    assert err.value.field == "steering.edits[0].unit"
+    applied = steering_applied(_spec([{"dictionary": did, "feature": 1, "value": 1.0}]),
+                               sae_engine.engine.dictionary_info)
+    assert applied is not None and applied.edits[0].unit == "raw" and applied.edits[0].raw_value == 1.0

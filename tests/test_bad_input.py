@@ -229,6 +229,17 @@ HTTP_CASES = [
      chat(steering={"edits": [edit(unit="residual_norm", value=1e6)]}), None, 400, "steering.edits[0].value"),
     ("edit-project-cap-without-value", "POST", "/v1/chat/completions",
      chat(steering={"edits": [edit(mode="project_cap", value=None)]}), None, 422, "project_cap"),
+    ("when-unknown-dictionary", "POST", "/v1/chat/completions",
+     chat(steering={"edits": [edit(when={"dictionary": "nope", "feature": 1, "above": 0.0})]}), None, 404,
+     "steering.edits[0].when.dictionary"),
+    ("when-feature-out-of-range", "POST", "/v1/chat/completions",
+     chat(steering={"edits": [edit(when={"dictionary": D, "feature": 512, "above": 0.0})]}), None, 404,
+     "steering.edits[0].when.feature"),
+    ("when-above-nan", "POST", "/v1/chat/completions",
+     raw(json.dumps(chat(steering={"edits": [edit(when={"dictionary": D, "feature": 1, "above": 0.5})]}))
+         .replace("0.5", "NaN")), J, 422, "steering.edits.0.when.above"),
+    ("when-not-an-object", "POST", "/v1/chat/completions", chat(steering={"edits": [edit(when=3)]}), None, 422,
+     "steering.edits.0.when"),
     ("unknown-route", "GET", "/v1/admin/shutdown", None, None, 404, "path"),
     ("wrong-method", "GET", "/v1/chat/completions", None, None, 405, "method"),
 ]
@@ -346,6 +357,9 @@ def grpc_cases() -> list[tuple]:
         ("too-many-stops", "Generate", gen(stop=[str(i) for i in range(100)]), C.INVALID_ARGUMENT, "sampling.stop"),
         ("edit-out-of-range", "Generate", gen([e(feature=99999)]), C.NOT_FOUND, "steering.edits[0].feature"),
         ("edit-unknown-unit", "Generate", gen([e(unit="furlongs")]), C.INVALID_ARGUMENT, "steering.edits.0.unit"),
+        ("when-unknown-dictionary", "Generate",
+         gen([e(when=pb.FeatureCondition(dictionary="nope", feature=1, above=0.0))]), C.NOT_FOUND,
+         "steering.edits[0].when.dictionary"),
         ("edit-max-unit-without-index", "Generate", gen([e(unit="max")]), C.INVALID_ARGUMENT,
          "steering.edits[0].unit"),
         (

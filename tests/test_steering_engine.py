@@ -134,6 +134,8 @@ def test_new_modes_and_units_keep_a_plain_request_in_the_batch_unchanged(sae_eng
         {"dictionary": did, "feature": f, "mode": "orthogonal", "value": 0.2, "unit": "residual_norm"},
         {"dictionary": did, "feature": f + 1, "mode": "project_cap", "value": 0.0},
         {"dictionary": did, "feature": 3, "mode": "add", "value": 4.0},
+        {"dictionary": did, "feature": 9, "mode": "add", "value": 1.0, "unit": "raw",
+         "when": {"dictionary": did, "feature": f, "above": 0.0}},
     ])
     plain = SAERequestSpec()
 
@@ -154,3 +156,33 @@ def test_max_unit_needs_an_index(sae_engine):
     applied = steering_applied(_spec([{"dictionary": did, "feature": 1, "value": 1.0}]),
                                sae_engine.engine.dictionary_info)
     assert applied is not None and applied.edits[0].unit == "raw" and applied.edits[0].raw_value == 1.0
+
+
+@pytest.mark.parametrize("where", ["same-hook-point", "earlier-hook-point"])
+def test_conditional_edit_changes_only_tokens_where_its_condition_fired(sae_engine, case, where):
+    ids, raw, did, _d, _acts, f = case
+    eng = sae_engine.engine
+    if where == "same-hook-point":
+        cdid, cacts = did, _acts
+    else:  # the topk dictionary at layers.6, before the edit's layers.8
+        cdid = sae_engine.ids["topk"]
+        raw6 = sae_engine.run(eng.harvest_streams([ids], [6]))[0][6]
+        cacts = eng.registry.get(cdid).dictionary.encode(raw6).double()
+    g = int((cacts > 0).sum(0).argmax())  # the condition's feature: fires on many tokens
+    above = float(cacts[:, g].median())
+    fired = cacts[:, g] > above
+    assert 0 < int(fired.sum()) < len(ids)
+    spec = _spec([{"dictionary": did, "feature": f, "mode": "add", "value": 3.0, "unit": "raw",
+                   "when": {"dictionary": cdid, "feature": g, "above": above}}])
+    out = sae_engine.run(steered_stream(eng, ids, spec, INDEXED_LAYER)).double()
+    dv = _d.W_dec[f].double()
+    _close_rows(out[fired], raw[fired] + 3.0 * dv, raw[fired])
+    _close_rows(out[~fired], raw[~fired], raw[~fired], rel=1e-6)
+
+
+def test_condition_after_the_edit_is_refused(sae_engine):
+    did, later = sae_engine.ids["indexed"], sae_engine.ids["jumprelu"]  # layers.8, layers.10
+    with pytest.raises(SpecError) as err:
+        sae_engine.engine.validate(_spec([{"dictionary": did, "feature": 1, "value": 1.0,
+                                           "when": {"dictionary": later, "feature": 0, "above": 0.0}}]))
+    assert err.value.field == "steering.edits[0].when" and "layers.10" in err.value.message

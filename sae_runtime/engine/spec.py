@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sae_runtime.hook_points import parse_hook_point
 from sae_runtime.protocol.worker_spec import (
+    ConditionSpec,
     EditSpec,
     FeatureSpec,
     VectorSpec,
@@ -32,6 +33,7 @@ from sae_wire.models import (  # noqa: F401
     VALUE_UNIT_MODES,
     AppliedEdit,
     EditModeName,
+    FeatureCondition,
     FeatureRequest,
     Scope,
     SteeringApplied,
@@ -209,7 +211,7 @@ def validate_spec(
                 )
             _check_edit_float32(i, e, info)
             if e.when is not None:
-                raise SpecError(f"steering.edits[{i}].when", "conditional edits are not served yet")
+                _check_condition(f"steering.edits[{i}].when", e.when, dictionaries, info)
         if s.stop_when:
             raise SpecError("steering.stop_when", "is not served yet")
         for i, v in enumerate(s.vectors):
@@ -233,6 +235,24 @@ def validate_spec(
 
 # A residual_norm value is a fraction of the stream's norm: beyond this it is surely a mistake.
 MAX_RESIDUAL_NORM_VALUE = 1e4
+
+
+def _check_condition(where: str, c: FeatureCondition, dictionaries: dict[str, DictionaryInfo],
+                     edited: DictionaryInfo | None = None) -> None:
+    """A condition's dictionary and feature exist, and (for an edit's ``when``) its hook point
+    comes no later than the edit's: a later one is not computed yet when the edit applies."""
+    info = dictionaries.get(c.dictionary)
+    if info is None:
+        known = ", ".join(sorted(dictionaries)) or "none"
+        raise SpecError(f"{where}.dictionary", f"unknown dictionary '{c.dictionary}' (served: {known})",
+                        not_found=True)
+    if c.feature >= info.d_sae:
+        raise SpecError(f"{where}.feature", f"feature {c.feature} out of range for '{c.dictionary}' "
+                        f"(d_sae={info.d_sae})", not_found=True)
+    if edited is not None and parse_hook_point(info.hook_point) > parse_hook_point(edited.hook_point):
+        raise SpecError(where, f"'{c.dictionary}' is at {info.hook_point}, after the edit's hook point "
+                        f"{edited.hook_point}: its activation is not known yet when the edit applies "
+                        "(a condition must be at the same hook point or an earlier one)")
 
 
 def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
@@ -362,10 +382,12 @@ def _edit_spec(e: SteeringEdit, i: int, info: DictionaryInfo) -> EditSpec:
     if e.value is None:  # SteeringEdit's validation gives every edit a value (ablate: 0.0)
         raise SpecError(f"steering.edits[{i}].value", f"mode '{e.mode}' needs a value")
     raw = raw_edit_value(i, e, info)
+    when = None if e.when is None else ConditionSpec(e.when.dictionary, e.when.feature, e.when.above)
     if raw is None:
         return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value),
-                        scope=e.scope, unit="residual_norm")
-    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=raw, scope=e.scope)
+                        scope=e.scope, unit="residual_norm", when=when)
+    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=raw, scope=e.scope,
+                    when=when)
 
 
 def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> WorkerSpec:

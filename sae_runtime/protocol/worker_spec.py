@@ -15,7 +15,9 @@ Encoded request spec (``SamplingParams.extra_args["sae"]``)::
      "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate"
                         | "project_cap" | "orthogonal",
                 "value": float, "scope": ...,
-                "unit": "raw" | "residual_norm"}],                   # edits and vectors: only
+                "unit": "raw" | "residual_norm",                    # optional, default raw
+                "when": {"dict": str, "feature": int, "above": float}}],  # optional
+                                                                    # edits and vectors: only
      "vectors": [{"layer": int, "vector": [float], "scale": float,  # when there is steering
                   "scope": ...}],
      "streams": [int]}                                              # only when raw streams are asked
@@ -128,6 +130,26 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class ConditionSpec:
+    """A feature firing: ``feature`` of ``dictionary`` (at its hook point, before the request's
+    edits there) has an activation above ``above``."""
+
+    dictionary: str
+    feature: int
+    above: float
+
+    def encode(self) -> dict[str, Any]:
+        return {"dict": self.dictionary, "feature": self.feature, "above": float(self.above)}
+
+    @classmethod
+    def decode(cls, data: Any, where: str = "when") -> ConditionSpec:
+        d = _need(data, where)
+        return cls(dictionary=_str(_get(d, "dict", where), f"{where}.dict"),
+                   feature=_int(_get(d, "feature", where), f"{where}.feature", 0),
+                   above=_float(_get(d, "above", where), f"{where}.above"))
+
+
+@dataclass(frozen=True)
 class EditSpec:
     """One steering edit of one feature of one dictionary (applied at its hook point)."""
 
@@ -143,12 +165,16 @@ class EditSpec:
     """Tokens it applies to: ``"prompt"``, ``"generated"`` or ``"all"``."""
     unit: str = "raw"
     """One of :data:`WORKER_UNITS` (encoded only when not ``raw``)."""
+    when: ConditionSpec | None = None
+    """Apply only on tokens where this condition holds (None: every token in scope)."""
 
     def encode(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dict": self.dictionary, "feature": self.feature, "mode": self.mode,
                                "value": float(self.value), "scope": self.scope}
         if self.unit != "raw":
             out["unit"] = self.unit
+        if self.when is not None:
+            out["when"] = self.when.encode()
         return out
 
     @classmethod
@@ -161,6 +187,7 @@ class EditSpec:
             value=_float(_get(d, "value", where), f"{where}.value"),
             scope=_choice(_get(d, "scope", where), SCOPES, f"{where}.scope"),
             unit=_choice(d.get("unit", "raw"), WORKER_UNITS, f"{where}.unit"),
+            when=None if d.get("when") is None else ConditionSpec.decode(d["when"], f"{where}.when"),
         )
 
 

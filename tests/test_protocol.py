@@ -210,3 +210,31 @@ def test_worker_copies_stream_rows_after_edits_for_both_layer_shapes():
     assert (b.rid, b.layer, b.positions.tolist()) == ("b", 3, [7])
     assert np.array_equal(b.values, (hidden + residual)[4:5].numpy())
     assert (b_emb.layer, b_emb.values.tolist()) == (-1, hidden[4:5].tolist())
+
+
+def test_units_and_conditions_travel_and_are_planned_per_step():
+    """``unit``/``when`` round-trip; two requests' conditions get distinct step ids, planned
+    at the condition dictionary's layer on all of the request's rows."""
+    from sae_runtime.protocol.worker_spec import ConditionSpec
+
+    cond = ConditionSpec(dictionary="early", feature=2, above=0.5)
+    e1 = EditSpec(dictionary="late", feature=3, mode="orthogonal", value=0.1, scope="all", unit="residual_norm",
+                  when=cond)
+    e2 = EditSpec(dictionary="late", feature=4, mode="project_cap", value=1.0, scope="all")
+    spec = WorkerSpec(rid="c", edits=[e1, e2])
+    assert WorkerSpec.decode(json.loads(json.dumps(spec.encode()))) == spec
+    with pytest.raises(WorkerSpecError, match=r"sae.edits\[0\].unit"):
+        WorkerSpec.decode({"rid": "x", "edits": [{**e1.encode(), "unit": "max"}]})
+    with pytest.raises(WorkerSpecError, match=r"sae.edits\[0\].when.above"):
+        WorkerSpec.decode({"rid": "x", "edits": [{**e1.encode(), "when": {"dict": "a", "feature": 1}}]})
+    a = parse_request(spec, prompt_len=3, hidden_size=2)
+    b = parse_request(WorkerSpec(rid="d", edits=[e1]), prompt_len=3, hidden_size=2)
+    plan = build_step_plan([(a, 0, np.array([0, 1, 2])), (b, 3, np.array([0, 1]))], {"early": 1, "late": 2},
+                           torch.device("cpu"))
+    assert plan is not None
+    jobs = plan.layers[1].conditions
+    assert [(j.cid, j.rows.tolist()) for j in jobs] == [(0, [0, 1, 2]), (1, [3, 4])]
+    batch = plan.layers[2].edits["late"]
+    assert batch.cond is not None and batch.per_norm is not None
+    assert batch.cond.tolist() == [[0, -1], [1, -1]] and batch.per_norm.tolist() == [[True, False], [True, False]]
+    assert not batch.needs_activation  # orthogonal / project_cap read the decoder row only

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Scope = Literal["prompt", "generated", "all"]
 EditModeName = Literal["add", "clamp", "scale", "ablate", "project_cap", "orthogonal"]
 StrengthUnit = Literal["raw", "max", "residual_norm"]
+MAX_STOP_WHEN = 16
+"""Conditions one request's ``steering.stop_when`` may list."""
 VALUE_UNIT_MODES = ("add", "clamp", "project_cap", "orthogonal")
 """Modes whose value is a coefficient of the decoder row and so takes a strength unit
 (scale's value is a factor, ablate has none: their unit is always ``raw``)."""
@@ -130,8 +132,10 @@ class SteeringSpec(_Strict):
     edits: list[SteeringEdit] = Field(default_factory=list)
     vectors: list[SteeringVector] = Field(default_factory=list)
     stop_when: list[FeatureCondition] = Field(
-        default_factory=list, description="end generation (finish_reason 'feature') when one of these fires on a "
-        "generated token")
+        default_factory=list, max_length=MAX_STOP_WHEN,
+        description="end generation (finish_reason 'feature') at the first generated token on which one of these "
+        "fires (its activation after this request's edits, as features report it); that token is the last one "
+        "returned")
 
     @property
     def empty(self) -> bool:

@@ -79,3 +79,19 @@ async def steered_stream(engine: Any, ids: list[int], spec: Any, layer: int) -> 
         return torch.from_numpy(np.array(rows.stream(layer, range(len(ids)))))
     finally:
         engine.receiver.unregister(rid)
+
+
+def pick_stop(values: torch.Tensor, last: int) -> tuple[int, float, int]:
+    """A ``stop_when`` that first fires on generated token ``k`` (1 <= k <= last) of a run
+    whose generated tokens have feature ``values`` ``[tokens, features]``: the feature and
+    token with the widest gap between its value there and its largest value before; the
+    threshold halfway across. Returns (feature, above, k)."""
+    best: tuple[float, int, float, int] | None = None
+    for k in range(1, min(last, values.shape[0] - 1) + 1):
+        before = values[:k].max(0).values
+        gap = values[k] - before
+        f = int(gap.argmax())
+        if best is None or float(gap[f]) > best[0]:
+            best = (float(gap[f]), f, float(before[f]) + float(gap[f]) / 2, k)
+    assert best is not None and best[0] > 1e-2, f"no feature first fires after token 0 (widest gap {best})"
+    return best[1], best[2], best[3]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sae_runtime.engine.spec import SAERequestSpec, SpecError, steering_applied
-from tests.steering_helpers import INDEXED_LAYER, indexed_max_act, steered_stream
+from tests.steering_helpers import INDEXED_LAYER, indexed_max_act, pick_stop, steered_stream
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +186,74 @@ def test_condition_after_the_edit_is_refused(sae_engine):
         sae_engine.engine.validate(_spec([{"dictionary": did, "feature": 1, "value": 1.0,
                                            "when": {"dictionary": later, "feature": 0, "above": 0.0}}]))
     assert err.value.field == "steering.edits[0].when" and "layers.10" in err.value.message
+
+
+def _greedy(n: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_stop_when_ends_at_the_first_token_where_the_feature_fires(sae_engine, case):
+    """The same steered generation without ``stop_when`` gives every generated token's value
+    of the dictionary's features; ``stop_when`` on one of them ends the generation with
+    finish_reason "feature" right after the first token where it exceeds the threshold
+    (that token included, with its features), and a plain request batched with it runs on."""
+    ids, _raw, did, _d, _acts, f = case
+    eng = sae_engine.engine
+    edits = [{"dictionary": did, "feature": f, "mode": "add", "value": 2.0, "unit": "raw"}]
+    every = {"dictionaries": [did], "feature_ids": list(range(256)), "scope": "generated"}
+    base = sae_engine.run(eng.complete(ids, _greedy(14), SAERequestSpec.model_validate(
+        {"features": every, "steering": {"edits": edits}})))
+    assert base.finish_reason == "length" and len(base.token_ids) == 14
+    values = torch.tensor([t.features[0].values for t in base.features])  # tokens 0..12 (13 has none)
+    g, above, k = pick_stop(values, last=8)
+
+    spec = SAERequestSpec.model_validate({
+        "features": {"dictionaries": [did], "feature_ids": [g], "scope": "generated"},
+        "steering": {"edits": edits, "stop_when": [{"dictionary": did, "feature": g, "above": above}]}})
+
+    async def streamed_and_plain():
+        async def streamed():
+            return [c async for c in eng.generate(ids, _greedy(14), spec)]
+
+        return await asyncio.gather(streamed(), eng.complete(ids, _greedy(14)))
+
+    plain_alone = sae_engine.run(eng.complete(ids, _greedy(14)))
+    chunks, plain = sae_engine.run(streamed_and_plain())
+    assert plain.token_ids == plain_alone.token_ids and plain.finish_reason == "length"
+    assert chunks[-1].finished and chunks[-1].finish_reason == "feature"
+    assert all(not c.finished for c in chunks[:-1])
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == base.token_ids[:k + 1]
+    assert "".join(c.text for c in chunks) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+    feats = [t for c in chunks for t in c.features]
+    assert [t.position for t in feats] == list(range(len(ids), len(ids) + k + 1))  # the last token's too
+    got = [t.features[0].values[0] for t in feats]
+    assert got[k] > above and all(v <= above for v in got[:k])
+    torch.testing.assert_close(torch.tensor(got), values[:k + 1, g], rtol=1e-4, atol=1e-4)
+    assert chunks[-1].num_generated_tokens == k + 1
+    assert eng.receiver.live_requests == 0
+
+    whole = sae_engine.run(eng.complete(ids, _greedy(14), spec))  # not streamed: the same
+    assert (whole.token_ids, whole.finish_reason) == (tokens, "feature")
+
+
+def test_stop_when_needs_one_sequence_and_known_features(sae_engine):
+    did = sae_engine.ids["indexed"]
+    spec = SAERequestSpec.model_validate({"steering": {"stop_when": [{"dictionary": did, "feature": 1}]}})
+    with pytest.raises(SpecError) as err:
+        sae_engine.run(eng_complete(sae_engine, spec, n=2))
+    assert err.value.field == "n"
+    bad = SAERequestSpec.model_validate({"steering": {"stop_when": [{"dictionary": did, "feature": 1},
+                                                                    {"dictionary": did, "feature": 9999}]}})
+    with pytest.raises(SpecError) as err:
+        sae_engine.engine.validate(bad)
+    assert err.value.field == "steering.stop_when[1].feature" and err.value.not_found
+
+
+async def eng_complete(sae_engine, spec, n: int):
+    from vllm import SamplingParams
+
+    eng = sae_engine.engine
+    return await eng.complete(eng.encode_text(PROMPT), SamplingParams(max_tokens=2, n=n), spec)

@@ -57,3 +57,45 @@ def test_grpc_generate_reports_steering_applied(live_server):
     assert chunks[0].steering_applied is not None
     assert all(ch.steering_applied is None for ch in chunks[1:])
     _check_applied(chunks[0].steering_applied.model_dump())
+
+
+def test_stop_when_finishes_with_reason_feature_over_http_and_grpc(live_server):
+    """The features of a plain generation pick a feature that first fires on generated token
+    k; with ``stop_when`` on it the generation ends there with finish_reason "feature" over
+    HTTP (whole and streamed, same text) and gRPC (same tokens)."""
+    import torch
+
+    from clients.grpc_client import SAEClient
+    from tests.steering_helpers import pick_stop
+
+    sampling = {"max_tokens": 12, "temperature": 0}
+    every = {"dictionaries": [DICTIONARY_ID], "feature_ids": list(range(512)), "scope": "generated"}
+    with SAEClient(live_server.grpc_target) as c:
+        base = list(c.generate(messages=Q, sampling=sampling, features=every))
+    base_tokens = [t for ch in base for t in ch.token_ids]
+    assert base[-1].finish_reason == "length" and len(base_tokens) == 12
+    values = torch.tensor([t.features[0].values for ch in base for t in ch.features])
+    g, above, k = pick_stop(values, last=6)
+    steering = {"stop_when": [{"dictionary": DICTIONARY_ID, "feature": g, "above": above}]}
+
+    with SAEClient(live_server.grpc_target) as c:
+        got = list(c.generate(messages=Q, sampling=sampling, steering=steering))
+    assert [t for ch in got for t in ch.token_ids] == base_tokens[:k + 1]
+    assert got[-1].finished and got[-1].finish_reason == "feature"
+    assert got[-1].usage is not None and got[-1].usage.completion_tokens == k + 1
+
+    body = {"messages": Q, **sampling, "steering": steering}
+    with httpx.Client(base_url=live_server.base_url, timeout=300) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        whole = r.json()
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+    assert whole["choices"][0]["finish_reason"] == "feature"
+    assert whole["usage"]["completion_tokens"] == k + 1
+    assert whole["choices"][0]["message"]["content"] == "".join(ch.text for ch in got)
+    reasons = [ch["choices"][0].get("finish_reason") for ch in chunks if ch["choices"]]
+    assert reasons[-1] == "feature" and not any(reasons[:-1])
+    streamed = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]

@@ -24,6 +24,7 @@ from sae_runtime.protocol.worker_spec import (
     EditSpec,
     FeatureSpec,
     VectorSpec,
+    WatchSpec,
     WorkerSpec,
 )
 
@@ -212,8 +213,8 @@ def validate_spec(
             _check_edit_float32(i, e, info)
             if e.when is not None:
                 _check_condition(f"steering.edits[{i}].when", e.when, dictionaries, info)
-        if s.stop_when:
-            raise SpecError("steering.stop_when", "is not served yet")
+        for i, c in enumerate(s.stop_when):
+            _check_condition(f"steering.stop_when[{i}]", c, dictionaries)
         for i, v in enumerate(s.vectors):
             try:
                 layer = parse_hook_point(v.hook_point)
@@ -409,4 +410,16 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
             VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
             for v in s.vectors
         ]
-    return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors)
+    watch = watch_specs(s.stop_when) if s is not None else []
+    return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors, watch=watch)
+
+
+def watch_specs(stop_when: list[FeatureCondition]) -> list[WatchSpec]:
+    """The features the worker must send back for ``stop_when``: one entry per dictionary (in
+    first-mention order), each feature once."""
+    by_dict: dict[str, list[int]] = {}
+    for c in stop_when:
+        feats = by_dict.setdefault(c.dictionary, [])
+        if c.feature not in feats:
+            feats.append(c.feature)
+    return [WatchSpec(dictionary=d, features=f) for d, f in by_dict.items()]

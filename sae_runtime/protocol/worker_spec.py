@@ -20,7 +20,8 @@ Encoded request spec (``SamplingParams.extra_args["sae"]``)::
                                                                     # edits and vectors: only
      "vectors": [{"layer": int, "vector": [float], "scale": float,  # when there is steering
                   "scope": ...}],
-     "streams": [int]}                                              # only when raw streams are asked
+     "streams": [int],                                              # only when raw streams are asked
+     "watch": [{"dict": str, "features": [int]}]}                    # only with stop_when
 
 ``streams`` asks for the raw residual stream rows of the request's prompt tokens at hook
 points given as layer numbers (``L >= 0`` after decoder layer ``L``, ``-1`` the
@@ -224,6 +225,29 @@ class VectorSpec:
 
 
 @dataclass(frozen=True)
+class WatchSpec:
+    """Features of one dictionary whose values the worker sends back for every generated
+    token it reads (after the request's edits at that hook point, like extracted features):
+    the engine ends the request when one of them exceeds its ``stop_when`` threshold."""
+
+    dictionary: str
+    features: list[int]
+    """Feature ids, no repeats (their values travel in this order)."""
+
+    def encode(self) -> dict[str, Any]:
+        return {"dict": self.dictionary, "features": list(self.features)}
+
+    @classmethod
+    def decode(cls, data: Any, where: str = "watch[0]") -> WatchSpec:
+        d = _need(data, where)
+        feats = [_int(x, f"{where}.features[{i}]", 0)
+                 for i, x in enumerate(_list(_get(d, "features", where), f"{where}.features"))]
+        if not feats or len(set(feats)) != len(feats):
+            raise WorkerSpecError(f"{where}.features: expected distinct feature ids, got {feats}")
+        return cls(dictionary=_str(_get(d, "dict", where), f"{where}.dict"), features=feats)
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """Everything the worker needs to know about one request (a request without one is
     left alone by the SAE step)."""
@@ -239,6 +263,9 @@ class WorkerSpec:
     streams: list[int] = field(default_factory=list)
     """Hook points (layer numbers, ``-1`` = embeddings) whose raw residual stream rows of the
     prompt tokens the worker sends back (sorted, no repeats); empty: none."""
+    watch: list[WatchSpec] = field(default_factory=list)
+    """Features whose values on generated tokens the worker sends back (``stop_when``), one
+    entry per dictionary; empty: none."""
 
     def encode(self) -> dict[str, Any]:
         """The plain dict carried in ``SamplingParams.extra_args[SPEC_KEY]``."""
@@ -250,6 +277,8 @@ class WorkerSpec:
             out["vectors"] = [v.encode() for v in self.vectors]
         if self.streams:
             out["streams"] = list(self.streams)
+        if self.watch:
+            out["watch"] = [w.encode() for w in self.watch]
         return out
 
     @classmethod
@@ -265,6 +294,8 @@ class WorkerSpec:
             vectors=[VectorSpec.decode(v, f"{where}.vectors[{i}]")
                      for i, v in enumerate(_list(d.get("vectors") or [], f"{where}.vectors"))],
             streams=_streams(d.get("streams"), f"{where}.streams"),
+            watch=[WatchSpec.decode(w, f"{where}.watch[{i}]")
+                   for i, w in enumerate(_list(d.get("watch") or [], f"{where}.watch"))],
         )
 
 

@@ -259,7 +259,7 @@ class SAEWorkerRuntime:
         for j, x in zip(jobs, x_of, strict=True):
             if j.feature_ids is not None:
                 named = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
-                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named))
+                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named, watch=j.watch))
 
 
 def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:

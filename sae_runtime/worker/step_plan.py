@@ -50,6 +50,9 @@ class RequestState:
     """Hook points whose raw stream rows of the prompt tokens are sent back."""
     conditions: list[ConditionSpec] = field(default_factory=list)
     """The distinct ``when`` conditions of the request's edits."""
+    watch: dict[str, torch.Tensor] = field(default_factory=dict)
+    """dictionary id -> [m] int64 feature ids whose values on generated tokens are sent back
+    (``stop_when``)."""
 
 
 def _in_scope(scope: str, kind: str) -> bool:
@@ -109,6 +112,7 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
         feature_scope=feats.scope if feats else None,
         streams=list(spec.streams),
         conditions=conditions,
+        watch={w.dictionary: torch.tensor(w.features, dtype=torch.int64) for w in spec.watch},
     )
 
 
@@ -139,6 +143,7 @@ class ExtractJob:
     positions: np.ndarray  # [n] int32
     top_k: int | None
     feature_ids: torch.Tensor | None
+    watch: bool = False  # the request's watched features (feature_ids), sent as watch chunks
 
 
 @dataclass
@@ -258,6 +263,16 @@ def build_step_plan(
                         ExtractJob(state.rid, sel_rows.to(device), sel_pos.astype(np.int32), state.top_k,
                                    None if state.feature_ids is None else state.feature_ids.to(device))
                     )
+
+        if state.watch:
+            # Generated tokens only (stop_when fires on a generated token), after the edits.
+            is_gen = positions >= state.prompt_len
+            if is_gen.any():
+                sel_rows = rows[torch.from_numpy(is_gen)].to(device)
+                sel_pos = positions[is_gen].astype(np.int32)
+                for name, ids in state.watch.items():
+                    layer(dict_layers[name]).extract.setdefault(name, []).append(
+                        ExtractJob(state.rid, sel_rows, sel_pos, None, ids.to(device), watch=True))
 
         if state.streams:
             # Prompt tokens only (a harvest is a prefill); each is copied where it is computed.

@@ -40,6 +40,8 @@ from sae_wire.models import (
     SamplingOptions,
     SteeringApplied,
     SteeringSpec,
+    SteeringVectorCreate,
+    SteeringVectorInfo,
     TokenFeaturesOut,
     TokenScore,
     Usage,
@@ -120,7 +122,13 @@ def steering_dict(msg: pb.Steering) -> dict[str, Any]:
         edits.append(ed)
     vectors = []
     for i, v in enumerate(msg.vectors):
-        vd: dict[str, Any] = {"hook_point": v.hook_point, "vector": list(v.vector)}
+        vd: dict[str, Any] = {}
+        if v.hook_point:
+            vd["hook_point"] = v.hook_point
+        if v.vector or not v.vector_id:
+            vd["vector"] = list(v.vector)
+        if v.vector_id:
+            vd["vector_id"] = v.vector_id
         if v.HasField("scale"):
             vd["scale"] = v.scale
         _set(vd, "scope", _enum(SCOPE_FROM_PB, v.scope, f"steering.vectors[{i}].scope"))
@@ -208,8 +216,8 @@ def steering_pb(steering: SteeringSpec | dict) -> pb.Steering:
             edit.when.CopyFrom(_condition_pb(e.when))
         msg.edits.append(edit)
     for v in s.vectors:
-        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point, vector=v.vector, scale=v.scale,
-                                             scope=_scope_pb(v.scope)))
+        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point or "", vector=v.vector or [], scale=v.scale,
+                                             scope=_scope_pb(v.scope), vector_id=v.vector_id or ""))
     msg.stop_when.extend(_condition_pb(c) for c in s.stop_when)
     return msg
 
@@ -363,3 +371,60 @@ def feature_info_from_pb(f: pb.FeatureInfo) -> FeatureInfoOut:
                           decoder_norm=f.decoder_norm, top_promoted=scores(f.top_promoted),
                           top_suppressed=scores(f.top_suppressed),
                           density=f.density if f.HasField("density") else None)
+
+
+# -- stored contrastive steering vectors ---------------------------------------------------
+
+def _contrast_text(t: pb.ContrastText, field: str) -> Any:
+    which = t.WhichOneof("input")
+    if which == "text":
+        return t.text
+    if which == "chat":
+        return [{"role": m.role, "content": m.content} for m in t.chat.messages]
+    raise WireError(field, "give 'text' or 'chat'")
+
+
+def steering_vector_create_from_pb(msg: pb.CreateSteeringVectorRequest) -> SteeringVectorCreate:
+    data: dict[str, Any] = {
+        "hook_point": msg.hook_point,
+        "positive": [_contrast_text(t, f"positive[{i}]") for i, t in enumerate(msg.positive)],
+        "negative": [_contrast_text(t, f"negative[{i}]") for i, t in enumerate(msg.negative)],
+    }
+    if msg.HasField("name"):
+        data["name"] = msg.name
+    return _model(SteeringVectorCreate, data)
+
+
+def steering_vector_create_pb(request: SteeringVectorCreate | dict) -> pb.CreateSteeringVectorRequest:
+    req = request if isinstance(request, SteeringVectorCreate) else SteeringVectorCreate.model_validate(request)
+    msg = pb.CreateSteeringVectorRequest(hook_point=req.hook_point)
+    for side, items in (("positive", req.positive), ("negative", req.negative)):
+        out = getattr(msg, side)
+        for item in items:
+            t = pb.ContrastText()
+            if isinstance(item, str):
+                t.text = item
+            else:
+                for m in item:
+                    t.chat.messages.append(pb.ChatMessage(role=m.role, content=m.text()))
+            out.append(t)
+    if req.name is not None:
+        msg.name = req.name
+    return msg
+
+
+def steering_vector_info_pb(v: SteeringVectorInfo) -> pb.SteeringVectorInfo:
+    out = pb.SteeringVectorInfo(id=v.id, hook_point=v.hook_point, d_in=v.d_in, norm=v.norm, n_positive=v.n_positive,
+                                n_negative=v.n_negative, positive_tokens=v.positive_tokens,
+                                negative_tokens=v.negative_tokens, created_at=v.created_at, vector=v.vector or [])
+    if v.name is not None:
+        out.name = v.name
+    return out
+
+
+def steering_vector_info_from_pb(m: pb.SteeringVectorInfo, with_vector: bool = False) -> SteeringVectorInfo:
+    return SteeringVectorInfo(
+        id=m.id, name=m.name if m.HasField("name") else None, hook_point=m.hook_point, d_in=m.d_in, norm=m.norm,
+        n_positive=m.n_positive, n_negative=m.n_negative, positive_tokens=m.positive_tokens,
+        negative_tokens=m.negative_tokens, created_at=m.created_at,
+        vector=list(m.vector) if with_vector or m.vector else None)

@@ -106,19 +106,33 @@ class SteeringEdit(_Strict):
 
 
 class SteeringVector(_Strict):
-    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``."""
+    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``.
 
-    hook_point: str
-    vector: list[float] = Field(min_length=1)
+    Either ``vector`` (with ``hook_point``) or ``vector_id``, a stored contrastive vector
+    (``POST /v1/steering/vectors``) that the server puts in its place (with its hook point)."""
+
+    hook_point: str | None = Field(default=None, description="required with vector; with vector_id optional "
+                                   "(it must then be the stored vector's)")
+    vector: list[float] | None = Field(default=None, min_length=1)
+    vector_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                  description="id of a stored steering vector, instead of vector")
     scale: float = 1.0
     scope: Scope = "all"
 
     @field_validator("vector")
     @classmethod
-    def _finite_vector(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
+    def _finite_vector(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
             raise ValueError("must hold only finite numbers (found NaN or infinity)")
         return v
+
+    @model_validator(mode="after")
+    def _vector_or_id(self) -> SteeringVector:
+        if (self.vector is None) == (self.vector_id is None):
+            raise ValueError("give either vector (with hook_point) or vector_id, not both or neither")
+        if self.vector is not None and self.hook_point is None:
+            raise ValueError("hook_point is required with vector")
+        return self
 
     @field_validator("scale")
     @classmethod
@@ -311,3 +325,48 @@ class FeatureInfoOut(BaseModel):
     top_promoted: list[TokenScore]
     top_suppressed: list[TokenScore]
     density: float | None = Field(default=None, description="fraction of tokens it fires on, when recorded")
+
+
+# -- stored contrastive steering vectors (POST/GET/DELETE /v1/steering/vectors) ------------
+
+MAX_CONTRAST_TEXTS = 64
+"""Texts (or chats) on each side of one contrastive vector request."""
+MAX_STORED_VECTORS = 256
+"""Steering vectors one deployment keeps."""
+
+ContrastText = str | list[ChatMessage]
+
+
+class SteeringVectorCreate(_Strict):
+    """A contrastive steering vector: mean residual stream at ``hook_point`` over the scored
+    tokens of ``positive`` minus that of ``negative`` (README.md, "Contrastive vectors")."""
+
+    hook_point: str = Field(description="where the streams are read and where the vector is added")
+    positive: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
+    negative: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
+    name: str | None = Field(default=None, max_length=200)
+
+
+class SteeringVectorInfo(BaseModel):
+    """A stored steering vector's metadata (and the vector itself when asked for)."""
+
+    id: str
+    name: str | None = None
+    hook_point: str
+    d_in: int
+    norm: float = Field(description="L2 norm of the vector")
+    n_positive: int
+    n_negative: int
+    positive_tokens: int = Field(description="tokens averaged on the positive side")
+    negative_tokens: int = Field(description="tokens averaged on the negative side")
+    created_at: float = Field(description="Unix time")
+    vector: list[float] | None = Field(default=None, description="only with include_vector")
+
+
+class SteeringVectorList(BaseModel):
+    data: list[SteeringVectorInfo]
+
+
+class SteeringVectorDeleted(BaseModel):
+    id: str
+    deleted: bool = True

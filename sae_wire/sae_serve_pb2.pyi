@@ -91,16 +91,18 @@ class FeatureCondition(_message.Message):
     def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., above: _Optional[float] = ...) -> None: ...
 
 class SteeringVector(_message.Message):
-    __slots__ = ("hook_point", "vector", "scale", "scope")
+    __slots__ = ("hook_point", "vector", "scale", "scope", "vector_id")
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
     hook_point: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     scale: float
     scope: Scope
-    def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    vector_id: str
+    def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., vector_id: _Optional[str] = ...) -> None: ...
 
 class Steering(_message.Message):
     __slots__ = ("edits", "vectors", "stop_when")
@@ -305,3 +307,75 @@ class FeatureInfo(_message.Message):
     top_suppressed: _containers.RepeatedCompositeFieldContainer[TokenScore]
     density: float
     def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., hook_point: _Optional[str] = ..., decoder_norm: _Optional[float] = ..., top_promoted: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., top_suppressed: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ...) -> None: ...
+
+class ContrastText(_message.Message):
+    __slots__ = ("text", "chat")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: Chat
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ...) -> None: ...
+
+class CreateSteeringVectorRequest(_message.Message):
+    __slots__ = ("hook_point", "positive", "negative", "name")
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    hook_point: str
+    positive: _containers.RepeatedCompositeFieldContainer[ContrastText]
+    negative: _containers.RepeatedCompositeFieldContainer[ContrastText]
+    name: str
+    def __init__(self, hook_point: _Optional[str] = ..., positive: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SteeringVectorInfo(_message.Message):
+    __slots__ = ("id", "name", "hook_point", "d_in", "norm", "n_positive", "n_negative", "positive_tokens", "negative_tokens", "created_at", "vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    D_IN_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    N_POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    N_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    hook_point: str
+    d_in: int
+    norm: float
+    n_positive: int
+    n_negative: int
+    positive_tokens: int
+    negative_tokens: int
+    created_at: float
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., hook_point: _Optional[str] = ..., d_in: _Optional[int] = ..., norm: _Optional[float] = ..., n_positive: _Optional[int] = ..., n_negative: _Optional[int] = ..., positive_tokens: _Optional[int] = ..., negative_tokens: _Optional[int] = ..., created_at: _Optional[float] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ListSteeringVectorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSteeringVectorsResponse(_message.Message):
+    __slots__ = ("vectors",)
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[SteeringVectorInfo]
+    def __init__(self, vectors: _Optional[_Iterable[_Union[SteeringVectorInfo, _Mapping]]] = ...) -> None: ...
+
+class SteeringVectorRef(_message.Message):
+    __slots__ = ("id", "include_vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    include_vector: bool
+    def __init__(self, id: _Optional[str] = ..., include_vector: _Optional[bool] = ...) -> None: ...
+
+class DeleteSteeringVectorResponse(_message.Message):
+    __slots__ = ("id", "deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    deleted: bool
+    def __init__(self, id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...

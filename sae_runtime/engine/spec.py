@@ -216,6 +216,9 @@ def validate_spec(
         for i, c in enumerate(s.stop_when):
             _check_condition(f"steering.stop_when[{i}]", c, dictionaries)
         for i, v in enumerate(s.vectors):
+            if v.vector is None or v.hook_point is None:
+                raise SpecError(f"steering.vectors[{i}].vector_id", "a stored vector is put in place by the server "
+                                "(SAEService.resolve_steering) before the engine sees the request")
             try:
                 layer = parse_hook_point(v.hook_point)
             except ValueError as exc:
@@ -282,12 +285,14 @@ def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
 
 def _check_vector_float32(i: int, v: SteeringVector) -> None:
     """Refuse a raw steering vector whose entries, scale or ``scale·vector`` overflow float32."""
-    largest = max((abs(x) for x in v.vector), default=0.0)
+    assert v.vector is not None  # validate_spec checked
+    vector = v.vector
+    largest = max((abs(x) for x in vector), default=0.0)
     if largest > FLOAT32_MAX:
-        j = next(j for j, x in enumerate(v.vector) if abs(x) > FLOAT32_MAX)
+        j = next(j for j, x in enumerate(vector) if abs(x) > FLOAT32_MAX)
         raise SpecError(
             f"steering.vectors[{i}].vector[{j}]",
-            f"{v.vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})",
+            f"{vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})",
         )
     if abs(v.scale) > FLOAT32_MAX:
         raise SpecError(
@@ -300,7 +305,7 @@ def _check_vector_float32(i: int, v: SteeringVector) -> None:
             f"(largest finite value {FLOAT32_MAX:.4g})",
         )
     # ‖scale·vector‖, computed without overflowing float64 either (entries may be ~1e38).
-    norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in v.vector)) if largest else 0.0
+    norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in vector)) if largest else 0.0
     if norm > FLOAT32_NORM_MAX:
         raise SpecError(
             f"steering.vectors[{i}].scale",
@@ -407,7 +412,7 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
     if s is not None and not s.empty:  # spec.has_steering, spelled out for the type checker
         edits = [_edit_spec(e, i, dictionaries[e.dictionary]) for i, e in enumerate(s.edits)]
         vectors = [
-            VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
+            VectorSpec(layer=parse_hook_point(v.hook_point or ""), vector=v.vector or [], scale=v.scale, scope=v.scope)
             for v in s.vectors
         ]
     watch = watch_specs(s.stop_when) if s is not None else []

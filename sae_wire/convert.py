@@ -110,7 +110,13 @@ def feature_request_dict(msg: pb.FeatureRequest) -> dict[str, Any]:
 def steering_dict(msg: pb.Steering) -> dict[str, Any]:
     edits = []
     for i, e in enumerate(msg.edits):
-        ed: dict[str, Any] = {"dictionary": e.dictionary, "feature": e.feature}
+        ed: dict[str, Any] = {"dictionary": e.dictionary}
+        if e.concept:
+            ed["concept"] = e.concept
+            if e.HasField("concept_features"):
+                ed["concept_features"] = e.concept_features
+        else:
+            ed["feature"] = e.feature
         _set(ed, "mode", _enum(MODE_FROM_PB, e.mode, f"steering.edits[{i}].mode"))
         if e.HasField("value"):
             ed["value"] = e.value
@@ -206,8 +212,12 @@ def steering_pb(steering: SteeringSpec | dict) -> pb.Steering:
     s = _model(SteeringSpec, steering)
     msg = pb.Steering()
     for e in s.edits:
-        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
+        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature or 0, mode=MODE_TO_PB[e.mode],
                                scope=_scope_pb(e.scope))
+        if e.concept is not None:
+            edit.concept = e.concept
+            if e.concept_features != 1:
+                edit.concept_features = e.concept_features
         if e.value is not None:
             edit.value = e.value
         if e.unit is not None:
@@ -291,7 +301,7 @@ def steering_applied_pb(a: SteeringApplied) -> pb.SteeringApplied:
     out = pb.SteeringApplied()
     for e in a.edits:
         item = pb.AppliedEdit(edit=e.edit, dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
-                              unit=e.unit, value=e.value, scope=_scope_pb(e.scope))
+                              unit=e.unit, value=e.value, scope=_scope_pb(e.scope), concept=e.concept or "")
         if e.raw_value is not None:
             item.raw_value = e.raw_value
         out.edits.append(item)
@@ -303,7 +313,7 @@ def steering_applied_from_pb(m: pb.SteeringApplied) -> SteeringApplied:
         AppliedEdit.model_validate({
             "edit": e.edit, "dictionary": e.dictionary, "feature": e.feature, "mode": MODE_FROM_PB[e.mode] or "add",
             "unit": e.unit, "value": e.value, "raw_value": e.raw_value if e.HasField("raw_value") else None,
-            "scope": SCOPE_FROM_PB[e.scope] or "all"})
+            "scope": SCOPE_FROM_PB[e.scope] or "all", "concept": e.concept or None})
         for e in m.edits])
 
 

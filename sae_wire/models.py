@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Scope = Literal["prompt", "generated", "all"]
 EditModeName = Literal["add", "clamp", "scale", "ablate", "project_cap", "orthogonal"]
 StrengthUnit = Literal["raw", "max", "residual_norm"]
 MAX_STOP_WHEN = 16
 """Conditions one request's ``steering.stop_when`` may list."""
+MAX_CONCEPT_FEATURES = 8
+"""Features one concept edit may resolve to (``concept_features``)."""
 VALUE_UNIT_MODES = ("add", "clamp", "project_cap", "orthogonal")
 """Modes whose value is a coefficient of the decoder row and so takes a strength unit
 (scale's value is a factor, ablate has none: their unit is always ``raw``)."""
@@ -72,7 +74,12 @@ class SteeringEdit(_Strict):
     """One edit of one feature; README.md, "Steering semantics", has each mode's effect."""
 
     dictionary: str
-    feature: int = Field(ge=0)
+    feature: int | None = Field(default=None, ge=0, description="the feature (or give concept)")
+    concept: str | None = Field(
+        default=None, min_length=1, max_length=200, description="instead of feature: words looked up in the "
+        "dictionary's feature index (labels and top tokens); the server edits the best concept_features matches")
+    concept_features: int = Field(default=1, ge=1, le=MAX_CONCEPT_FEATURES,
+                                  description="with concept: how many of the best matching features to edit")
     mode: EditModeName = "add"
     value: float | None = Field(
         default=None, description="v for add/clamp/project_cap/orthogonal, s for scale; unused by ablate")
@@ -84,6 +91,10 @@ class SteeringEdit(_Strict):
     when: FeatureCondition | None = Field(
         default=None, description="apply only on tokens where this feature fires (its activation in the same "
         "forward pass, before this request's edits at its hook point); its hook point must not come after the edit's")
+    # Set by the server when it resolves concepts (never on the wire): the index of the edit
+    # in the request as sent, and the concept a resolved edit came from (steering_applied).
+    _source: int | None = PrivateAttr(default=None)
+    _concept: str | None = PrivateAttr(default=None)
 
     @field_validator("value")
     @classmethod
@@ -99,6 +110,10 @@ class SteeringEdit(_Strict):
                 self.value = 0.0
             else:
                 raise ValueError(f"mode '{self.mode}' needs a value")
+        if (self.feature is None) == (self.concept is None):
+            raise ValueError("give either feature or concept")
+        if self.concept is None and self.concept_features != 1:
+            raise ValueError("concept_features needs concept")
         if self.unit not in (None, "raw") and self.mode not in VALUE_UNIT_MODES:
             raise ValueError(f"unit '{self.unit}' does not apply to mode '{self.mode}' (its value is "
                              f"{'a factor' if self.mode == 'scale' else 'unused'}): leave unit unset or 'raw'")
@@ -168,6 +183,8 @@ class AppliedEdit(BaseModel):
     raw_value: float | None = Field(
         description="the value in raw (activation) units; null for residual_norm (it depends on each token)")
     scope: Scope
+    concept: str | None = Field(default=None, description="the concept this feature was found for, when the edit "
+                                "gave a concept (one entry per matched feature, all with the edit's index)")
 
 
 class SteeringApplied(BaseModel):

@@ -63,7 +63,7 @@ class FeatureRequest(_message.Message):
     def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
 
 class SteeringEdit(_message.Message):
-    __slots__ = ("dictionary", "feature", "mode", "value", "scope", "unit", "when")
+    __slots__ = ("dictionary", "feature", "mode", "value", "scope", "unit", "when", "concept", "concept_features")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class SteeringEdit(_message.Message):
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     WHEN_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     feature: int
     mode: EditMode
@@ -78,7 +80,9 @@ class SteeringEdit(_message.Message):
     scope: Scope
     unit: str
     when: FeatureCondition
-    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., unit: _Optional[str] = ..., when: _Optional[_Union[FeatureCondition, _Mapping]] = ...) -> None: ...
+    concept: str
+    concept_features: int
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., unit: _Optional[str] = ..., when: _Optional[_Union[FeatureCondition, _Mapping]] = ..., concept: _Optional[str] = ..., concept_features: _Optional[int] = ...) -> None: ...
 
 class FeatureCondition(_message.Message):
     __slots__ = ("dictionary", "feature", "above")
@@ -115,7 +119,7 @@ class Steering(_message.Message):
     def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ..., stop_when: _Optional[_Iterable[_Union[FeatureCondition, _Mapping]]] = ...) -> None: ...
 
 class AppliedEdit(_message.Message):
-    __slots__ = ("edit", "dictionary", "feature", "mode", "unit", "value", "raw_value", "scope")
+    __slots__ = ("edit", "dictionary", "feature", "mode", "unit", "value", "raw_value", "scope", "concept")
     EDIT_FIELD_NUMBER: _ClassVar[int]
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +128,7 @@ class AppliedEdit(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     RAW_VALUE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
     edit: int
     dictionary: str
     feature: int
@@ -132,7 +137,8 @@ class AppliedEdit(_message.Message):
     value: float
     raw_value: float
     scope: Scope
-    def __init__(self, edit: _Optional[int] = ..., dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., raw_value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    concept: str
+    def __init__(self, edit: _Optional[int] = ..., dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., raw_value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., concept: _Optional[str] = ...) -> None: ...
 
 class SteeringApplied(_message.Message):
     __slots__ = ("edits",)

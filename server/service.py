@@ -551,8 +551,15 @@ class SAEService:
         return SteeringVectorDeleted(id=vector_id)
 
     async def resolve_steering(self, steering: SteeringSpec | None) -> SteeringSpec | None:
-        """``steering`` with every ``vector_id`` replaced by the stored vector and its hook
-        point (404 naming ``steering.vectors[i].vector_id`` when there is none)."""
+        """``steering`` with its concept edits resolved through the feature index (400 naming
+        ``steering.edits[i].concept`` without an index or a match) and every ``vector_id``
+        replaced by the stored vector and its hook point (404 naming
+        ``steering.vectors[i].vector_id`` when there is none)."""
+        if steering is not None and any(e.concept is not None for e in steering.edits):
+            try:
+                steering = self.engine.resolve_concepts(steering)
+            except SpecError as exc:
+                raise ApiError.from_spec_error(exc) from None
         if steering is None or not any(v.vector_id is not None for v in steering.vectors):
             return steering
         vectors = []

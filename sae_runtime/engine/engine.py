@@ -31,6 +31,8 @@ from sae_runtime.engine.spec import (
     SAERequestSpec,
     SpecError,
     SpecLimits,
+    SteeringSpec,
+    resolve_concepts,
     steering_salt,
     to_worker_spec,
     validate_spec,
@@ -217,6 +219,11 @@ class SAEEngine:
         """Raise :class:`SpecError` (naming the field) if ``spec`` cannot be served."""
         if spec is not None:
             validate_spec(spec, self.dictionary_info, self.shape, self.limits)
+
+    def resolve_concepts(self, steering: SteeringSpec | None) -> SteeringSpec | None:
+        """``steering`` with its concept edits looked up in the dictionaries' feature indexes
+        (:func:`~sae_runtime.engine.spec.resolve_concepts`; :class:`SpecError` naming the concept)."""
+        return resolve_concepts(steering, {r.id: getattr(r, "index", None) for r in self.registry})
 
     @property
     def has_chat_template(self) -> bool:

@@ -204,6 +204,9 @@ def validate_spec(
             info = dictionaries.get(e.dictionary)
             if info is None:
                 raise unknown(f"steering.edits[{i}].dictionary", e.dictionary)
+            if e.feature is None:
+                raise SpecError(f"steering.edits[{i}].concept", "concepts are looked up by the server "
+                                "(resolve_concepts) before the engine sees the request")
             if e.feature >= info.d_sae:
                 raise SpecError(
                     f"steering.edits[{i}].feature",
@@ -364,10 +367,48 @@ def steering_applied(spec: SAERequestSpec | None, dictionaries: dict[str, Dictio
     edits = []
     for i, e in enumerate(spec.steering.edits):
         info = dictionaries[e.dictionary]
-        edits.append(AppliedEdit(edit=i, dictionary=e.dictionary, feature=e.feature, mode=e.mode,
-                                 unit=edit_unit(e, info), value=float(e.value or 0.0),
-                                 raw_value=raw_edit_value(i, e, info), scope=e.scope))
+        edits.append(AppliedEdit(edit=i if e._source is None else e._source, dictionary=e.dictionary,
+                                 feature=e.feature or 0, mode=e.mode, unit=edit_unit(e, info),
+                                 value=float(e.value or 0.0), raw_value=raw_edit_value(i, e, info), scope=e.scope,
+                                 concept=e._concept))
     return SteeringApplied(edits=edits)
+
+
+def resolve_concepts(steering: SteeringSpec | None, indexes: dict[str, Any]) -> SteeringSpec | None:
+    """``steering`` with each concept edit replaced by edits of the ``concept_features`` best
+    matching features of its dictionary's feature index (``FeatureIndex.search``, best
+    first), each with the edit's mode, value, unit, scope and condition. ``indexes``:
+    dictionary id → its ``FeatureIndex`` or None. :class:`SpecError` naming
+    ``steering.edits[i].concept`` when the dictionary has no index or nothing matches."""
+    if steering is None or not any(e.concept is not None for e in steering.edits):
+        return steering
+    edits: list[SteeringEdit] = []
+    for i, e in enumerate(steering.edits):
+        if e.concept is None:
+            kept = e.model_copy()
+            kept._source = i
+            edits.append(kept)
+            continue
+        where = f"steering.edits[{i}].concept"
+        if e.dictionary not in indexes:
+            known = ", ".join(sorted(indexes)) or "none"
+            raise SpecError(f"steering.edits[{i}].dictionary", f"unknown dictionary '{e.dictionary}' (served: {known})",
+                            not_found=True)
+        index = indexes[e.dictionary]
+        if index is None:
+            raise SpecError(where, f"cannot look '{e.concept}' up: '{e.dictionary}' has no feature index (build one "
+                            "with sae-index, or give feature)")
+        try:
+            hits = index.search(e.concept, limit=e.concept_features)
+        except ValueError as exc:
+            raise SpecError(where, f"'{e.concept}': {exc}") from None
+        if not hits:
+            raise SpecError(where, f"no feature of '{e.dictionary}' matches '{e.concept}' (its labels and top tokens)")
+        for hit in hits:
+            r = e.model_copy(update={"feature": int(hit.feature), "concept": None, "concept_features": 1})
+            r._source, r._concept = i, e.concept
+            edits.append(r)
+    return steering.model_copy(update={"edits": edits})
 
 
 def steering_salt(spec: SAERequestSpec) -> str | None:
@@ -389,6 +430,8 @@ def _edit_spec(e: SteeringEdit, i: int, info: DictionaryInfo) -> EditSpec:
         raise SpecError(f"steering.edits[{i}].value", f"mode '{e.mode}' needs a value")
     raw = raw_edit_value(i, e, info)
     when = None if e.when is None else ConditionSpec(e.when.dictionary, e.when.feature, e.when.above)
+    if e.feature is None:  # validate_spec refuses unresolved concepts
+        raise SpecError(f"steering.edits[{i}].concept", "is not resolved")
     if raw is None:
         return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value),
                         scope=e.scope, unit="residual_norm", when=when)

@@ -279,3 +279,4 @@ def test_stop_when_becomes_watched_features_sent_back_for_generated_tokens_only(
     popped = req.pop("ids", "b", 3)
     assert popped is not None and popped[1].tolist() == [5.0]
     assert req.pop_watch("b", 3).tolist() == [0.75, 0.0]
+

@@ -135,26 +135,22 @@ def test_contrastive_vector_is_the_difference_of_means_and_steers_like_the_raw_v
 def test_grpc_creates_lists_shows_and_deletes_vectors(live_server):
     import grpc
 
-    from sae_wire import convert as conv
+    from clients.grpc_client import SAEClient
     from sae_wire import sae_serve_pb2 as pb
-    from sae_wire import sae_serve_pb2_grpc
 
-    with grpc.insecure_channel(live_server.grpc_target) as ch:
-        stub = sae_serve_pb2_grpc.SAEServiceStub(ch)
+    with SAEClient(live_server.grpc_target, timeout_s=300) as c:
         chat = [{"role": "user", "content": "Be cheerful."}]
-        made = stub.CreateSteeringVector(conv.steering_vector_create_pb(
-            {"hook_point": HOOK, "positive": [chat, "Sunshine and laughter all day."],
-             "negative": ["Rain and grey skies all day."]}), timeout=300)
-        assert made.id.startswith("vec-") and made.n_positive == 2 and made.d_in == 576 and not made.vector
-        assert made.id in [v.id for v in stub.ListSteeringVectors(pb.ListSteeringVectorsRequest(), timeout=60).vectors]
-        shown = stub.GetSteeringVector(pb.SteeringVectorRef(id=made.id, include_vector=True), timeout=60)
-        assert len(shown.vector) == 576
+        made = c.create_steering_vector({"hook_point": HOOK, "positive": [chat, "Sunshine and laughter all day."],
+                                         "negative": ["Rain and grey skies all day."]})
+        assert made.id.startswith("vec-") and made.n_positive == 2 and made.d_in == 576 and made.vector is None
+        assert made.id in [v.id for v in c.list_steering_vectors()]
+        shown = c.get_steering_vector(made.id, include_vector=True)
+        assert shown.vector is not None and len(shown.vector) == 576
         assert float(np.linalg.norm(np.array(shown.vector, np.float64))) == pytest.approx(made.norm, rel=1e-5)
-        gen = list(stub.Generate(pb.GenerateRequest(text="Hi", sampling=pb.SamplingOptions(max_tokens=2),
-                                                    steering=pb.Steering(vectors=[pb.SteeringVector(
-                                                        vector_id=made.id, scale=2.0)])), timeout=300))
+        gen = list(c.generate("Hi", sampling={"max_tokens": 2},
+                              steering={"vectors": [{"vector_id": made.id, "scale": 2.0}]}))
         assert gen[-1].finished
-        assert stub.DeleteSteeringVector(pb.SteeringVectorRef(id=made.id), timeout=60).deleted
+        assert c.delete_steering_vector(made.id)
         with pytest.raises(grpc.RpcError) as err:
-            stub.GetSteeringVector(pb.SteeringVectorRef(id=made.id), timeout=60)
+            c.stub.GetSteeringVector(pb.SteeringVectorRef(id=made.id), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "id" in (err.value.details() or "")

@@ -61,6 +61,110 @@ def test_vector_ids_resolve_to_the_stored_vector_and_unknown_ones_are_404():
     assert asyncio.run(service.list_vectors()).data == []
 
 
+# -- the real HTTP app on a stand-in engine (seconds, no vLLM) ----------------------------
+
+
+def _fake_service():
+    from sae_runtime.engine.engine import SAEEngine
+    from sae_runtime.engine.spec import ModelShape
+    from server.metrics import ServiceMetrics
+    from tests.test_hardening import FakeEngine
+
+    class VectorEngine(FakeEngine):
+        """Streams: row p of a text is ``ids[p] + p/10`` in every entry (hidden size 8)."""
+
+        shape = ModelShape(num_layers=30, hidden_size=8)
+        stream_layers = SAEEngine.stream_layers
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokenizer.all_special_ids = [0]
+            self.specs: list = []
+
+        async def harvest_streams(self, token_id_lists, hook_points):
+            layers = self.stream_layers(hook_points)
+            return [{L: torch.tensor([[float(t) + p / 10] * 8 for p, t in enumerate(ids)]) for L in layers}
+                    for ids in token_id_lists]
+
+        def generate(self, prompt_ids, params, spec=None, request_id=None):
+            self.specs.append(spec)
+            return super().generate(prompt_ids, params, spec, request_id)
+
+        def encode_text(self, text: str) -> list[int]:
+            return [0, *(len(w) for w in text.split())]  # 0 is "BOS", a special token
+
+    engine = VectorEngine()
+    return engine, SAEService(engine, ServiceMetrics("test"), vectors=MemoryVectorStore())  # type: ignore[arg-type]
+
+
+def _mean(texts: list[str]) -> float:
+    rows = [len(w) + p / 10 for t in texts for p, w in enumerate(t.split(), start=1)]
+    return sum(rows) / len(rows)
+
+
+def test_vector_routes_and_vector_id_steering_over_http_on_a_stand_in_engine():
+    from fastapi.testclient import TestClient
+
+    from server.http_api import build_http_app
+
+    engine, service = _fake_service()
+    pos, neg = ["aaa bbbb", "cc"], ["d eeeee ffffff"]
+    with TestClient(build_http_app(service, 1_000_000)) as http:
+        r = http.post("/v1/steering/vectors", json={"hook_point": "blocks.6.hook_resid_post", "positive": pos,
+                                                    "negative": neg})
+        assert r.status_code == 200, r.text
+        info = r.json()
+        assert (info["hook_point"], info["positive_tokens"], info["negative_tokens"]) == ("layers.6", 3, 3)
+        full = http.get(f"/v1/steering/vectors/{info['id']}?include_vector=true").json()
+        assert full["vector"] == pytest.approx([_mean(pos) - _mean(neg)] * 8, rel=1e-6)
+        assert [v["id"] for v in http.get("/v1/steering/vectors").json()["data"]] == [info["id"]]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = http.post("/v1/chat/completions", json={**chat, "steering": {"vectors": [
+            {"vector_id": info["id"], "scale": 3.0, "scope": "generated"}]}})
+        assert r.status_code == 200, r.text
+        (v,) = engine.specs[-1].steering.vectors
+        assert (v.hook_point, v.scale, v.scope, v.vector_id) == ("layers.6", 3.0, "generated", None)
+        assert v.vector == pytest.approx(full["vector"])
+        for body, status, param in (
+            ({"hook_point": "layers.30", "positive": pos, "negative": neg}, 404, "hook_point"),
+            ({"hook_point": "layers.6", "positive": [""], "negative": neg}, 400, "positive"),
+            ({"hook_point": "layers.6", "positive": ["x"] * 65, "negative": neg}, 400, "positive"),
+            ({"hook_point": "layers.6", "positive": pos, "negative": []}, 422, "negative"),
+        ):
+            r = http.post("/v1/steering/vectors", json=body)
+            assert (r.status_code, r.json()["error"]["param"]) == (status, param), r.text
+        assert http.delete(f"/v1/steering/vectors/{info['id']}").status_code == 200
+        r = http.post("/v1/chat/completions", json={**chat, "steering": {"vectors": [{"vector_id": info["id"]}]}})
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "steering.vectors[0].vector_id")
+
+
+def test_finish_reason_feature_reaches_http_responses_whole_and_streamed():
+    from fastapi.testclient import TestClient
+
+    from server.http_api import build_http_app
+    from tests.test_hardening import FakeEngine
+
+    class StoppingEngine(FakeEngine):
+        async def generate(self, prompt_ids, params, spec=None, request_id=None):
+            from sae_runtime.engine.outputs import GenerationChunk
+
+            yield GenerationChunk(request_id="r", token_ids=[1], text="a", num_generated_tokens=1)
+            yield GenerationChunk(request_id="r", token_ids=[], text="", num_generated_tokens=1, finished=True,
+                                  finish_reason="feature")
+
+    service = SAEService(StoppingEngine())  # type: ignore[arg-type]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "steering": {"stop_when": [{"dictionary": "d0", "feature": 1, "above": 0.5}]}}
+    with TestClient(build_http_app(service, 1_000_000)) as http:
+        whole = http.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["finish_reason"] == "feature"
+        assert whole.json()["usage"]["completion_tokens"] == 1
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            lines = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+        assert [c["choices"][0].get("finish_reason") for c in lines if c["choices"]][-1] == "feature"
+
+
 # -- on the real server ------------------------------------------------------------------
 
 POSITIVE = ["I love this, it is wonderful and makes me happy.", "What a delightful, joyful day!"]

@@ -138,6 +138,40 @@ def test_vector_routes_and_vector_id_steering_over_http_on_a_stand_in_engine():
         assert (r.status_code, r.json()["error"]["param"]) == (404, "steering.vectors[0].vector_id")
 
 
+def test_vector_grpc_methods_on_a_stand_in_engine():
+    import grpc
+
+    from sae_wire import convert as conv
+    from sae_wire import sae_serve_pb2 as pb
+    from server.grpc_service import GrpcRequestError
+    from tests.test_hardening import FakeContext, grpc_methods
+
+    _engine, service = _fake_service()
+    m = grpc_methods(service)
+    chat = [{"role": "user", "content": "x y"}]
+    made = asyncio.run(m.CreateSteeringVector(conv.steering_vector_create_pb(
+        {"hook_point": "layers.6", "positive": ["aaa bbbb", chat], "negative": ["d eeeee"], "name": "n"}),
+        FakeContext()))
+    assert made.name == "n" and made.n_positive == 2 and made.d_in == 8 and not made.vector
+    listed = asyncio.run(m.ListSteeringVectors(pb.ListSteeringVectorsRequest(), FakeContext()))
+    assert [v.id for v in listed.vectors] == [made.id]
+    shown = asyncio.run(m.GetSteeringVector(pb.SteeringVectorRef(id=made.id, include_vector=True), FakeContext()))
+    assert len(shown.vector) == 8 and conv.steering_vector_info_from_pb(shown).norm == pytest.approx(made.norm)
+    assert asyncio.run(m.DeleteSteeringVector(pb.SteeringVectorRef(id=made.id), FakeContext())).deleted
+    for call, request, code in (
+        (m.GetSteeringVector, pb.SteeringVectorRef(id=made.id), grpc.StatusCode.NOT_FOUND),
+        (m.CreateSteeringVector, pb.CreateSteeringVectorRequest(hook_point="layers.6"),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (m.CreateSteeringVector, pb.CreateSteeringVectorRequest(
+            hook_point="mlp", positive=[pb.ContrastText(text="a b")], negative=[pb.ContrastText(text="c d")]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        ctx = FakeContext()
+        with pytest.raises(GrpcRequestError):
+            asyncio.run(call(request, ctx))
+        assert ctx.code() == code, ctx.details()
+
+
 def test_finish_reason_feature_reaches_http_responses_whole_and_streamed():
     from fastapi.testclient import TestClient
 

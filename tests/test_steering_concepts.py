@@ -74,6 +74,46 @@ def test_concept_fields_are_checked_and_travel_over_grpc():
     assert SteeringSpec.model_validate(conv.steering_dict(conv.steering_pb(s))) == s
 
 
+def test_concepts_over_http_on_a_stand_in_engine_are_resolved_and_reported(index):
+    """The real HTTP app: the engine gets the resolved feature edits, the response's
+    steering_applied names the concept; no match is a 400 naming the concept."""
+    from fastapi.testclient import TestClient
+
+    from server.http_api import build_http_app
+    from server.service import SAEService
+    from tests.test_hardening import DICTS, FakeEngine
+
+    class ConceptEngine(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.specs: list = []
+            self.dictionary_info = {"d0": DictionaryInfo(id="d0", hook_point="layers.6", d_sae=2048, k=None,
+                                                         max_activations=index.max_activations)}
+
+        def resolve_concepts(self, steering):
+            return resolve_concepts(steering, {"d0": index})
+
+        def generate(self, prompt_ids, params, spec=None, request_id=None):
+            self.specs.append(spec)
+            return super().generate(prompt_ids, params, spec, request_id)
+
+    assert "d0" in DICTS
+    engine = ConceptEngine()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "steering": {"edits": [{"dictionary": "d0", "concept": "ocean", "concept_features": 2, "value": 0.5}]}}
+    with TestClient(build_http_app(SAEService(engine), 1_000_000)) as http:  # type: ignore[arg-type]
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        hits = [h.feature for h in index.search("ocean", limit=2)]
+        assert [e.feature for e in engine.specs[-1].steering.edits] == hits
+        applied = r.json()["steering_applied"]["edits"]
+        assert [(a["edit"], a["feature"], a["concept"], a["unit"]) for a in applied] == [
+            (0, f, "ocean", "max") for f in hits]
+        body["steering"]["edits"][0]["concept"] = "zeppelin"
+        r = http.post("/v1/chat/completions", json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "steering.edits[0].concept"), r.text
+
+
 @pytest.mark.slow
 def test_a_concept_edit_steers_like_an_edit_of_the_feature_the_search_returns(sae_engine):
     eng = sae_engine.engine

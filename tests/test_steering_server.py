@@ -15,6 +15,7 @@ from tests.server_fixtures import DICTIONARY_ID
 pytestmark = pytest.mark.slow
 
 Q = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a ship at sea."}]
 EDITS = [
     {"dictionary": DICTIONARY_ID, "feature": 3, "mode": "orthogonal", "value": 0.5, "unit": "residual_norm"},
     {"dictionary": DICTIONARY_ID, "feature": 4, "mode": "project_cap", "value": 0.0},
@@ -68,23 +69,24 @@ def test_stop_when_finishes_with_reason_feature_over_http_and_grpc(live_server):
     from clients.grpc_client import SAEClient
     from tests.steering_helpers import pick_stop
 
-    sampling = {"max_tokens": 12, "temperature": 0}
+    sampling = {"max_tokens": 16, "temperature": 0}
     every = {"dictionaries": [DICTIONARY_ID], "feature_ids": list(range(512)), "scope": "generated"}
     with SAEClient(live_server.grpc_target) as c:
-        base = list(c.generate(messages=Q, sampling=sampling, features=every))
+        base = list(c.generate(messages=STORY, sampling=sampling, features=every))
     base_tokens = [t for ch in base for t in ch.token_ids]
-    assert base[-1].finish_reason == "length" and len(base_tokens) == 12
-    values = torch.tensor([t.features[0].values for ch in base for t in ch.features])
-    g, above, k = pick_stop(values, last=6)
+    assert len(base_tokens) >= 8 and base[-1].finished
+    values = torch.tensor([t.features[0].values for ch in base for t in ch.features])  # all but the last token
+    assert values.shape == (len(base_tokens) - 1, 512)
+    g, above, k = pick_stop(values, last=min(6, len(base_tokens) - 3))
     steering = {"stop_when": [{"dictionary": DICTIONARY_ID, "feature": g, "above": above}]}
 
     with SAEClient(live_server.grpc_target) as c:
-        got = list(c.generate(messages=Q, sampling=sampling, steering=steering))
+        got = list(c.generate(messages=STORY, sampling=sampling, steering=steering))
     assert [t for ch in got for t in ch.token_ids] == base_tokens[:k + 1]
     assert got[-1].finished and got[-1].finish_reason == "feature"
     assert got[-1].usage is not None and got[-1].usage.completion_tokens == k + 1
 
-    body = {"messages": Q, **sampling, "steering": steering}
+    body = {"messages": STORY, **sampling, "steering": steering}
     with httpx.Client(base_url=live_server.base_url, timeout=300) as c:
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text

@@ -39,6 +39,8 @@ from sae_wire.models import (
     SearchByExampleRequest,
     SearchByExampleResponse,
     SteeringSpec,
+    SteeringVectorCreate,
+    SteeringVectorInfo,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -214,6 +216,23 @@ class SAEClient:
     def search_by_example(self, request: SearchByExampleRequest | dict) -> SearchByExampleResponse:
         req = conv.search_by_example_request_pb(request)
         return conv.search_by_example_response_from_pb(self._safe(self.stub.SearchByExample, req))
+
+    def create_steering_vector(self, request: SteeringVectorCreate | dict) -> SteeringVectorInfo:
+        """A contrastive steering vector, stored by the server; not retried (not idempotent)."""
+        msg = conv.steering_vector_create_pb(request)
+        return conv.steering_vector_info_from_pb(
+            self.stub.CreateSteeringVector(msg, timeout=self.timeout_s, metadata=self.metadata))
+
+    def list_steering_vectors(self) -> list[SteeringVectorInfo]:
+        resp = self._safe(self.stub.ListSteeringVectors, pb.ListSteeringVectorsRequest())
+        return [conv.steering_vector_info_from_pb(v) for v in resp.vectors]
+
+    def get_steering_vector(self, vector_id: str, include_vector: bool = False) -> SteeringVectorInfo:
+        ref = pb.SteeringVectorRef(id=vector_id, include_vector=include_vector)
+        return conv.steering_vector_info_from_pb(self._safe(self.stub.GetSteeringVector, ref), include_vector)
+
+    def delete_steering_vector(self, vector_id: str) -> bool:
+        return self._safe(self.stub.DeleteSteeringVector, pb.SteeringVectorRef(id=vector_id)).deleted
 
 
 class AsyncSAEClient:

@@ -27,12 +27,14 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from sae_wire import sae_serve_pb2 as pb
 from sae_wire.models import (
+    AppliedEdit,
     CooccurringFeature,
     DictionaryFeatures,
     DictionaryInfoOut,
     ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,
+    FeatureCondition,
     FeatureExampleOut,
     FeatureIndexCard,
     FeatureInfoOut,
@@ -44,7 +46,10 @@ from sae_wire.models import (
     SamplingOptions,
     SearchByExampleRequest,
     SearchByExampleResponse,
+    SteeringApplied,
     SteeringSpec,
+    SteeringVectorCreate,
+    SteeringVectorInfo,
     TokenCountOut,
     TokenFeaturesOut,
     TokenScore,
@@ -58,9 +63,11 @@ SCOPE_FROM_PB: dict[int, str | None] = {
 SCOPE_TO_PB: dict[str, pb.Scope] = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "all": pb.SCOPE_ALL}
 MODE_FROM_PB: dict[int, str | None] = {
     pb.EDIT_MODE_UNSPECIFIED: None, pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp",
-    pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate"}
+    pb.EDIT_MODE_SCALE: "scale", pb.EDIT_MODE_ABLATE: "ablate", pb.EDIT_MODE_PROJECT_CAP: "project_cap",
+    pb.EDIT_MODE_ORTHOGONAL: "orthogonal"}
 MODE_TO_PB: dict[str, pb.EditMode] = {
-    "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE}
+    "add": pb.EDIT_MODE_ADD, "clamp": pb.EDIT_MODE_CLAMP, "scale": pb.EDIT_MODE_SCALE, "ablate": pb.EDIT_MODE_ABLATE,
+    "project_cap": pb.EDIT_MODE_PROJECT_CAP, "orthogonal": pb.EDIT_MODE_ORTHOGONAL}
 NORMALIZE_FROM_PB: dict[int, str | None] = {
     pb.NORMALIZE_UNSPECIFIED: None, pb.NORMALIZE_NONE: "none", pb.NORMALIZE_MAX: "max"}
 NORMALIZE_TO_PB: dict[str, pb.Normalize] = {"none": pb.NORMALIZE_NONE, "max": pb.NORMALIZE_MAX}
@@ -120,20 +127,47 @@ def feature_request_dict(msg: pb.FeatureRequest) -> dict[str, Any]:
 def steering_dict(msg: pb.Steering) -> dict[str, Any]:
     edits = []
     for i, e in enumerate(msg.edits):
-        ed: dict[str, Any] = {"dictionary": e.dictionary, "feature": e.feature}
+        ed: dict[str, Any] = {"dictionary": e.dictionary}
+        if e.concept:
+            ed["concept"] = e.concept
+            if e.HasField("concept_features"):
+                ed["concept_features"] = e.concept_features
+        else:
+            ed["feature"] = e.feature
         _set(ed, "mode", _enum(MODE_FROM_PB, e.mode, f"steering.edits[{i}].mode"))
         if e.HasField("value"):
             ed["value"] = e.value
         _set(ed, "scope", _enum(SCOPE_FROM_PB, e.scope, f"steering.edits[{i}].scope"))
+        if e.unit:
+            ed["unit"] = e.unit
+        if e.HasField("when"):
+            ed["when"] = _condition_dict(e.when)
         edits.append(ed)
     vectors = []
     for i, v in enumerate(msg.vectors):
-        vd: dict[str, Any] = {"hook_point": v.hook_point, "vector": list(v.vector)}
+        vd: dict[str, Any] = {}
+        if v.hook_point:
+            vd["hook_point"] = v.hook_point
+        if v.vector or not v.vector_id:
+            vd["vector"] = list(v.vector)
+        if v.vector_id:
+            vd["vector_id"] = v.vector_id
         if v.HasField("scale"):
             vd["scale"] = v.scale
         _set(vd, "scope", _enum(SCOPE_FROM_PB, v.scope, f"steering.vectors[{i}].scope"))
         vectors.append(vd)
-    return {"edits": edits, "vectors": vectors}
+    out: dict[str, Any] = {"edits": edits, "vectors": vectors}
+    if msg.stop_when:
+        out["stop_when"] = [_condition_dict(c) for c in msg.stop_when]
+    return out
+
+
+def _condition_dict(c: pb.FeatureCondition) -> dict[str, Any]:
+    return {"dictionary": c.dictionary, "feature": c.feature, "above": c.above}
+
+
+def _condition_pb(c: FeatureCondition) -> pb.FeatureCondition:
+    return pb.FeatureCondition(dictionary=c.dictionary, feature=c.feature, above=c.above)
 
 
 def sampling_dict(msg: pb.SamplingOptions) -> dict[str, Any]:
@@ -224,14 +258,23 @@ def steering_pb(steering: SteeringSpec | dict) -> pb.Steering:
     s = _model(SteeringSpec, steering)
     msg = pb.Steering()
     for e in s.edits:
-        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
+        edit = pb.SteeringEdit(dictionary=e.dictionary, feature=e.feature or 0, mode=MODE_TO_PB[e.mode],
                                scope=_scope_pb(e.scope))
+        if e.concept is not None:
+            edit.concept = e.concept
+            if e.concept_features != 1:
+                edit.concept_features = e.concept_features
         if e.value is not None:
             edit.value = e.value
+        if e.unit is not None:
+            edit.unit = e.unit
+        if e.when is not None:
+            edit.when.CopyFrom(_condition_pb(e.when))
         msg.edits.append(edit)
     for v in s.vectors:
-        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point, vector=v.vector, scale=v.scale,
-                                             scope=_scope_pb(v.scope)))
+        msg.vectors.append(pb.SteeringVector(hook_point=v.hook_point or "", vector=v.vector or [], scale=v.scale,
+                                             scope=_scope_pb(v.scope), vector_id=v.vector_id or ""))
+    msg.stop_when.extend(_condition_pb(c) for c in s.stop_when)
     return msg
 
 
@@ -296,7 +339,29 @@ def generate_chunk_pb(chunk: GenerateChunkOut) -> pb.GenerateResponse:
                               finished=chunk.finished, finish_reason=chunk.finish_reason or "")
     if chunk.usage is not None:
         out.usage.CopyFrom(pb.Usage(**chunk.usage.model_dump()))
+    if chunk.steering_applied is not None:
+        out.steering_applied.CopyFrom(steering_applied_pb(chunk.steering_applied))
     return out
+
+
+def steering_applied_pb(a: SteeringApplied) -> pb.SteeringApplied:
+    out = pb.SteeringApplied()
+    for e in a.edits:
+        item = pb.AppliedEdit(edit=e.edit, dictionary=e.dictionary, feature=e.feature, mode=MODE_TO_PB[e.mode],
+                              unit=e.unit, value=e.value, scope=_scope_pb(e.scope), concept=e.concept or "")
+        if e.raw_value is not None:
+            item.raw_value = e.raw_value
+        out.edits.append(item)
+    return out
+
+
+def steering_applied_from_pb(m: pb.SteeringApplied) -> SteeringApplied:
+    return SteeringApplied(edits=[
+        AppliedEdit.model_validate({
+            "edit": e.edit, "dictionary": e.dictionary, "feature": e.feature, "mode": MODE_FROM_PB[e.mode] or "add",
+            "unit": e.unit, "value": e.value, "raw_value": e.raw_value if e.HasField("raw_value") else None,
+            "scope": SCOPE_FROM_PB[e.scope] or "all", "concept": e.concept or None})
+        for e in m.edits])
 
 
 def dictionary_pb(d: DictionaryInfoOut) -> pb.DictionaryInfo:
@@ -372,6 +437,7 @@ def generate_chunk_from_pb(m: pb.GenerateResponse) -> GenerateChunkOut:
         finish_reason=m.finish_reason or None,
         usage=Usage(prompt_tokens=m.usage.prompt_tokens, completion_tokens=m.usage.completion_tokens,
                     total_tokens=m.usage.total_tokens) if m.HasField("usage") else None,
+        steering_applied=steering_applied_from_pb(m.steering_applied) if m.HasField("steering_applied") else None,
     )
 
 
@@ -415,3 +481,60 @@ def search_by_example_response_from_pb(m: pb.SearchByExampleResponse) -> SearchB
     return SearchByExampleResponse(dictionary=m.dictionary, results=[
         ExampleSearchHit(feature=h.feature, score=h.score, label=h.label, max_activation=h.max_activation,
                          density=h.density) for h in m.results])
+
+
+# -- stored contrastive steering vectors ---------------------------------------------------
+
+def _contrast_text(t: pb.ContrastText, field: str) -> Any:
+    which = t.WhichOneof("input")
+    if which == "text":
+        return t.text
+    if which == "chat":
+        return [{"role": m.role, "content": m.content} for m in t.chat.messages]
+    raise WireError(field, "give 'text' or 'chat'")
+
+
+def steering_vector_create_from_pb(msg: pb.CreateSteeringVectorRequest) -> SteeringVectorCreate:
+    data: dict[str, Any] = {
+        "hook_point": msg.hook_point,
+        "positive": [_contrast_text(t, f"positive[{i}]") for i, t in enumerate(msg.positive)],
+        "negative": [_contrast_text(t, f"negative[{i}]") for i, t in enumerate(msg.negative)],
+    }
+    if msg.HasField("name"):
+        data["name"] = msg.name
+    return _model(SteeringVectorCreate, data)
+
+
+def steering_vector_create_pb(request: SteeringVectorCreate | dict) -> pb.CreateSteeringVectorRequest:
+    req = request if isinstance(request, SteeringVectorCreate) else SteeringVectorCreate.model_validate(request)
+    msg = pb.CreateSteeringVectorRequest(hook_point=req.hook_point)
+    for side, items in (("positive", req.positive), ("negative", req.negative)):
+        out = getattr(msg, side)
+        for item in items:
+            t = pb.ContrastText()
+            if isinstance(item, str):
+                t.text = item
+            else:
+                for m in item:
+                    t.chat.messages.append(pb.ChatMessage(role=m.role, content=m.text()))
+            out.append(t)
+    if req.name is not None:
+        msg.name = req.name
+    return msg
+
+
+def steering_vector_info_pb(v: SteeringVectorInfo) -> pb.SteeringVectorInfo:
+    out = pb.SteeringVectorInfo(id=v.id, hook_point=v.hook_point, d_in=v.d_in, norm=v.norm, n_positive=v.n_positive,
+                                n_negative=v.n_negative, positive_tokens=v.positive_tokens,
+                                negative_tokens=v.negative_tokens, created_at=v.created_at, vector=v.vector or [])
+    if v.name is not None:
+        out.name = v.name
+    return out
+
+
+def steering_vector_info_from_pb(m: pb.SteeringVectorInfo, with_vector: bool = False) -> SteeringVectorInfo:
+    return SteeringVectorInfo(
+        id=m.id, name=m.name if m.HasField("name") else None, hook_point=m.hook_point, d_in=m.d_in, norm=m.norm,
+        n_positive=m.n_positive, n_negative=m.n_negative, positive_tokens=m.positive_tokens,
+        negative_tokens=m.negative_tokens, created_at=m.created_at,
+        vector=list(m.vector) if with_vector or m.vector else None)

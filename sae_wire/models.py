@@ -13,11 +13,19 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Scope = Literal["prompt", "generated", "all"]
-EditModeName = Literal["add", "clamp", "scale", "ablate"]
 Normalize = Literal["none", "max"]
+EditModeName = Literal["add", "clamp", "scale", "ablate", "project_cap", "orthogonal"]
+StrengthUnit = Literal["raw", "max", "residual_norm"]
+MAX_STOP_WHEN = 16
+"""Conditions one request's ``steering.stop_when`` may list."""
+MAX_CONCEPT_FEATURES = 8
+"""Features one concept edit may resolve to (``concept_features``)."""
+VALUE_UNIT_MODES = ("add", "clamp", "project_cap", "orthogonal")
+"""Modes whose value is a coefficient of the decoder row and so takes a strength unit
+(scale's value is a factor, ablate has none: their unit is always ``raw``)."""
 
 
 # -- the SAE request fields: ``features`` and ``steering`` ---------------------------------
@@ -57,14 +65,47 @@ class FeatureRequest(_Strict):
         return self
 
 
+class FeatureCondition(_Strict):
+    """A feature firing: ``feature`` of ``dictionary``, at that dictionary's hook point, has an
+    activation above ``above`` (``when`` of an edit; ``stop_when`` of a request's steering)."""
+
+    dictionary: str
+    feature: int = Field(ge=0)
+    above: float = Field(default=0.0, description="activation threshold (strictly above)")
+
+    @field_validator("above")
+    @classmethod
+    def _finite_above(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
 class SteeringEdit(_Strict):
     """One edit of one feature; README.md, "Steering semantics", has each mode's effect."""
 
     dictionary: str
-    feature: int = Field(ge=0)
+    feature: int | None = Field(default=None, ge=0, description="the feature (or give concept)")
+    concept: str | None = Field(
+        default=None, min_length=1, max_length=200, description="instead of feature: words looked up in the "
+        "dictionary's feature index (labels and top tokens); the server edits the best concept_features matches")
+    concept_features: int = Field(default=1, ge=1, le=MAX_CONCEPT_FEATURES,
+                                  description="with concept: how many of the best matching features to edit")
     mode: EditModeName = "add"
-    value: float | None = Field(default=None, description="v for add/clamp, s for scale; unused by ablate")
+    value: float | None = Field(
+        default=None, description="v for add/clamp/project_cap/orthogonal, s for scale; unused by ablate")
+    unit: StrengthUnit | None = Field(
+        default=None, description="unit of v: raw (activation units), max (multiples of the feature's indexed max "
+        "activation), residual_norm (fraction of the stream's norm at each token); unset: max when the dictionary "
+        "has a feature index, else raw. scale and ablate take raw only")
     scope: Scope = "all"
+    when: FeatureCondition | None = Field(
+        default=None, description="apply only on tokens where this feature fires (its activation in the same "
+        "forward pass, before this request's edits at its hook point); its hook point must not come after the edit's")
+    # Set by the server when it resolves concepts (never on the wire): the index of the edit
+    # in the request as sent, and the concept a resolved edit came from (steering_applied).
+    _source: int | None = PrivateAttr(default=None)
+    _concept: str | None = PrivateAttr(default=None)
 
     @field_validator("value")
     @classmethod
@@ -80,23 +121,44 @@ class SteeringEdit(_Strict):
                 self.value = 0.0
             else:
                 raise ValueError(f"mode '{self.mode}' needs a value")
+        if (self.feature is None) == (self.concept is None):
+            raise ValueError("give either feature or concept")
+        if self.concept is None and self.concept_features != 1:
+            raise ValueError("concept_features needs concept")
+        if self.unit not in (None, "raw") and self.mode not in VALUE_UNIT_MODES:
+            raise ValueError(f"unit '{self.unit}' does not apply to mode '{self.mode}' (its value is "
+                             f"{'a factor' if self.mode == 'scale' else 'unused'}): leave unit unset or 'raw'")
         return self
 
 
 class SteeringVector(_Strict):
-    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``."""
+    """A raw direction added to the residual stream at a hook point: ``x += scale·vector``.
 
-    hook_point: str
-    vector: list[float] = Field(min_length=1)
+    Either ``vector`` (with ``hook_point``) or ``vector_id``, a stored contrastive vector
+    (``POST /v1/steering/vectors``) that the server puts in its place (with its hook point)."""
+
+    hook_point: str | None = Field(default=None, description="required with vector; with vector_id optional "
+                                   "(it must then be the stored vector's)")
+    vector: list[float] | None = Field(default=None, min_length=1)
+    vector_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                  description="id of a stored steering vector, instead of vector")
     scale: float = 1.0
     scope: Scope = "all"
 
     @field_validator("vector")
     @classmethod
-    def _finite_vector(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
+    def _finite_vector(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
             raise ValueError("must hold only finite numbers (found NaN or infinity)")
         return v
+
+    @model_validator(mode="after")
+    def _vector_or_id(self) -> SteeringVector:
+        if (self.vector is None) == (self.vector_id is None):
+            raise ValueError("give either vector (with hook_point) or vector_id, not both or neither")
+        if self.vector is not None and self.hook_point is None:
+            raise ValueError("hook_point is required with vector")
+        return self
 
     @field_validator("scale")
     @classmethod
@@ -109,10 +171,37 @@ class SteeringVector(_Strict):
 class SteeringSpec(_Strict):
     edits: list[SteeringEdit] = Field(default_factory=list)
     vectors: list[SteeringVector] = Field(default_factory=list)
+    stop_when: list[FeatureCondition] = Field(
+        default_factory=list, max_length=MAX_STOP_WHEN,
+        description="end generation (finish_reason 'feature') at the first generated token on which one of these "
+        "fires (its activation after this request's edits, as features report it); that token is the last one "
+        "returned")
 
     @property
     def empty(self) -> bool:
-        return not self.edits and not self.vectors
+        return not self.edits and not self.vectors and not self.stop_when
+
+
+class AppliedEdit(BaseModel):
+    """What one edit of a request resolved to (the response's ``steering_applied``)."""
+
+    edit: int = Field(description="index of the edit in steering.edits")
+    dictionary: str
+    feature: int
+    mode: EditModeName
+    unit: StrengthUnit = Field(description="the unit used, the default made explicit")
+    value: float = Field(description="the value as given")
+    raw_value: float | None = Field(
+        description="the value in raw (activation) units; null for residual_norm (it depends on each token)")
+    scope: Scope
+    concept: str | None = Field(default=None, description="the concept this feature was found for, when the edit "
+                                "gave a concept (one entry per matched feature, all with the edit's index)")
+
+
+class SteeringApplied(BaseModel):
+    """A steered request's edits as the engine applies them."""
+
+    edits: list[AppliedEdit] = Field(default_factory=list)
 
 
 # -- per-token features (what the engine returns, what every response carries) -------------
@@ -233,6 +322,7 @@ class GenerateChunkOut(BaseModel):
     finished: bool = False
     finish_reason: str | None = None
     usage: Usage | None = None
+    steering_applied: SteeringApplied | None = Field(default=None, description="first chunk of a steered request")
 
 
 class DictionaryInfoOut(BaseModel):
@@ -359,3 +449,48 @@ class SearchByExampleResponse(BaseModel):
     dictionary: str
     results: list[ExampleSearchHit]
 FeatureInfoOut.model_rebuild()
+
+
+# -- stored contrastive steering vectors (POST/GET/DELETE /v1/steering/vectors) ------------
+
+MAX_CONTRAST_TEXTS = 64
+"""Texts (or chats) on each side of one contrastive vector request."""
+MAX_STORED_VECTORS = 256
+"""Steering vectors one deployment keeps."""
+
+ContrastText = str | list[ChatMessage]
+
+
+class SteeringVectorCreate(_Strict):
+    """A contrastive steering vector: mean residual stream at ``hook_point`` over the scored
+    tokens of ``positive`` minus that of ``negative`` (README.md, "Contrastive vectors")."""
+
+    hook_point: str = Field(description="where the streams are read and where the vector is added")
+    positive: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
+    negative: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
+    name: str | None = Field(default=None, max_length=200)
+
+
+class SteeringVectorInfo(BaseModel):
+    """A stored steering vector's metadata (and the vector itself when asked for)."""
+
+    id: str
+    name: str | None = None
+    hook_point: str
+    d_in: int
+    norm: float = Field(description="L2 norm of the vector")
+    n_positive: int
+    n_negative: int
+    positive_tokens: int = Field(description="tokens averaged on the positive side")
+    negative_tokens: int = Field(description="tokens averaged on the negative side")
+    created_at: float = Field(description="Unix time")
+    vector: list[float] | None = Field(default=None, description="only with include_vector")
+
+
+class SteeringVectorList(BaseModel):
+    data: list[SteeringVectorInfo]
+
+
+class SteeringVectorDeleted(BaseModel):
+    id: str
+    deleted: bool = True

@@ -22,6 +22,8 @@ class EditMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDIT_MODE_CLAMP: _ClassVar[EditMode]
     EDIT_MODE_SCALE: _ClassVar[EditMode]
     EDIT_MODE_ABLATE: _ClassVar[EditMode]
+    EDIT_MODE_PROJECT_CAP: _ClassVar[EditMode]
+    EDIT_MODE_ORTHOGONAL: _ClassVar[EditMode]
 
 class Normalize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +39,8 @@ EDIT_MODE_ADD: EditMode
 EDIT_MODE_CLAMP: EditMode
 EDIT_MODE_SCALE: EditMode
 EDIT_MODE_ABLATE: EditMode
+EDIT_MODE_PROJECT_CAP: EditMode
+EDIT_MODE_ORTHOGONAL: EditMode
 NORMALIZE_UNSPECIFIED: Normalize
 NORMALIZE_NONE: Normalize
 NORMALIZE_MAX: Normalize
@@ -74,38 +78,88 @@ class FeatureRequest(_message.Message):
     def __init__(self, dictionaries: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[Scope, str]] = ..., normalize: _Optional[_Union[Normalize, str]] = ..., labels: _Optional[bool] = ..., exclude_dense_above: _Optional[float] = ...) -> None: ...
 
 class SteeringEdit(_message.Message):
-    __slots__ = ("dictionary", "feature", "mode", "value", "scope")
+    __slots__ = ("dictionary", "feature", "mode", "value", "scope", "unit", "when", "concept", "concept_features")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     dictionary: str
     feature: int
     mode: EditMode
     value: float
     scope: Scope
-    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    unit: str
+    when: FeatureCondition
+    concept: str
+    concept_features: int
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., unit: _Optional[str] = ..., when: _Optional[_Union[FeatureCondition, _Mapping]] = ..., concept: _Optional[str] = ..., concept_features: _Optional[int] = ...) -> None: ...
+
+class FeatureCondition(_message.Message):
+    __slots__ = ("dictionary", "feature", "above")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    ABOVE_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    feature: int
+    above: float
+    def __init__(self, dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., above: _Optional[float] = ...) -> None: ...
 
 class SteeringVector(_message.Message):
-    __slots__ = ("hook_point", "vector", "scale", "scope")
+    __slots__ = ("hook_point", "vector", "scale", "scope", "vector_id")
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
     hook_point: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     scale: float
     scope: Scope
-    def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ...) -> None: ...
+    vector_id: str
+    def __init__(self, hook_point: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., scale: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., vector_id: _Optional[str] = ...) -> None: ...
 
 class Steering(_message.Message):
-    __slots__ = ("edits", "vectors")
+    __slots__ = ("edits", "vectors", "stop_when")
     EDITS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STOP_WHEN_FIELD_NUMBER: _ClassVar[int]
     edits: _containers.RepeatedCompositeFieldContainer[SteeringEdit]
     vectors: _containers.RepeatedCompositeFieldContainer[SteeringVector]
-    def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ...) -> None: ...
+    stop_when: _containers.RepeatedCompositeFieldContainer[FeatureCondition]
+    def __init__(self, edits: _Optional[_Iterable[_Union[SteeringEdit, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ..., stop_when: _Optional[_Iterable[_Union[FeatureCondition, _Mapping]]] = ...) -> None: ...
+
+class AppliedEdit(_message.Message):
+    __slots__ = ("edit", "dictionary", "feature", "mode", "unit", "value", "raw_value", "scope", "concept")
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    RAW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    edit: int
+    dictionary: str
+    feature: int
+    mode: EditMode
+    unit: str
+    value: float
+    raw_value: float
+    scope: Scope
+    concept: str
+    def __init__(self, edit: _Optional[int] = ..., dictionary: _Optional[str] = ..., feature: _Optional[int] = ..., mode: _Optional[_Union[EditMode, str]] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., raw_value: _Optional[float] = ..., scope: _Optional[_Union[Scope, str]] = ..., concept: _Optional[str] = ...) -> None: ...
+
+class SteeringApplied(_message.Message):
+    __slots__ = ("edits",)
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    edits: _containers.RepeatedCompositeFieldContainer[AppliedEdit]
+    def __init__(self, edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -194,20 +248,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., features: _Optional[_Union[FeatureRequest, _Mapping]] = ..., steering: _Optional[_Union[Steering, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "features", "finished", "finish_reason", "usage")
+    __slots__ = ("token_ids", "text", "features", "finished", "finish_reason", "usage", "steering_applied")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    STEERING_APPLIED_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
     finished: bool
     finish_reason: str
     usage: Usage
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    steering_applied: SteeringApplied
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., steering_applied: _Optional[_Union[SteeringApplied, _Mapping]] = ...) -> None: ...
 
 class ListDictionariesRequest(_message.Message):
     __slots__ = ()
@@ -418,3 +474,75 @@ class SearchByExampleResponse(_message.Message):
     dictionary: str
     results: _containers.RepeatedCompositeFieldContainer[ExampleSearchHit]
     def __init__(self, dictionary: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ExampleSearchHit, _Mapping]]] = ...) -> None: ...
+
+class ContrastText(_message.Message):
+    __slots__ = ("text", "chat")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: Chat
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ...) -> None: ...
+
+class CreateSteeringVectorRequest(_message.Message):
+    __slots__ = ("hook_point", "positive", "negative", "name")
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    hook_point: str
+    positive: _containers.RepeatedCompositeFieldContainer[ContrastText]
+    negative: _containers.RepeatedCompositeFieldContainer[ContrastText]
+    name: str
+    def __init__(self, hook_point: _Optional[str] = ..., positive: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SteeringVectorInfo(_message.Message):
+    __slots__ = ("id", "name", "hook_point", "d_in", "norm", "n_positive", "n_negative", "positive_tokens", "negative_tokens", "created_at", "vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    D_IN_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    N_POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    N_NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    hook_point: str
+    d_in: int
+    norm: float
+    n_positive: int
+    n_negative: int
+    positive_tokens: int
+    negative_tokens: int
+    created_at: float
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., hook_point: _Optional[str] = ..., d_in: _Optional[int] = ..., norm: _Optional[float] = ..., n_positive: _Optional[int] = ..., n_negative: _Optional[int] = ..., positive_tokens: _Optional[int] = ..., negative_tokens: _Optional[int] = ..., created_at: _Optional[float] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ListSteeringVectorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSteeringVectorsResponse(_message.Message):
+    __slots__ = ("vectors",)
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[SteeringVectorInfo]
+    def __init__(self, vectors: _Optional[_Iterable[_Union[SteeringVectorInfo, _Mapping]]] = ...) -> None: ...
+
+class SteeringVectorRef(_message.Message):
+    __slots__ = ("id", "include_vector")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    include_vector: bool
+    def __init__(self, id: _Optional[str] = ..., include_vector: _Optional[bool] = ...) -> None: ...
+
+class DeleteSteeringVectorResponse(_message.Message):
+    __slots__ = ("id", "deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    deleted: bool
+    def __init__(self, id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...

@@ -64,6 +64,26 @@ class SAEServiceStub:
                 request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.SerializeToString,
                 response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.FromString,
                 _registered_method=True)
+        self.CreateSteeringVector = channel.unary_unary(
+                '/sae_serve.v1.SAEService/CreateSteeringVector',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.CreateSteeringVectorRequest.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.FromString,
+                _registered_method=True)
+        self.ListSteeringVectors = channel.unary_unary(
+                '/sae_serve.v1.SAEService/ListSteeringVectors',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsRequest.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsResponse.FromString,
+                _registered_method=True)
+        self.GetSteeringVector = channel.unary_unary(
+                '/sae_serve.v1.SAEService/GetSteeringVector',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.FromString,
+                _registered_method=True)
+        self.DeleteSteeringVector = channel.unary_unary(
+                '/sae_serve.v1.SAEService/DeleteSteeringVector',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.DeleteSteeringVectorResponse.FromString,
+                _registered_method=True)
 
 
 class SAEServiceServicer:
@@ -114,6 +134,32 @@ class SAEServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSteeringVector(self, request, context):
+        """Stored contrastive steering vectors (HTTP /v1/steering/vectors): create from two
+        sets of texts, list, show, delete. Requests steer with SteeringVector.vector_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSteeringVectors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSteeringVector(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSteeringVector(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SAEServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +192,26 @@ def add_SAEServiceServicer_to_server(servicer, server):
                     servicer.SearchByExample,
                     request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.FromString,
                     response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.SerializeToString,
+            ),
+            'CreateSteeringVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSteeringVector,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.CreateSteeringVectorRequest.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.SerializeToString,
+            ),
+            'ListSteeringVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSteeringVectors,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsRequest.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsResponse.SerializeToString,
+            ),
+            'GetSteeringVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSteeringVector,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.SerializeToString,
+            ),
+            'DeleteSteeringVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSteeringVector,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.DeleteSteeringVectorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +376,114 @@ class SAEService:
             '/sae_serve.v1.SAEService/SearchByExample',
             sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleRequest.SerializeToString,
             sae__serve_dot_v1_dot_sae__serve__pb2.SearchByExampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSteeringVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/CreateSteeringVector',
+            sae__serve_dot_v1_dot_sae__serve__pb2.CreateSteeringVectorRequest.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSteeringVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/ListSteeringVectors',
+            sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsRequest.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.ListSteeringVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSteeringVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/GetSteeringVector',
+            sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSteeringVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/DeleteSteeringVector',
+            sae__serve_dot_v1_dot_sae__serve__pb2.SteeringVectorRef.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.DeleteSteeringVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,7 @@ from server.grpc_service import SAEGrpcMethods
 from server.http_api import build_http_app
 from server.metrics import ServiceMetrics
 from server.service import SAEService
+from server.vector_store import deployment_store
 
 logger = logging.getLogger("sae_serve.deployment")
 DEPLOYMENT_NAME = "SAEDeployment"
@@ -44,11 +45,13 @@ class SAEDeployment(SAEGrpcMethods):
         self.engine: SAEEngine | None = None
         self.engine = await SAEEngine.start(engine_config)
         try:
-            replica = serve.get_replica_context().replica_id.unique_id
+            context = serve.get_replica_context()
+            replica, app = context.replica_id.unique_id, context.app_name
         except Exception:  # outside Serve (unit use)
-            replica = None
+            replica, app = None, None
         self.service = SAEService(self.engine, ServiceMetrics(replica), self.config.feature_top_n,
-                                  max_concurrent_streams=self.config.max_concurrent_streams)
+                                  max_concurrent_streams=self.config.max_concurrent_streams,
+                                  vectors=deployment_store(app))
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_http_app(self.service, self.config.max_request_bytes, self.api_keys,

@@ -165,6 +165,48 @@ class SAEGrpcMethods:
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
 
+    # -- stored contrastive steering vectors ---------------------------------------------------
+
+    async def CreateSteeringVector(self, request: pb.CreateSteeringVectorRequest,
+                                   grpc_context: Any = None) -> pb.SteeringVectorInfo:
+        try:
+            async with self.service.observed("steering.vectors.create", "grpc"):
+                self._authorize(grpc_context)
+                self._check_size(request)
+                info = await self.service.create_vector(conv.steering_vector_create_from_pb(request))
+            return conv.steering_vector_info_pb(info)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def ListSteeringVectors(self, request: pb.ListSteeringVectorsRequest,
+                                  grpc_context: Any = None) -> pb.ListSteeringVectorsResponse:
+        try:
+            async with self.service.observed("steering.vectors.list", "grpc"):
+                self._authorize(grpc_context)
+                listing = await self.service.list_vectors()
+            return pb.ListSteeringVectorsResponse(vectors=[conv.steering_vector_info_pb(v) for v in listing.data])
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def GetSteeringVector(self, request: pb.SteeringVectorRef, grpc_context: Any = None) -> pb.SteeringVectorInfo:
+        try:
+            async with self.service.observed("steering.vectors.get", "grpc"):
+                self._authorize(grpc_context)
+                info = await self.service.get_vector(request.id, request.include_vector, field="id")
+            return conv.steering_vector_info_pb(info)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
+    async def DeleteSteeringVector(self, request: pb.SteeringVectorRef,
+                                   grpc_context: Any = None) -> pb.DeleteSteeringVectorResponse:
+        try:
+            async with self.service.observed("steering.vectors.delete", "grpc"):
+                self._authorize(grpc_context)
+                out = await self.service.delete_vector(request.id, field="id")
+            return pb.DeleteSteeringVectorResponse(id=out.id, deleted=out.deleted)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
     # -- grpc.health.v1.Health --------------------------------------------------------------
 
     def _health_servicer(self) -> health.HealthServicer:

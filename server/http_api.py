@@ -37,6 +37,10 @@ from server.models import (
     ModelList,
     SearchByExampleRequest,
     SearchByExampleResponse,
+    SteeringVectorCreate,
+    SteeringVectorDeleted,
+    SteeringVectorInfo,
+    SteeringVectorList,
 )
 from server.openai_handler import OpenAIHandler
 from server.openai_models import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
@@ -319,6 +323,7 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
         ctx = service.observed(endpoint, "http")
         await ctx.__aenter__()
         try:
+            req.steering = await service.resolve_steering(req.steering)  # stored vectors by vector_id
             plan = plan_fn(req)
             if req.stream:
                 service.acquire_stream()
@@ -375,6 +380,29 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     async def search_by_example(req: SearchByExampleRequest) -> SearchByExampleResponse:
         async with service.observed("features.search", "http"):
             return await service.search_by_example(req)
+
+    # -- stored contrastive steering vectors -----------------------------------------------
+
+    @app.post("/v1/steering/vectors", response_model=SteeringVectorInfo, response_model_exclude_none=True)
+    async def create_vector(req: SteeringVectorCreate) -> SteeringVectorInfo:
+        async with service.observed("steering.vectors.create", "http"):
+            return await service.create_vector(req)
+
+    @app.get("/v1/steering/vectors", response_model=SteeringVectorList, response_model_exclude_none=True)
+    async def list_vectors() -> SteeringVectorList:
+        async with service.observed("steering.vectors.list", "http"):
+            return await service.list_vectors()
+
+    @app.get("/v1/steering/vectors/{vector_id}", response_model=SteeringVectorInfo,
+             response_model_exclude_none=True)
+    async def get_vector(vector_id: str, include_vector: bool = False) -> SteeringVectorInfo:
+        async with service.observed("steering.vectors.get", "http"):
+            return await service.get_vector(vector_id, include_vector)
+
+    @app.delete("/v1/steering/vectors/{vector_id}", response_model=SteeringVectorDeleted)
+    async def delete_vector(vector_id: str) -> SteeringVectorDeleted:
+        async with service.observed("steering.vectors.delete", "http"):
+            return await service.delete_vector(vector_id)
 
     # -- operations -----------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from pydantic import BaseModel, Field
 # The transport-neutral models are the wire contract's (sae_wire/models.py); the ones
 # below are HTTP's alone (OpenAI's model list and error envelope).
 from sae_wire.models import (  # noqa: F401
+    MAX_CONTRAST_TEXTS,
+    MAX_STORED_VECTORS,
     ChatMessage,
     DictionaryInfoOut,
     ExampleSearchHit,
@@ -30,7 +32,13 @@ from sae_wire.models import (  # noqa: F401
     SamplingOptions,
     SearchByExampleRequest,
     SearchByExampleResponse,
+    SteeringApplied,
     SteeringSpec,
+    SteeringVector,
+    SteeringVectorCreate,
+    SteeringVectorDeleted,
+    SteeringVectorInfo,
+    SteeringVectorList,
     TokenFeatures,
     TokenFeaturesOut,
     TokenScore,

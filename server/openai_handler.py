@@ -25,7 +25,7 @@ from typing import Any
 from sae_runtime.engine.outputs import GenerationChunk
 from sae_runtime.engine.spec import SAERequestSpec
 from server.errors import ApiError, ErrorKind, translate
-from server.models import PromptInput, TokenFeaturesOut
+from server.models import PromptInput, SteeringApplied, TokenFeaturesOut
 from server.openai_models import (
     IGNORED,
     REFUSED_CHAT,
@@ -76,6 +76,7 @@ class _Plan:
     params: Any  # vLLM SamplingParams from the request (n and seed set per run)
     echo: list[str] | None = None  # completions with echo=true: each prompt's text
     runs: list[_Run] = field(default_factory=list)
+    steering_applied: SteeringApplied | None = None
 
     @property
     def logprobs(self) -> int | None:
@@ -172,7 +173,7 @@ class OpenAIHandler:
             req.features, max(len(p) for p in prompts), max_tokens, len(runs), max_tokens_defaulted=defaulted
         )
         params = self._sampling_params(req, max_tokens)
-        return _Plan(prompts, max_tokens, spec, plain, params, echo, runs)
+        return _Plan(prompts, max_tokens, spec, plain, params, echo, runs, self.service.steering_applied(spec))
 
     def _params(self, req: AnyRequest, plan: _Plan, run: _Run) -> Any:
         params = plan.params.clone()
@@ -367,6 +368,7 @@ class OpenAIHandler:
             unsteered=UnsteeredChat(choices=choices(plain, plan.runs_of(False)), usage=self._usage(plan, plain))
             if req.compare
             else None,
+            steering_applied=plan.steering_applied,
         )
 
     async def completion(self, req: CompletionRequest, plan: _Plan) -> Completion:
@@ -396,6 +398,7 @@ class OpenAIHandler:
             unsteered=UnsteeredCompletion(choices=choices(plain, plan.runs_of(False)), usage=self._usage(plan, plain))
             if req.compare
             else None,
+            steering_applied=plan.steering_applied,
         )
 
     # -- streaming ------------------------------------------------------------------------
@@ -431,6 +434,7 @@ class OpenAIHandler:
         generated = [0] * len(tasks)
         top = plan.logprobs or 0
         want_lp = plan.logprobs is not None
+        applied_sent = False
         try:
             while remaining:
                 slot, item = await queue.get()
@@ -491,6 +495,9 @@ class OpenAIHandler:
                             )
                         ],
                     )
+                if not applied_sent:
+                    out.steering_applied = plan.steering_applied
+                    applied_sent = True
                 yield f"data: {out.model_dump_json(exclude_none=True)}\n\n"
             if req.stream_options is not None and req.stream_options.include_usage:
                 total = sum(generated)

@@ -66,7 +66,7 @@ from vllm.entrypoints.openai.completion.protocol import (
 from vllm.entrypoints.serve.engine.protocol import UsageInfo as Usage
 
 from sae_runtime.engine.spec import FeatureRequest, SteeringSpec
-from server.models import ChatMessage, TokenFeaturesOut
+from server.models import ChatMessage, SteeringApplied, TokenFeaturesOut
 
 __all__ = [
     "AssistantMessage", "ChatChoice", "ChatChunkChoice", "ChatCompletion", "ChatCompletionChunk",
@@ -227,14 +227,20 @@ class UnsteeredCompletion(BaseModel):
     usage: Usage
 
 
+_APPLIED = "what the request's steering edits resolved to (units made explicit, values in raw units); on the " \
+    "first chunk when streaming"
+
+
 class ChatCompletion(_VllmChatResponse):
     choices: list[ChatChoice]  # type: ignore[assignment]
     unsteered: UnsteeredChat | None = None
+    steering_applied: SteeringApplied | None = Field(default=None, description=_APPLIED)
 
 
 class Completion(_VllmCompletionResponse):
     choices: list[CompletionChoice]  # type: ignore[assignment]
     unsteered: UnsteeredCompletion | None = None
+    steering_applied: SteeringApplied | None = Field(default=None, description=_APPLIED)
 
 
 class ChatChunkChoice(_VllmChatStreamChoice):
@@ -243,6 +249,7 @@ class ChatChunkChoice(_VllmChatStreamChoice):
 
 class ChatCompletionChunk(_VllmChatStream):
     choices: list[ChatChunkChoice]  # type: ignore[assignment]
+    steering_applied: SteeringApplied | None = Field(default=None, description=_APPLIED)
 
 
 class CompletionChunkChoice(_VllmCompletionStreamChoice):
@@ -252,3 +259,4 @@ class CompletionChunkChoice(_VllmCompletionStreamChoice):
 class CompletionChunk(_VllmCompletionStream):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChunkChoice]  # type: ignore[assignment]
+    steering_applied: SteeringApplied | None = Field(default=None, description=_APPLIED)

@@ -9,10 +9,14 @@ client happens here, *before* a request is handed to vLLM, and raises :class:`Ap
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+
+import numpy as np
 
 from sae_runtime import vllm_surface
 from sae_runtime.engine.engine import SAEEngine
@@ -24,6 +28,7 @@ from sae_runtime.engine.spec import (
     SpecLimits,
     SteeringSpec,
     check_response_budget,
+    steering_applied,
 )
 from sae_runtime.registry import UnknownDictionaryError
 from sae_runtime.unembedding import Unembedding
@@ -31,6 +36,8 @@ from server import index_views
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
 from server.models import (
+    MAX_CONTRAST_TEXTS,
+    MAX_STORED_VECTORS,
     DictionaryInfoOut,
     DictionaryList,
     ExampleSearchHit,
@@ -45,12 +52,20 @@ from server.models import (
     PromptInput,
     SearchByExampleRequest,
     SearchByExampleResponse,
+    SteeringApplied,
+    SteeringVector,
+    SteeringVectorCreate,
+    SteeringVectorDeleted,
+    SteeringVectorInfo,
+    SteeringVectorList,
     TokenFeaturesOut,
     TokenScore,
     Usage,
 )
+from server.vector_store import MemoryVectorStore, VectorStore
 
 DEFAULT_GENERATE_MAX_TOKENS = 64
+_VECTOR_ID = re.compile(r"vec-[0-9a-f]{16}")
 
 
 class ClosingStream:
@@ -88,8 +103,9 @@ class SAEService:
     """One replica's API over its engine."""
 
     def __init__(self, engine: SAEEngine, metrics: ServiceMetrics | None = None, feature_top_n: int = 10,
-                 max_concurrent_streams: int | None = None):
+                 max_concurrent_streams: int | None = None, vectors: VectorStore | None = None):
         self.engine = engine
+        self.vectors = vectors or MemoryVectorStore()
         self.metrics = metrics or ServiceMetrics()
         self.feature_top_n = feature_top_n
         self.max_concurrent_streams = max_concurrent_streams
@@ -281,6 +297,11 @@ class SAEService:
             spec.features = index_views.worker_features(features, self.engine.registry, self.limits)
         return spec
 
+    def steering_applied(self, spec: SAERequestSpec | None) -> SteeringApplied | None:
+        """What a validated spec's edits resolve to, for the response's ``steering_applied``."""
+        info = getattr(self.engine, "dictionary_info", None)
+        return steering_applied(spec, info) if info is not None else None
+
     # -- token text and features ---------------------------------------------------------
 
     def token_text(self, token_id: int) -> str:
@@ -352,7 +373,7 @@ class SAEService:
             s.max_tokens or min(DEFAULT_GENERATE_MAX_TOKENS, self.max_model_len - len(prompt_ids)),
             "sampling.max_tokens",
         )
-        spec = self.build_spec(req.features, req.steering)
+        spec = self.build_spec(req.features, await self.resolve_steering(req.steering))
         self.check_response_budget(
             req.features,
             len(prompt_ids),
@@ -363,11 +384,13 @@ class SAEService:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop or None, seed=s.seed
         )
+        applied = self.steering_applied(spec)
         _first, stream = await self.open_stream(prompt_ids, params, spec)
-        return ClosingStream(self._generate_chunks(len(prompt_ids), stream, req.features), stream)
+        return ClosingStream(self._generate_chunks(len(prompt_ids), stream, req.features, applied), stream)
 
     async def _generate_chunks(
-        self, prompt_len: int, stream: AsyncIterator[GenerationChunk], features: FeatureRequest | None = None
+        self, prompt_len: int, stream: AsyncIterator[GenerationChunk], features: FeatureRequest | None = None,
+        applied: SteeringApplied | None = None,
     ) -> AsyncIterator[GenerateChunkOut]:
         generated = 0
         try:
@@ -384,7 +407,9 @@ class SAEService:
                     )
                     if chunk.finished
                     else None,
+                    steering_applied=applied,
                 )
+                applied = None
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # aborts the request if the client left
 
@@ -528,3 +553,112 @@ class SAEService:
         return SearchByExampleResponse(dictionary=entry.id, results=[
             ExampleSearchHit(feature=f, score=v, label=labels.get(f, ""), max_activation=float(maxes[f]),
                              density=float(dens[f])) for f, v in top])
+
+    # -- stored contrastive steering vectors ---------------------------------------------
+
+    def _contrast_ids(self, side: str, items: list[Any]) -> list[list[int]]:
+        if len(items) > MAX_CONTRAST_TEXTS:
+            raise ApiError.invalid(side, f"at most {MAX_CONTRAST_TEXTS} texts (got {len(items)})")
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                ids = self.engine.encode_text(item)
+                if not ids:
+                    raise ApiError.invalid(f"{side}[{i}]", "is empty")
+            else:
+                ids = self.encode(PromptInput(messages=item), f"{side}[{i}]")
+            if len(ids) >= self.max_model_len:
+                raise ApiError.invalid(f"{side}[{i}]", f"has {len(ids)} tokens; the model's context is "
+                                       f"{self.max_model_len}")
+            out.append(ids)
+        return out
+
+    def _scored_rows(self, ids: list[int], stream: Any) -> Any:
+        """The rows of one text that a contrastive mean averages: every position but 0, and
+        no special token (BOS, chat-template control tokens)."""
+        special = set(getattr(self.engine.tokenizer, "all_special_ids", []) or [])
+        keep = [p for p in range(1, len(ids)) if ids[p] not in special]
+        return stream[keep]
+
+    async def create_vector(self, req: SteeringVectorCreate) -> SteeringVectorInfo:
+        """Difference of the mean residual streams of ``positive`` and ``negative`` at the hook
+        point (pooled over every scored token of each side), stored for the deployment."""
+        import torch
+
+        try:
+            (layer,) = self.engine.stream_layers([req.hook_point])
+        except SpecError as exc:
+            raise ApiError(ErrorKind.NOT_FOUND if "not a hook point" in exc.message else ErrorKind.INVALID,
+                           exc.message, "hook_point") from None
+        pos = self._contrast_ids("positive", req.positive)
+        neg = self._contrast_ids("negative", req.negative)
+        if await self.vectors.count() >= MAX_STORED_VECTORS:
+            raise ApiError(ErrorKind.TOO_MANY, f"this deployment keeps at most {MAX_STORED_VECTORS} steering vectors; "
+                           "delete some (DELETE /v1/steering/vectors/{id})", "vectors")
+        self.check_engine()
+        try:
+            streams = await self.engine.harvest_streams(pos + neg, [layer])
+        except Exception as exc:
+            api = translate(exc)
+            if api is None:
+                raise
+            raise api from None
+        means, counts = [], []
+        for side, lists, rows_of in (("positive", pos, streams[:len(pos)]), ("negative", neg, streams[len(pos):])):
+            rows = [self._scored_rows(ids, s[layer]) for ids, s in zip(lists, rows_of, strict=True)]
+            n = sum(r.shape[0] for r in rows)
+            if n == 0:
+                raise ApiError.invalid(side, "has no token to average (every text is one token or special tokens)")
+            means.append(torch.cat(rows).double().mean(0))
+            counts.append(n)
+        vector = (means[0] - means[1]).float().numpy()
+        info = SteeringVectorInfo(
+            id="vec-" + uuid.uuid4().hex[:16], name=req.name,
+            hook_point="embeddings" if layer == -1 else f"layers.{layer}", d_in=int(vector.shape[0]),
+            norm=float(np.linalg.norm(vector.astype(np.float64))), n_positive=len(pos), n_negative=len(neg),
+            positive_tokens=counts[0], negative_tokens=counts[1], created_at=time.time())
+        await self.vectors.put(info, vector)
+        return info
+
+    async def list_vectors(self) -> SteeringVectorList:
+        return SteeringVectorList(data=await self.vectors.list())
+
+    async def get_vector(self, vector_id: str, include_vector: bool = False,
+                         field: str = "vector_id") -> SteeringVectorInfo:
+        stored = await self.vectors.get(vector_id) if _VECTOR_ID.fullmatch(vector_id) else None
+        if stored is None:
+            raise ApiError.not_found(field, f"no steering vector '{vector_id}' (GET /v1/steering/vectors lists them)")
+        if include_vector:
+            return stored.info.model_copy(update={"vector": stored.vector.tolist()})
+        return stored.info
+
+    async def delete_vector(self, vector_id: str, field: str = "vector_id") -> SteeringVectorDeleted:
+        if not (_VECTOR_ID.fullmatch(vector_id) and await self.vectors.delete(vector_id)):
+            raise ApiError.not_found(field, f"no steering vector '{vector_id}'")
+        return SteeringVectorDeleted(id=vector_id)
+
+    async def resolve_steering(self, steering: SteeringSpec | None) -> SteeringSpec | None:
+        """``steering`` with its concept edits resolved through the feature index (400 naming
+        ``steering.edits[i].concept`` without an index or a match) and every ``vector_id``
+        replaced by the stored vector and its hook point (404 naming
+        ``steering.vectors[i].vector_id`` when there is none)."""
+        if steering is not None and any(e.concept is not None for e in steering.edits):
+            try:
+                steering = self.engine.resolve_concepts(steering)
+            except SpecError as exc:
+                raise ApiError.from_spec_error(exc) from None
+        if steering is None or not any(v.vector_id is not None for v in steering.vectors):
+            return steering
+        vectors = []
+        for i, v in enumerate(steering.vectors):
+            if v.vector_id is None:
+                vectors.append(v)
+                continue
+            where = f"steering.vectors[{i}]"
+            info = await self.get_vector(v.vector_id, include_vector=True, field=f"{where}.vector_id")
+            if v.hook_point is not None and v.hook_point != info.hook_point:
+                raise ApiError.invalid(f"{where}.hook_point", f"'{v.hook_point}' is not the hook point of vector "
+                                       f"'{v.vector_id}' ({info.hook_point}); leave it out")
+            vectors.append(SteeringVector(hook_point=info.hook_point, vector=info.vector, scale=v.scale,
+                                          scope=v.scope))
+        return steering.model_copy(update={"vectors": vectors})

@@ -69,6 +69,10 @@ def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
         "topk": make_dictionary(root / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1),
         "jumprelu": make_dictionary(root / "jr10", layer=10, d_sae=256, architecture="jumprelu", seed=2),
     }
+    # A dictionary with a feature index (steering units "max", concepts): tests/steering_helpers.py.
+    from tests.steering_helpers import make_indexed_dictionary
+
+    dicts["indexed"] = make_indexed_dictionary(root / "indexed8")
     if (DEFAULT_DICTIONARY / "cfg.json").is_file():
         dicts["trained"] = DEFAULT_DICTIONARY
     # Probes that read vLLM's residual stream at every hooked layer (see feature_reference).

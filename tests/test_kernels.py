@@ -290,6 +290,9 @@ def _dense_steer(x, slots, feats, modes, vals, W_enc, b_enc, W_dec, b_dec, act, 
                 out[n] += (v - 1) * a[n, f] * d
             elif m == 4:
                 out[n] -= a[n, f] * d
+            elif m in (5, 6):  # project_cap / orthogonal: c = <x, d> / |d|^2 of the original x
+                c = float(xd[n] @ d) / float(d @ d)
+                out[n] += (-max(c - v, 0.0) if m == 5 else v - c) * d
     return out, pre
 
 
@@ -304,7 +307,7 @@ def _edits(d_sae, S=3, E=4, seed=1, modes=None):
     feats = torch.randint(0, d_sae, (S, E), generator=g)
     feats[0, 1] = feats[0, 0]  # repeated feature id in one slot
     if modes is None:
-        modes = torch.randint(1, 5, (S, E), generator=g)
+        modes = torch.randint(1, 7, (S, E), generator=g)
         modes[1, -1] = 0  # padding
     else:
         modes = torch.full((S, E), modes)
@@ -477,6 +480,8 @@ def _steer_case(tdev, d_in, dtype, act, modes=None, S=3, E=4, n=9, seed=0):
         (50, torch.float16, "relu", 2),
         (50, torch.float32, "jumprelu", 3),
         (576, torch.float32, "topk", 4),
+        (50, torch.float32, "relu", 5),
+        (576, torch.float16, "jumprelu", 6),
     ],
 )
 def test_triton_steering_edit(tdev, d_in, dtype, act, modes):

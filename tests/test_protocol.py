@@ -210,3 +210,73 @@ def test_worker_copies_stream_rows_after_edits_for_both_layer_shapes():
     assert (b.rid, b.layer, b.positions.tolist()) == ("b", 3, [7])
     assert np.array_equal(b.values, (hidden + residual)[4:5].numpy())
     assert (b_emb.layer, b_emb.values.tolist()) == (-1, hidden[4:5].tolist())
+
+
+def test_units_and_conditions_travel_and_are_planned_per_step():
+    """``unit``/``when`` round-trip; two requests' conditions get distinct step ids, planned
+    at the condition dictionary's layer on all of the request's rows."""
+    from sae_runtime.protocol.worker_spec import ConditionSpec
+
+    cond = ConditionSpec(dictionary="early", feature=2, above=0.5)
+    e1 = EditSpec(dictionary="late", feature=3, mode="orthogonal", value=0.1, scope="all", unit="residual_norm",
+                  when=cond)
+    e2 = EditSpec(dictionary="late", feature=4, mode="project_cap", value=1.0, scope="all")
+    spec = WorkerSpec(rid="c", edits=[e1, e2])
+    assert WorkerSpec.decode(json.loads(json.dumps(spec.encode()))) == spec
+    with pytest.raises(WorkerSpecError, match=r"sae.edits\[0\].unit"):
+        WorkerSpec.decode({"rid": "x", "edits": [{**e1.encode(), "unit": "max"}]})
+    with pytest.raises(WorkerSpecError, match=r"sae.edits\[0\].when.above"):
+        WorkerSpec.decode({"rid": "x", "edits": [{**e1.encode(), "when": {"dict": "a", "feature": 1}}]})
+    a = parse_request(spec, prompt_len=3, hidden_size=2)
+    b = parse_request(WorkerSpec(rid="d", edits=[e1]), prompt_len=3, hidden_size=2)
+    plan = build_step_plan([(a, 0, np.array([0, 1, 2])), (b, 3, np.array([0, 1]))], {"early": 1, "late": 2},
+                           torch.device("cpu"))
+    assert plan is not None
+    jobs = plan.layers[1].conditions
+    assert [(j.cid, j.rows.tolist()) for j in jobs] == [(0, [0, 1, 2]), (1, [3, 4])]
+    batch = plan.layers[2].edits["late"]
+    assert batch.cond is not None and batch.per_norm is not None
+    assert batch.cond.tolist() == [[0, -1], [1, -1]] and batch.per_norm.tolist() == [[True, False], [True, False]]
+    assert not batch.needs_activation  # orthogonal / project_cap read the decoder row only
+
+
+def test_stop_when_becomes_watched_features_sent_back_for_generated_tokens_only():
+    """``stop_when`` → one watch entry per dictionary (each feature once); the watch
+    round-trips; the plan extracts those features on generated rows only, as watch chunks,
+    which travel apart from asked features and land in the request's watch table."""
+    from sae_runtime.engine.feature_channel import RequestFeatures
+    from sae_runtime.protocol import WatchSpec
+
+    info = {n: DictionaryInfo(id=n, hook_point=h, d_sae=16, k=None) for n, h in (("a", "layers.1"), ("b", "layers.2"))}
+    spec = SAERequestSpec.model_validate({"steering": {"stop_when": [
+        {"dictionary": "b", "feature": 3, "above": 0.5}, {"dictionary": "a", "feature": 7},
+        {"dictionary": "b", "feature": 3, "above": 2.0}, {"dictionary": "b", "feature": 1}]}})
+    ws = to_worker_spec(spec, "w", info)
+    assert ws.watch == [WatchSpec("b", [3, 1]), WatchSpec("a", [7])]
+    assert WorkerSpec.decode(json.loads(json.dumps(ws.encode()))) == ws
+    with pytest.raises(WorkerSpecError, match=r"sae.watch\[0\].features"):
+        WorkerSpec.decode({"rid": "x", "watch": [{"dict": "b", "features": [3, 3]}]})
+    state = parse_request(ws, prompt_len=3, hidden_size=2)
+    plan = build_step_plan([(state, 5, np.array([1, 2, 3, 4]))], {"a": 1, "b": 2}, torch.device("cpu"))
+    assert plan is not None
+    (job,) = plan.layers[2].extract["b"]
+    assert job.watch and job.top_k is None and job.rows.tolist() == [7, 8] and job.positions.tolist() == [3, 4]
+    assert job.feature_ids is not None and job.feature_ids.tolist() == [3, 1]
+    chunks = [FeatureChunk("w", "b", np.array([3], np.int32), None, np.array([[0.75, 0.0]], np.float32), watch=True),
+              FeatureChunk("w", "b", np.array([3], np.int32), None, np.array([[5.0]], np.float32))]
+    out = decode_message([bytes(f) for f in encode_message(chunks)])
+    assert [c.watch for c in out] == [True, False]
+    header = json.loads(bytes(encode_message(chunks)[0]))
+    header[0]["has_idx"] = True
+    with pytest.raises(FeatureFrameError, match="watch"):
+        decode_message([json.dumps(header).encode(), *[bytes(f) for f in encode_message(chunks)[1:]]])
+    req = RequestFeatures(dictionaries=["b"], kinds=("ids",), watches=("b", "a"), watch_from=3)
+    req.add(out[0])
+    req.add(out[1])
+    assert not req.watched(range(2, 4))  # "a" has not arrived
+    assert req.watched(range(0, 3))  # prompt positions are never watched
+    assert req.covers(range(3, 4))
+    popped = req.pop("ids", "b", 3)
+    assert popped is not None and popped[1].tolist() == [5.0]
+    assert req.pop_watch("b", 3).tolist() == [0.75, 0.0]
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from sae_runtime.engine.spec import (
     SAERequestSpec,
     SpecError,
     SpecLimits,
+    SteeringSpec,
+    resolve_concepts,
     steering_salt,
     to_worker_spec,
     validate_spec,
@@ -116,6 +118,12 @@ def _decoder_norm_max(entry: Any) -> float | None:
         return None
 
 
+def _max_activations(entry: Any) -> Any:
+    """Per-feature max activations from a registered dictionary's feature index, or None."""
+    index = getattr(entry, "index", None)
+    return None if index is None else index.max_activations
+
+
 class SAEEngine:
     def __init__(self, config: EngineConfig, llm: Any, registry: DictionaryRegistry, model_dir: Path,
                  model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any):
@@ -130,7 +138,8 @@ class SAEEngine:
         self.limits = SpecLimits(**config.limits)
         self.dictionary_info = {
             r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k,
-                                 decoder_norm_max=_decoder_norm_max(r)) for r in registry
+                                 decoder_norm_max=_decoder_norm_max(r),
+                                 max_activations=_max_activations(r)) for r in registry
         }
 
     # -- start / stop -------------------------------------------------------------------
@@ -213,6 +222,11 @@ class SAEEngine:
         if spec is not None:
             validate_spec(spec, self.dictionary_info, self.shape, self.limits)
 
+    def resolve_concepts(self, steering: SteeringSpec | None) -> SteeringSpec | None:
+        """``steering`` with its concept edits looked up in the dictionaries' feature indexes
+        (:func:`~sae_runtime.engine.spec.resolve_concepts`; :class:`SpecError` naming the concept)."""
+        return resolve_concepts(steering, {r.id: getattr(r, "index", None) for r in self.registry})
+
     @property
     def has_chat_template(self) -> bool:
         """Whether the model's tokenizer has a chat template (GPT-2 and Pythia have none)."""
@@ -263,15 +277,23 @@ class SAEEngine:
         vllm_surface.stream_deltas(params)
         salt = steering_salt(spec) if spec is not None else None
 
-        features: RequestFeatures | None = None
+        features: RequestFeatures | None = None  # what the side channel brings (features, watched values)
+        asked = None if spec is None else spec.features
         scope: str | None = None  # of the features asked, when asked
+        stops: list[tuple[str, int, float]] = []  # stop_when: (dictionary, column in its watch values, above)
         rid = request_id
+        prompt_len = len(prompt_token_ids)
         if spec is not None and (spec.wants_features or spec.has_steering):
-            asked = spec.features
+            stop_when = spec.steering.stop_when if spec.steering is not None else []
             if asked is not None and params.n != 1:
                 raise SpecError("n", "features can be returned only with n=1")
-            worker_spec = to_worker_spec(spec, rid, self.dictionary_info).encode()
-            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: worker_spec}
+            if stop_when and params.n != 1:
+                raise SpecError("n", "steering.stop_when needs n=1")
+            worker_spec = to_worker_spec(spec, rid, self.dictionary_info)
+            params.extra_args = {**(params.extra_args or {}), SPEC_KEY: worker_spec.encode()}
+            columns = {w.dictionary: w.features for w in worker_spec.watch}
+            stops = [(c.dictionary, columns[c.dictionary].index(c.feature), c.above) for c in stop_when]
+            kinds: tuple[str, ...] = ()
             if asked is not None:
                 scope = asked.scope
                 if scope != "generated":
@@ -280,18 +302,22 @@ class SAEEngine:
                     params.skip_reading_prefix_cache = True
                 kinds = tuple(k for k, on in (("top", asked.top_k is not None),
                                               ("ids", asked.feature_ids is not None)) if on)
-                features = self.receiver.register(rid, asked.dictionaries, kinds)
+            if asked is not None or stops:
+                features = self.receiver.register(rid, asked.dictionaries if asked is not None else [], kinds,
+                                                  watches=tuple(columns), watch_from=prompt_len)
 
         prompt = vllm_surface.token_prompt(prompt_token_ids, cache_salt=salt)
-        prompt_len = len(prompt_token_ids)
         generated: list[int] = []
         emitted_upto = 0  # positions below this have been handed out (or are out of scope)
         if scope == "generated":
             emitted_upto = prompt_len
+        checked_upto = prompt_len  # stop_when: generated positions below this have been checked
         first = True
+        outputs = self.llm.generate(prompt, params, request_id)
         try:
-            async for out in self.llm.generate(prompt, params, request_id):
+            async for out in outputs:
                 comp = out.outputs[0]
+                before = len(generated)
                 generated.extend(comp.token_ids)
                 chunk = GenerationChunk(
                     request_id=request_id,
@@ -307,10 +333,23 @@ class SAEEngine:
                     ],
                 )
                 first = False
-                if features is not None:
-                    # Positions the model has read so far: the prompt and every generated
-                    # token but the newest.
-                    read_upto = prompt_len + max(len(generated) - 1, 0)
+                # Positions the model has read so far: the prompt and every generated token
+                # but the newest.
+                read_upto = prompt_len + max(len(generated) - 1, 0)
+                fired_at = None
+                if stops and features is not None and read_upto > checked_upto:
+                    checking = range(checked_upto, read_upto)
+                    await self._wait_for(features, checking, features.watched)
+                    fired_at = self._first_firing(features, checking, stops)
+                    checked_upto = read_upto
+                if fired_at is not None:
+                    # The token the feature fired on is the last one returned; later ones
+                    # (sampled before its features were known) are dropped, vLLM stops.
+                    keep = fired_at - prompt_len + 1
+                    self._cut(chunk, generated, before, keep, params)
+                    del generated[keep:]
+                    read_upto = fired_at + 1  # the model has read the kept tokens, the last one too
+                if asked is not None and features is not None:
                     if scope == "prompt":
                         read_upto = min(read_upto, prompt_len)
                     if read_upto > emitted_upto:
@@ -318,20 +357,55 @@ class SAEEngine:
                         await self._wait_for(features, wanted)
                         chunk.features = self._take(features, wanted, prompt_token_ids, generated, prompt_len)
                         emitted_upto = read_upto
+                if fired_at is not None:
+                    await outputs.aclose()  # aborts the request in vLLM
+                    yield chunk
+                    return
                 yield chunk
         finally:
             if features is not None:
                 self.receiver.unregister(rid)
 
-    async def _wait_for(self, features: RequestFeatures, wanted: range) -> None:
+    @staticmethod
+    def _first_firing(features: RequestFeatures, positions: range, stops: list[tuple[str, int, float]]) -> int | None:
+        """The first generated position in ``positions`` on which a stop condition fires."""
+        fired = None
+        for pos in positions:
+            if pos < features.watch_from:
+                continue
+            values = {d: features.pop_watch(d, pos) for d in features.watches}
+            if fired is None and any(float(values[d][col]) > above for d, col, above in stops):
+                fired = pos
+        return fired
+
+    def _cut(self, chunk: GenerationChunk, generated: list[int], before: int, keep: int, params: Any) -> None:
+        """End ``chunk`` (finish_reason ``feature``) after the first ``keep`` generated tokens
+        of the request; ``before`` of them were handed out in earlier chunks."""
+        n = keep - before
+        if n < len(chunk.token_ids):
+            chunk.token_ids = chunk.token_ids[:n]
+            if chunk.logprobs is not None:
+                chunk.logprobs = chunk.logprobs[:n]
+            if n == 0:
+                chunk.text = ""
+            else:  # the text of the kept tokens: decoded, less what earlier chunks had
+                skip = bool(getattr(params, "skip_special_tokens", True))
+                done = self.tokenizer.decode(generated[:before], skip_special_tokens=skip)
+                chunk.text = self.tokenizer.decode(generated[:keep], skip_special_tokens=skip)[len(done):]
+        chunk.finished, chunk.finish_reason = True, "feature"
+        chunk.num_generated_tokens = keep
+
+    async def _wait_for(self, features: RequestFeatures, wanted: range,
+                        arrived: Callable[[range], bool] | None = None) -> None:
         # The worker sends a step's features before it returns that step's tokens, but the
         # two travel on different sockets: wait for the side channel to catch up.
         loop = asyncio.get_running_loop()
         timeout = self.config.feature_timeout_s
         deadline = loop.time() + timeout
-        while not features.covers(wanted):
+        covers = features.covers if arrived is None else arrived
+        while not covers(wanted):
             features.changed.clear()
-            if features.covers(wanted):
+            if covers(wanted):
                 break
             if not self.receiver.healthy:
                 raise FeatureTimeoutError(

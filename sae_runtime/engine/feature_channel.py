@@ -58,7 +58,9 @@ class RequestFeatures:
     ``rows[kind][dictionary][position]``: kind ``"top"`` holds ``(indices, values)`` of a
     top-k request, kind ``"ids"`` the values of explicitly requested feature ids.
     ``stream_rows[layer][position]``: the raw residual stream row at a hook point asked for
-    in ``streams`` (stream chunks).
+    in ``streams`` (stream chunks). ``watch_rows[dictionary][position]``: the values of the
+    request's watched (``stop_when``) features of ``dictionary`` at a generated position
+    (watch chunks; positions from ``watch_from`` on).
     """
 
     dictionaries: list[str]
@@ -67,6 +69,9 @@ class RequestFeatures:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     streams: tuple[int, ...] = ()
     stream_rows: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    watches: tuple[str, ...] = ()
+    watch_from: int = 0
+    watch_rows: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
 
     def add(self, chunk: Chunk) -> None:
         if isinstance(chunk, StreamChunk):
@@ -75,6 +80,14 @@ class RequestFeatures:
             table_s = self.stream_rows.setdefault(chunk.layer, {})
             for j, pos in enumerate(chunk.positions.tolist()):
                 table_s[pos] = chunk.values[j]  # a recomputed position overwrites: same numbers
+            self.changed.set()
+            return
+        if chunk.watch:
+            if chunk.dictionary not in self.watches:
+                raise ValueError(f"watched features of {chunk.dictionary!r}, not asked for")
+            table_w = self.watch_rows.setdefault(chunk.dictionary, {})
+            for j, pos in enumerate(chunk.positions.tolist()):
+                table_w[pos] = chunk.values[j]
             self.changed.set()
             return
         kind = "ids" if chunk.indices is None else "top"
@@ -90,6 +103,13 @@ class RequestFeatures:
             p in self.rows.get(kind, {}).get(d, {})
             for kind in self.kinds for d in self.dictionaries for p in positions
         ) and all(p in self.stream_rows.get(L, {}) for L in self.streams for p in positions)
+
+    def watched(self, positions: range) -> bool:
+        """Whether the watched features of every position in ``positions`` from ``watch_from`` on have arrived."""
+        return all(p in self.watch_rows.get(d, {}) for d in self.watches for p in positions if p >= self.watch_from)
+
+    def pop_watch(self, dictionary: str, position: int) -> np.ndarray:
+        return self.watch_rows[dictionary].pop(position)
 
     def stream(self, layer: int, positions: range) -> np.ndarray:
         """``[len(positions), d]`` float32: the stream rows at hook point ``layer``."""
@@ -217,8 +237,10 @@ class FeatureReceiver:
         return delivered
 
     def register(self, rid: str, dictionaries: list[str], kinds: tuple[str, ...] = ("top",),
-                 streams: tuple[int, ...] = ()) -> RequestFeatures:
-        req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds, streams=tuple(streams))
+                 streams: tuple[int, ...] = (), watches: tuple[str, ...] = (), watch_from: int = 0
+                 ) -> RequestFeatures:
+        req = RequestFeatures(dictionaries=list(dictionaries), kinds=kinds, streams=tuple(streams),
+                              watches=tuple(watches), watch_from=watch_from)
         self._requests[rid] = req
         return req
 

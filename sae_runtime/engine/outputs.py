@@ -15,7 +15,9 @@ class GenerationChunk(BaseModel):
 
     Features lag the text by one token: a generated token's features are those of the
     forward pass that *reads* it, which happens in the step that samples the next token;
-    the last generated token of a request is never read by the model, so it has none.
+    the last generated token of a request is never read by the model, so it has none
+    (except the token a ``stop_when`` feature fired on, which ends the request: the model
+    has read it).
     """
 
     request_id: str

@@ -13,27 +13,35 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from sae_runtime.hook_points import parse_hook_point
 from sae_runtime.protocol.worker_spec import (
+    ConditionSpec,
     EditSpec,
     FeatureSpec,
     VectorSpec,
+    WatchSpec,
     WorkerSpec,
 )
 
 # The request fields themselves are the wire contract's (one definition, shared with the
 # gRPC converter and the client); this module adds the checks against what is served.
 from sae_wire.models import (  # noqa: F401
+    VALUE_UNIT_MODES,
+    AppliedEdit,
     EditModeName,
+    FeatureCondition,
     FeatureRequest,
     Scope,
+    SteeringApplied,
     SteeringEdit,
     SteeringSpec,
     SteeringVector,
+    StrengthUnit,
 )
 
 # Defaults for the limits; the server can lower or raise them per deployment.
@@ -99,6 +107,38 @@ class DictionaryInfo:
     k: int | None
     decoder_norm_max: float | None = None
     """Largest L2 norm of a decoder row (``W_dec[i]``), to bound steering edits; None = unknown."""
+    max_activations: Any = field(default=None, compare=False)
+    """Per-feature max activation from the dictionary's feature index (float ``[d_sae]``), or
+    None when it has no index (then edits default to ``raw`` units and ``max`` is refused)."""
+
+    @property
+    def has_index(self) -> bool:
+        return self.max_activations is not None
+
+
+def edit_unit(e: SteeringEdit, info: DictionaryInfo) -> StrengthUnit:
+    """The unit an edit's value is in, its default made explicit: ``max`` when the dictionary
+    has a feature index, else ``raw``; always ``raw`` for scale and ablate."""
+    if e.mode not in VALUE_UNIT_MODES:
+        return "raw"
+    if e.unit is not None:
+        return e.unit
+    return "max" if info.has_index else "raw"
+
+
+def raw_edit_value(i: int, e: SteeringEdit, info: DictionaryInfo) -> float | None:
+    """The edit's value in raw (activation) units; None for ``residual_norm`` (per token, in
+    the worker). :class:`SpecError` on ``steering.edits[i].unit`` for ``max`` without an index."""
+    value = float(e.value or 0.0)
+    unit = edit_unit(e, info)
+    if unit == "residual_norm":
+        return None
+    if unit == "max":
+        if not info.has_index:
+            raise SpecError(f"steering.edits[{i}].unit", f"'max' needs the feature index of '{info.id}', which "
+                            "has none (build one with sae-index, or give unit 'raw' or 'residual_norm')")
+        return value * float(info.max_activations[e.feature])
+    return value
 
 
 @dataclass(frozen=True)
@@ -164,6 +204,9 @@ def validate_spec(
             info = dictionaries.get(e.dictionary)
             if info is None:
                 raise unknown(f"steering.edits[{i}].dictionary", e.dictionary)
+            if e.feature is None:
+                raise SpecError(f"steering.edits[{i}].concept", "concepts are looked up by the server "
+                                "(resolve_concepts) before the engine sees the request")
             if e.feature >= info.d_sae:
                 raise SpecError(
                     f"steering.edits[{i}].feature",
@@ -171,7 +214,14 @@ def validate_spec(
                     not_found=True,
                 )
             _check_edit_float32(i, e, info)
+            if e.when is not None:
+                _check_condition(f"steering.edits[{i}].when", e.when, dictionaries, info)
+        for i, c in enumerate(s.stop_when):
+            _check_condition(f"steering.stop_when[{i}]", c, dictionaries)
         for i, v in enumerate(s.vectors):
+            if v.vector is None or v.hook_point is None:
+                raise SpecError(f"steering.vectors[{i}].vector_id", "a stored vector is put in place by the server "
+                                "(SAEService.resolve_steering) before the engine sees the request")
             try:
                 layer = parse_hook_point(v.hook_point)
             except ValueError as exc:
@@ -190,14 +240,42 @@ def validate_spec(
             _check_vector_float32(i, v)
 
 
+# A residual_norm value is a fraction of the stream's norm: beyond this it is surely a mistake.
+MAX_RESIDUAL_NORM_VALUE = 1e4
+
+
+def _check_condition(where: str, c: FeatureCondition, dictionaries: dict[str, DictionaryInfo],
+                     edited: DictionaryInfo | None = None) -> None:
+    """A condition's dictionary and feature exist, and (for an edit's ``when``) its hook point
+    comes no later than the edit's: a later one is not computed yet when the edit applies."""
+    info = dictionaries.get(c.dictionary)
+    if info is None:
+        known = ", ".join(sorted(dictionaries)) or "none"
+        raise SpecError(f"{where}.dictionary", f"unknown dictionary '{c.dictionary}' (served: {known})",
+                        not_found=True)
+    if c.feature >= info.d_sae:
+        raise SpecError(f"{where}.feature", f"feature {c.feature} out of range for '{c.dictionary}' "
+                        f"(d_sae={info.d_sae})", not_found=True)
+    if edited is not None and parse_hook_point(info.hook_point) > parse_hook_point(edited.hook_point):
+        raise SpecError(where, f"'{c.dictionary}' is at {info.hook_point}, after the edit's hook point "
+                        f"{edited.hook_point}: its activation is not known yet when the edit applies "
+                        "(a condition must be at the same hook point or an earlier one)")
+
+
 def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
     """Refuse an edit value that overflows float32 in the worker, alone or times its decoder row."""
-    value = float(e.value or 0.0)
+    raw = raw_edit_value(i, e, info)
+    if raw is None:
+        if abs(float(e.value or 0.0)) > MAX_RESIDUAL_NORM_VALUE:
+            raise SpecError(f"steering.edits[{i}].value", f"{e.value:.3g} times the stream's norm: unit "
+                            f"'residual_norm' takes values up to {MAX_RESIDUAL_NORM_VALUE:g}")
+        return
+    value = raw
     if abs(value) > FLOAT32_MAX:
         raise SpecError(
             f"steering.edits[{i}].value", f"{value:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})"
         )
-    if e.mode in ("add", "clamp") and info.decoder_norm_max is not None:
+    if e.mode in VALUE_UNIT_MODES and info.decoder_norm_max is not None:
         added = abs(value) * info.decoder_norm_max
         if added > FLOAT32_NORM_MAX:
             raise SpecError(
@@ -210,12 +288,14 @@ def _check_edit_float32(i: int, e: SteeringEdit, info: DictionaryInfo) -> None:
 
 def _check_vector_float32(i: int, v: SteeringVector) -> None:
     """Refuse a raw steering vector whose entries, scale or ``scale·vector`` overflow float32."""
-    largest = max((abs(x) for x in v.vector), default=0.0)
+    assert v.vector is not None  # validate_spec checked
+    vector = v.vector
+    largest = max((abs(x) for x in vector), default=0.0)
     if largest > FLOAT32_MAX:
-        j = next(j for j, x in enumerate(v.vector) if abs(x) > FLOAT32_MAX)
+        j = next(j for j, x in enumerate(vector) if abs(x) > FLOAT32_MAX)
         raise SpecError(
             f"steering.vectors[{i}].vector[{j}]",
-            f"{v.vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})",
+            f"{vector[j]:.3g} overflows float32 (largest finite value {FLOAT32_MAX:.4g})",
         )
     if abs(v.scale) > FLOAT32_MAX:
         raise SpecError(
@@ -228,7 +308,7 @@ def _check_vector_float32(i: int, v: SteeringVector) -> None:
             f"(largest finite value {FLOAT32_MAX:.4g})",
         )
     # ‖scale·vector‖, computed without overflowing float64 either (entries may be ~1e38).
-    norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in v.vector)) if largest else 0.0
+    norm = abs(v.scale) * largest * math.sqrt(math.fsum((x / largest) ** 2 for x in vector)) if largest else 0.0
     if norm > FLOAT32_NORM_MAX:
         raise SpecError(
             f"steering.vectors[{i}].scale",
@@ -279,6 +359,58 @@ def check_response_budget(
     )
 
 
+def steering_applied(spec: SAERequestSpec | None, dictionaries: dict[str, DictionaryInfo]) -> SteeringApplied | None:
+    """What a validated request's edits resolve to (units made explicit, values in raw units);
+    None for a request without edits."""
+    if spec is None or spec.steering is None or not spec.steering.edits:
+        return None
+    edits = []
+    for i, e in enumerate(spec.steering.edits):
+        info = dictionaries[e.dictionary]
+        edits.append(AppliedEdit(edit=i if e._source is None else e._source, dictionary=e.dictionary,
+                                 feature=e.feature or 0, mode=e.mode, unit=edit_unit(e, info),
+                                 value=float(e.value or 0.0), raw_value=raw_edit_value(i, e, info), scope=e.scope,
+                                 concept=e._concept))
+    return SteeringApplied(edits=edits)
+
+
+def resolve_concepts(steering: SteeringSpec | None, indexes: dict[str, Any]) -> SteeringSpec | None:
+    """``steering`` with each concept edit replaced by edits of the ``concept_features`` best
+    matching features of its dictionary's feature index (``FeatureIndex.search``, best
+    first), each with the edit's mode, value, unit, scope and condition. ``indexes``:
+    dictionary id → its ``FeatureIndex`` or None. :class:`SpecError` naming
+    ``steering.edits[i].concept`` when the dictionary has no index or nothing matches."""
+    if steering is None or not any(e.concept is not None for e in steering.edits):
+        return steering
+    edits: list[SteeringEdit] = []
+    for i, e in enumerate(steering.edits):
+        if e.concept is None:
+            kept = e.model_copy()
+            kept._source = i
+            edits.append(kept)
+            continue
+        where = f"steering.edits[{i}].concept"
+        if e.dictionary not in indexes:
+            known = ", ".join(sorted(indexes)) or "none"
+            raise SpecError(f"steering.edits[{i}].dictionary", f"unknown dictionary '{e.dictionary}' (served: {known})",
+                            not_found=True)
+        index = indexes[e.dictionary]
+        if index is None:
+            raise SpecError(where, f"cannot look '{e.concept}' up: '{e.dictionary}' has no feature index (build one "
+                            "with sae-index, or give feature)")
+        try:
+            hits = index.search(e.concept, limit=e.concept_features)
+        except ValueError as exc:
+            raise SpecError(where, f"'{e.concept}': {exc}") from None
+        if not hits:
+            raise SpecError(where, f"no feature of '{e.dictionary}' matches '{e.concept}' (its labels and top tokens)")
+        for hit in hits:
+            r = e.model_copy(update={"feature": int(hit.feature), "concept": None, "concept_features": 1})
+            r._source, r._concept = i, e.concept
+            edits.append(r)
+    return steering.model_copy(update={"edits": edits})
+
+
 def steering_salt(spec: SAERequestSpec) -> str | None:
     """The prefix-cache salt for a steered request, ``None`` for an unsteered one.
 
@@ -293,10 +425,18 @@ def steering_salt(spec: SAERequestSpec) -> str | None:
     return "sae-steer-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _edit_spec(e: SteeringEdit, i: int) -> EditSpec:
+def _edit_spec(e: SteeringEdit, i: int, info: DictionaryInfo) -> EditSpec:
     if e.value is None:  # SteeringEdit's validation gives every edit a value (ablate: 0.0)
         raise SpecError(f"steering.edits[{i}].value", f"mode '{e.mode}' needs a value")
-    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value), scope=e.scope)
+    raw = raw_edit_value(i, e, info)
+    when = None if e.when is None else ConditionSpec(e.when.dictionary, e.when.feature, e.when.above)
+    if e.feature is None:  # validate_spec refuses unresolved concepts
+        raise SpecError(f"steering.edits[{i}].concept", "is not resolved")
+    if raw is None:
+        return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=float(e.value),
+                        scope=e.scope, unit="residual_norm", when=when)
+    return EditSpec(dictionary=e.dictionary, feature=e.feature, mode=e.mode, value=raw, scope=e.scope,
+                    when=when)
 
 
 def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, DictionaryInfo]) -> WorkerSpec:
@@ -313,9 +453,21 @@ def to_worker_spec(spec: SAERequestSpec, rid: str, dictionaries: dict[str, Dicti
     vectors: list[VectorSpec] = []
     s = spec.steering
     if s is not None and not s.empty:  # spec.has_steering, spelled out for the type checker
-        edits = [_edit_spec(e, i) for i, e in enumerate(s.edits)]
+        edits = [_edit_spec(e, i, dictionaries[e.dictionary]) for i, e in enumerate(s.edits)]
         vectors = [
-            VectorSpec(layer=parse_hook_point(v.hook_point), vector=v.vector, scale=v.scale, scope=v.scope)
+            VectorSpec(layer=parse_hook_point(v.hook_point or ""), vector=v.vector or [], scale=v.scale, scope=v.scope)
             for v in s.vectors
         ]
-    return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors)
+    watch = watch_specs(s.stop_when) if s is not None else []
+    return WorkerSpec(rid=rid, features=features, edits=edits, vectors=vectors, watch=watch)
+
+
+def watch_specs(stop_when: list[FeatureCondition]) -> list[WatchSpec]:
+    """The features the worker must send back for ``stop_when``: one entry per dictionary (in
+    first-mention order), each feature once."""
+    by_dict: dict[str, list[int]] = {}
+    for c in stop_when:
+        feats = by_dict.setdefault(c.dictionary, [])
+        if c.feature not in feats:
+            feats.append(c.feature)
+    return [WatchSpec(dictionary=d, features=f) for d, f in by_dict.items()]

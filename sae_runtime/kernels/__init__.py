@@ -57,16 +57,19 @@ class EditMode(enum.IntEnum):
     CLAMP = 2
     SCALE = 3
     ABLATE = 4
+    PROJECT_CAP = 5
+    ORTHOGONAL = 6
 
 
 def edit_mode_from_name(name: str) -> EditMode:
-    """"add" | "clamp" | "scale" | "ablate" (case-insensitive) -> EditMode."""
+    """"add" | "clamp" | "scale" | "ablate" | "project_cap" | "orthogonal" (case-insensitive) -> EditMode."""
     try:
         mode = EditMode[str(name).strip().upper()]
     except KeyError:
         mode = None
     if mode is None or mode == EditMode.NONE:
-        raise ValueError(f"unknown steering edit mode {name!r}; expected one of add, clamp, scale, ablate")
+        raise ValueError(f"unknown steering edit mode {name!r}; expected one of add, clamp, scale, ablate, "
+                         "project_cap, orthogonal")
     return mode
 
 
@@ -315,7 +318,10 @@ def steering_edit(
     and ``a_i`` the activation of feature i of the ORIGINAL x (only the edited features'
     W_enc columns are read):
     ADD ``x += v d_i``; CLAMP ``x += (v - a_i) d_i``; SCALE ``x += (v - 1) a_i d_i``;
-    ABLATE ``x -= a_i d_i``. All edits of a slot add up (a repeated feature contributes
+    ABLATE ``x -= a_i d_i``; with ``c_i = <x, d_i> / ||d_i||^2`` (the stream's coefficient along
+    ``d_i``, read from W_dec): PROJECT_CAP ``x -= max(c_i - v, 0) d_i`` (caps the projection on
+    ``d_i / ||d_i||`` at ``v ||d_i||``); ORTHOGONAL ``x += (v - c_i) d_i`` (removes the
+    component along ``d_i``, adds ``v d_i``). All edits of a slot add up (a repeated feature contributes
     each time). ``a_i``: relu ``relu(pre_i)``; jumprelu ``pre_i if pre_i > threshold_i``;
     topk ``relu(pre_i) if pre_i >= token_kth[n]`` (the token's k-th largest activation,
     from a full encode, e.g. ``encode_topk(...)[1][:, k - 1]``; required when a topk
@@ -350,7 +356,8 @@ def steering_edit(
         _check(not bool(need.any()), "activation 'topk' needs token_kth [N] for clamp/scale/ablate edits")
     if dev.type == "cpu" and S * E > 0:
         m = edit_modes.long()
-        _check(bool(((m >= 0) & (m <= 4)).all()), "edit_modes must be in 0..4 (NONE, ADD, CLAMP, SCALE, ABLATE)")
+        _check(bool(((m >= 0) & (m <= 6)).all()),
+               "edit_modes must be in 0..6 (NONE, ADD, CLAMP, SCALE, ABLATE, PROJECT_CAP, ORTHOGONAL)")
         f = edit_features[m != EditMode.NONE]
         if f.numel():
             _check(int(f.min()) >= 0 and int(f.max()) < d_sae, f"edit_features must be in [0, {d_sae})")

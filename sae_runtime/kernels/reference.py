@@ -15,8 +15,10 @@ Conventions shared with ``triton_kernels.py`` (keep the two in step):
   So both backends agree bit for bit, including which zero-valued features fill the
   slots of a row with fewer than k non-zero activations (the lowest-index ones).
   ``-0.0`` becomes ``+0.0``. NaN inputs: unspecified.
-* Steering-edit modes: 0 NONE, 1 ADD, 2 CLAMP, 3 SCALE, 4 ABLATE; other values are
-  ignored like NONE (the public entry rejects them on CPU).
+* Steering-edit modes: 0 NONE, 1 ADD, 2 CLAMP, 3 SCALE, 4 ABLATE, 5 PROJECT_CAP,
+  6 ORTHOGONAL; other values are ignored like NONE (the public entry rejects them on CPU).
+  CLAMP/SCALE/ABLATE read the feature's activation (encoder side); PROJECT_CAP/ORTHOGONAL
+  read the stream's coefficient along the decoder row, ``c = <x, d_i> / ||d_i||^2``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ACT_JUMPRELU = 1
 ACT_TOPK = 2
 
 MODE_NONE, MODE_ADD, MODE_CLAMP, MODE_SCALE, MODE_ABLATE = 0, 1, 2, 3, 4
+MODE_PROJECT_CAP, MODE_ORTHOGONAL = 5, 6
+MODE_MAX = MODE_ORTHOGONAL
 
 # rows are processed in chunks so that a [rows, d_sae] int64 key block stays ~32 MiB
 _CHUNK_ELEMS = 1 << 22
@@ -218,15 +222,38 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
 
 
 def edit_coefficients(
-    modes: torch.Tensor, vals: torch.Tensor, acts: torch.Tensor
+    modes: torch.Tensor, vals: torch.Tensor, acts: torch.Tensor, proj: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-edit coefficient c such that the edit is ``x += c * d_i`` (float32)."""
+    """Per-edit coefficient c such that the edit is ``x += c * d_i`` (float32).
+
+    ``acts``: the edited feature's activation (CLAMP, SCALE, ABLATE); ``proj``: the stream's
+    coefficient along the decoder row, ``<x, d_i> / ||d_i||^2`` (PROJECT_CAP, ORTHOGONAL).
+    """
     zero = torch.zeros((), dtype=torch.float32, device=vals.device)
     c = torch.where(modes == MODE_ADD, vals, zero)
     c = torch.where(modes == MODE_CLAMP, vals - acts, c)
     c = torch.where(modes == MODE_SCALE, (vals - 1.0) * acts, c)
     c = torch.where(modes == MODE_ABLATE, -acts, c)
+    if proj is not None:
+        c = torch.where(modes == MODE_PROJECT_CAP, -torch.clamp(proj - vals, min=0.0), c)
+        c = torch.where(modes == MODE_ORTHOGONAL, vals - proj, c)
     return c
+
+
+def decoder_coefficients(xr: torch.Tensor, feats: torch.Tensor, need: torch.Tensor,
+                         W_dec: torch.Tensor) -> torch.Tensor:
+    """``<x[m], d_f> / ||d_f||^2`` for the (m, e) with ``need[m, e]`` (f = feats[m, e]); 0 elsewhere.
+
+    A zero decoder row gives 0 (there is no direction to project on)."""
+    out = torch.zeros(need.shape, dtype=torch.float32, device=xr.device)
+    m_idx, e_idx = need.nonzero(as_tuple=True)
+    if m_idx.numel() == 0:
+        return out
+    d = W_dec.index_select(0, feats[m_idx, e_idx]).float()  # [p, d_in]
+    dots = (xr[m_idx] * d).sum(1)
+    norm2 = (d * d).sum(1)
+    out[m_idx, e_idx] = torch.where(norm2 > 0, dots / torch.where(norm2 > 0, norm2, 1.0), 0.0)
+    return out
 
 
 def _edited_feature_pre(
@@ -280,14 +307,15 @@ def steering_edit(
         return out
     slots = token_slot[rows].long()
     modes = edit_modes[slots].long()
-    active = (modes >= MODE_ADD) & (modes <= MODE_ABLATE)
+    active = (modes >= MODE_ADD) & (modes <= MODE_MAX)
     keep = active.any(1)
     rows, slots, modes, active = rows[keep], slots[keep], modes[keep], active[keep]
     if rows.numel() == 0:
         return out
     feats = torch.where(active, edit_features[slots].long(), torch.zeros((), dtype=torch.long, device=x.device))
     vals = edit_values[slots].float()
-    need = active & (modes != MODE_ADD)
+    need = active & (modes >= MODE_CLAMP) & (modes <= MODE_ABLATE)
+    need_dec = active & (modes >= MODE_PROJECT_CAP)
 
     xr = x[rows].float()
     acts = torch.zeros(need.shape, dtype=torch.float32, device=x.device)
@@ -306,7 +334,8 @@ def steering_edit(
         else:
             acts = torch.where(pre > 0, pre, zero)
         acts = torch.where(need, acts, zero)
-    coef = edit_coefficients(modes, vals, acts)
+    proj = decoder_coefficients(xr, feats, need_dec, W_dec) if bool(need_dec.any()) else None
+    coef = edit_coefficients(modes, vals, acts, proj)
     delta = sparse_decode(feats, coef, W_dec)  # float32 result (coef is float32)
     out[rows] = (xr + delta).to(x.dtype)
     return out

@@ -400,8 +400,9 @@ def _steering_edit_kernel(
         e = tl.arange(0, E_PAD)
         emask = e < E
         modes = tl.load(mode_ptr + slot * E + e, mask=emask, other=0).to(tl.int32)
-        active = (modes >= 1) & (modes <= 4)
-        need = active & (modes != 1)  # ADD needs no activation
+        active = (modes >= 1) & (modes <= 6)
+        need = active & (modes >= 2) & (modes <= 4)  # CLAMP/SCALE/ABLATE read the activation
+        need_dec = active & (modes >= 5)  # PROJECT_CAP/ORTHOGONAL read <x, d_i> / |d_i|^2
         feats = tl.load(feat_ptr + slot * E + e, mask=active, other=0).to(tl.int64)
         vals = tl.load(val_ptr + slot * E + e, mask=active, other=0.0).to(tl.float32)
         acts = tl.zeros([E_PAD], dtype=tl.float32)
@@ -432,10 +433,29 @@ def _steering_edit_kernel(
             else:
                 a = tl.where(pre > 0.0, pre, 0.0)
             acts = tl.where(need, a, 0.0)
+        proj = tl.zeros([E_PAD], dtype=tl.float32)
+        if tl.max(need_dec.to(tl.int32), axis=0) > 0:
+            # phase 1b: the stream's coefficient along each edited decoder row
+            xd = tl.zeros([E_PAD], dtype=tl.float32)
+            dn = tl.zeros([E_PAD], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                cmask = cols < D
+                xc = tl.load(x_ptr + row * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+                w = tl.load(
+                    wdec_ptr + feats[:, None] * stride_wd + cols[None, :],
+                    mask=need_dec[:, None] & cmask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                xd += tl.sum(w * xc[None, :], axis=1)
+                dn += tl.sum(w * w, axis=1)
+            proj = tl.where(need_dec & (dn > 0.0), xd / tl.where(dn > 0.0, dn, 1.0), 0.0)
         coef = tl.where(modes == 1, vals, 0.0)
         coef = tl.where(modes == 2, vals - acts, coef)
         coef = tl.where(modes == 3, (vals - 1.0) * acts, coef)
         coef = tl.where(modes == 4, -acts, coef)
+        coef = tl.where(modes == 5, -tl.maximum(proj - vals, 0.0), coef)
+        coef = tl.where(modes == 6, vals - proj, coef)
         if tl.max(active.to(tl.int32), axis=0) > 0:
             # phase 2: x += sum_e coef_e * W_dec[feat_e]  (fp32, written back in x's dtype)
             for d0 in range(0, D, BLOCK_D):

@@ -31,6 +31,7 @@ from sae_runtime.protocol.worker_spec import (  # noqa: F401
     FeatureSpec,
     InstallConfig,
     VectorSpec,
+    WatchSpec,
     WorkerSpec,
     WorkerSpecError,
 )

@@ -3,7 +3,8 @@
 One ZeroMQ multipart message per engine step: frame 0 is a JSON header, a list with one
 entry per :class:`FeatureChunk`::
 
-    {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool}    # a FeatureChunk
+    {"rid": str, "dict": str, "n": int, "m": int, "has_idx": bool,    # a FeatureChunk
+     "watch": true}                                                   # (only on watch chunks)
     {"rid": str, "kind": "stream", "layer": int, "n": int, "m": int}  # a StreamChunk
 
 followed, for each entry in order, by its raw buffers in the host's byte order (both ends
@@ -11,7 +12,9 @@ run on one machine): ``positions``
 (``n`` int32), ``indices`` (``n*m`` int32, only when ``has_idx``), ``values`` (``n*m``
 float32). No pickling: the decoder trusts nothing it has not checked against the header.
 A stream chunk carries raw residual stream rows (``m`` = hidden size) at hook point
-``layer`` (``-1`` = embeddings) instead of features.
+``layer`` (``-1`` = embeddings) instead of features. A watch chunk is a feature chunk of
+explicit ids that carries the values of a request's watched (``stop_when``) features,
+kept apart from the features the request asked for.
 
 The worker encodes (``sae_runtime/worker/feature_sender.py``), the API process decodes
 (``sae_runtime/engine/feature_channel.py``); the sockets live there.
@@ -39,6 +42,8 @@ class FeatureChunk:
     """``[n, k]`` int32 feature ids (top-k requests), or ``None`` for explicit feature ids."""
     values: np.ndarray
     """``[n, k]`` float32 activations, sorted descending for top-k; ``[n, m]`` for explicit ids."""
+    watch: bool = False
+    """The values of the request's watched features (``WorkerSpec.watch``, explicit ids)."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ def encode_message(chunks: list[Chunk]) -> list[bytes | memoryview]:
             continue
         entry = {"rid": c.rid, "dict": c.dictionary, "n": int(c.positions.shape[0]), "m": int(c.values.shape[1])}
         entry["has_idx"] = c.indices is not None
+        if c.watch:
+            entry["watch"] = True
         frames.append(np.ascontiguousarray(c.positions, dtype=np.int32).data)
         if c.indices is not None:
             frames.append(np.ascontiguousarray(c.indices, dtype=np.int32).data)
@@ -137,6 +144,9 @@ def decode_message(frames: list[bytes]) -> list[Chunk]:
             or not isinstance(e.get("has_idx"), bool)
         ):
             raise FeatureFrameError("header entry must have string 'rid' and 'dict' and boolean 'has_idx'")
+        watch = e.get("watch", False)
+        if not isinstance(watch, bool) or (watch and e["has_idx"]):
+            raise FeatureFrameError("header field 'watch' must be a boolean, and a watch chunk has no indices")
         n, m = _int(e, "n"), _int(e, "m")
         positions = _array(frames, i, n, (n,), np.int32)
         i += 1
@@ -146,7 +156,7 @@ def decode_message(frames: list[bytes]) -> list[Chunk]:
             i += 1
         values = _array(frames, i, n * m, (n, m), np.float32)
         i += 1
-        out.append(FeatureChunk(e["rid"], e["dict"], positions, indices, values))
+        out.append(FeatureChunk(e["rid"], e["dict"], positions, indices, values, watch))
     if i != len(frames):
         raise FeatureFrameError(f"message has {len(frames)} frames; the header describes {i}")
     return out

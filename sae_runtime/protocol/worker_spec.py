@@ -12,11 +12,16 @@ Encoded request spec (``SamplingParams.extra_args["sae"]``)::
     {"rid": str,
      "features": {"dicts": [str], "top_k": int | None, "feature_ids": [int] | None,
                   "scope": "prompt" | "generated" | "all"},          # only when features are asked
-     "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate",
-                "value": float, "scope": ...}],                     # edits and vectors: only
+     "edits": [{"dict": str, "feature": int, "mode": "add" | "clamp" | "scale" | "ablate"
+                        | "project_cap" | "orthogonal",
+                "value": float, "scope": ...,
+                "unit": "raw" | "residual_norm",                    # optional, default raw
+                "when": {"dict": str, "feature": int, "above": float}}],  # optional
+                                                                    # edits and vectors: only
      "vectors": [{"layer": int, "vector": [float], "scale": float,  # when there is steering
                   "scope": ...}],
-     "streams": [int]}                                              # only when raw streams are asked
+     "streams": [int],                                              # only when raw streams are asked
+     "watch": [{"dict": str, "features": [int]}]}                    # only with stop_when
 
 ``streams`` asks for the raw residual stream rows of the request's prompt tokens at hook
 points given as layer numbers (``L >= 0`` after decoder layer ``L``, ``-1`` the
@@ -30,8 +35,12 @@ from typing import Any
 
 SCOPES = ("prompt", "generated", "all")
 """Which tokens a feature request, edit or vector applies to."""
-EDIT_MODES = ("add", "clamp", "scale", "ablate")
+EDIT_MODES = ("add", "clamp", "scale", "ablate", "project_cap", "orthogonal")
 """Steering edit modes by name (the kernels' ``EditMode`` members, lower case)."""
+WORKER_UNITS = ("raw", "residual_norm")
+"""Strength units the worker applies: ``raw`` values are used as they are; ``residual_norm``
+values are multiplied per token by ``||x|| / ||d_i||`` (so ``v·d_i`` has norm ``v·||x||``). The
+API process resolves ``max`` into ``raw`` before a spec is encoded."""
 
 
 class WorkerSpecError(ValueError):
@@ -122,6 +131,26 @@ class FeatureSpec:
 
 
 @dataclass(frozen=True)
+class ConditionSpec:
+    """A feature firing: ``feature`` of ``dictionary`` (at its hook point, before the request's
+    edits there) has an activation above ``above``."""
+
+    dictionary: str
+    feature: int
+    above: float
+
+    def encode(self) -> dict[str, Any]:
+        return {"dict": self.dictionary, "feature": self.feature, "above": float(self.above)}
+
+    @classmethod
+    def decode(cls, data: Any, where: str = "when") -> ConditionSpec:
+        d = _need(data, where)
+        return cls(dictionary=_str(_get(d, "dict", where), f"{where}.dict"),
+                   feature=_int(_get(d, "feature", where), f"{where}.feature", 0),
+                   above=_float(_get(d, "above", where), f"{where}.above"))
+
+
+@dataclass(frozen=True)
 class EditSpec:
     """One steering edit of one feature of one dictionary (applied at its hook point)."""
 
@@ -135,10 +164,19 @@ class EditSpec:
     """The edit's number (added amount, clamp target or scale factor; unused by ablate)."""
     scope: str
     """Tokens it applies to: ``"prompt"``, ``"generated"`` or ``"all"``."""
+    unit: str = "raw"
+    """One of :data:`WORKER_UNITS` (encoded only when not ``raw``)."""
+    when: ConditionSpec | None = None
+    """Apply only on tokens where this condition holds (None: every token in scope)."""
 
     def encode(self) -> dict[str, Any]:
-        return {"dict": self.dictionary, "feature": self.feature, "mode": self.mode, "value": float(self.value),
-                "scope": self.scope}
+        out: dict[str, Any] = {"dict": self.dictionary, "feature": self.feature, "mode": self.mode,
+                               "value": float(self.value), "scope": self.scope}
+        if self.unit != "raw":
+            out["unit"] = self.unit
+        if self.when is not None:
+            out["when"] = self.when.encode()
+        return out
 
     @classmethod
     def decode(cls, data: Any, where: str = "edits[0]") -> EditSpec:
@@ -149,6 +187,8 @@ class EditSpec:
             mode=_choice(_get(d, "mode", where), EDIT_MODES, f"{where}.mode"),
             value=_float(_get(d, "value", where), f"{where}.value"),
             scope=_choice(_get(d, "scope", where), SCOPES, f"{where}.scope"),
+            unit=_choice(d.get("unit", "raw"), WORKER_UNITS, f"{where}.unit"),
+            when=None if d.get("when") is None else ConditionSpec.decode(d["when"], f"{where}.when"),
         )
 
 
@@ -185,6 +225,29 @@ class VectorSpec:
 
 
 @dataclass(frozen=True)
+class WatchSpec:
+    """Features of one dictionary whose values the worker sends back for every generated
+    token it reads (after the request's edits at that hook point, like extracted features):
+    the engine ends the request when one of them exceeds its ``stop_when`` threshold."""
+
+    dictionary: str
+    features: list[int]
+    """Feature ids, no repeats (their values travel in this order)."""
+
+    def encode(self) -> dict[str, Any]:
+        return {"dict": self.dictionary, "features": list(self.features)}
+
+    @classmethod
+    def decode(cls, data: Any, where: str = "watch[0]") -> WatchSpec:
+        d = _need(data, where)
+        feats = [_int(x, f"{where}.features[{i}]", 0)
+                 for i, x in enumerate(_list(_get(d, "features", where), f"{where}.features"))]
+        if not feats or len(set(feats)) != len(feats):
+            raise WorkerSpecError(f"{where}.features: expected distinct feature ids, got {feats}")
+        return cls(dictionary=_str(_get(d, "dict", where), f"{where}.dict"), features=feats)
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """Everything the worker needs to know about one request (a request without one is
     left alone by the SAE step)."""
@@ -200,6 +263,9 @@ class WorkerSpec:
     streams: list[int] = field(default_factory=list)
     """Hook points (layer numbers, ``-1`` = embeddings) whose raw residual stream rows of the
     prompt tokens the worker sends back (sorted, no repeats); empty: none."""
+    watch: list[WatchSpec] = field(default_factory=list)
+    """Features whose values on generated tokens the worker sends back (``stop_when``), one
+    entry per dictionary; empty: none."""
 
     def encode(self) -> dict[str, Any]:
         """The plain dict carried in ``SamplingParams.extra_args[SPEC_KEY]``."""
@@ -211,6 +277,8 @@ class WorkerSpec:
             out["vectors"] = [v.encode() for v in self.vectors]
         if self.streams:
             out["streams"] = list(self.streams)
+        if self.watch:
+            out["watch"] = [w.encode() for w in self.watch]
         return out
 
     @classmethod
@@ -226,6 +294,8 @@ class WorkerSpec:
             vectors=[VectorSpec.decode(v, f"{where}.vectors[{i}]")
                      for i, v in enumerate(_list(d.get("vectors") or [], f"{where}.vectors"))],
             streams=_streams(d.get("streams"), f"{where}.streams"),
+            watch=[WatchSpec.decode(w, f"{where}.watch[{i}]")
+                   for i, w in enumerate(_list(d.get("watch") or [], f"{where}.watch"))],
         )
 
 

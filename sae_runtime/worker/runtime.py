@@ -56,6 +56,7 @@ class SAEWorkerRuntime:
         self.requests: dict[str, RequestState | None] = {}
         self.steps = 0
         self._plan: StepPlan | None = None
+        self._fired: dict[int, torch.Tensor] = {}  # this step's evaluated conditions: id -> [tokens] bool
         self._chunks: list[Chunk] = []
         self._restore_execute: Callable[[], None] | None = None
 
@@ -98,6 +99,7 @@ class SAEWorkerRuntime:
             return orig_execute(scheduler_output, *args, **kwargs)
         finally:
             self._plan = None
+            self._fired = {}
             if self._chunks:
                 chunks, self._chunks = self._chunks, []
                 if self.sender is not None:
@@ -158,6 +160,13 @@ class SAEWorkerRuntime:
 
     def _apply_layer(self, L: int, lp: Any, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
         new_hidden = hidden
+        for job in lp.conditions:  # before any edit at this hook point
+            d = self.dictionaries[job.dictionary]
+            x = _stream_rows(hidden, residual, job.rows).to(d.dtype)
+            act = d.feature_activations(x, torch.tensor([job.feature], device=x.device))[:, 0].float()
+            fired = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            fired[job.rows] = act > job.above
+            self._fired[job.cid] = fired
         if lp.edits or lp.vectors is not None:
             new_hidden = hidden.clone()
             for name, batch in lp.edits.items():
@@ -187,6 +196,8 @@ class SAEWorkerRuntime:
     def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
         """``edited − x`` for the edit batch rows (each edit computed from the original x)."""
         xd = x.to(d.dtype)
+        if batch.per_norm is not None or batch.cond is not None:
+            batch = _per_token_values(d, x, batch, self._fired)
         if d.activation == "gated":
             return _gated_edit_delta(d, xd, batch).float()
         token_kth = None
@@ -248,13 +259,43 @@ class SAEWorkerRuntime:
         for j, x in zip(jobs, x_of, strict=True):
             if j.feature_ids is not None:
                 named = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
-                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named))
+                self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named, watch=j.watch))
 
 
 def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """The residual stream at ``rows``: ``hidden + residual``, or ``hidden`` itself when the
     layer hands the stream on whole (``residual`` None)."""
     return hidden[rows] if residual is None else hidden[rows] + residual[rows]
+
+
+def _per_token_values(d: SparseDictionary, x: torch.Tensor, batch: EditBatch,
+                      fired: dict[int, torch.Tensor]) -> EditBatch:
+    """The batch with one slot per row: its residual_norm values turned into raw ones for that
+    row's token, ``v · ||x|| / ||d_i||`` (so the edit's ``v_eff · d_i`` has norm ``v · ||x||``;
+    a zero decoder row gives 0), and its conditional edits switched off (mode NONE) on the rows
+    where their condition did not fire."""
+    slot = batch.token_slot.long()
+    feats, modes, vals = batch.features[slot], batch.modes[slot], batch.values[slot].float()
+    if batch.per_norm is not None:
+        per_norm = batch.per_norm[slot]
+        x_norm = x.float().norm(dim=1, keepdim=True)  # [n, 1]
+        d_norm = d.W_dec.float().index_select(0, feats.reshape(-1)).norm(dim=1).reshape(feats.shape)
+        factor = torch.where(d_norm > 0, x_norm / torch.where(d_norm > 0, d_norm, 1.0), 0.0)
+        vals = torch.where(per_norm, vals * factor, vals)
+    if batch.cond is not None:
+        cond = batch.cond[slot]  # [n, E]
+        ids = sorted(fired)
+        table = torch.stack([fired[i][batch.rows] for i in ids], 1) if ids else None  # [n, C]
+        on = torch.ones_like(cond, dtype=torch.bool)
+        if table is not None:
+            col = torch.searchsorted(torch.tensor(ids, device=cond.device), cond.clamp(min=0))
+            on = table.gather(1, col.clamp(max=len(ids) - 1))
+        # a condition never evaluated (cannot happen: its hook point is not after the edit's) counts as not fired
+        known = torch.isin(cond, torch.tensor(ids, dtype=cond.dtype, device=cond.device))
+        modes = torch.where((cond >= 0) & ~(on & known), torch.zeros_like(modes), modes)
+    rows = torch.arange(slot.numel(), dtype=batch.token_slot.dtype, device=slot.device)
+    return EditBatch(rows=batch.rows, token_slot=rows, features=feats, modes=modes, values=vals,
+                     needs_activation=batch.needs_activation)
 
 
 def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
@@ -268,7 +309,12 @@ def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) ->
     coef = torch.where(modes == kernels.EditMode.CLAMP, vals - acts, coef)
     coef = torch.where(modes == kernels.EditMode.SCALE, (vals - 1) * acts, coef)
     coef = torch.where(modes == kernels.EditMode.ABLATE, -acts, coef)
-    return torch.einsum("ne,ned->nd", coef, d.W_dec.float()[feats])
+    dec = d.W_dec.float()[feats]  # [n, E, d_in]
+    norm2 = (dec * dec).sum(-1)
+    proj = torch.where(norm2 > 0, torch.einsum("nd,ned->ne", x.float(), dec) / torch.where(norm2 > 0, norm2, 1.0), 0.0)
+    coef = torch.where(modes == kernels.EditMode.PROJECT_CAP, -torch.clamp(proj - vals, min=0.0), coef)
+    coef = torch.where(modes == kernels.EditMode.ORTHOGONAL, vals - proj, coef)
+    return torch.einsum("ne,ned->nd", coef, dec)
 
 
 class _Lazy:

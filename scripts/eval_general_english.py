@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_runtime.dictionary import SparseDictionary
     from sae_runtime.training.activations import ModelActivations
-    from sae_runtime.training.data import chunk_documents, load_split, take_tokens
+    from sae_runtime.training.data import chunk_documents, is_held_out, iter_documents, load_split, take_tokens
     from sae_runtime.training.evaluate import evaluate
     from sae_runtime.training.train import resolve_model
 
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(filter(None, (args.parts or "").split(",")))
         for f in sorted(corpus.glob("*.jsonl")):
             if wanted and f.stem not in wanted:
+                continue
+            if not any(is_held_out(d.doc_id, 0.05, 0) for d in iter_documents([str(f)])):
+                print(f"{f.stem + ' held-out':32} (no held-out documents)")  # load_split would take a training one
                 continue
             split = load_split([str(f)], tok, ctx_len=args.ctx_len, eval_fraction=0.05, seed=0, eval_only=True)
             sets.append((f"{f.stem} held-out", take_tokens(split.eval, args.tokens_per_part)))

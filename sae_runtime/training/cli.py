@@ -26,6 +26,7 @@ EPILOG = """examples:
   sae-train                                   # defaults: layers.12, topk k=64, 8x, built-in corpus
   sae-train --hook-point layers.15 --architecture batchtopk --expansion-factor 16 -o out/l15
   sae-train --data my_texts/ corpus.jsonl --text-field body --max-tokens 5000000
+  sae-train --data general                     # the general English corpus (sae-corpus; built on first use)
   sae-train --config train.yaml --lr 5e-4      # flags override the file
   sae-train --model path/to/checkpoint --hook-point embeddings -o out/emb   # any decoder-only HF model
   SAE_TRAIN_THREADS=2 sae-train                # any option as SAE_TRAIN_<OPTION>

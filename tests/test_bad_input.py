@@ -33,7 +33,9 @@ def chat(**extra) -> dict:
 
 
 def edit(**kw) -> dict:
-    return {"dictionary": D, "feature": 3, "mode": "add", "value": 1.0, **kw}
+    # raw units: the session dictionary has a feature index (so the default unit is "max"), and
+    # these cases test raw values; feature 3 never fired while it was indexed (max 0)
+    return {"dictionary": D, "feature": 3, "mode": "add", "value": 1.0, "unit": "raw", **kw}
 
 
 def vec(**kw) -> dict:
@@ -261,8 +263,9 @@ HTTP_CASES = [
      "texts[0]"),
     ("edit-unknown-unit", "POST", "/v1/chat/completions", chat(steering={"edits": [edit(unit="furlongs")]}), None,
      422, "steering.edits.0.unit"),
-    ("edit-max-unit-without-index", "POST", "/v1/chat/completions", chat(steering={"edits": [edit(unit="max")]}),
-     None, 400, "steering.edits[0].unit"),
+    # 'max' units on a feature whose indexed max is 0 (without an index at all: test_steering_engine)
+    ("edit-max-unit-feature-never-fired", "POST", "/v1/chat/completions",
+     chat(steering={"edits": [edit(unit="max")]}), None, 400, "steering.edits[0].unit"),
     ("edit-unit-on-scale", "POST", "/v1/chat/completions",
      chat(steering={"edits": [edit(mode="scale", unit="residual_norm")]}), None, 422, "unit 'residual_norm'"),
     ("edit-residual-norm-huge", "POST", "/v1/chat/completions",
@@ -384,7 +387,8 @@ def grpc_cases() -> list[tuple]:
                                   steering=pb.Steering(edits=list(edits), vectors=list(vectors)))
 
     def e(**kw):
-        return pb.SteeringEdit(**{"dictionary": D, "feature": 3, "mode": pb.EDIT_MODE_ADD, "value": 1.0, **kw})
+        return pb.SteeringEdit(**{"dictionary": D, "feature": 3, "mode": pb.EDIT_MODE_ADD, "value": 1.0, "unit": "raw",
+                                  **kw})
 
     def v(**kw):
         return pb.SteeringVector(**{"hook_point": "layers.6", "vector": [0.0] * 576, **kw})
@@ -448,7 +452,7 @@ def grpc_cases() -> list[tuple]:
         ("when-unknown-dictionary", "Generate",
          gen([e(when=pb.FeatureCondition(dictionary="nope", feature=1, above=0.0))]), C.NOT_FOUND,
          "steering.edits[0].when.dictionary"),
-        ("edit-max-unit-without-index", "Generate", gen([e(unit="max")]), C.INVALID_ARGUMENT,
+        ("edit-max-unit-feature-never-fired", "Generate", gen([e(unit="max")]), C.INVALID_ARGUMENT,
          "steering.edits[0].unit"),
         ("stop-when-unknown-dictionary", "Generate",
          pb.GenerateRequest(text="hi", steering=pb.Steering(stop_when=[pb.FeatureCondition(dictionary="nope")])),

@@ -137,7 +137,12 @@ def raw_edit_value(i: int, e: SteeringEdit, info: DictionaryInfo) -> float | Non
         if not info.has_index:
             raise SpecError(f"steering.edits[{i}].unit", f"'max' needs the feature index of '{info.id}', which "
                             "has none (build one with sae-index, or give unit 'raw' or 'residual_norm')")
-        return value * float(info.max_activations[e.feature])
+        top = float(info.max_activations[e.feature])
+        if top <= 0.0:
+            raise SpecError(f"steering.edits[{i}].unit", f"feature {e.feature} of '{info.id}' never fired while "
+                            "its feature index was built (indexed max 0), so 'max' units give no strength; "
+                            "give unit 'raw' or 'residual_norm'")
+        return value * top
     return value
 
 

@@ -31,6 +31,10 @@ PROBE_LAYERS = (6, 10, 12)  # the layers of the engine's test dictionaries
 
 
 def pytest_collection_modifyitems(config, items):
+    # The shutdown test stops the session server: whatever file names sort after it, it runs last.
+    last = [item for item in items if item.nodeid.startswith("tests/test_server_shutdown.py")]
+    if last:
+        items[:] = [item for item in items if item not in last] + last
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

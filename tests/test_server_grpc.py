@@ -14,7 +14,7 @@ from tests.server_fixtures import DICTIONARY_ID
 
 pytestmark = pytest.mark.slow
 
-STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0}]}
+STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0, "unit": "raw"}]}
 
 
 def test_generate_stream_with_features_and_steering(live_server):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # Feature 3 of the test dictionary, added strongly at layer 6, visibly changes the answer.
-STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0}]}
+STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0, "unit": "raw"}]}
 
 
 @pytest.fixture

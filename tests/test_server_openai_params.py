@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
-STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0}]}
+STEER = {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 40.0, "unit": "raw"}]}
 CITY_SCHEMA = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 20}},

@@ -23,7 +23,8 @@ def test_sae_serve_serves_a_steered_chat_then_stops_cleanly_on_sigterm(live_serv
     client = OpenAI(base_url=f"{live_server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
     r = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
-        extra_body={"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 8}]}})
+        extra_body={"steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": 3, "mode": "add", "value": 8,
+                                                  "unit": "raw"}]}})
     assert r.choices[0].message.content and r.usage.completion_tokens >= 1
 
     tree = live_server.snapshot_tree()

@@ -18,7 +18,7 @@ Q = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a ship at sea."}]
 EDITS = [
     {"dictionary": DICTIONARY_ID, "feature": 3, "mode": "orthogonal", "value": 0.5, "unit": "residual_norm"},
-    {"dictionary": DICTIONARY_ID, "feature": 4, "mode": "project_cap", "value": 0.0},
+    {"dictionary": DICTIONARY_ID, "feature": 4, "mode": "project_cap", "value": 0.0, "unit": "raw"},
     {"dictionary": DICTIONARY_ID, "feature": 5, "mode": "scale", "value": 2.0, "scope": "generated"},
 ]
 
@@ -27,7 +27,7 @@ def _check_applied(applied: dict) -> None:
     edits = applied["edits"]
     assert [e["edit"] for e in edits] == [0, 1, 2]
     assert [e["mode"] for e in edits] == ["orthogonal", "project_cap", "scale"]
-    # the test dictionary has no feature index: the default unit is raw, said explicitly
+    # scale takes raw units only, said explicitly (the unit defaults are tested on the engine)
     assert [e["unit"] for e in edits] == ["residual_norm", "raw", "raw"]
     assert edits[0].get("raw_value") is None and edits[1]["raw_value"] == 0.0 and edits[2]["raw_value"] == 2.0
     assert edits[2]["scope"] == "generated"

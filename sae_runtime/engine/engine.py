@@ -500,6 +500,23 @@ class SAEEngine:
             layers.append(layer)
         return sorted(set(layers))
 
+    def _prefill_params(self, token_id_lists: list[list[int]]) -> Any:
+        """Sampling parameters of a harvest: prefill only (one token), prefix-cache reading
+        skipped so every position is computed; :class:`SpecError` for an empty prompt or one
+        that fills the context."""
+        from vllm import SamplingParams
+
+        for i, ids in enumerate(token_id_lists):
+            if not ids:
+                raise SpecError(f"token_id_lists[{i}]", "is empty")
+            if len(ids) >= self.config.max_model_len:
+                raise SpecError(f"token_id_lists[{i}]", f"has {len(ids)} tokens; the model's context is "
+                                f"{self.config.max_model_len}")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        vllm_surface.stream_deltas(params)
+        params.skip_reading_prefix_cache = True
+        return params
+
     async def harvest_streams(self, token_id_lists: list[list[int]], hook_points: Any) -> list[dict[int, Any]]:
         """The raw residual stream of every prompt token at each hook point.
 
@@ -510,18 +527,9 @@ class SAEEngine:
         every prompt are held until it returns).
         """
         import torch
-        from vllm import SamplingParams
 
         layers = self.stream_layers(hook_points)
-        for i, ids in enumerate(token_id_lists):
-            if not ids:
-                raise SpecError(f"token_id_lists[{i}]", "is empty")
-            if len(ids) >= self.config.max_model_len:
-                raise SpecError(f"token_id_lists[{i}]", f"has {len(ids)} tokens; the model's context is "
-                                f"{self.config.max_model_len}")
-        params = SamplingParams(max_tokens=1, temperature=0.0)
-        vllm_surface.stream_deltas(params)
-        params.skip_reading_prefix_cache = True
+        params = self._prefill_params(token_id_lists)
 
         async def one(ids: list[int]) -> dict[int, Any]:
             rid = uuid.uuid4().hex
@@ -550,19 +558,10 @@ class SAEEngine:
         flight at once (the caller bounds a call's size).
         """
         import numpy as np
-        from vllm import SamplingParams
 
         spec = SAERequestSpec(features=FeatureRequest(dictionaries=[dictionary], top_k=top_k, scope="prompt"))
         self.validate(spec)
-        for i, ids in enumerate(token_id_lists):
-            if not ids:
-                raise SpecError(f"token_id_lists[{i}]", "is empty")
-            if len(ids) >= self.config.max_model_len:
-                raise SpecError(f"token_id_lists[{i}]", f"has {len(ids)} tokens; the model's context is "
-                                f"{self.config.max_model_len}")
-        params = SamplingParams(max_tokens=1, temperature=0.0)
-        vllm_surface.stream_deltas(params)
-        params.skip_reading_prefix_cache = True
+        params = self._prefill_params(token_id_lists)
 
         async def one(ids: list[int]) -> tuple[Any, Any]:
             rid = uuid.uuid4().hex

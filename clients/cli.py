@@ -1,10 +1,10 @@
 """``sae-client``: talk to a sae-serve server over gRPC from the shell.
 
     sae-client dictionaries
-    sae-client extract "The Eiffel Tower is in Paris" -d layers.6/topk-512 -k 3
-    sae-client generate "Tell me a story" --max-tokens 40 -d layers.6/topk-512
-    sae-client steer "Tell me a story" -e layers.6/topk-512:123:add:8 --compare
-    sae-client feature layers.6/topk-512 123
+    sae-client extract "The Eiffel Tower is in Paris" -d layers.12/topk-4608 -k 3
+    sae-client generate "Tell me a story" --max-tokens 40 -d layers.12/topk-4608
+    sae-client steer "Tell me a story" -e layers.12/topk-4608:123:clamp:4 --unit max --compare
+    sae-client feature layers.12/topk-4608 123
 
 Tokens are printed one per line with their strongest features as ``#id=value``.
 A server started with API keys needs ``--api-key KEY`` (or ``SAE_SERVE_API_KEY=KEY``);
@@ -141,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_edit,
         action="append",
         required=True,
-        help="DICTIONARY:FEATURE:MODE[:VALUE], MODE in add|clamp|scale|ablate (repeatable)",
+        help="DICTIONARY:FEATURE:MODE[:VALUE], MODE in add|clamp|scale|ablate|project_cap|orthogonal (repeatable)",
+    )
+    st.add_argument(
+        "--unit",
+        choices=("raw", "max", "residual_norm"),
+        default=None,
+        help="unit of every edit's value (default: the server's, 'max' where the dictionary has a feature index)",
     )
     st.add_argument("--compare", action="store_true", help="also print the unsteered completion")
     fe = sub.add_parser("feature", help="what one feature promotes and suppresses")
@@ -208,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "generate":
             _stream(client, args, None)
         elif args.command == "steer":
-            steering = {"edits": args.edit}
+            edits = [{**e, "unit": args.unit} if args.unit else e for e in args.edit]
+            steering = {"edits": edits}
             _stream(client, args, steering, "steered" if args.compare else None)
             if args.compare:
                 _stream(client, args, None, "unsteered")

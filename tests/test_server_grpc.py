@@ -128,6 +128,6 @@ def test_sae_client_cli_prints_tokens_with_features(live_server):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
     steer = subprocess.run([str(cli), "--target", live_server.grpc_target, "steer", "The capital of France is",
-                            "-e", f"{DICTIONARY_ID}:3:add:40", "--max-tokens", "4", "--compare"],
+                            "-e", f"{DICTIONARY_ID}:3:add:40", "--unit", "raw", "--max-tokens", "4", "--compare"],
                            capture_output=True, text=True, timeout=120)
     assert steer.returncode == 0 and "--- steered" in steer.stdout and "--- unsteered" in steer.stdout

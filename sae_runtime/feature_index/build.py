@@ -41,7 +41,7 @@ from .config import DEFAULT_TOP_K_CAP, IndexConfig
 from .labels import METHOD, label_feature
 from .schema import HIST_BINS, QUANTILE_LEVELS
 from .stats import FINE_BINS, FINE_LOG10_MAX, FINE_LOG10_MIN, ContextFeatures, IndexStats
-from .store import Example, FeatureRecord, IndexWriter, TokenCount
+from .store import Example, FeatureRecord, IndexWriter, RandomWindow, TokenCount
 
 logger = logging.getLogger("sae_runtime.feature_index")
 
@@ -241,67 +241,144 @@ class _Work:
         tmp.replace(self.progress_file)
 
 
+@dataclass
+class ServedModel:
+    """What a build needs of the model and the dictionary besides the engine's harvest: the
+    tokenizer, the checkpoint (logit lens), the model's name and the dictionary's entry."""
+
+    tokenizer: Any
+    model_dir: Path
+    model_name: str
+    entry: Any
+
+    @classmethod
+    def of_engine(cls, eng: Any, cfg: IndexConfig) -> ServedModel:
+        return cls(eng.tokenizer, Path(eng.model_dir), eng.model_name, _served_entry(eng, cfg.dictionary_dir()))
+
+    @classmethod
+    def load(cls, cfg: IndexConfig) -> ServedModel:
+        """Without an engine: the same model information and registry entry the engine has."""
+        from transformers import AutoTokenizer
+
+        from ..default_model import MODEL_NAME, prepare_default_model
+        from ..model_info import read_model_info
+        from ..registry import DictionaryRegistry
+
+        info = (read_model_info(prepare_default_model(), name=MODEL_NAME) if cfg.model == "default"
+                else read_model_info(cfg.model))
+        registry = DictionaryRegistry.load([str(cfg.dictionary_dir())], model_name=info.name,
+                                           num_layers=info.num_layers, hidden_size=info.hidden_size)
+        return cls(AutoTokenizer.from_pretrained(info.path), Path(info.path), info.name, next(iter(registry)))
+
+
+Harvest = Callable[[Sequence[Context], Sequence[range], int, IndexStats, int, Any, Callable[[int], None]], None]
+"""Runs shards ``start..`` of the contexts through engines into the statistics: ``(contexts,
+shards, start, stats, top_k, progress bar, after_shard)``; ``after_shard(s)`` is called once
+shard ``s``'s contexts are in ``stats``, in shard order."""
+
+
 def build(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLoop | None = None,
           on_shard: Callable[[int], None] | None = None) -> Path:
     """Build the index ``cfg`` describes and return its path. ``engine``/``loop``: a running
-    :class:`SAEEngine` serving the dictionary (else one is started and shut down here);
-    ``on_shard(i)`` is called after shard ``i`` is saved to the work dir."""
+    :class:`SAEEngine` serving the dictionary (else one is started and shut down here, or
+    engine actors on a Ray cluster with ``cfg.ray_address``: :mod:`.distributed`);
+    ``on_shard(i)`` is called after shard ``i`` is saved to the work dir. With
+    ``cfg.explainer`` the written index is then labelled by it (:mod:`.explainer`)."""
     check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    runner = _EngineThread(engine, loop)
-    try:
-        eng = runner.start(cfg, cfg.dictionary_dir())
-        return _build(cfg, runner, eng, on_shard)
-    finally:
-        runner.close()
+    if cfg.ray_address and engine is None:
+        from .distributed import ray_harvest
+
+        model = ServedModel.load(cfg)
+        with ray_harvest(cfg, model) as harvest:
+            out = _build(cfg, model, harvest, on_shard)
+    else:
+        runner = _EngineThread(engine, loop)
+        try:
+            eng = runner.start(cfg, cfg.dictionary_dir())
+            model = ServedModel.of_engine(eng, cfg)
+            out = _build(cfg, model, _local_harvest(cfg, runner, eng, model), on_shard)
+        finally:
+            runner.close()
+    if cfg.explainer:
+        try:
+            run_explainer(cfg, out, model.tokenizer)
+        except ValueError as exc:
+            raise IndexBuildError(f"{exc} (the index was written with its deterministic labels: {out}; "
+                                  "label it later with --label-only)") from None
+    return out
 
 
-def _build(cfg: IndexConfig, runner: _EngineThread, eng: Any, on_shard: Callable[[int], None] | None) -> Path:
-    from tqdm import tqdm
+def _local_harvest(cfg: IndexConfig, runner: _EngineThread, eng: Any, model: ServedModel) -> Harvest:
+    """The shards through this process' engine; the engine computes the next batch while the
+    statistics of the previous one are added."""
+    rules = _TokenRules(model.tokenizer)
+    entry_id = model.entry.id
 
-    entry = _served_entry(eng, cfg.dictionary_dir())
-    complete = entry.architecture == "topk" and entry.k is not None
-    top_k = cfg.top_k or (entry.k if complete else DEFAULT_TOP_K_CAP)
-    top_k = min(top_k, entry.d_sae)
-    complete = complete and top_k >= entry.k
-    rules = _TokenRules(eng.tokenizer)
-    try:
-        contexts = corpus_contexts(cfg, eng.tokenizer)
-    except DataError as exc:
-        raise IndexBuildError(f"data: {exc}") from None
-    shards = _shards(contexts, cfg.shard_tokens)
-    work = _Work(cfg.work_path(), cfg.run_fingerprint())
-    done, stats = work.load(cfg.resume)
-    if stats is None:
-        stats = IndexStats(entry.d_sae, top_n=cfg.top_n, window=cfg.window, reservoir=cfg.random_windows,
-                           seed=cfg.data_seed)
-    total = sum(len(c.token_ids) for c in contexts)
-    done_tokens = sum(len(contexts[i].token_ids) for s in shards[:done] for i in s)
-    bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="sae-index", disable=not cfg.progress)
+    def harvest(contexts: Sequence[Context], shards: Sequence[range], start: int, stats: IndexStats, top_k: int,
+                bar: Any, after_shard: Callable[[int], None]) -> None:
+        def submit(batch: list[int]) -> Any:
+            ids = [contexts[i].token_ids.tolist() for i in batch]
+            return runner.submit(eng.harvest_features(ids, entry_id, top_k))
 
-    def submit(batch: list[int]) -> Any:
-        ids = [contexts[i].token_ids.tolist() for i in batch]
-        return runner.submit(eng.harvest_features(ids, entry.id, top_k))
-
-    try:
-        for s in range(done, len(shards)):
+        for s in range(start, len(shards)):
             batches = _batches(shards[s], contexts, cfg.batch_tokens)
             pending = submit(batches[0])
             for b, batch in enumerate(batches):
                 results = pending.result(CALL_TIMEOUT_S)
                 if b + 1 < len(batches):
                     pending = submit(batches[b + 1])  # the engine runs it while we add this one
-                stats.update([ContextFeatures(ctx_id=i, token_ids=contexts[i].token_ids,
-                                              mask=rules.mask(contexts[i].token_ids), indices=ix, values=vx)
-                              for i, (ix, vx) in zip(batch, results, strict=True)])
+                stats.update(context_features(contexts, batch, results, rules))
                 bar.update(sum(len(contexts[i].token_ids) for i in batch))
-            work.save(s + 1, stats)
-            if on_shard is not None:
-                on_shard(s)
+            after_shard(s)
+
+    return harvest
+
+
+def context_features(contexts: Sequence[Context], batch: Sequence[int],
+                     results: Sequence[tuple[np.ndarray, np.ndarray]], rules: _TokenRules) -> list[ContextFeatures]:
+    """The engine's features of the contexts ``batch`` (their indices), as the statistics take them."""
+    return [ContextFeatures(ctx_id=i, token_ids=contexts[i].token_ids, mask=rules.mask(contexts[i].token_ids),
+                            indices=ix, values=vx) for i, (ix, vx) in zip(batch, results, strict=True)]
+
+
+def resolve_top_k(cfg: IndexConfig, entry: Any) -> tuple[int, bool]:
+    """Features read per token, and whether that is every nonzero feature."""
+    complete = entry.architecture == "topk" and entry.k is not None
+    top_k = cfg.top_k or (entry.k if complete else DEFAULT_TOP_K_CAP)
+    top_k = min(top_k, entry.d_sae)
+    return top_k, complete and top_k >= entry.k
+
+
+def _build(cfg: IndexConfig, model: ServedModel, harvest: Harvest, on_shard: Callable[[int], None] | None) -> Path:
+    from tqdm import tqdm
+
+    entry = model.entry
+    top_k, complete = resolve_top_k(cfg, entry)
+    try:
+        contexts = corpus_contexts(cfg, model.tokenizer)
+    except DataError as exc:
+        raise IndexBuildError(f"data: {exc}") from None
+    shards = _shards(contexts, cfg.shard_tokens)
+    work = _Work(cfg.work_path(), cfg.run_fingerprint())
+    done, stats = work.load(cfg.resume)
+    if stats is None:
+        stats = new_stats(cfg, entry.d_sae)
+    total = sum(len(c.token_ids) for c in contexts)
+    done_tokens = sum(len(contexts[i].token_ids) for s in shards[:done] for i in s)
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="sae-index", disable=not cfg.progress)
+
+    def after_shard(s: int) -> None:
+        work.save(s + 1, stats)
+        if on_shard is not None:
+            on_shard(s)
+
+    try:
+        harvest(contexts, shards, done, stats, top_k, bar, after_shard)
     finally:
         bar.close()
-    meta = {"dictionary_id": entry.id, "model": eng.model_name, "hook_point": entry.hook_point,
+    meta = {"dictionary_id": entry.id, "model": model.model_name, "hook_point": entry.hook_point,
             "d_sae": entry.d_sae, "architecture": entry.architecture, "corpus": json.dumps(cfg.data),
             "contexts": len(contexts), "context_tokens": total, "tokens_scored": stats.tokens,
             "ctx_len": cfg.ctx_len, "data_seed": cfg.data_seed, "top_n": cfg.top_n, "window": cfg.window,
@@ -311,10 +388,14 @@ def _build(cfg: IndexConfig, runner: _EngineThread, eng: Any, on_shard: Callable
             "label_method": METHOD, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "builder": f"sae-serve {_version()}"}
     out = cfg.out_path()
-    write_index(out, stats, contexts, eng, entry, meta, cfg)
+    write_index(out, stats, contexts, model, meta, cfg)
     if not cfg.keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
     return out
+
+
+def new_stats(cfg: IndexConfig, d_sae: int) -> IndexStats:
+    return IndexStats(d_sae, top_n=cfg.top_n, window=cfg.window, reservoir=cfg.random_windows, seed=cfg.data_seed)
 
 
 def _version() -> str:
@@ -324,10 +405,11 @@ def _version() -> str:
         return "unknown"
 
 
-def _logit_lens(eng: Any, entry: Any, n: int) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
+def _logit_lens(model_dir: Path, entry: Any,
+                n: int) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
     from ..unembedding import Unembedding
 
-    unemb = Unembedding.load(eng.model_dir)
+    unemb = Unembedding.load(model_dir)
     W_dec = entry.dictionary.W_dec.detach().float().cpu()
     if unemb.norm_gain is not None:
         W_dec = W_dec * unemb.norm_gain
@@ -342,7 +424,7 @@ def _logit_lens(eng: Any, entry: Any, n: int) -> tuple[list[list[tuple[int, floa
     return promoted, suppressed
 
 
-def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], eng: Any, entry: Any,
+def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], model: ServedModel,
                 meta: dict[str, Any], cfg: IndexConfig) -> None:
     """Finish the statistics (quantiles, histograms, co-occurrence, logit lens, labels) and
     write the file (to a temporary name first: a finished index replaces the old one at once)."""
@@ -350,18 +432,17 @@ def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], eng: 
 
     def text(t: int) -> str:
         if t not in texts:
-            texts[t] = eng.tokenizer.decode([t])
+            texts[t] = model.tokenizer.decode([t])
         return texts[t]
 
     quantiles = stats.quantiles(QUANTILE_LEVELS)
     hist = stats.coarse_hist(HIST_BINS)
     density = stats.density()
     cooc = stats.cooccurring(cfg.cooccur_top)
-    promoted, suppressed = _logit_lens(eng, entry, cfg.logit_top)
-    randoms = stats.random_windows()
-    random_tokens = [w for w, _ in randoms]
-    random_active = (torch.stack([a for _, a in randoms]) if randoms
-                     else torch.zeros(0, stats.d, dtype=torch.bool)).T.numpy()
+    promoted, suppressed = _logit_lens(model.model_dir, model.entry, cfg.logit_top)
+    randoms = reservoir_windows(stats)
+    random_tokens = [w.token_ids for w in randoms]
+    random_active = active_matrix(randoms, stats.d)
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,4 +466,118 @@ def write_index(out: Path, stats: IndexStats, contexts: Sequence[Context], eng: 
                 doc=contexts[e["ctx"]].doc, position=e["position"], context_offset=contexts[e["ctx"]].offset)
                 for e in exs])
         writer.add_features(records)
+        writer.add_random_windows(randoms)
     os.replace(tmp, out)
+
+
+def reservoir_windows(stats: IndexStats) -> list[RandomWindow]:
+    """The statistics' random windows as the index stores them."""
+    return [RandomWindow(ctx=int(c), token_ids=tokens, active=torch.nonzero(active).flatten().tolist())
+            for (tokens, active), c in zip(stats.random_windows(), stats.rnd_ctx.tolist(), strict=False)]
+
+
+def active_matrix(windows: Sequence[RandomWindow], d_sae: int) -> np.ndarray:
+    """bool ``[d_sae, windows]``: whether each feature fires in each window."""
+    out = np.zeros((d_sae, len(windows)), bool)
+    for j, w in enumerate(windows):
+        out[w.active, j] = True
+    return out
+
+
+# -- labels by an explainer (after a build, or --label-only on an existing index) -----------------
+
+
+def explainer_settings(cfg: IndexConfig) -> Any:
+    from .explainer import ExplainerSettings
+
+    assert cfg.explainer
+    key = cfg.explainer_api_key.get_secret_value() if cfg.explainer_api_key else os.environ.get("OPENAI_API_KEY")
+    return ExplainerSettings(url=explainer_base_url(cfg.explainer), model=cfg.explainer_model, api_key=key,
+                             concurrency=cfg.explainer_concurrency, timeout_s=cfg.explainer_timeout_s)
+
+
+def explainer_base_url(url: str) -> str:
+    """An endpoint's base URL as the OpenAI client takes it: ``http://host:8000`` means
+    ``http://host:8000/v1``; a URL with a path is taken as it is."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise IndexBuildError(f"explainer: {url!r} is not an http(s) URL")
+    return url.rstrip("/") + "/v1" if parts.path in ("", "/") else url
+
+
+def run_explainer(cfg: IndexConfig, out: Path, tokenizer: Any) -> Any:
+    """Label the index at ``out`` with ``cfg.explainer`` (:func:`.explainer.label_index`) and
+    log what happened; returns the report. Raises ValueError (ExplainerError) when the
+    endpoint cannot be used."""
+    from .explainer import label_index
+
+    report = label_index(out, explainer_settings(cfg), lambda ids: tokenizer.decode(ids),
+                         features=cfg.explainer_features, progress=cfg.progress)
+    logger.warning("sae-index: %s labelled %d features (%d already were, %d unclear yes/no answers)",
+                   report.source, len(report.labelled), len(report.skipped), report.unclear)
+    for f, why in sorted(report.failed.items()):
+        logger.warning("sae-index: feature %d keeps its label, the explainer failed: %s", f, why)
+    if report.unscorable:
+        logger.warning("sae-index: features %s have fewer than 2 examples or no non-firing random window: "
+                       "not labelled", report.unscorable)
+    return report
+
+
+def relabel(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+    """``sae-index --label-only``: label an existing index with the explainer, reading no
+    corpus; an index written before the ``random_windows`` table existed first gets it (the
+    same windows a build keeps: only their contexts run through the engine). Returns the
+    explainer's report."""
+    from .store import FeatureIndex, update_labels
+
+    out = cfg.out_path()
+    if not cfg.explainer:
+        raise IndexBuildError("explainer: --label-only labels an existing index with an explainer; pass "
+                              "--explainer URL")
+    if not out.is_file():
+        raise IndexBuildError(f"out: no index at {out} to relabel; build it first (without --label-only)")
+    explainer_base_url(cfg.explainer)
+    idx = FeatureIndex(out)
+    meta, missing = idx.meta, idx.random_windows() is None
+    idx.close()
+    if not missing:
+        model = ServedModel.load(cfg)
+    else:
+        runner = _EngineThread(engine, loop)
+        try:
+            eng = runner.start(cfg, cfg.dictionary_dir())
+            model = ServedModel.of_engine(eng, cfg)
+            windows = harvest_reservoir(cfg, meta, runner, eng, model)
+        finally:
+            runner.close()
+        update_labels(out, out, [], windows)
+    return run_explainer(cfg, out, model.tokenizer)
+
+
+def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: _EngineThread, eng: Any,
+                      model: ServedModel) -> list[RandomWindow]:
+    """The random windows a build with the index's settings (``meta``: corpus, ``ctx_len``,
+    ``data_seed``, ``contexts``, ``window``) keeps, harvesting only the contexts they come from:
+    the reservoir holds the contexts with the smallest seeded keys of their ids."""
+    from .stats import random_key
+
+    sample_cfg = cfg.model_copy(update={"data": json.loads(meta["corpus"]), "ctx_len": int(meta["ctx_len"]),
+                                        "data_seed": int(meta["data_seed"]), "max_tokens": None})
+    contexts = corpus_contexts(sample_cfg, model.tokenizer)[:int(meta["contexts"])]
+    if len(contexts) != int(meta["contexts"]):
+        raise IndexBuildError(f"data: the corpus {meta['corpus']} now has {len(contexts)} contexts, the index was "
+                              f"built from {meta['contexts']}; rebuild the index")
+    keys = random_key(np.arange(len(contexts)), int(meta["data_seed"]))
+    chosen = np.argsort(keys, kind="stable")[:cfg.random_windows].tolist()
+    stats = IndexStats(model.entry.d_sae, top_n=1, window=int(meta["window"]), reservoir=cfg.random_windows,
+                       seed=int(meta["data_seed"]), cooccurrence=False)
+    top_k, _ = resolve_top_k(cfg.model_copy(update={"top_k": int(meta["top_k"])}), model.entry)
+    rules = _TokenRules(model.tokenizer)
+    for batch in _batches(range(len(chosen)), [contexts[i] for i in chosen], cfg.batch_tokens):
+        ids = [chosen[j] for j in batch]
+        results = runner.submit(eng.harvest_features([contexts[i].token_ids.tolist() for i in ids], model.entry.id,
+                                                     top_k)).result(CALL_TIMEOUT_S)
+        stats.update(context_features(contexts, ids, results, rules))
+    return reservoir_windows(stats)

@@ -27,6 +27,24 @@ EPILOG = """examples:
   sae-index --dictionary d/ --data my_texts/ corpus.jsonl --text-field body --out d/index.sqlite
   sae-index --dictionary d/ --overwrite              # rebuild an existing index
   SAE_INDEX_TOP_N=32 sae-index                       # any option as SAE_INDEX_<OPTION>
+  sae-index --explainer http://127.0.0.1:8000/v1     # then label with an OpenAI-compatible chat endpoint
+  sae-index --label-only --explainer https://api.example.com/v1 --explainer-model m \
+            --explainer-features 3 17 42              # relabel some features of an existing index
+  sae-index --ray-address auto --ray-workers 4       # shards over engine actors on a Ray cluster
+
+labels: every feature gets a deterministic label from its peak and promoted tokens. With
+--explainer URL, the endpoint labels each feature from the max-activating examples stored
+in the index (peak tokens marked) and the same endpoint scores the label: it is asked
+whether held-out examples and random non-firing windows match it (yes/no), label_score =
+balanced accuracy (0.5 = chance). Stored as label_source "explainer:<model>"; features
+already labelled by that explainer are skipped, so an interrupted run continues; a feature
+whose requests fail keeps its label and is reported. The API key: --explainer-api-key,
+SAE_INDEX_EXPLAINER_API_KEY or OPENAI_API_KEY.
+
+ray: --ray-address starts --ray-workers engine actors (default one per node, each
+reserving --ray-cpus-per-worker CPUs) that run the shards through their own engine; their
+partial statistics merge exactly, so the index equals a one-engine build of the same
+corpus. Every node needs the model, the dictionary and sae-serve installed.
 
 precedence: flags > environment variables (SAE_INDEX_<OPTION>) > --config file > defaults.
 Environment values: none/null clears an optional setting; lists are comma-separated (a,b);
@@ -39,7 +57,8 @@ in <out>.work and continues from them when run again with the same settings.
 
 OPTIONS = {"max_tokens": Option(none_words=("none", "null", "all"), metavar="INT|all"),
            "data": Option(metavar="PATH"), "out": Option(aliases=("-o",), metavar="FILE"),
-           "dictionary": Option(metavar="DIR")}
+           "dictionary": Option(metavar="DIR"), "explainer": Option(metavar="URL"),
+           "explainer_features": Option(metavar="FEATURE"), "ray_address": Option(metavar="ADDR|auto")}
 
 
 def index_specs() -> list[FieldSpec]:
@@ -80,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "print_config", False):
         print(json.dumps(cfg.model_dump(), indent=2))
         return 0
-    from .build import build, check_inputs
+    from .build import build, check_inputs, relabel
 
     try:
+        if cfg.label_only:
+            report = relabel(cfg)
+            print(f"sae-index: {report.source} labelled {len(report.labelled)} features of {cfg.out_path()} "
+                  f"({len(report.skipped)} already were, {len(report.failed)} failed)")
+            return 1 if report.failed and not report.labelled else 0
         check_inputs(cfg)
         out = build(cfg)
-    except (ValueError, OSError) as exc:  # IndexBuildError, RegistryError, DataError are ValueErrors
+    except (ValueError, OSError) as exc:  # IndexBuildError, RegistryError, DataError, ExplainerError
         print(f"sae-index: error: {exc}", file=sys.stderr)
         return 2
     from .store import FeatureIndex

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 ENV_PREFIX = "SAE_INDEX_"
 DEFAULT_DICTIONARY_DIR = Path(__file__).resolve().parents[1] / "data" / "default_dictionary"
@@ -51,6 +51,24 @@ class IndexConfig(BaseModel):
     dtype: str = Field("float32", description="model dtype")
     threads: int | None = Field(None, gt=0, description="torch CPU threads of the statistics")
     progress: bool = Field(True, description="progress bar")
+    explainer: str | None = Field(None, description="label features with this OpenAI-compatible chat endpoint "
+                                  "(base URL, e.g. http://127.0.0.1:8000/v1; sae-serve itself works), scored by "
+                                  "a detection test it answers too; unset = deterministic labels only")
+    explainer_model: str | None = Field(None, description="the explainer's model; unset = the first one its "
+                                        "/v1/models lists")
+    explainer_api_key: SecretStr | None = Field(None, description="the explainer's API key; unset = "
+                                                "OPENAI_API_KEY, else none")
+    explainer_concurrency: int = Field(4, gt=0, description="explainer requests in flight at once")
+    explainer_timeout_s: float = Field(120.0, gt=0, description="seconds per explainer request")
+    explainer_features: list[int] | None = Field(None, description="features the explainer labels; unset = "
+                                                 "every feature with at least 2 examples")
+    label_only: bool = Field(False, description="label the existing index (--out) with --explainer without "
+                             "reading the corpus again")
+    ray_address: str | None = Field(None, description="spread the corpus' shards over engine actors on this Ray "
+                                    "cluster ('auto': the one this machine belongs to); unset = one engine here")
+    ray_workers: int | None = Field(None, gt=0, description="engine actors on the Ray cluster; unset = one per "
+                                    "alive node")
+    ray_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each engine actor reserves")
 
     def dictionary_dir(self) -> Path:
         return Path(self.dictionary).expanduser() if self.dictionary else DEFAULT_DICTIONARY_DIR

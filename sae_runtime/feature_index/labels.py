@@ -72,15 +72,31 @@ def detects(words: Sequence[str], window: Sequence[str]) -> bool:
     return any(word(t) in wanted for t in window)
 
 
+def balanced_accuracy(activating: Sequence[bool], non_activating: Sequence[bool]) -> float | None:
+    """The detection score from the test's verdicts (True = "the label detects this window")
+    on the activating and on the non-activating windows: (share of activating windows
+    detected + share of non-activating windows not detected) / 2; None when either set is
+    empty."""
+    if not activating or not non_activating:
+        return None
+    tpr = sum(bool(v) for v in activating) / len(activating)
+    tnr = sum(not v for v in non_activating) / len(non_activating)
+    return (tpr + tnr) / 2
+
+
 def detection_score(words: Sequence[str], activating: Sequence[Sequence[str]],
                     non_activating: Sequence[Sequence[str]]) -> float | None:
     """Balanced accuracy of the label's words on the two sets of windows (token texts);
     None when there is nothing to score."""
-    if not words or not activating or not non_activating:
+    if not words:
         return None
-    tpr = sum(detects(words, w) for w in activating) / len(activating)
-    tnr = sum(not detects(words, w) for w in non_activating) / len(non_activating)
-    return (tpr + tnr) / 2
+    return balanced_accuracy([detects(words, w) for w in activating], [detects(words, w) for w in non_activating])
+
+
+def split_examples(n: int) -> tuple[range, range]:
+    """Ranks of a feature's ``n`` top examples that make its label (even) and that are held
+    out to score it (odd)."""
+    return range(0, n, 2), range(1, n, 2)
 
 
 def pick_non_activating(feature: int, active: Sequence[bool], n: int) -> list[int]:
@@ -104,8 +120,7 @@ def label_feature(feature: int, examples: Sequence[Sequence[int]], peaks: Sequen
     strongest first) with ``peaks`` their peak offsets; ``promoted`` its promoted token ids;
     ``random_windows``/``random_active`` the reservoir and whether the feature fires in each;
     ``text`` a token id's text."""
-    label_ex = range(0, len(examples), 2)
-    held = range(1, len(examples), 2)
+    label_ex, held = split_examples(len(examples))
     label = make_label([text(examples[i][peaks[i]]) for i in label_ex], [text(t) for t in promoted])
     chosen = pick_non_activating(feature, random_active, len(held))
     score = detection_score(label.words, [[text(t) for t in examples[i]] for i in held],

@@ -42,19 +42,30 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
     ``label TEXT``, ``label_source TEXT`` (``"tokens"`` for the deterministic label,
     ``"explainer:<model>"`` for one written by a language model), ``label_score REAL`` —
     the label's detection score (balanced accuracy of picking held-out activating contexts
-    out of non-activating ones using the label; 0.5 is chance), NULL when not scored.
+    out of non-activating ones using the label; 0.5 is chance), NULL when not scored: for a
+    ``tokens`` label the contexts holding one of its words (:mod:`.labels`), for an
+    explainer's label those the explainer itself says match it (:mod:`.explainer`).
 
 ``examples`` — the top-N max-activating contexts of each feature:
     ``feature INTEGER``, ``rank INTEGER`` (0 = strongest), ``activation REAL`` (the peak),
     ``token_ids BLOB`` (int32 × window), ``acts BLOB`` (float32 × window: the feature's
-    activation at each token of the window), ``peak INTEGER`` (offset of the peak token in
-    the window; 0 at positions the statistics exclude: position 0 and special tokens),
-    ``peak INTEGER`` (offset of the peak token in the window), ``doc TEXT`` (document id in
-    the corpus), ``position INTEGER`` (the peak's position in its context),
+    activation at each token of the window; 0 at positions the statistics exclude: position 0
+    and special tokens), ``peak INTEGER`` (offset of the peak token in the window),
+    ``doc TEXT`` (document id in the corpus), ``position INTEGER`` (the peak's position in its context),
     ``context_offset INTEGER`` (where the context starts in its document, in tokens of the
     document tokenized without special tokens: the context is that token list's slice
     ``[context_offset, context_offset + ctx_len)``, so ``position + 1`` tokens from there
     reproduce the peak); primary key ``(feature, rank)``.
+
+``random_windows`` — the random corpus windows of the detection test (the non-activating
+side of every label's score, :mod:`.labels` and :mod:`.explainer`), kept so that labels can
+be made and scored again without reading the corpus (``sae-index --label-only``):
+    ``slot INTEGER PRIMARY KEY`` (0, 1, ...: the reservoir's order), ``ctx INTEGER`` (the
+    context's id in the build's sample: the contexts with the smallest seeded hash of their
+    id, :func:`.stats.random_key`), ``token_ids BLOB`` (int32 × up to ``window`` tokens),
+    ``active BLOB`` (int32, ascending: the features firing at a scored token of the window).
+    An index written before this table existed has none; ``--label-only`` then harvests the
+    same windows again (only their contexts) and adds it.
 
 ``features_fts`` — FTS5 over ``label`` and ``tokens`` (the top and promoted tokens as
 text), ``rowid`` = feature; searched by ``GET /v1/dictionaries/{id}/features?q=``.
@@ -73,7 +84,16 @@ QUANTILE_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
 HIST_BINS = 32
 """Bins of each feature's activation histogram (equal width over ``(0, max_act]``)."""
 
-DDL = """
+RANDOM_WINDOWS_DDL = """
+CREATE TABLE IF NOT EXISTS random_windows (
+    slot INTEGER PRIMARY KEY,
+    ctx INTEGER NOT NULL,
+    token_ids BLOB NOT NULL,
+    active BLOB NOT NULL
+);
+"""
+
+DDL = RANDOM_WINDOWS_DDL + """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE features (
     feature INTEGER PRIMARY KEY,

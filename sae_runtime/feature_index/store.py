@@ -8,7 +8,9 @@ any number of processes may hold it open).
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .schema import DDL, HIST_BINS, QUANTILE_LEVELS, SCHEMA_VERSION
+from .schema import DDL, HIST_BINS, QUANTILE_LEVELS, RANDOM_WINDOWS_DDL, SCHEMA_VERSION
 
 
 class FeatureIndexError(ValueError):
@@ -73,6 +75,27 @@ class FeatureRecord:
     label: str = ""
     label_source: str = "tokens"
     label_score: float | None = None
+
+
+@dataclass(frozen=True)
+class RandomWindow:
+    """A random corpus window of the detection test (the ``random_windows`` table)."""
+
+    ctx: int
+    """The context's id in the build's sample."""
+    token_ids: list[int]
+    active: list[int]
+    """Features firing at a scored token of the window, ascending."""
+
+
+@dataclass(frozen=True)
+class LabelUpdate:
+    """A new label of one feature (what ``sae-index --explainer`` writes)."""
+
+    feature: int
+    label: str
+    label_source: str
+    label_score: float | None
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,10 @@ class IndexWriter:
                 (feature, rank, float(ex.activation), np.asarray(ex.token_ids, np.int32).tobytes(),
                  np.asarray(ex.acts, np.float32).tobytes(), ex.peak, ex.doc, ex.position, ex.context_offset))
 
+    def add_random_windows(self, windows: Sequence[RandomWindow]) -> None:
+        """The detection test's random windows, in the reservoir's order."""
+        _insert_random_windows(self._db, windows)
+
     def close(self) -> None:
         """Commit and compact the file."""
         self._db.commit()
@@ -155,6 +182,48 @@ class IndexWriter:
         else:  # a half-written index is worse than none
             self._db.close()
             self.path.unlink(missing_ok=True)
+
+
+def _insert_random_windows(db: sqlite3.Connection, windows: Sequence[RandomWindow]) -> None:
+    db.executemany("INSERT INTO random_windows VALUES (?,?,?,?)",
+                   [(i, int(w.ctx), np.asarray(w.token_ids, np.int32).tobytes(),
+                     np.asarray(sorted(w.active), np.int32).tobytes()) for i, w in enumerate(windows)])
+
+
+def update_labels(src: str | Path, dst: str | Path, updates: Iterable[LabelUpdate],
+                  random_windows: Sequence[RandomWindow] | None = None) -> None:
+    """Write a copy of the index ``src`` to ``dst`` with new labels (and the search text
+    following them) and, when given, the ``random_windows`` table of an index written before
+    it existed. ``dst`` is written under a temporary name and then renamed over, so a served
+    file (opened immutable) is replaced whole, never changed under its readers; ``dst`` may
+    be ``src``."""
+    src, dst = Path(src), Path(dst)
+    FeatureIndex(src).close()  # a readable index of this schema
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    shutil.copyfile(src, tmp)
+    db = sqlite3.connect(tmp)
+    try:
+        for u in updates:
+            cur = db.execute("UPDATE features SET label = ?, label_source = ?, label_score = ? WHERE feature = ?",
+                             (u.label, u.label_source, u.label_score, int(u.feature)))
+            if cur.rowcount != 1:
+                raise FeatureIndexError(f"{src}: no feature {u.feature}")
+            db.execute("UPDATE features_fts SET label = ? WHERE rowid = ?", (u.label, int(u.feature)))
+        if random_windows is not None:
+            db.executescript(RANDOM_WINDOWS_DDL)
+            db.execute("DELETE FROM random_windows")
+            _insert_random_windows(db, random_windows)
+        db.commit()
+        db.execute("INSERT INTO features_fts(features_fts) VALUES ('optimize')")
+        db.commit()
+        db.execute("VACUUM")
+        db.close()
+    except BaseException:
+        db.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -241,6 +310,20 @@ class FeatureIndex:
                         acts=np.frombuffer(x, np.float32).tolist(), peak=p, doc=d, position=pos,
                         context_offset=off)
                 for a, t, x, p, d, pos, off in rows]
+
+    def random_windows(self) -> list[RandomWindow] | None:
+        """The detection test's random windows; None for an index written before the table
+        existed."""
+        has = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'random_windows'")
+        if has.fetchone() is None:
+            return None
+        rows = self._db.execute("SELECT ctx, token_ids, active FROM random_windows ORDER BY slot")
+        return [RandomWindow(ctx=c, token_ids=np.frombuffer(t, np.int32).tolist(),
+                             active=np.frombuffer(a, np.int32).tolist()) for c, t, a in rows]
+
+    def label_sources(self) -> dict[int, str]:
+        """``label_source`` of every feature."""
+        return dict(self._db.execute("SELECT feature, label_source FROM features"))
 
     def search(self, q: str, limit: int = 20) -> list[SearchHit]:
         """Features whose label or top tokens match every word of ``q`` (as prefixes), best

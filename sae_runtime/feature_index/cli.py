@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-index: error: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "print_config", False):
-        print(json.dumps(cfg.model_dump(), indent=2))
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))  # secrets as ******
         return 0
     from .build import build, check_inputs, relabel
 

@@ -141,8 +141,9 @@ def parse_label(answer: str) -> str:
     """The label in an explainer's answer: its first line with words, without a ``Label:``
     prefix, quotes or a final full stop, at most :data:`LABEL_MAX_CHARS` characters."""
     for line in answer.splitlines():
-        text = _LABEL_PREFIX.sub("", line).strip().strip("\"'`*").strip()
-        text = text.rstrip(".").strip()
+        text = _LABEL_PREFIX.sub("", line).strip()
+        for _ in range(2):  # quotes around a final full stop, or the other way round
+            text = text.strip("\"'`*").strip().rstrip(".").strip()
         if re.search(r"\w", text):
             return text[:LABEL_MAX_CHARS]
     raise ExplainerCallError(f"the answer holds no label: {answer[:200]!r}")
@@ -185,8 +186,9 @@ class Explainer:
         except openai.APIStatusError as exc:
             raise ExplainerError(f"explainer: {self.settings.url} answered {exc.status_code}: "
                                  f"{_short(exc.message)}") from None
-        except (ExplainerCallError, openai.OpenAIError) as exc:
-            raise ExplainerError(f"explainer: {self.settings.url}: {exc}") from None
+        except (ExplainerCallError, openai.OpenAIError, ValueError) as exc:
+            raise ExplainerError(f"explainer: {self.settings.url}: not an OpenAI-compatible chat endpoint? "
+                                 f"{type(exc).__name__}: {_short(str(exc))}") from None
         return self.model
 
     async def chat(self, prompt: str, max_tokens: int) -> str:
@@ -199,7 +201,7 @@ class Explainer:
                     temperature=0)
             except openai.APIStatusError as exc:
                 raise ExplainerCallError(f"HTTP {exc.status_code}: {_short(exc.message)}") from None
-            except openai.OpenAIError as exc:
+            except (openai.OpenAIError, ValueError) as exc:  # ValueError: a body that is not JSON
                 raise ExplainerCallError(f"{type(exc).__name__}: {_short(str(exc))}") from None
         try:
             content = resp.choices[0].message.content

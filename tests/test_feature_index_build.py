@@ -6,6 +6,7 @@ default dictionary agrees with what the engine extracts now."""
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import pytest
 
 from sae_runtime.feature_index import INDEX_FILE, FeatureIndex
 from sae_runtime.feature_index import cli as index_cli
-from sae_runtime.feature_index.build import IndexBuildError, build, corpus_contexts
+from sae_runtime.feature_index.build import IndexBuildError, build, corpus_contexts, relabel
 from sae_runtime.feature_index.config import IndexConfig
 from sae_runtime.training.data import iter_documents
 from tests.conftest import DEFAULT_DICTIONARY
 from tests.dictionary_factory import make_dictionary
+from tests.test_feature_index_explainer import FakeEndpoint
 
 slow = pytest.mark.slow
 
@@ -33,7 +35,8 @@ def corpus(tmp_path_factory) -> Path:
 
 def _rows(path: Path) -> dict:
     db = sqlite3.connect(path)
-    out = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("features", "examples")}
+    out = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+           for t in ("features", "examples", "random_windows")}
     out["meta"] = [r for r in db.execute("SELECT * FROM meta ORDER BY key") if r[0] != "created"]
     db.close()
     return out
@@ -141,6 +144,33 @@ def test_build_writes_an_index_the_reader_opens_and_resumes_to_the_same_file(sae
     assert live.label and live.promoted and live.cooccur and live.top_tokens
     words = [w for w in re.findall(r"\w+", live.label)]
     assert live.feature in [h.feature for h in idx.search(words[0], limit=512)]
+
+    # The detection test's random windows are in the file; an index written before that table
+    # existed gets the same ones from --label-only, which harvests only their contexts, and
+    # is then labelled by the explainer (an OpenAI-compatible endpoint: a fake one here).
+    windows = idx.random_windows()
+    assert windows is not None and len(windows) == 16 and any(w.active for w in windows)
+    assert all(0 < len(w.token_ids) <= 8 and w.active == sorted(w.active) for w in windows)
+    older = tmp_path / "older.sqlite"
+    shutil.copyfile(whole, older)
+    db = sqlite3.connect(older)
+    db.execute("DROP TABLE random_windows")
+    db.commit()
+    db.close()
+    assert FeatureIndex(older).random_windows() is None
+    endpoint = FakeEndpoint()
+    try:
+        report = relabel(_cfg(sae_engine, corpus, older, label_only=True, explainer=endpoint.url,
+                              explainer_features=[live.feature]), engine=engine, loop=loop)
+    finally:
+        endpoint.close()
+    relabelled = FeatureIndex(older)
+    assert relabelled.random_windows() == windows
+    assert report.labelled == [live.feature] and report.source == "explainer:fake-explainer"
+    rec = relabelled.feature(live.feature)
+    assert rec.label_source == report.source and rec.label == report.results[live.feature].label
+    assert rec.label_score == report.results[live.feature].score is not None
+    assert relabelled.examples(live.feature) == idx.examples(live.feature)
 
     # Interrupted after its first shard, then run again: the same file.
     out = tmp_path / "b.sqlite"

@@ -107,6 +107,8 @@ class LabelReport:
     unscorable: list[int] = field(default_factory=list)
     """Features with fewer than two examples or no non-firing random window: not sent."""
     unclear: int = 0
+    results: dict[int, FeatureLabel] = field(default_factory=dict)
+    """This run's labels with their verdicts."""
 
 
 # -- prompts and answers ------------------------------------------------------------------------
@@ -338,6 +340,7 @@ async def _label_index(path: Path, settings: ExplainerSettings, decode: Callable
                     log.flush()
                     done[u.feature] = u
                     report.labelled.append(u.feature)
+                    report.results[u.feature] = res
                     report.unclear += res.unclear
             bar.close()
         finally:

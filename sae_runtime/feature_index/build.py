@@ -559,8 +559,10 @@ def relabel(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEvent
 def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: _EngineThread, eng: Any,
                       model: ServedModel) -> list[RandomWindow]:
     """The random windows a build with the index's settings (``meta``: corpus, ``ctx_len``,
-    ``data_seed``, ``contexts``, ``window``) keeps, harvesting only the contexts they come from:
-    the reservoir holds the contexts with the smallest seeded keys of their ids."""
+    ``data_seed``, ``contexts``, ``window``) keeps, harvesting only the contexts they come from
+    (the reservoir holds the contexts with the smallest seeded keys of their ids), each only
+    up to its window's end: the model is causal, so those tokens' features are the ones the
+    whole context gives; the positions after it are passed on as not firing."""
     from .stats import random_key
 
     sample_cfg = cfg.model_copy(update={"data": json.loads(meta["corpus"]), "ctx_len": int(meta["ctx_len"]),
@@ -575,9 +577,15 @@ def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: _EngineThr
                        seed=int(meta["data_seed"]), cooccurrence=False)
     top_k, _ = resolve_top_k(cfg.model_copy(update={"top_k": int(meta["top_k"])}), model.entry)
     rules = _TokenRules(model.tokenizer)
-    for batch in _batches(range(len(chosen)), [contexts[i] for i in chosen], cfg.batch_tokens):
+    stop = {i: stats.reservoir_span(int(keys[i]), len(contexts[i].token_ids))[1] for i in chosen}
+    prefixes = [Context(contexts[i].doc, contexts[i].offset, contexts[i].token_ids[:stop[i]]) for i in chosen]
+    for batch in _batches(range(len(chosen)), prefixes, cfg.batch_tokens):
         ids = [chosen[j] for j in batch]
-        results = runner.submit(eng.harvest_features([contexts[i].token_ids.tolist() for i in ids], model.entry.id,
-                                                     top_k)).result(CALL_TIMEOUT_S)
-        stats.update(context_features(contexts, ids, results, rules))
+        results = runner.submit(eng.harvest_features([prefixes[j].token_ids.tolist() for j in batch],
+                                                     model.entry.id, top_k)).result(CALL_TIMEOUT_S)
+        padded = []
+        for i, (ix, vx) in zip(ids, results, strict=True):
+            rest = len(contexts[i].token_ids) - len(ix)
+            padded.append((np.pad(ix, ((0, rest), (0, 0))), np.pad(vx, ((0, rest), (0, 0)))))
+        stats.update(context_features(contexts, ids, padded, rules))
     return reservoir_windows(stats)

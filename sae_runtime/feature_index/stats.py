@@ -242,16 +242,20 @@ class IndexStats:
         keys = torch.from_numpy(random_key(ctx_ids.numpy(), self.seed))
         worst = self.rnd_key.max()
         for i in torch.nonzero(keys < worst).flatten().tolist():
-            length = int(lengths[i])
-            center = 1 + int(keys[i]) % max(length - 1, 1)
-            start = int(self._window_start(torch.tensor(center), torch.tensor(length)))
-            stop = min(start + self.window, length)
+            start, stop = self.reservoir_span(int(keys[i]), int(lengths[i]))
             rows = torch.arange(int(offsets[i]) + start, int(offsets[i]) + stop)
             active = torch.zeros(self.d, dtype=torch.bool)
             active[idx[rows][firing[rows]]] = True
             tok = torch.full((self.window,), -1, dtype=torch.int32)
             tok[:stop - start] = tokens[rows].to(torch.int32)
             self._merge_reservoir(keys[i:i + 1], ctx_ids[i:i + 1], tok[None], active[None])
+
+    def reservoir_span(self, key: int, length: int) -> tuple[int, int]:
+        """``[start, stop)`` of the random window of a context of ``length`` tokens whose
+        reservoir key is ``key`` (:func:`random_key`)."""
+        center = 1 + key % max(length - 1, 1)
+        start = int(self._window_start(torch.tensor(center), torch.tensor(length)))
+        return start, min(start + self.window, length)
 
     def _merge_reservoir(self, key: Tensor, ctx: Tensor, tok: Tensor, active: Tensor) -> None:
         all_key = torch.cat([self.rnd_key, key])

@@ -258,7 +258,7 @@ def test_label_only_cli_errors(tmp_path, capsys):
 SEA = ["The ship sailed across the sea at dawn.", "Fish swim deep in the sea near the coast.",
        "A storm rose over the sea that night.", "They swam in the warm sea all summer."]
 YEARS = ["The war ended in 1945 after six years.", "In 1969 astronauts walked on the Moon.",
-         "The company was founded in 1998 in a garage.", "By 2010 the town had doubled in size."]
+         "The company was founded in 1998 in a garage.", "By 1910 the town had doubled in size."]
 OTHER = ["The cat sat on the mat.", "She baked bread with flour and butter.", "He fixed the old bicycle.",
          "The train was late again this morning.", "Please close the door behind you."]
 
@@ -276,7 +276,7 @@ def test_sae_serve_labels_features_of_a_small_index(tmp_path, live_server, defau
         return next(i for i, t in enumerate(ids(text)) if word in tok.decode([t]))
 
     path = tmp_path / "feature_index.sqlite"
-    features = {0: (SEA, " sea"), 1: (YEARS, "19")}
+    features = {0: (SEA, " sea"), 1: (YEARS, "1")}
     with IndexWriter(path, {"dictionary_id": "d", "d_sae": 3}) as w:
         w.add_features([_record(f, f"tokens label {f}") for f in range(3)])
         for f, (texts, word) in features.items():

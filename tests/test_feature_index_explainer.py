@@ -247,6 +247,10 @@ def test_label_only_cli_errors(tmp_path, capsys):
     assert "explainer: --label-only labels an existing index with an explainer" in capsys.readouterr().err
     assert index_cli.main(["--label-only", "--out", str(path), "--explainer", "localhost:8000"]) == 2
     assert "explainer: 'localhost:8000' is not an http(s) URL" in capsys.readouterr().err
+    # A build with a malformed explainer URL stops before the engine starts.
+    assert index_cli.main(["--explainer", "ftp://x", "--out", str(tmp_path / "new.sqlite")]) == 2
+    assert "explainer: 'ftp://x' is not an http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "new.sqlite").exists()
     assert index_cli.main(["--explainer-concurrency", "0", "--print-config"]) == 2
     assert "--explainer-concurrency: Input should be greater than 0" in capsys.readouterr().err
     assert index_cli.main(["--explainer-api-key", "sk-secret", "--print-config"]) == 0

@@ -14,6 +14,11 @@ so an interrupted run, started again with the same settings, continues after the
 completed shard and writes the same file. The label step (:mod:`.labels`) runs on the
 final statistics only, separate from them. The engine computes the next batch while the
 statistics of the previous one are added.
+
+With ``ray_address`` the shards run on engine actors on a Ray cluster instead
+(:mod:`.distributed`; the same statistics, merged). With ``explainer`` the written index is
+then labelled by a language model (:mod:`.explainer`); :func:`relabel` does that alone for
+an existing index (``--label-only``).
 """
 
 from __future__ import annotations
@@ -197,6 +202,8 @@ def check_inputs(cfg: IndexConfig) -> None:
     out = cfg.out_path()
     if out.exists() and not cfg.overwrite:
         raise IndexBuildError(f"out: {out} exists; pass --overwrite to replace it or --out to write elsewhere")
+    if cfg.explainer:
+        explainer_base_url(cfg.explainer)  # a malformed URL fails now, not after the build
     if cfg.ctx_len >= cfg.max_model_len:
         raise IndexBuildError(f"ctx_len: {cfg.ctx_len} must be below max_model_len ({cfg.max_model_len})")
     from ..default_model import MODEL_NAME, prepare_default_model

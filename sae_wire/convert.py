@@ -43,6 +43,7 @@ from sae_wire.models import (
     FeatureSearchResponse,
     GenerateChunkOut,
     GenerateRequest,
+    ProjectedFeature,
     SamplingOptions,
     SearchByExampleRequest,
     SearchByExampleResponse,
@@ -54,6 +55,7 @@ from sae_wire.models import (
     TokenFeaturesOut,
     TokenScore,
     Usage,
+    VectorProjectionInfo,
 )
 
 # Proto enum values are ints (``pb.Scope`` and ``pb.EditMode`` subclass int): the tables read
@@ -502,6 +504,8 @@ def steering_vector_create_from_pb(msg: pb.CreateSteeringVectorRequest) -> Steer
     }
     if msg.HasField("name"):
         data["name"] = msg.name
+    if msg.HasField("project_onto"):
+        data["project_onto"] = {"dictionary": msg.project_onto.dictionary, "top_k": msg.project_onto.top_k}
     return _model(SteeringVectorCreate, data)
 
 
@@ -520,6 +524,9 @@ def steering_vector_create_pb(request: SteeringVectorCreate | dict) -> pb.Create
             out.append(t)
     if req.name is not None:
         msg.name = req.name
+    if req.project_onto is not None:
+        msg.project_onto.CopyFrom(pb.VectorProjection(dictionary=req.project_onto.dictionary,
+                                                      top_k=req.project_onto.top_k))
     return msg
 
 
@@ -529,12 +536,25 @@ def steering_vector_info_pb(v: SteeringVectorInfo) -> pb.SteeringVectorInfo:
                                 negative_tokens=v.negative_tokens, created_at=v.created_at, vector=v.vector or [])
     if v.name is not None:
         out.name = v.name
+    if v.projection is not None:
+        p = v.projection
+        out.projection.CopyFrom(pb.VectorProjectionInfo(
+            dictionary=p.dictionary, top_k=p.top_k, unprojected_norm=p.unprojected_norm, explained=p.explained,
+            features=[pb.ProjectedFeature(feature=f.feature, coefficient=f.coefficient, cosine=f.cosine)
+                      for f in p.features]))
     return out
 
 
 def steering_vector_info_from_pb(m: pb.SteeringVectorInfo, with_vector: bool = False) -> SteeringVectorInfo:
+    projection = None
+    if m.HasField("projection"):
+        p = m.projection
+        projection = VectorProjectionInfo(
+            dictionary=p.dictionary, top_k=p.top_k, unprojected_norm=p.unprojected_norm, explained=p.explained,
+            features=[ProjectedFeature(feature=f.feature, coefficient=f.coefficient, cosine=f.cosine)
+                      for f in p.features])
     return SteeringVectorInfo(
         id=m.id, name=m.name if m.HasField("name") else None, hook_point=m.hook_point, d_in=m.d_in, norm=m.norm,
         n_positive=m.n_positive, n_negative=m.n_negative, positive_tokens=m.positive_tokens,
-        negative_tokens=m.negative_tokens, created_at=m.created_at,
+        negative_tokens=m.negative_tokens, created_at=m.created_at, projection=projection,
         vector=list(m.vector) if with_vector or m.vector else None)

@@ -461,14 +461,46 @@ MAX_STORED_VECTORS = 256
 ContrastText = str | list[ChatMessage]
 
 
+MAX_PROJECTION_TOP_K = 256
+"""At most this many dictionary features in a contrastive vector's ``project_onto``."""
+
+
+class VectorProjection(_Strict):
+    """Replace a contrastive vector by its reconstruction through the ``top_k`` features of
+    ``dictionary`` whose decoder rows it aligns with most (largest ``|cosine|``): the
+    least-squares fit of the vector by those rows (README.md, "Contrastive vectors")."""
+
+    dictionary: str = Field(min_length=1, description="a served dictionary at the vector's hook point")
+    top_k: int = Field(ge=1, le=MAX_PROJECTION_TOP_K, description="how many features to keep")
+
+
 class SteeringVectorCreate(_Strict):
     """A contrastive steering vector: mean residual stream at ``hook_point`` over the scored
-    tokens of ``positive`` minus that of ``negative`` (README.md, "Contrastive vectors")."""
+    tokens of ``positive`` minus that of ``negative`` (README.md, "Contrastive vectors"),
+    optionally projected onto a dictionary's features."""
 
     hook_point: str = Field(description="where the streams are read and where the vector is added")
     positive: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
     negative: list[ContrastText] = Field(min_length=1, description="texts, or chats (lists of messages)")
     name: str | None = Field(default=None, max_length=200)
+    project_onto: VectorProjection | None = Field(default=None, description="store the vector's reconstruction "
+                                                  "through its top_k best-aligned features of a dictionary")
+
+
+class ProjectedFeature(BaseModel):
+    """One feature of a projected vector: ``vector = Σ coefficient · W_dec[feature]``."""
+
+    feature: int
+    coefficient: float = Field(description="its weight in the least-squares fit")
+    cosine: float = Field(description="cosine of the unprojected vector with the feature's decoder row")
+
+
+class VectorProjectionInfo(BaseModel):
+    dictionary: str
+    top_k: int
+    features: list[ProjectedFeature] = Field(description="by |cosine|, largest first")
+    unprojected_norm: float = Field(description="L2 norm of the difference of means before projection")
+    explained: float = Field(description="‖projected‖² / ‖unprojected‖², the share of the vector kept")
 
 
 class SteeringVectorInfo(BaseModel):
@@ -484,6 +516,7 @@ class SteeringVectorInfo(BaseModel):
     positive_tokens: int = Field(description="tokens averaged on the positive side")
     negative_tokens: int = Field(description="tokens averaged on the negative side")
     created_at: float = Field(description="Unix time")
+    projection: VectorProjectionInfo | None = Field(default=None, description="set when created with project_onto")
     vector: list[float] | None = Field(default=None, description="only with include_vector")
 
 

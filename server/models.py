@@ -28,6 +28,7 @@ from sae_wire.models import (  # noqa: F401
     FeatureSearchResponse,
     GenerateChunkOut,
     GenerateRequest,
+    ProjectedFeature,
     PromptInput,
     SamplingOptions,
     SearchByExampleRequest,
@@ -43,6 +44,8 @@ from sae_wire.models import (  # noqa: F401
     TokenFeaturesOut,
     TokenScore,
     Usage,
+    VectorProjection,
+    VectorProjectionInfo,
 )
 
 

@@ -30,6 +30,7 @@ from sae_runtime.engine.spec import (
     check_response_budget,
     steering_applied,
 )
+from sae_runtime.hook_points import parse_hook_point
 from sae_runtime.registry import UnknownDictionaryError
 from sae_runtime.unembedding import Unembedding
 from server import index_views
@@ -49,6 +50,7 @@ from server.models import (
     GenerateRequest,
     ModelCard,
     ModelList,
+    ProjectedFeature,
     PromptInput,
     SearchByExampleRequest,
     SearchByExampleResponse,
@@ -61,6 +63,7 @@ from server.models import (
     TokenFeaturesOut,
     TokenScore,
     Usage,
+    VectorProjectionInfo,
 )
 from server.vector_store import MemoryVectorStore, VectorStore
 
@@ -97,6 +100,31 @@ class ClosingStream:
         finally:
             for stream in self._inner:
                 await stream.aclose()
+
+
+def project_onto_features(vector: np.ndarray, w_dec: np.ndarray, dictionary: str,
+                          top_k: int) -> tuple[np.ndarray, VectorProjectionInfo]:
+    """A contrastive vector's ``project_onto``: the ``top_k`` features whose decoder rows
+    have the largest ``|cos(v, W_dec[i])|`` (ties: lower index; rows of norm 0 count as
+    cosine 0), and ``v`` replaced by its least-squares reconstruction from those rows,
+    ``Σ c_i W_dec[i]`` with ``c = argmin ‖v − Σ c_i W_dec[i]‖`` (the orthogonal projection
+    of ``v`` onto their span). In float64; returns the new vector and what it is made of."""
+    v = np.asarray(vector, np.float64)
+    w = np.asarray(w_dec, np.float64)
+    row_norms = np.linalg.norm(w, axis=1)
+    v_norm = float(np.linalg.norm(v))
+    denom = row_norms * v_norm
+    dots = w @ v
+    cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+    order = np.lexsort((np.arange(len(cos)), -np.abs(cos)))[:top_k]
+    coef, *_ = np.linalg.lstsq(w[order].T, v, rcond=None)
+    projected = w[order].T @ coef
+    info = VectorProjectionInfo(
+        dictionary=dictionary, top_k=top_k, unprojected_norm=v_norm,
+        explained=float(projected @ projected) / (v_norm * v_norm) if v_norm > 0 else 0.0,
+        features=[ProjectedFeature(feature=int(f), coefficient=float(c), cosine=float(cos[f]))
+                  for f, c in zip(order, coef, strict=True)])
+    return projected, info
 
 
 class SAEService:
@@ -592,6 +620,18 @@ class SAEService:
         except SpecError as exc:
             raise ApiError(ErrorKind.NOT_FOUND if "not a hook point" in exc.message else ErrorKind.INVALID,
                            exc.message, "hook_point") from None
+        hook_point = "embeddings" if layer == -1 else f"layers.{layer}"
+        projection = None
+        if req.project_onto is not None:
+            projection = self._dictionary(req.project_onto.dictionary, "project_onto.dictionary")
+            if parse_hook_point(projection.hook_point) != layer:
+                raise ApiError.invalid("project_onto.dictionary", f"'{projection.id}' is at {projection.hook_point}, "
+                                       f"the vector at {hook_point}: project onto a dictionary at the vector's hook "
+                                       "point")
+            most = min(projection.d_sae, projection.d_in)
+            if req.project_onto.top_k > most:
+                raise ApiError.invalid("project_onto.top_k", f"{req.project_onto.top_k} is more than '{projection.id}' "
+                                       f"can fit (at most min(d_sae, d_in) = {most})")
         pos = self._contrast_ids("positive", req.positive)
         neg = self._contrast_ids("negative", req.negative)
         if await self.vectors.count() >= MAX_STORED_VECTORS:
@@ -613,12 +653,17 @@ class SAEService:
                 raise ApiError.invalid(side, "has no token to average (every text is one token or special tokens)")
             means.append(torch.cat(rows).double().mean(0))
             counts.append(n)
-        vector = (means[0] - means[1]).float().numpy()
+        diff = (means[0] - means[1]).numpy()
+        projected = None
+        if projection is not None and req.project_onto is not None:
+            diff, projected = project_onto_features(diff, projection.dictionary.W_dec.detach().double().cpu().numpy(),
+                                                    projection.id, req.project_onto.top_k)
+        vector = diff.astype(np.float32)
         info = SteeringVectorInfo(
             id="vec-" + uuid.uuid4().hex[:16], name=req.name,
-            hook_point="embeddings" if layer == -1 else f"layers.{layer}", d_in=int(vector.shape[0]),
+            hook_point=hook_point, d_in=int(vector.shape[0]),
             norm=float(np.linalg.norm(vector.astype(np.float64))), n_positive=len(pos), n_negative=len(neg),
-            positive_tokens=counts[0], negative_tokens=counts[1], created_at=time.time())
+            positive_tokens=counts[0], negative_tokens=counts[1], created_at=time.time(), projection=projected)
         await self.vectors.put(info, vector)
         return info
 

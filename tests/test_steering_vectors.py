@@ -295,3 +295,93 @@ def test_grpc_creates_lists_shows_and_deletes_vectors(live_server):
         with pytest.raises(grpc.RpcError) as err:
             c.stub.GetSteeringVector(pb.SteeringVectorRef(id=made.id), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "id" in (err.value.details() or "")
+
+
+def _projection_reference(v: np.ndarray, w_dec: np.ndarray, top_k: int) -> tuple[list[int], np.ndarray]:
+    """README's project_onto: the top_k decoder rows by |cosine| with v (ties: lower index),
+    and v's least-squares reconstruction from them."""
+    v = v.astype(np.float64)
+    w = w_dec.astype(np.float64)
+    cos = (w / np.linalg.norm(w, axis=1, keepdims=True)) @ (v / np.linalg.norm(v))
+    chosen = sorted(range(len(cos)), key=lambda i: (-abs(cos[i]), i))[:top_k]
+    basis = w[chosen].T
+    coef = np.linalg.solve(basis.T @ basis, basis.T @ v)  # normal equations: a different route than the server's
+    return chosen, basis @ coef
+
+
+@pytest.mark.slow
+def test_project_onto_stores_the_reconstruction_through_the_best_aligned_features(live_server):
+    from safetensors.numpy import load_file
+
+    from clients.grpc_client import SAEClient
+
+    w_dec = load_file(str(live_server.dictionary_dir / "sae_weights.safetensors"))["W_dec"]
+    top_k = 8
+    with httpx.Client(base_url=live_server.base_url, timeout=300) as c:
+        body = {"hook_point": HOOK, "positive": POSITIVE, "negative": NEGATIVE}
+        plain = c.post("/v1/steering/vectors", json=body).json()
+        r = c.post("/v1/steering/vectors", json={**body, "project_onto": {"dictionary": live_server.dictionary_id,
+                                                                          "top_k": top_k}})
+        assert r.status_code == 200, r.text
+        info = r.json()
+        assert "projection" not in plain
+        full_plain = c.get(f"/v1/steering/vectors/{plain['id']}", params={"include_vector": "true"}).json()
+        full = c.get(f"/v1/steering/vectors/{info['id']}", params={"include_vector": "true"}).json()
+        for vid in (plain["id"], info["id"]):
+            c.delete(f"/v1/steering/vectors/{vid}")
+    v = np.array(full_plain["vector"], np.float64)
+    got = np.array(full["vector"], np.float64)
+    chosen, ref = _projection_reference(v, w_dec, top_k)
+    p = info["projection"]
+    assert (p["dictionary"], p["top_k"]) == (live_server.dictionary_id, top_k)
+    assert [f["feature"] for f in p["features"]] == chosen
+    assert float(np.linalg.norm(got - ref)) <= 1e-4 * float(np.linalg.norm(v))
+    assert float(np.linalg.norm(got - v)) > 0.01 * float(np.linalg.norm(v))  # the projection did change it
+    assert p["unprojected_norm"] == pytest.approx(float(np.linalg.norm(v)), rel=1e-4)
+    assert p["explained"] == pytest.approx(float(ref @ ref) / float(v @ v), rel=1e-3)
+    assert info["norm"] == pytest.approx(float(np.linalg.norm(got)), rel=1e-5)
+    recon = sum(f["coefficient"] * w_dec[f["feature"]].astype(np.float64) for f in p["features"])
+    assert float(np.linalg.norm(recon - got)) <= 1e-4 * float(np.linalg.norm(v))
+
+    # gRPC: the same field and the same answer
+    with SAEClient(live_server.grpc_target, timeout_s=300) as g:
+        made = g.create_steering_vector({**body, "project_onto": {"dictionary": live_server.dictionary_id,
+                                                                  "top_k": top_k}})
+        assert made.projection is not None and [f.feature for f in made.projection.features] == chosen
+        assert made.norm == pytest.approx(info["norm"], rel=1e-4)
+        assert g.delete_steering_vector(made.id)
+
+
+def test_project_onto_travels_over_grpc_both_ways():
+    from sae_wire import convert as conv
+    from sae_wire.models import SteeringVectorCreate
+
+    req = SteeringVectorCreate.model_validate({"hook_point": "layers.6", "positive": ["a"], "negative": ["b"],
+                                               "project_onto": {"dictionary": "d0", "top_k": 3}})
+    assert conv.steering_vector_create_from_pb(conv.steering_vector_create_pb(req)) == req
+    plain = req.model_copy(update={"project_onto": None})
+    assert not conv.steering_vector_create_pb(plain).HasField("project_onto")
+    info = INFO.model_copy(update={"projection": {
+        "dictionary": "d0", "top_k": 2, "unprojected_norm": 2.0, "explained": 0.5,
+        "features": [{"feature": 7, "coefficient": -1.5, "cosine": -0.75}, {"feature": 2, "coefficient": 0.5,
+                                                                            "cosine": 0.25}]}})
+    info = SteeringVectorInfo.model_validate(info.model_dump())
+    assert conv.steering_vector_info_from_pb(conv.steering_vector_info_pb(info)) == info
+    assert conv.steering_vector_info_from_pb(conv.steering_vector_info_pb(INFO)).projection is None
+
+
+def test_projection_formula_on_a_known_basis():
+    from server.service import project_onto_features
+
+    w = np.zeros((4, 3))
+    w[0], w[1], w[2] = [2.0, 0.0, 0.0], [0.0, 0.0, -1.0], [1.0, 1.0, 0.0]  # row 3 is dead (norm 0)
+    v = np.array([3.0, 1.0, 5.0])
+    out, info = project_onto_features(v, w, "d", 2)
+    # |cos|: row 1 5/√35 (negative, the largest), row 0 3/√35, row 2 4/√70, row 3 0
+    assert [f.feature for f in info.features] == [1, 0]
+    assert [f.cosine for f in info.features] == pytest.approx([-5 / 35 ** 0.5, 3 / 35 ** 0.5])
+    assert out == pytest.approx([3.0, 0.0, 5.0])  # the span of rows 1 and 0 is the x-z plane
+    assert [f.coefficient for f in info.features] == pytest.approx([-5.0, 1.5])
+    assert info.explained == pytest.approx(34 / 35) and info.unprojected_norm == pytest.approx(35 ** 0.5)
+    out, info = project_onto_features(np.zeros(3), w, "d", 1)  # a zero difference stays zero
+    assert out == pytest.approx([0.0, 0.0, 0.0]) and info.explained == 0.0

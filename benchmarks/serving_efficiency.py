@@ -67,7 +67,7 @@ async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict
     eng = await SAEEngine.start(config)
     did = eng.registry.ids()[0]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8}})
+    features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8, "scope": "generated"}})
     out: dict[tuple[int, bool], float] = {}
     try:
         for n in concurrencies:

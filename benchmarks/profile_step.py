@@ -1,0 +1,117 @@
+"""Where a hooked step's time goes: a py-spy profile of the engine and its share table.
+
+``run`` drives the engine (default model and dictionary, eager mode so that Python frames of
+the model stay visible) through ``--batches`` batches of 32 concurrent requests × 64 new
+tokens with top-8 extraction at the dictionary's hook point on every request. ``shares``
+reads py-spy's collapsed stacks (``--format raw``) and prints, among the samples of the vLLM
+worker's ``execute_model``, the share of each part of the SAE step.
+
+    py-spy record --subprocesses --rate 50 --format raw -o /tmp/step.txt -- \\
+        .venv/bin/python benchmarks/profile_step.py run
+    .venv/bin/python benchmarks/profile_step.py shares /tmp/step.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# (label, (function, file)): a sample counts for the first part one of whose frames is that
+# function of that file, in this order.
+PARTS = [
+    ("the step plan (`_resolve_plan`: layout key, cached or built plan)", ("_resolve_plan", "runtime.py")),
+    ("encode (`encode_pre`)", ("encode_pre", "dictionary.py")),
+    ("top-k and the rest of `encode_features`", ("encode_features", "*")),
+    ("the rest of the extraction (gather, host copy, chunks)", ("_extract", "runtime.py")),
+    ("the rest of the hooked layer's step (`_apply_layer`)", ("_apply_layer", "runtime.py")),
+    ("idle hook points (the op's dispatch, `_step` returning nothing, the copy)", ("residual_step", "residual_op.py")),
+    ("side channel send (`FeatureSender.send`, after the forward)", ("send", "feature_sender.py")),
+]
+STEP = ("residual_step", "residual_op.py")
+WORKER = ("_execute_model", "runtime.py")
+
+
+def frames(stack: str) -> set[tuple[str, str]]:
+    """``(function, file name)`` of each frame of one collapsed py-spy stack."""
+    out = set()
+    for frame in stack.split(";"):
+        func, _, where = frame.partition(" (")
+        out.add((func.strip(), Path(where.rsplit(":", 1)[0]).name))
+    return out
+
+
+async def run(args: argparse.Namespace) -> None:
+    from vllm import SamplingParams
+
+    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+    from sae_runtime.engine.spec import SAERequestSpec
+
+    default = REPO / "sae_runtime" / "data" / "default_dictionary"
+    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(default)], max_model_len=1024, max_num_seqs=64,
+                                             enforce_eager=True))
+    try:
+        did = eng.registry.ids()[0]
+        ids = [eng.encode_text(f"Write a short paragraph about topic number {i}.") for i in range(32)]
+        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        spec = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8}})
+        for b in range(args.batches):
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
+            n = sum(o.num_generated_tokens for o in outs)
+            print(f"batch {b}: {n / (time.perf_counter() - t0):.1f} tokens/s", flush=True)
+        print("worker stats:", await eng.worker_stats(), flush=True)
+    finally:
+        eng.shutdown()
+
+
+def shares(path: Path) -> None:
+    total = step = 0
+    counts = {label: 0 for label, _ in PARTS}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        fr = frames(stack)
+        if WORKER not in fr:
+            continue
+        k = int(n)
+        total += k
+        step += k if STEP in fr else 0
+        names = {f for f, _ in fr}
+        for label, (func, file) in PARTS:
+            if (func, file) in fr or (file == "*" and func in names):
+                counts[label] += k
+                break
+    if not total:
+        raise SystemExit("no samples of the worker's execute_model (was py-spy run with --subprocesses?)")
+    print(f"{total} samples in the worker's execute_model\n")
+    print("| part | share |\n|---|---:|")
+    print(f"| the whole SAE step (the op at every hook point) | {100 * step / total:.1f}% |")
+    for label, _ in PARTS:
+        print(f"| {label} | {100 * counts[label] / total:.1f}% |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--batches", type=int, default=4)
+    s = sub.add_parser("shares")
+    s.add_argument("path", type=Path)
+    args = p.parse_args()
+    if args.cmd == "run":
+        asyncio.run(run(args))
+    else:
+        shares(args.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

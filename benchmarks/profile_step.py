@@ -10,7 +10,8 @@ worker's ``execute_model``, the share of each part of the SAE step.
         .venv/bin/python benchmarks/profile_step.py run
     .venv/bin/python benchmarks/profile_step.py shares /tmp/step.txt
 
-``plan`` times getting a step's plan with and without the cache (no engine).
+``plan`` times getting a step's plan with and without the cache, ``features`` each stage of
+the features' path for one decode step (neither starts an engine).
 """
 
 from __future__ import annotations
@@ -131,6 +132,65 @@ def plan_cost(args: argparse.Namespace) -> None:
           f"reused {reuse:.0f} µs/step ({cache.builds} build, {cache.reuses} reuses)")
 
 
+def features_path(args: argparse.Namespace) -> None:
+    """ms per decode step of each stage features go through, for 32 requests × one token and
+    top-8 features of ``--dicts`` dictionaries of the default shape, outside the engine (one
+    thread): the worker's encode and top-k and chunks, the side channel's encoding, the API
+    process's decoding and per-request tables, and the per-token objects the engine hands out."""
+    import timeit
+
+    import numpy as np
+    import torch
+
+    from sae_runtime import kernels
+    from sae_runtime.engine.engine import SAEEngine
+    from sae_runtime.engine.feature_channel import RequestFeatures
+    from sae_runtime.protocol import FeatureChunk, decode_message, encode_message
+
+    torch.set_num_threads(1)
+    n, d_in, d_sae, k = args.requests, 576, 4608, 8
+    g = torch.Generator().manual_seed(0)
+    dicts = [(f"d{i}", torch.randn(d_in, d_sae, generator=g) / 24, torch.zeros(d_sae), torch.zeros(d_in))
+             for i in range(args.dicts)]
+    x = torch.randn(n, d_in, generator=g)
+    pos = np.array([40], np.int32)
+
+    def worker() -> list:
+        chunks = []
+        for name, W_enc, b_enc, b_dec in dicts:
+            idx, vals = kernels.encode_features(x, W_enc, b_enc, b_dec, k, activation="relu")
+            idx_np, vals_np = idx.to(torch.int32).cpu().numpy(), vals.float().cpu().numpy()
+            chunks += [FeatureChunk(f"r{r}", name, pos, idx_np[r:r + 1], vals_np[r:r + 1]) for r in range(n)]
+        return chunks
+
+    chunks = worker()
+    frames = [bytes(f) for f in encode_message(chunks)]
+    names = [d[0] for d in dicts]
+
+    def api() -> None:
+        tables = {f"r{r}": RequestFeatures(dictionaries=names) for r in range(n)}
+        for c in decode_message(frames):
+            tables[c.rid].add(c)
+
+    def hand_out() -> None:
+        for r in range(n):
+            t = RequestFeatures(dictionaries=names)
+            for c in chunks[r::n]:
+                t.add(c)
+            SAEEngine._take(t, range(40, 41), [0] * 20, [0] * 21, 20)
+
+    def ms(fn) -> float:
+        return min(timeit.repeat(fn, number=50, repeat=3)) / 50 * 1e3
+
+    encode_only = ms(lambda: [kernels.encode_features(x, W, b, bd, k, activation="relu") for _, W, b, bd in dicts])
+    print(f"{n} requests × 1 token, top-{k} of {args.dicts} dictionar{'y' if args.dicts == 1 else 'ies'} "
+          f"({len(chunks)} chunks per step), ms per step, one thread:")
+    print(f"  worker: encode + top-k {encode_only:.2f}; with host copy and chunks {ms(worker):.2f}")
+    print(f"  side channel: encode_message {ms(lambda: encode_message(chunks)):.2f}")
+    print(f"  API process: decode_message + per-request tables {ms(api):.2f}; "
+          f"per-token objects handed out {ms(hand_out):.2f} (includes building the tables again)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -140,11 +200,16 @@ def main() -> int:
     s.add_argument("path", type=Path)
     c = sub.add_parser("plan")
     c.add_argument("--requests", type=int, default=32)
+    f = sub.add_parser("features")
+    f.add_argument("--requests", type=int, default=32)
+    f.add_argument("--dicts", type=int, default=1)
     args = p.parse_args()
     if args.cmd == "run":
         asyncio.run(run(args))
     elif args.cmd == "plan":
         plan_cost(args)
+    elif args.cmd == "features":
+        features_path(args)
     else:
         shares(args.path)
     return 0

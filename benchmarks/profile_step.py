@@ -48,7 +48,8 @@ def frames(stack: str) -> set[tuple[str, str]]:
     out = set()
     for frame in stack.split(";"):
         func, _, where = frame.partition(" (")
-        out.add((func.strip(), Path(where.rsplit(":", 1)[0]).name))
+        # py-spy names methods Class.method (and closures outer.<locals>.inner): keep the last part
+        out.add((func.strip().rsplit(".", 1)[-1], Path(where.rsplit(":", 1)[0]).name))
     return out
 
 

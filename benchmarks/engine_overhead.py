@@ -6,8 +6,11 @@ For each mode (vLLM compiled, the default, and eager), the same 32 concurrent re
 1. plain vLLM (AsyncLLM, no worker extension, no SAE op in the layers);
 2. the SAE engine with no spec on any request (op in every layer, idle);
 3. top-8 feature extraction at one hook point on every request;
-4. steering (a clamp and an add) on half of the requests;
-5. extraction on all and steering on half.
+4. top-64 extraction at that hook point on every request;
+5. top-8 extraction at four hook points (the default dictionary's and three more of its
+   shape at layers 4, 20 and 28) on every request;
+6. steering (a clamp and an add) on half of the requests;
+7. extraction on all and steering on half.
 
 Each configuration runs ``--repeats`` times after a warm-up; tokens/s is the median. The
 ratios are to plain vLLM in the same mode and to plain compiled vLLM.
@@ -36,6 +39,11 @@ PROMPTS = [
         ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"] * 4
     )
 ]
+
+
+EXTRA_LAYERS = (4, 20, 28)
+"""Layers of the extra dictionaries (random, the default dictionary's shape) for extraction at
+several hook points."""
 
 
 def dictionary_dir(tmp: Path) -> Path:
@@ -91,23 +99,33 @@ async def bench_plain(args, eager: bool) -> float:
     return statistics.median(rates)
 
 
-async def bench_sae(args, dict_dir: Path, eager: bool) -> dict[str, float]:
+async def bench_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, float]:
     from vllm import SamplingParams
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
     from sae_runtime.engine.spec import SAERequestSpec
+    from tests.dictionary_factory import make_dictionary
 
-    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir)], max_model_len=1024, max_num_seqs=64,
+    extra = [make_dictionary(tmp / f"extra_{L}", layer=L, d_sae=4608, architecture="topk", k=64, seed=L)
+             for L in EXTRA_LAYERS]
+    did = "main"
+    extra_ids = [f"layers.{L}" for L in EXTRA_LAYERS]
+    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir), *map(str, extra)],
+                                             dictionary_ids=[did, *extra_ids], max_model_len=1024, max_num_seqs=64,
                                              enforce_eager=eager))
-    did = eng.registry.ids()[0]
     ids = [eng.encode_text(p) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     extract = {"dictionaries": [did], "top_k": 8}
+    extract64 = {"dictionaries": [did], "top_k": 64}
+    extract4 = {"dictionaries": [did, *extra_ids], "top_k": 8}
     steer = {"edits": [{"dictionary": did, "feature": 10, "mode": "clamp", "value": 5.0},
                        {"dictionary": did, "feature": 20, "mode": "add", "value": 3.0}]}
     configs = {
         "hooks idle (no spec)": lambda i: None,
         "extract top-8, all requests": lambda i: SAERequestSpec.model_validate({"features": extract}),
+        "extract top-64, all requests": lambda i: SAERequestSpec.model_validate({"features": extract64}),
+        "extract top-8 at 4 hook points, all requests": lambda i: SAERequestSpec.model_validate(
+            {"features": extract4}),
         "steer half the requests": lambda i: SAERequestSpec.model_validate({"steering": steer}) if i % 2 else None,
         "extract all + steer half": lambda i: SAERequestSpec.model_validate(
             {"features": extract, **({"steering": steer} if i % 2 else {})}),
@@ -140,7 +158,7 @@ def main() -> int:
             eager = mode == "eager"
             rows.append((mode, "plain vLLM", asyncio.run(bench_plain(args, eager))))
             print(f"# measured: {rows[-1]}", flush=True)  # partial results survive a kill
-            for name, rate in asyncio.run(bench_sae(args, dict_dir, eager)).items():
+            for name, rate in asyncio.run(bench_sae(args, dict_dir, Path(tmp), eager)).items():
                 rows.append((mode, name, rate))
                 print(f"# measured: {rows[-1]}", flush=True)
     plain = {mode: rate for mode, name, rate in rows if name == "plain vLLM"}

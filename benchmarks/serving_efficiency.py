@@ -11,7 +11,11 @@ go through:
    each chunk when asked for), every token read.
 
 tokens/s is generated tokens over wall time for the whole batch; median of ``--repeats``
-after a warm-up. The ratio server/engine is what the deployment costs. ``--bind`` runs the
+after a warm-up. Where the time goes: over the timed batches of each configuration, the CPU
+seconds of every process (this one, and every process under it or under ``sae-serve``:
+Ray's proxy, controller and replica, vLLM's engine core and worker, Ray's own daemons) per
+wall second, grouped by role; two cores give at most 2.0. The ratio server/engine is what
+the deployment costs. ``--bind`` runs the
 whole comparison once per CPU thread binding (``VLLM_CPU_OMP_THREADS_BIND``; ``default`` =
 what sae-serve does with no setting), since the binding decides how the engine shares the
 cores with the API process, Ray's proxy and vLLM's engine core.
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,6 +46,72 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 from load import free_port, start_server, stop_server  # noqa: E402  (benchmarks/load.py)
 
 TOPICS = ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"]
+
+
+ROLES = [  # (role, substring of the process's command line), first match wins
+    ("vLLM worker", "VLLM::Worker"),
+    ("vLLM engine core", "VLLM::EngineCore"),
+    ("Serve replica (API + engine client)", "ServeReplica"),
+    ("Serve proxy (HTTP/gRPC)", "ProxyActor"),
+    ("Serve controller", "ServeController"),
+    ("Ray daemons (GCS, raylet, agents...)", "ray"),
+    ("sae-serve driver", "sae-serve"),
+]
+CPU_USAGE: dict[tuple[str, int, bool], dict[str, float]] = {}
+"""(side, streams, features) -> role -> CPU seconds per wall second over the timed batches."""
+
+
+def _role(p: psutil.Process) -> str:
+    try:
+        cmd = " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return "other"
+    for role, marker in ROLES:
+        if marker in cmd:
+            return role
+    return "this process (client)" if p.pid == os.getpid() else "other"
+
+
+def cpu_times(root_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (role, user + system CPU seconds) for ``root_pid`` and every process under it."""
+    out = {}
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_role(p), t.user + t.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def usage(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float) -> dict[str, float]:
+    """CPU seconds per wall second of each role between two :func:`cpu_times` snapshots."""
+    out: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        out[role] = out.get(role, 0.0) + (t - before.get(pid, (role, 0.0))[1]) / wall
+    return out
+
+
+async def timed(batch, repeats: int, key: tuple[str, int, bool], roots: list[int]) -> float:
+    """Median tokens/s of ``repeats`` runs of ``batch`` (after one warm-up), recording the
+    CPU use of every process under ``roots`` over the timed runs in ``CPU_USAGE[key]``."""
+    await batch()
+
+    def snap() -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        for r in roots:
+            out.update(cpu_times(r))
+        return out
+
+    before, t0 = snap(), time.perf_counter()
+    rates = [await batch() for _ in range(repeats)]
+    CPU_USAGE[key] = usage(before, snap(), time.perf_counter() - t0)
+    return statistics.median(rates)
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -67,7 +138,7 @@ async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict
     eng = await SAEEngine.start(config)
     did = eng.registry.ids()[0]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8}})
+    features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8, "scope": "generated"}})
     out: dict[tuple[int, bool], float] = {}
     try:
         for n in concurrencies:
@@ -82,8 +153,8 @@ async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict
                     assert total == len(ids) * args.tokens, total
                     return total / (time.perf_counter() - t0)
 
-                await batch()
-                out[(n, with_features)] = statistics.median([await batch() for _ in range(args.repeats)])
+                out[(n, with_features)] = await timed(batch, args.repeats, ("engine", n, with_features),
+                                                      [os.getpid()])
                 print(f"  engine  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
                       flush=True)
     finally:
@@ -93,7 +164,7 @@ async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict
 
 async def stream_chat(client: httpx.AsyncClient, base: str, i: int, args, did: str | None) -> int:
     """Generated tokens of one streamed chat completion, every chunk read (and, with
-    features, a check that each generated token came with its features)."""
+    features, a check that each generated token the model read came with its features)."""
     body: dict = {"model": args.model_name, "messages": messages(i), "max_tokens": args.tokens,
                   "temperature": 0.0, "ignore_eos": True, "stream": True,
                   "stream_options": {"include_usage": True}}
@@ -111,7 +182,8 @@ async def stream_chat(client: httpx.AsyncClient, base: str, i: int, args, did: s
                 with_features += len(choice.get("features") or [])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-                if did is not None and with_features != tokens:
+                # every generated token but the last, which the model never reads (README)
+                if did is not None and with_features != tokens - 1:
                     raise RuntimeError(f"{tokens} tokens but {with_features} with features")
                 return tokens
     raise RuntimeError("stream ended without usage")
@@ -124,7 +196,7 @@ async def server_rates(
     base = f"http://127.0.0.1:{http_port}"
     extra = ["--cpu-threads-bind", bind] if bind else []
     if args.eager:
-        extra.append("--enforce-eager")
+        extra.append("--eager")
     server_args = argparse.Namespace(
         dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
     )
@@ -133,6 +205,7 @@ async def server_rates(
     try:
         dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
         did = dicts[0]["id"]
+        args.model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         limits = httpx.Limits(max_connections=max(concurrencies) + 4)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
             for n in concurrencies:
@@ -146,8 +219,8 @@ async def server_rates(
                         assert total == n * args.tokens, (total, n * args.tokens)
                         return total / (time.perf_counter() - t0)
 
-                    await batch()
-                    out[(n, with_features)] = statistics.median([await batch() for _ in range(args.repeats)])
+                    out[(n, with_features)] = await timed(batch, args.repeats, ("server", n, with_features),
+                                                          [os.getpid(), proc.pid])
                     print(
                         f"  server  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
                         flush=True,
@@ -169,7 +242,6 @@ def main() -> int:
     )
     p.add_argument("--eager", action="store_true", help="both sides in vLLM's eager mode (starts faster)")
     p.add_argument("--start-timeout", type=float, default=900.0)
-    p.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="model name the server serves")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binds = [None if b == "default" else b for b in args.bind.split(",")]
@@ -191,6 +263,16 @@ def main() -> int:
     print("|---|---:|---|---:|---:|---:|")
     for label, n, feats, e, s in rows:
         print(f"| {label} | {n} | {'top-8' if feats else 'none'} | {e:.1f} | {s:.1f} | {s / e:.2f} |")
+    roles = [r for r, _ in ROLES] + ["this process (client)", "other"]
+    print("\nCPU seconds per wall second over the timed batches (last binding run), by process role:\n")
+    keys = sorted(CPU_USAGE)
+    print("| role | " + " | ".join(f"{side} n={n} {'top-8' if f else 'none'}" for side, n, f in keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for role in roles:
+        vals = [CPU_USAGE[k].get(role, 0.0) for k in keys]
+        if any(v >= 0.005 for v in vals):
+            print(f"| {role} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    print("| total | " + " | ".join(f"{sum(CPU_USAGE[k].values()):.2f}" for k in keys) + " |")
     return 0
 
 

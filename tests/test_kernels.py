@@ -592,3 +592,19 @@ def test_gpu_steering_edit(monkeypatch, dtype, act):
         torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
         assert torch.equal(_bits(out[slots < 0]), _bits(x0[slots < 0]))
         assert K.steering_edit(x, slots, feats, m, vals, activation=act, inplace=True, **kw) is x
+
+
+def test_relu_activation_is_the_masked_definition_bit_for_bit():
+    """The fast ReLU of the CPU epilogue equals ``where(x > 0, x, 0)`` bit for bit: NaN,
+    -0.0, negatives and -inf give +0.0, +inf and subnormals stay; ``pre`` is not modified."""
+    from sae_runtime.kernels import reference
+
+    edge = torch.tensor([float("nan"), -0.0, 0.0, -1.0, 2.0, float("inf"), float("-inf"), 1e-45, -1e-45])
+    pre = torch.cat([edge, torch.randn(4608 - edge.numel(), generator=torch.Generator().manual_seed(0))])[None]
+    kept = pre.clone()
+    for b_enc in (None, torch.randn(4608, generator=torch.Generator().manual_seed(1))):
+        x = pre if b_enc is None else pre + b_enc
+        want = torch.where(x > 0, x, torch.zeros(()))
+        got = reference.activation_fp32(pre, reference.ACT_RELU, b_enc)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(pre.view(torch.int32), kept.view(torch.int32))

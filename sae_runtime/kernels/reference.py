@@ -67,7 +67,9 @@ def activation_fp32(
         # (+ 0.0 turns a -0.0 that passes a negative threshold into +0.0, as the keys do)
         thr = _required(threshold, "threshold (activation jumprelu)")
         return torch.where(x > thr.float(), x, torch.zeros((), dtype=x.dtype, device=x.device)).add_(0.0)
-    return torch.where(x > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # where(x > 0, x, 0) bit for bit (NaN and -0.0 give +0.0), without a bool mask: on this
+    # CPU the masked select over [32, 4608] took 0.6 ms, relu and two in-place passes 0.03 ms.
+    return torch.relu(x).nan_to_num_(nan=0.0, posinf=float("inf")).add_(0.0)  # relu: a new tensor
 
 
 def pack_keys(acts: torch.Tensor) -> torch.Tensor:

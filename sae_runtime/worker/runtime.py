@@ -33,10 +33,10 @@ from sae_runtime.worker.feature_sender import FeatureSender
 from sae_runtime.worker.step_plan import (
     EditBatch,
     ExtractJob,
+    PlanCache,
     RequestState,
     StepPlan,
     StreamJob,
-    build_step_plan,
     parse_request,
 )
 
@@ -56,6 +56,7 @@ class SAEWorkerRuntime:
         self.requests: dict[str, RequestState | None] = {}
         self.steps = 0
         self._plan: StepPlan | None = None
+        self._plans = PlanCache()  # the last step's plan, reused while the batch layout holds
         self._fired: dict[int, torch.Tensor] = {}  # this step's evaluated conditions: id -> [tokens] bool
         self._chunks: list[Chunk] = []
         self._restore_execute: Callable[[], None] | None = None
@@ -80,6 +81,8 @@ class SAEWorkerRuntime:
             "tracked_requests": len(self.requests),
             "requests_with_spec": sum(1 for s in self.requests.values() if s is not None),
             "steps": self.steps,
+            "plans_built": self._plans.builds,
+            "plans_reused": self._plans.reuses,
             "dictionaries": sorted(self.dictionaries),
             # feature messages dropped because the side channel stayed full (see FeatureSender)
             "feature_messages_dropped": getattr(self.sender, "dropped_messages", 0),
@@ -88,7 +91,10 @@ class SAEWorkerRuntime:
     # -- per step -----------------------------------------------------------------------
 
     def _execute_model(self, orig_execute: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        for req_id in vllm_surface.finished_request_ids(scheduler_output):
+        finished = vllm_surface.finished_request_ids(scheduler_output)
+        if finished:
+            self._plans.clear()  # an ended request's id must not match a cached layout
+        for req_id in finished:
             self.requests.pop(req_id, None)
         self.steps += 1
         # The runner lays the batch out inside execute_model, so the plan is resolved at
@@ -122,7 +128,8 @@ class SAEWorkerRuntime:
         return state
 
     def _resolve_plan(self) -> StepPlan | None:
-        """Build the step plan from the runner's prepared batch (first hook of a step)."""
+        """The step plan for the runner's prepared batch (first hook of a step): the last
+        step's when the batch's layout is the same, else a new one."""
         req_ids, qsl = vllm_surface.batch_layout(self.runner)
         num_reqs = len(req_ids)
         items = []
@@ -139,7 +146,7 @@ class SAEWorkerRuntime:
                 items.append((state, start, positions[start:end]))
         if not items:
             return None
-        return build_step_plan(items, self.dict_layers, self.device)
+        return self._plans.get(items, self.dict_layers, self.device)
 
     # -- hooks --------------------------------------------------------------------------
 

@@ -5,9 +5,13 @@ vLLM flattens every scheduled token of every running request into one batch per 
 (prefill chunks and decode tokens mixed). The model runner has already laid the step out
 when the first hook runs (read through ``sae_runtime.vllm_surface.batch_layout`` and
 ``batch_positions``): the request of each row, the row boundaries in the token batch, each
-token's position in its request. From those and each request's parsed spec this module builds,
-once per step, everything the hooks need as ready tensors, so the hooks themselves only
-index and call kernels.
+token's position in its request. From those and each request's parsed spec this module builds
+everything the hooks need as ready tensors, so the hooks themselves only index and call kernels.
+
+The plan depends on the batch's requests, their rows and which of those rows are prompt
+tokens, not on the positions themselves (they only label the rows sent back). In decoding
+that layout stays the same step after step, so :class:`PlanCache` keeps the last plan and
+reuses it while the layout does not change, refreshing only the positions it reports.
 """
 
 from __future__ import annotations
@@ -178,6 +182,61 @@ class LayerPlan:
 @dataclass
 class StepPlan:
     layers: dict[int, LayerPlan]
+    positioned: list[tuple[ExtractJob | StreamJob, int, np.ndarray]] = field(default_factory=list)
+    """Every job that reports positions, with the index of its request in the step's items
+    and the indices of its rows among that request's rows: a reused plan takes this step's
+    positions from there (:meth:`refresh_positions`)."""
+
+    def refresh_positions(self, rows_of_requests: list[tuple[RequestState, int, np.ndarray]]) -> None:
+        for job, item, local in self.positioned:
+            job.positions = rows_of_requests[item][2][local].astype(np.int32)
+
+
+RowLayout = tuple[tuple[str, int, int, "bool | bytes"], ...]
+"""What a step's plan is built from besides the specs: for each request with a spec, its id,
+first row, number of rows and which of them are prompt tokens."""
+
+
+def row_layout(rows_of_requests: list[tuple[RequestState, int, np.ndarray]]) -> RowLayout:
+    """The key of :class:`PlanCache`: ``(rid, start, n, prompt rows)`` for each request,
+    the prompt rows as one bool for a single row (a decode step), else the mask's bytes."""
+    key = []
+    for state, start, positions in rows_of_requests:
+        n = positions.shape[0]
+        prompt: bool | bytes = (bool(positions[0] < state.prompt_len) if n == 1
+                                else (positions < state.prompt_len).tobytes())
+        key.append((state.rid, start, n, prompt))
+    return tuple(key)
+
+
+class PlanCache:
+    """The last step's plan, reused while the batch's layout (:func:`row_layout`) stays the same.
+
+    A request's spec never changes while it runs, so the layout and the request ids fix the
+    plan; :meth:`clear` must be called when a request ends (its id could come back with
+    another spec)."""
+
+    def __init__(self) -> None:
+        self._key: RowLayout | None = None
+        self._plan: StepPlan | None = None
+        self.builds = 0
+        self.reuses = 0
+
+    def clear(self) -> None:
+        self._key, self._plan = None, None
+
+    def get(self, rows_of_requests: list[tuple[RequestState, int, np.ndarray]], dict_layers: dict[str, int],
+            device: torch.device) -> StepPlan | None:
+        key = row_layout(rows_of_requests)
+        if key == self._key:
+            self.reuses += 1
+            if self._plan is not None:
+                self._plan.refresh_positions(rows_of_requests)
+            return self._plan
+        self.builds += 1
+        self._plan = build_step_plan(rows_of_requests, dict_layers, device)
+        self._key = key
+        return self._plan
 
 
 def _pack_slots(slots: list[ScopedEdits], cond_maps: list[torch.Tensor]
@@ -217,8 +276,9 @@ def build_step_plan(
     edit_acc: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[ScopedEdits], list[torch.Tensor]]] = {}
     n_conditions = 0
     vec_acc: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    positioned: list[tuple[ExtractJob | StreamJob, int, np.ndarray]] = []
 
-    for state, start, positions in rows_of_requests:
+    for item, (state, start, positions) in enumerate(rows_of_requests):
         n = positions.shape[0]
         rows = torch.arange(start, start + n, dtype=torch.int64)
         is_prompt = torch.from_numpy(positions < state.prompt_len)
@@ -257,31 +317,37 @@ def build_step_plan(
             mask = torch.ones(n, dtype=torch.bool) if scope == "all" else kinds[scope]
             if bool(mask.any()):
                 sel_rows = rows[mask]
-                sel_pos = positions[mask.numpy()]
+                local = np.flatnonzero(mask.numpy())
+                sel_pos = positions[local]
                 for name in state.feature_dicts:
-                    layer(dict_layers[name]).extract.setdefault(name, []).append(
-                        ExtractJob(state.rid, sel_rows.to(device), sel_pos.astype(np.int32), state.top_k,
-                                   None if state.feature_ids is None else state.feature_ids.to(device))
-                    )
+                    job = ExtractJob(state.rid, sel_rows.to(device), sel_pos.astype(np.int32), state.top_k,
+                                     None if state.feature_ids is None else state.feature_ids.to(device))
+                    layer(dict_layers[name]).extract.setdefault(name, []).append(job)
+                    positioned.append((job, item, local))
 
         if state.watch:
             # Generated tokens only (stop_when fires on a generated token), after the edits.
             is_gen = positions >= state.prompt_len
             if is_gen.any():
                 sel_rows = rows[torch.from_numpy(is_gen)].to(device)
-                sel_pos = positions[is_gen].astype(np.int32)
+                local = np.flatnonzero(is_gen)
+                sel_pos = positions[local].astype(np.int32)
                 for name, ids in state.watch.items():
-                    layer(dict_layers[name]).extract.setdefault(name, []).append(
-                        ExtractJob(state.rid, sel_rows, sel_pos, None, ids.to(device), watch=True))
+                    job = ExtractJob(state.rid, sel_rows, sel_pos, None, ids.to(device), watch=True)
+                    layer(dict_layers[name]).extract.setdefault(name, []).append(job)
+                    positioned.append((job, item, local))
 
         if state.streams:
             # Prompt tokens only (a harvest is a prefill); each is copied where it is computed.
             is_prompt_np = positions < state.prompt_len
             if is_prompt_np.any():
                 sel_rows = rows[torch.from_numpy(is_prompt_np)].to(device)
-                sel_pos = positions[is_prompt_np].astype(np.int32)
+                local = np.flatnonzero(is_prompt_np)
+                sel_pos = positions[local].astype(np.int32)
                 for L in state.streams:
-                    layer(L).streams.append(StreamJob(state.rid, sel_rows, sel_pos))
+                    stream_job = StreamJob(state.rid, sel_rows, sel_pos)
+                    layer(L).streams.append(stream_job)
+                    positioned.append((stream_job, item, local))
 
     for name, (rows_l, slot_l, slots, cmaps) in edit_acc.items():
         if not rows_l:
@@ -301,4 +367,4 @@ def build_step_plan(
         if rows_l:
             layer(L).vectors = VectorBatch(rows=torch.cat(rows_l).to(device), vectors=torch.cat(vecs_l).to(device))
 
-    return StepPlan(layers) if layers else None
+    return StepPlan(layers, positioned) if layers else None

@@ -324,7 +324,9 @@ def steering_edit(
     component along ``d_i``, adds ``v d_i``). All edits of a slot add up (a repeated feature contributes
     each time). ``a_i``: relu ``relu(pre_i)``; jumprelu ``pre_i if pre_i > threshold_i``;
     topk ``relu(pre_i) if pre_i >= token_kth[n]`` (the token's k-th largest activation,
-    from a full encode, e.g. ``encode_topk(...)[1][:, k - 1]``; required when a topk
+    from a full encode, e.g. ``encode_topk(...)[1][:, k - 1]``, or any threshold between
+    it and the (k+1)-th: the worker passes the midpoint, so that the k-th feature's own
+    pre-activation, recomputed here with other rounding, stays in; required when a topk
     dictionary has any non-ADD edit). Accumulates in float32, writes x's dtype.
     Returns the edited tensor: ``x`` itself when ``inplace`` else a new tensor.
     """

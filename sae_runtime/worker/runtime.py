@@ -211,8 +211,16 @@ class SAEWorkerRuntime:
         if d.activation == "topk" and batch.needs_activation:
             if d.k is None:  # a top-k dictionary always has k (checked when it loads)
                 raise RuntimeError("top-k dictionary without k")
+            # The edit recomputes its feature's pre-activation with another GEMM, whose
+            # rounding differs from this one's: compared with the k-th value itself, the
+            # k-th feature could miss its own top-k by 1 ulp. Halfway to the (k+1)-th, the
+            # decision moves only where the gap itself is within rounding.
             pre = d.encode_pre(xd)
-            token_kth = torch.topk(pre, d.k, dim=-1).values[:, -1].contiguous()
+            top = torch.topk(pre, min(d.k + 1, pre.shape[-1]), dim=-1).values
+            token_kth = top[:, d.k - 1]
+            if top.shape[-1] > d.k:
+                token_kth = (token_kth + top[:, d.k]) / 2
+            token_kth = token_kth.contiguous()
         edited = kernels.steering_edit(
             xd,
             batch.token_slot,

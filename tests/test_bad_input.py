@@ -199,6 +199,8 @@ HTTP_CASES = [
     ("feature-route-path-id", "GET", "/v1/dictionaries/..%2F..%2Fetc%2Fpasswd/features/1", None, None, 404,
      "dictionary"),
     ("feature-route-top-n-zero", "GET", f"/v1/dictionaries/{D}/features/1?top_n=0", None, None, 400, "top_n"),
+    ("summary-unknown-dictionary", "GET", "/v1/dictionaries/nope/summary", None, None, 404, "dictionary"),
+    ("summary-path-id", "GET", "/v1/dictionaries/..%2F..%2Fetc%2Fpasswd/summary", None, None, 404, "dictionary"),
     # the response budget: tokens × values × dictionaries × choices, refused before generation
     ("budget-n-compare", "POST", "/v1/chat/completions",
      chat(max_tokens=64, n=8, compare=True, steering={"edits": [edit()]},

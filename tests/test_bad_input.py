@@ -586,6 +586,8 @@ def grpc_cases() -> list[tuple]:
          C.INVALID_ARGUMENT, "limit"),
         ("search-unknown-dictionary", "SearchFeatures", pb.SearchFeaturesRequest(dictionary="nope", q="the"),
          C.NOT_FOUND, "dictionary"),
+        ("summary-unknown-dictionary", "GetDictionarySummary", pb.GetDictionarySummaryRequest(dictionary="nope"),
+         C.NOT_FOUND, "dictionary"),
         ("example-no-texts", "SearchByExample", pb.SearchByExampleRequest(dictionary=D), C.INVALID_ARGUMENT, "texts"),
         ("example-empty-text", "SearchByExample", pb.SearchByExampleRequest(dictionary=D, texts=[""]),
          C.INVALID_ARGUMENT, "texts[0]"),

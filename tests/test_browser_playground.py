@@ -142,6 +142,23 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     assert "view=text" in tab.page.url and "Paris" in tab.page.url  # the text is in the link
     tab.shot("text")
 
+    # "show dense features": the same text without leaving dense features out
+    assert tab.page.get_attribute("#heatmap", "data-dense") == "0"
+    tab.page.check("#show-dense")
+    tab.page.wait_for_selector("#heatmap[data-dense='1'] .tok")
+    assert "dense=1" in tab.page.url
+    del body["features"]["exclude_dense_above"]
+    with_dense = _api(live_server, "POST", "/v1/features/extract", body)["tokens"]
+    tab.page.click("#heatmap .tok[data-index='1']")
+    links = tab.page.eval_on_selector_all("#token-detail a.feature", "els => els.map(e => +e.dataset.feature)")
+    d = with_dense[1]["features"][0]
+    assert links == [f for f, v in sorted(zip(d["indices"], d["values"], strict=True), key=lambda fv: -fv[1])
+                     if v > 0][:10]
+    # the test dictionary has dense features: the token lists differ somewhere
+    assert any(a["features"][0]["indices"] != b["features"][0]["indices"] for a, b in zip(expected, with_dense))
+    tab.page.uncheck("#show-dense")
+    tab.page.wait_for_selector("#heatmap[data-dense='0'] .tok")
+
     pos = next(i for i, t in enumerate(expected) if t["token"].strip() == "Paris")
     tab.page.click(f"#heatmap .tok[data-index='{pos}']")
     links = tab.page.eval_on_selector_all("#token-detail a.feature", "els => els.map(e => +e.dataset.feature)")
@@ -163,7 +180,8 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     # the peak token of the strongest example is shaded the most
     first = tab.page.locator("#card-examples .example").first
     shades = first.locator(".tok").evaluate_all("els => els.map(e => e.style.backgroundColor)")
-    alphas = [float(m.group(1)) if (m := re.search(r"rgba?\([^)]*?,\s*([\d.]+)\)$", s)) else (1.0 if s else 0.0)
+    # "rgba(r, g, b, a)", or "rgb(r, g, b)" when a = 1, or "" when not shaded
+    alphas = [float(m.group(1)) if (m := re.fullmatch(r"rgba\(\d+, \d+, \d+, ([\d.]+)\)", s)) else (1.0 if s else 0.0)
               for s in shades]
     assert alphas.index(max(alphas)) == card["examples"][0]["peak"]
     tab.shot("feature")

@@ -100,6 +100,7 @@ export function createTextView(root, ctx) {
     try {
       const resp = await api.extract(body, controller.signal);
       const tokens = resp.tokens.map((t) => heatToken(t, ctx, feature));
+      heat.dataset.dense = dense.checked ? "1" : "0";
       clear(heat).append(
         tokenStrip(tokens, { onClick: (t) => showDetail(t) }),
         h("p", { class: "muted" }, `${tokens.length} tokens · max ${fmt(Math.max(0, ...tokens.map((t) => t.value)))}`),

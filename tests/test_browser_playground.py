@@ -155,7 +155,8 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     assert links == [f for f, v in sorted(zip(d["indices"], d["values"], strict=True), key=lambda fv: -fv[1])
                      if v > 0][:10]
     # the test dictionary has dense features: the token lists differ somewhere
-    assert any(a["features"][0]["indices"] != b["features"][0]["indices"] for a, b in zip(expected, with_dense))
+    assert any(a["features"][0]["indices"] != b["features"][0]["indices"]
+               for a, b in zip(expected, with_dense, strict=True))
     tab.page.uncheck("#show-dense")
     tab.page.wait_for_selector("#heatmap[data-dense='0'] .tok")
 

@@ -85,3 +85,39 @@ def test_training_log_read_skips_bad_lines_and_thins_long_logs(tmp_path: Path):
         "".join(json.dumps({**point, "step": s}) + "\n" for s in range(1, n + 1)))
     steps = [p.step for p in read_training_log(tmp_path)]
     assert len(steps) == MAX_LOG_POINTS and steps[0] == 1 and steps[-1] == n and steps == sorted(steps)
+
+
+def test_compare_streams_the_unsteered_copy_marked_in_the_same_stream():
+    """What the steer view reads: one SSE stream with both completions, the unsteered one's
+    chunks marked ``unsteered: true`` (a stand-in engine answers by whether it is steered)."""
+    from server.http_api import build_http_app
+    from server.service import SAEService
+    from tests.test_hardening import FakeEngine
+
+    class TwoWayEngine(FakeEngine):
+        async def generate(self, prompt_ids, params, spec=None, request_id=None):
+            from sae_runtime.engine.outputs import GenerationChunk
+
+            word = "steered" if spec is not None and spec.steering is not None else "plain"
+            for i, piece in enumerate((word, " end")):
+                yield GenerationChunk(request_id="r", token_ids=[i + 1], text=piece, num_generated_tokens=i + 1,
+                                      finished=i == 1, finish_reason="length" if i == 1 else None)
+
+    service = SAEService(TwoWayEngine())  # type: ignore[arg-type]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True, "compare": True,
+            "steering": {"stop_when": [{"dictionary": "d0", "feature": 1, "above": 0.5}]}}
+    with TestClient(build_http_app(service, 1_000_000)) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as s:
+            assert s.status_code == 200
+            lines = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+        texts: dict[bool, str] = {False: "", True: ""}
+        for chunk in lines:
+            for choice in chunk["choices"]:
+                assert choice["index"] == 0
+                texts[choice.get("unsteered", False)] += choice["delta"].get("content") or ""
+        assert texts == {False: "steered end", True: "plain end"}
+        # without compare nothing is marked
+        del body["compare"]
+        with http.stream("POST", "/v1/chat/completions", json=body) as s:
+            plain = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ") and x != "data: [DONE]"]
+        assert all("unsteered" not in c for chunk in plain for c in chunk["choices"])

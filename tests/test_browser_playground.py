@@ -123,18 +123,40 @@ def test_page_loads_without_console_errors(tab, live_server):
         tab.requests
 
 
+def _exchange(tab: Tab, path: str, action: Any) -> tuple[dict, Any]:
+    """Run ``action`` (a click...) and return the body the page sent to ``path`` and the answer."""
+    with tab.page.expect_response(lambda r: path in r.url and r.request.method == "POST") as info:
+        action()
+    resp = info.value
+    assert resp.status == 200, resp.text()
+    sent = json.loads(resp.request.post_data or "{}")
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):  # the SSE chunks, as a list
+        lines = [x[6:] for x in resp.text().splitlines() if x.startswith("data: ") and x != "data: [DONE]"]
+        return sent, [json.loads(x) for x in lines]  # type: ignore[return-value]
+    return sent, resp.json()
+
+
+def _links(tab: Tab, where: str) -> list[int]:
+    return tab.page.eval_on_selector_all(f"{where} a.feature", "els => els.map(e => +e.dataset.feature)")
+
+
+def _strongest(d: dict, n: int = 10) -> list[int]:
+    """Feature ids of one token's features that fire, strongest first."""
+    return [f for f, v in sorted(zip(d["indices"], d["values"], strict=True), key=lambda fv: -fv[1]) if v > 0][:n]
+
+
 def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     tab.goto("#view=text")
     _wait_ready(tab)
     tab.page.fill("#text-input", TEXT)
-    tab.page.click("#text-run")
+    sent, answer = _exchange(tab, "/v1/features/extract", lambda: tab.page.click("#text-run"))
+    # normalised units, labels, dense features left out
+    assert sent == {"text": TEXT, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 8, "scope": "all",
+                                               "normalize": "max", "labels": True, "exclude_dense_above": 0.1}}
     tab.page.wait_for_selector("#heatmap .tok")
-    # the same request through the API: the page shows exactly its tokens and features
-    body = {"text": TEXT, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 8, "normalize": "max",
-                                       "labels": True, "exclude_dense_above": 0.1}}
-    expected = _api(live_server, "POST", "/v1/features/extract", body)["tokens"]
+    expected = answer["tokens"]
     texts = tab.page.eval_on_selector_all("#heatmap .tok", "els => els.map(e => e.textContent)")
-    assert len(texts) == len(expected)
+    assert [t.replace("↵", "") for t in texts] == [t["token"] for t in expected]
     shading = _shading(tab, "#heatmap .tok")
     fires = [any(v > 0 for v in t["features"][0]["values"]) for t in expected]
     assert [bool(s) for s in shading] == fires  # shaded exactly where a (non-dense) feature fires
@@ -144,29 +166,22 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
 
     # "show dense features": the same text without leaving dense features out
     assert tab.page.get_attribute("#heatmap", "data-dense") == "0"
-    tab.page.check("#show-dense")
+    sent, with_dense = _exchange(tab, "/v1/features/extract", lambda: tab.page.check("#show-dense"))
+    assert "exclude_dense_above" not in sent["features"]
     tab.page.wait_for_selector("#heatmap[data-dense='1'] .tok")
     assert "dense=1" in tab.page.url
-    del body["features"]["exclude_dense_above"]
-    with_dense = _api(live_server, "POST", "/v1/features/extract", body)["tokens"]
     tab.page.click("#heatmap .tok[data-index='1']")
-    links = tab.page.eval_on_selector_all("#token-detail a.feature", "els => els.map(e => +e.dataset.feature)")
-    d = with_dense[1]["features"][0]
-    assert links == [f for f, v in sorted(zip(d["indices"], d["values"], strict=True), key=lambda fv: -fv[1])
-                     if v > 0][:10]
+    assert _links(tab, "#token-detail") == _strongest(with_dense["tokens"][1]["features"][0])
     # the test dictionary has dense features: the token lists differ somewhere
     assert any(a["features"][0]["indices"] != b["features"][0]["indices"]
-               for a, b in zip(expected, with_dense, strict=True))
+               for a, b in zip(expected, with_dense["tokens"], strict=True))
     tab.page.uncheck("#show-dense")
     tab.page.wait_for_selector("#heatmap[data-dense='0'] .tok")
 
     pos = next(i for i, t in enumerate(expected) if t["token"].strip() == "Paris")
     tab.page.click(f"#heatmap .tok[data-index='{pos}']")
-    links = tab.page.eval_on_selector_all("#token-detail a.feature", "els => els.map(e => +e.dataset.feature)")
-    d = expected[pos]["features"][0]
-    want = sorted((f for f, v in zip(d["indices"], d["values"], strict=True) if v > 0),
-                  key=lambda f: -d["values"][d["indices"].index(f)])
-    assert links == want[:10]
+    links = _links(tab, "#token-detail")
+    assert links == _strongest(expected[pos]["features"][0])
     feature = links[0]
     tab.page.click(f"#token-detail a.feature[data-feature='{feature}']")
     tab.page.wait_for_selector("#card-examples .example")
@@ -178,35 +193,55 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     assert bars.count() == len(card["histogram"])
     heights = [float(bars.nth(i).get_attribute("height")) for i in range(bars.count())]
     assert [h > 0 for h in heights] == [c > 0 for c in card["histogram"]]
-    # the peak token of the strongest example is shaded the most
+    # each token of the strongest example shaded by its activation over the feature's max
+    # (clamped at 1: position 0, left out of the index's statistics, can exceed it)
     first = tab.page.locator("#card-examples .example").first
     shades = first.locator(".tok").evaluate_all("els => els.map(e => e.style.backgroundColor)")
     # "rgba(r, g, b, a)", or "rgb(r, g, b)" when a = 1, or "" when not shaded
     alphas = [float(m.group(1)) if (m := re.fullmatch(r"rgba\(\d+, \d+, \d+, ([\d.]+)\)", s)) else (1.0 if s else 0.0)
               for s in shades]
-    assert alphas.index(max(alphas)) == card["examples"][0]["peak"]
+    ex = card["examples"][0]
+    want = [0.0 if a <= 0 else 0.12 + 0.88 * min(1.0, a / card["max_activation"]) for a in ex["activations"]]
+    assert alphas == pytest.approx(want, abs=0.002)
+    assert alphas[ex["peak"]] == 1.0
     tab.shot("feature")
     assert tab.console_errors == []
 
 
+def _paris_feature(server: ServerHandle) -> tuple[int, str]:
+    """The strongest feature at the token "Paris" of TEXT whose label has a word, and that word."""
+    body = {"text": TEXT, "features": {"dictionaries": [DICTIONARY_ID], "top_k": 8, "labels": True,
+                                       "normalize": "max", "exclude_dense_above": 0.1}}
+    tokens = _api(server, "POST", "/v1/features/extract", body)["tokens"]
+    d = next(t for t in tokens if t["token"].strip() == "Paris")["features"][0]
+    for feature, label in zip(d["indices"], d["labels"], strict=True):
+        words = [w for w in re.findall(r"[A-Za-z]{2,}", label) if w not in ("fires", "on", "never", "fired")]
+        if words:
+            return feature, words[0]
+    raise AssertionError(f"no feature at 'Paris' has a label with a word: {d}")
+
+
 def test_search_by_label_and_by_example_return_cards(tab, live_server):
-    card = _api(live_server, "GET", f"/v1/dictionaries/{DICTIONARY_ID}/features?q=Paris")["results"]
-    assert card, "the test index has a feature labelled with Paris"
+    feature, word = _paris_feature(live_server)
+    label = word
+    card = _api(live_server, "GET", f"/v1/dictionaries/{DICTIONARY_ID}/features?q={word}")["results"]
+    assert feature in [r["feature"] for r in card], (label, card)
     tab.goto("#view=search")
     _wait_ready(tab)
-    tab.page.fill("#search-q", "Paris")
+    tab.page.fill("#search-q", word)
     tab.page.click("#search-label-form button[type=submit]")
     tab.page.wait_for_selector("#search-results .result-card")
     shown = tab.page.eval_on_selector_all("#search-results .result-card", "els => els.map(e => +e.dataset.feature)")
     assert shown == [r["feature"] for r in card]
     tab.page.fill("#search-texts", "Paris is the capital of France.")
     tab.page.fill("#search-contrast", "The cat slept on the warm windowsill.")
-    tab.page.click("#search-example-form button[type=submit]")
+    sent, expected = _exchange(tab, "/v1/features/search",
+                               lambda: tab.page.click("#search-example-form button[type=submit]"))
+    assert sent == {"dictionary": DICTIONARY_ID, "texts": ["Paris is the capital of France."],
+                    "contrast_texts": ["The cat slept on the warm windowsill."], "limit": 24,
+                    "exclude_dense_above": 0.1}
     tab.page.wait_for_selector("#search-results h3:has-text('minus the contrast')")
     tab.page.wait_for_selector("#search-results .result-card")
-    expected = _api(live_server, "POST", "/v1/features/search", {
-        "dictionary": DICTIONARY_ID, "texts": ["Paris is the capital of France."],
-        "contrast_texts": ["The cat slept on the warm windowsill."], "limit": 24, "exclude_dense_above": 0.1})
     shown = tab.page.eval_on_selector_all("#search-results .result-card", "els => els.map(e => +e.dataset.feature)")
     assert shown == [r["feature"] for r in expected["results"]] and shown
     tab.shot("search")
@@ -217,8 +252,8 @@ def test_search_by_label_and_by_example_return_cards(tab, live_server):
 
 
 def test_steering_shows_two_different_completions(tab, live_server):
-    # the feature that fires most strongly on "Paris" (a card), steered with from its card
-    feature = _api(live_server, "GET", f"/v1/dictionaries/{DICTIONARY_ID}/features?q=Paris")["results"][0]["feature"]
+    # the feature that fires most strongly on "Paris", steered with from its card
+    feature, _word = _paris_feature(live_server)
     tab.goto(f"#view=feature&feature={feature}")
     _wait_ready(tab)
     tab.page.click("#card-steer")
@@ -226,21 +261,26 @@ def test_steering_shows_two_different_completions(tab, live_server):
     assert "view=steer" in tab.page.url and "steer=" in tab.page.url
     tab.page.fill("#steer-prompt", "Tell me about your day.")
     tab.page.fill("#steer-max-tokens", "12")
-    tab.page.click("#steer-run")
+    sent, stream = _exchange(tab, "/v1/chat/completions", lambda: tab.page.click("#steer-run"))
+    assert sent["stream"] is True and sent["compare"] is True and sent["temperature"] == 0
+    assert sent["steering"]["edits"] == [{"dictionary": DICTIONARY_ID, "feature": feature, "mode": "add",
+                                          "value": 8, "unit": "max"}]
+    assert sent["features"]["scope"] == "generated"
     tab.page.wait_for_selector("#steer-outputs[data-done='1']")
     steered = tab.page.inner_text("#steer-steered .completion").strip()
     default = tab.page.inner_text("#steer-default .completion").strip()
     assert steered and default and steered != default
-    # the default side is the unsteered greedy completion; the steered one the steered
-    body = {"model": _api(live_server, "GET", "/v1/models")["data"][0]["id"],
-            "messages": [{"role": "user", "content": "Tell me about your day."}], "max_tokens": 12,
-            "temperature": 0, "compare": True,
-            "steering": {"edits": [{"dictionary": DICTIONARY_ID, "feature": feature, "mode": "add",
-                                    "value": 8, "unit": "max"}]}}
-    ref = _api(live_server, "POST", "/v1/chat/completions", body)
+    # each side shows its part of the one stream: the chunks marked unsteered on the default side
+    contents: dict[bool, str] = {False: "", True: ""}
+    for chunk in stream:
+        for choice in chunk["choices"]:
+            contents[choice.get("unsteered", False)] += choice["delta"].get("content") or ""
     shown = lambda s: s.replace("↵\n", "\n").replace("→", "\t")  # noqa: E731  (the page's visible newlines)
-    assert shown(steered) == ref["choices"][0]["message"]["content"].strip()
-    assert shown(default) == ref["unsteered"]["choices"][0]["message"]["content"].strip()
+    assert shown(steered) == contents[False].strip() and shown(default) == contents[True].strip()
+    # the default is what the same prompt gives without any steering
+    plain = {k: v for k, v in sent.items() if k not in ("steering", "compare", "stream", "features")}
+    ref = _api(live_server, "POST", "/v1/chat/completions", plain)
+    assert contents[True] == ref["choices"][0]["message"]["content"]
     # every generated token the model read is shaded from its own features, the first included;
     # only the last one (never read by the model) is left pending
     for side in ("steered", "default"):

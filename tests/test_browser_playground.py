@@ -291,6 +291,14 @@ def test_steering_shows_two_different_completions(tab, live_server):
     tab.page.click("#steer-steered .tok >> nth=0")
     tab.page.wait_for_selector("#steer-token a.feature")
     tab.shot("steer")
+    # the link reproduces the view: prompt, edits and length
+    url = tab.page.url
+    tab.page.goto("about:blank")
+    tab.page.goto(url)
+    tab.page.wait_for_selector("#steer-edits .edit")
+    assert tab.page.input_value("#steer-prompt") == "Tell me about your day."
+    assert tab.page.input_value("#steer-max-tokens") == "12"
+    assert _links(tab, "#steer-edits") == [feature]
     assert tab.console_errors == []
 
 

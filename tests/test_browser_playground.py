@@ -162,7 +162,6 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     assert [bool(s) for s in shading] == fires  # shaded exactly where a (non-dense) feature fires
     assert sum(fires) > len(fires) // 2
     assert "view=text" in tab.page.url and "Paris" in tab.page.url  # the text is in the link
-    tab.shot("text")
 
     # "show dense features": the same text without leaving dense features out
     assert tab.page.get_attribute("#heatmap", "data-dense") == "0"
@@ -182,6 +181,7 @@ def test_text_heat_map_token_then_feature_opens_card(tab, live_server):
     tab.page.click(f"#heatmap .tok[data-index='{pos}']")
     links = _links(tab, "#token-detail")
     assert links == _strongest(expected[pos]["features"][0])
+    tab.shot("text")
     feature = links[0]
     tab.page.click(f"#token-detail a.feature[data-feature='{feature}']")
     tab.page.wait_for_selector("#card-examples .example")

@@ -220,7 +220,7 @@ def _paris_feature(server: ServerHandle) -> tuple[int, str]:
 def test_search_by_label_and_by_example_return_cards(tab, live_server):
     feature, word = _paris_feature(live_server)
     label = word
-    card = _api(live_server, "GET", f"/v1/dictionaries/{DICTIONARY_ID}/features?q={word}")["results"]
+    card = _api(live_server, "GET", f"/v1/dictionaries/{DICTIONARY_ID}/features?q={word}&limit=24")["results"]
     assert feature in [r["feature"] for r in card], (label, card)
     tab.goto("#view=search")
     _wait_ready(tab)

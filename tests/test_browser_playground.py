@@ -273,7 +273,7 @@ def test_steering_shows_two_different_completions(tab, live_server):
     # does not hand back the body of a stream the page reads itself)
     whole = {k: v for k, v in sent.items() if k not in ("stream", "features")}
     ref = _api(live_server, "POST", "/v1/chat/completions", whole)
-    shown = lambda s: s.replace("↵\n", "\n").replace("→", "\t").strip()  # noqa: E731  (the page's visible newlines)
+    shown = lambda s: s.replace("↵", "").replace("→", "\t").strip()  # noqa: E731  (the page's newline/tab marks)
     assert shown(steered) == ref["choices"][0]["message"]["content"].strip()
     assert shown(default) == ref["unsteered"]["choices"][0]["message"]["content"].strip()
     # every generated token the model read is shaded from its own features, the first included;

@@ -133,7 +133,7 @@ export function createSteerView(root, ctx) {
         renderEdits();
       });
       edits.append(h("div", { class: "edit" },
-        h("span", {}, h("a", { class: "feature", href: "#", onclick: (ev) => { ev.preventDefault(); setState({ view: "feature", feature: e.f }); } }, `#${e.f}`),
+        h("span", {}, h("a", { class: "feature", href: "#", dataset: { feature: e.f }, onclick: (ev) => { ev.preventDefault(); setState({ view: "feature", feature: e.f }); } }, `#${e.f}`),
           " ", h("span", { class: "muted" }, e.l || "")),
         slider, value, mode,
         h("button", { onclick: () => { const next = steer(); next.edits = next.edits.filter((_, j) => j !== i); save(next); renderEdits(); } }, "remove")));

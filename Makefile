@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup serve test test-fast lint bench-kernels clean-venv load
+.PHONY: setup serve test test-fast lint bench-kernels clean-venv load browser
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -11,8 +11,12 @@ serve: setup
 	$(VENV)/bin/sae-serve $(ARGS)
 
 # Lint first: a type or style error fails in seconds rather than after the suite.
-test: setup lint
+test: setup lint browser
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# Debian's chromium for the playground's browser tests (seconds when installed).
+browser:
+	@bash scripts/setup_browser.sh
 
 # ruff (style, imports, likely bugs) and mypy (types) over the project, as configured in
 # pyproject.toml. `make test` runs it first.

@@ -28,6 +28,9 @@ from .feature_index import INDEX_FILE, FeatureIndex, FeatureIndexError
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+TRAINING_LOG_FILE = "training_log.jsonl"
+"""``sae-train``'s curves beside a dictionary: one JSON object per log interval (step, tokens,
+loss, fvu, l0, dead), read by ``GET /v1/dictionaries/{id}/summary``."""
 
 
 class RegistryError(ValueError):

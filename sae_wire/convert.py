@@ -31,6 +31,7 @@ from sae_wire.models import (
     CooccurringFeature,
     DictionaryFeatures,
     DictionaryInfoOut,
+    DictionarySummary,
     ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,
@@ -54,6 +55,7 @@ from sae_wire.models import (
     TokenCountOut,
     TokenFeaturesOut,
     TokenScore,
+    TrainingLogPoint,
     Usage,
     VectorProjectionInfo,
 )
@@ -374,6 +376,34 @@ def dictionary_pb(d: DictionaryInfoOut) -> pb.DictionaryInfo:
     if d.metrics is not None:
         out.metrics.CopyFrom(ParseDict(d.metrics, struct_pb2.Struct()))
     return out
+
+
+_SUMMARY_OPTIONAL = ("k", "fvu", "l0", "dead_frac", "ce_loss_recovered", "eval_tokens", "index_tokens",
+                     "never_fired")
+
+
+def dictionary_summary_pb(d: DictionarySummary) -> pb.DictionarySummary:
+    out = pb.DictionarySummary(
+        id=d.id, model=d.model, hook_point=d.hook_point, architecture=d.architecture, d_in=d.d_in, d_sae=d.d_sae,
+        has_index=d.has_index, density_log10_edges=d.density_log10_edges, density_counts=d.density_counts,
+        training_log=[pb.TrainingLogPoint(**p.model_dump()) for p in d.training_log],
+    )
+    for name in _SUMMARY_OPTIONAL:
+        value = getattr(d, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+def dictionary_summary_from_pb(m: pb.DictionarySummary) -> DictionarySummary:
+    return DictionarySummary(
+        id=m.id, model=m.model, hook_point=m.hook_point, architecture=m.architecture, d_in=m.d_in, d_sae=m.d_sae,
+        has_index=m.has_index, density_log10_edges=list(m.density_log10_edges),
+        density_counts=list(m.density_counts),
+        training_log=[TrainingLogPoint(step=p.step, tokens=p.tokens, loss=p.loss, fvu=p.fvu, l0=p.l0, dead=p.dead)
+                      for p in m.training_log],
+        **{name: getattr(m, name) for name in _SUMMARY_OPTIONAL if m.HasField(name)},
+    )
 
 
 def feature_info_pb(f: FeatureInfoOut) -> pb.FeatureInfo:

@@ -338,6 +338,47 @@ class DictionaryInfoOut(BaseModel):
     metrics: dict[str, Any] | None = None
 
 
+class TrainingLogPoint(BaseModel):
+    """One line of a dictionary's ``training_log.jsonl`` (written by ``sae-train`` every
+    ``log_every`` steps): the training batch's loss, FVU and L0, and the dead fraction."""
+
+    step: int
+    tokens: int = Field(description="training activations seen so far")
+    loss: float
+    fvu: float
+    l0: float
+    dead: float = Field(description="fraction of features that did not fire in the dead window")
+
+
+class DictionarySummary(BaseModel):
+    """``GET /v1/dictionaries/{id}/summary``: what the playground's dictionary page shows.
+
+    Metrics come from the dictionary's ``metrics.json`` (``sae-train``'s held-out evaluation),
+    the density histogram from its feature index, the curves from ``training_log.jsonl``;
+    each is absent (null / empty) when the dictionary lacks that file."""
+
+    id: str
+    model: str
+    hook_point: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None
+    has_index: bool
+    fvu: float | None = Field(default=None, description="fraction of variance unexplained (held out)")
+    l0: float | None = Field(default=None, description="mean active features per token (held out)")
+    dead_frac: float | None = Field(default=None, description="fraction of features that never fired (held out)")
+    ce_loss_recovered: float | None = Field(default=None, description="share of the CE loss gap recovered")
+    eval_tokens: int | None = None
+    index_tokens: int | None = Field(default=None, description="tokens the index's statistics are over")
+    never_fired: int | None = Field(default=None, description="features with no activation in the index")
+    density_log10_edges: list[float] = Field(
+        default_factory=list, description="edges of the log10-density histogram (len(counts) + 1)")
+    density_counts: list[int] = Field(
+        default_factory=list, description="features per log10-density bin (features that never fired excluded)")
+    training_log: list[TrainingLogPoint] = Field(default_factory=list)
+
+
 class TokenScore(BaseModel):
     token_id: int
     token: str

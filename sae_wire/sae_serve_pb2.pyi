@@ -295,6 +295,68 @@ class ListDictionariesResponse(_message.Message):
     dictionaries: _containers.RepeatedCompositeFieldContainer[DictionaryInfo]
     def __init__(self, dictionaries: _Optional[_Iterable[_Union[DictionaryInfo, _Mapping]]] = ...) -> None: ...
 
+class GetDictionarySummaryRequest(_message.Message):
+    __slots__ = ("dictionary",)
+    DICTIONARY_FIELD_NUMBER: _ClassVar[int]
+    dictionary: str
+    def __init__(self, dictionary: _Optional[str] = ...) -> None: ...
+
+class TrainingLogPoint(_message.Message):
+    __slots__ = ("step", "tokens", "loss", "fvu", "l0", "dead")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    FVU_FIELD_NUMBER: _ClassVar[int]
+    L0_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    tokens: int
+    loss: float
+    fvu: float
+    l0: float
+    dead: float
+    def __init__(self, step: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., fvu: _Optional[float] = ..., l0: _Optional[float] = ..., dead: _Optional[float] = ...) -> None: ...
+
+class DictionarySummary(_message.Message):
+    __slots__ = ("id", "model", "hook_point", "architecture", "d_in", "d_sae", "k", "has_index", "fvu", "l0", "dead_frac", "ce_loss_recovered", "eval_tokens", "index_tokens", "never_fired", "density_log10_edges", "density_counts", "training_log")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    D_IN_FIELD_NUMBER: _ClassVar[int]
+    D_SAE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    HAS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FVU_FIELD_NUMBER: _ClassVar[int]
+    L0_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FRAC_FIELD_NUMBER: _ClassVar[int]
+    CE_LOSS_RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEVER_FIRED_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_LOG10_EDGES_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_LOG_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    hook_point: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int
+    has_index: bool
+    fvu: float
+    l0: float
+    dead_frac: float
+    ce_loss_recovered: float
+    eval_tokens: int
+    index_tokens: int
+    never_fired: int
+    density_log10_edges: _containers.RepeatedScalarFieldContainer[float]
+    density_counts: _containers.RepeatedScalarFieldContainer[int]
+    training_log: _containers.RepeatedCompositeFieldContainer[TrainingLogPoint]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., hook_point: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., k: _Optional[int] = ..., has_index: _Optional[bool] = ..., fvu: _Optional[float] = ..., l0: _Optional[float] = ..., dead_frac: _Optional[float] = ..., ce_loss_recovered: _Optional[float] = ..., eval_tokens: _Optional[int] = ..., index_tokens: _Optional[int] = ..., never_fired: _Optional[int] = ..., density_log10_edges: _Optional[_Iterable[float]] = ..., density_counts: _Optional[_Iterable[int]] = ..., training_log: _Optional[_Iterable[_Union[TrainingLogPoint, _Mapping]]] = ...) -> None: ...
+
 class GetFeatureRequest(_message.Message):
     __slots__ = ("dictionary", "feature", "top_n", "examples")
     DICTIONARY_FIELD_NUMBER: _ClassVar[int]

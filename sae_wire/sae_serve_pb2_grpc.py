@@ -54,6 +54,11 @@ class SAEServiceStub:
                 request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.SerializeToString,
                 response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.FromString,
                 _registered_method=True)
+        self.GetDictionarySummary = channel.unary_unary(
+                '/sae_serve.v1.SAEService/GetDictionarySummary',
+                request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetDictionarySummaryRequest.SerializeToString,
+                response_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.DictionarySummary.FromString,
+                _registered_method=True)
         self.SearchFeatures = channel.unary_unary(
                 '/sae_serve.v1.SAEService/SearchFeatures',
                 request_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.SearchFeaturesRequest.SerializeToString,
@@ -113,6 +118,14 @@ class SAEServiceServicer:
 
     def GetFeature(self, request, context):
         """One feature of one dictionary: decoder norm and the tokens it promotes/suppresses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDictionarySummary(self, request, context):
+        """One dictionary's held-out metrics, log10-density histogram of its features (from the
+        feature index) and training curves (HTTP GET /v1/dictionaries/{id}/summary).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +195,11 @@ def add_SAEServiceServicer_to_server(servicer, server):
                     servicer.GetFeature,
                     request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.FromString,
                     response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.SerializeToString,
+            ),
+            'GetDictionarySummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDictionarySummary,
+                    request_deserializer=sae__serve_dot_v1_dot_sae__serve__pb2.GetDictionarySummaryRequest.FromString,
+                    response_serializer=sae__serve_dot_v1_dot_sae__serve__pb2.DictionarySummary.SerializeToString,
             ),
             'SearchFeatures': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchFeatures,
@@ -322,6 +340,33 @@ class SAEService:
             '/sae_serve.v1.SAEService/GetFeature',
             sae__serve_dot_v1_dot_sae__serve__pb2.GetFeatureRequest.SerializeToString,
             sae__serve_dot_v1_dot_sae__serve__pb2.FeatureInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDictionarySummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sae_serve.v1.SAEService/GetDictionarySummary',
+            sae__serve_dot_v1_dot_sae__serve__pb2.GetDictionarySummaryRequest.SerializeToString,
+            sae__serve_dot_v1_dot_sae__serve__pb2.DictionarySummary.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,8 @@ and presented credentials are never logged; refusals say only "missing" or "inva
 
 With keys set, every HTTP route but ``GET /health`` (the plain liveness answer; its
 ``?detail=1`` form needs a key, however the query is spelled: it is parsed the way
-Starlette parses it for the route) and every gRPC method but
+Starlette parses it for the route) and the playground's static page (``GET /``, ``/ui``,
+``/ui/...``: no data in it) and every gRPC method but
 ``grpc.health.v1.Health/Check`` refuse a request without a valid key: 401 /
 UNAUTHENTICATED. That holds in the replicas (this module's middleware and
 :class:`server.grpc_service.SAEGrpcMethods`) and, for what Ray's proxies answer by
@@ -45,13 +46,27 @@ MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
 INVALID_KEY = "invalid API key"
 
 
+def is_playground_request(scope: Scope) -> bool:
+    """``GET``/``HEAD`` of ``/``, ``/ui`` or a file under ``/ui/`` (the playground's static page,
+    which holds no data: its API calls carry the key). A path with a ``..`` segment is not."""
+    if scope.get("method") not in ("GET", "HEAD"):
+        return False
+    path = scope.get("path", "")
+    if path in ("/", "/ui"):
+        return True
+    return path.startswith("/ui/") and ".." not in path.split("/") and "\\" not in path
+
+
 def is_open_http_request(scope: Scope) -> bool:
-    """Whether an HTTP request may pass without a key: plain ``/health`` only.
+    """Whether an HTTP request may pass without a key: plain ``/health`` and the playground's
+    static files (:func:`is_playground_request`).
 
     The query string is parsed exactly as Starlette parses it for the route
     (``parse_qsl(query.decode('latin-1'), keep_blank_values=True)``), so a
     percent-encoded ``d%65tail=1`` is the ``detail`` parameter here too.
     """
+    if is_playground_request(scope):
+        return True
     if scope.get("path", "") not in OPEN_HTTP_PATHS:
         return False
     query = (scope.get("query_string") or b"").decode("latin-1")

@@ -141,6 +141,17 @@ class SAEGrpcMethods:
         except Exception as exc:
             raise _fail(grpc_context, exc) from None
 
+    async def GetDictionarySummary(
+        self, request: pb.GetDictionarySummaryRequest, grpc_context: Any = None
+    ) -> pb.DictionarySummary:
+        try:
+            async with self.service.observed("dictionaries.summary", "grpc"):
+                self._authorize(grpc_context)
+                summary = self.service.dictionary_summary(request.dictionary)
+            return conv.dictionary_summary_pb(summary)
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
+
     async def SearchFeatures(
         self, request: pb.SearchFeaturesRequest, grpc_context: Any = None
     ) -> pb.SearchFeaturesResponse:

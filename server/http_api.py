@@ -28,6 +28,7 @@ from server.errors import ApiError, ErrorKind, translate
 from server.faults import FEATURE_CHANNEL_ROUTE, FeatureChannelFault, kill_feature_receiver
 from server.models import (
     DictionaryList,
+    DictionarySummary,
     ErrorBody,
     ErrorResponse,
     ExtractRequest,
@@ -44,6 +45,7 @@ from server.models import (
 )
 from server.openai_handler import OpenAIHandler
 from server.openai_models import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
+from server.playground import mount_playground
 from server.service import SAEService
 
 logger = logging.getLogger("sae_serve.http")
@@ -364,6 +366,11 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
         async with service.observed("dictionaries.list", "http"):
             return service.list_dictionaries()
 
+    @app.get("/v1/dictionaries/{dictionary:path}/summary", response_model=DictionarySummary)
+    async def dictionary_summary(dictionary: str) -> DictionarySummary:
+        async with service.observed("dictionaries.summary", "http"):
+            return service.dictionary_summary(dictionary)
+
     @app.get("/v1/dictionaries/{dictionary:path}/features/{feature}", response_model=FeatureInfoOut)
     async def feature(dictionary: str, feature: int, top_n: int | None = None,
                       examples: int | None = None) -> FeatureInfoOut:
@@ -417,6 +424,7 @@ def build_http_app(service: SAEService, max_request_bytes: int, api_keys: ApiKey
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
+    mount_playground(app)
     if fault_injection:
         _add_fault_routes(app, service)
     return app

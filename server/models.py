@@ -20,6 +20,7 @@ from sae_wire.models import (  # noqa: F401
     MAX_STORED_VECTORS,
     ChatMessage,
     DictionaryInfoOut,
+    DictionarySummary,
     ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,

@@ -9,7 +9,9 @@ sequence per request and returns features per request), run concurrently; with a
 ``seed``, choice ``i`` uses ``seed + i`` so the choices differ but stay reproducible.
 ``compare: true`` runs every choice a second time without the steering (same seeds) and
 returns those under ``unsteered``. Streaming merges the choices' streams into one SSE
-stream (``data: {chunk}`` lines, then ``data: [DONE]``).
+stream (``data: {chunk}`` lines, then ``data: [DONE]``); with ``compare`` the unsteered
+copies stream in it too, interleaved, each chunk choice marked ``unsteered: true`` (same
+``index`` as the steered choice it mirrors).
 """
 
 from __future__ import annotations
@@ -133,8 +135,6 @@ class OpenAIHandler:
                 raise ApiError.unsupported(name, f"'{name}' is not supported by sae-serve: {refused[name]}")
         if req.compare and (req.steering is None or req.steering.empty):
             raise ApiError.invalid("compare", "needs 'steering': it returns the steered and the unsteered completion")
-        if req.compare and req.stream:
-            raise ApiError.unsupported("compare", "is not supported with stream=true; send two requests instead")
 
     def _sampling_params(self, req: AnyRequest, max_tokens: int) -> Any:
         """vLLM's own mapping of the request to SamplingParams (its checks raise 400s)."""
@@ -467,6 +467,7 @@ class OpenAIHandler:
                                 finish_reason=chunk.finish_reason,
                                 logprobs=lp,
                                 features=feats,
+                                unsteered=None if run.steered else True,
                             )
                         ],
                     )
@@ -492,6 +493,7 @@ class OpenAIHandler:
                                 finish_reason=chunk.finish_reason,
                                 logprobs=clp,
                                 features=feats,
+                                unsteered=None if run.steered else True,
                             )
                         ],
                     )

@@ -243,8 +243,12 @@ class Completion(_VllmCompletionResponse):
     steering_applied: SteeringApplied | None = Field(default=None, description=_APPLIED)
 
 
+_UNSTEERED = "true on the chunks of a compare copy (compare with stream): the same request without its steering"
+
+
 class ChatChunkChoice(_VllmChatStreamChoice):
     features: list[TokenFeaturesOut] | None = None
+    unsteered: bool | None = Field(default=None, description=_UNSTEERED)
 
 
 class ChatCompletionChunk(_VllmChatStream):
@@ -254,6 +258,7 @@ class ChatCompletionChunk(_VllmChatStream):
 
 class CompletionChunkChoice(_VllmCompletionStreamChoice):
     features: list[TokenFeaturesOut] | None = None
+    unsteered: bool | None = Field(default=None, description=_UNSTEERED)
 
 
 class CompletionChunk(_VllmCompletionStream):

@@ -33,7 +33,7 @@ from sae_runtime.engine.spec import (
 from sae_runtime.hook_points import parse_hook_point
 from sae_runtime.registry import UnknownDictionaryError
 from sae_runtime.unembedding import Unembedding
-from server import index_views
+from server import dictionary_summary, index_views
 from server.errors import ApiError, ErrorKind, translate
 from server.metrics import ServiceMetrics
 from server.models import (
@@ -41,6 +41,7 @@ from server.models import (
     MAX_STORED_VECTORS,
     DictionaryInfoOut,
     DictionaryList,
+    DictionarySummary,
     ExampleSearchHit,
     ExtractRequest,
     ExtractResponse,
@@ -524,6 +525,12 @@ class SAEService:
         )
 
     # -- the feature index: search ---------------------------------------------------------
+
+    def dictionary_summary(self, dictionary: str) -> DictionarySummary:
+        """Held-out metrics, the log10-density histogram of its features (from the index) and
+        the training curves of one dictionary (server/dictionary_summary.py)."""
+        entry = self._dictionary(dictionary)
+        return dictionary_summary.summary(entry, self.engine.registry.model_name)
 
     def search_features(self, dictionary: str, q: str, limit: int | None = None) -> FeatureSearchResponse:
         """Features whose index label or top tokens match every word of ``q`` (as prefixes)."""

@@ -153,7 +153,7 @@ def shared_server(name: str, tmp_path_factory, extra_args: tuple[str, ...] = (),
     activations, ``tests/index_factory.py``)."""
     from tests.dictionary_factory import make_dictionary
 
-    if name not in _SERVERS:
+    if name not in _SERVERS or _SERVERS[name].stopped:  # a module that needed it stopped it: start again
         tmp = tmp_path_factory.mktemp(name)
         if config:
             import yaml
@@ -210,10 +210,23 @@ FAULT_API_KEY = "sk-fault-test-7f3a9c1e5b"
 FAULT_FEATURE_TIMEOUT_S = 15.0
 
 
+def _fault_server(tmp_path_factory) -> ServerHandle:
+    return shared_server("sae_serve_faults", tmp_path_factory,
+                         ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
+                         {"SAE_SERVE_API_KEYS": FAULT_API_KEY, "SAE_SERVE_FAULT_INJECTION": "1"},
+                         config={"engine": {"feature_timeout_s": FAULT_FEATURE_TIMEOUT_S}})
+
+
 @pytest.fixture(scope="module")
 def fault_server(default_model_dir, tmp_path_factory) -> ServerHandle:
-    yield shared_server("sae_serve_faults", tmp_path_factory,
-                        ("--eager", "--max-concurrent-streams", "2", "--max-edits", "4"),
-                        {"SAE_SERVE_API_KEYS": FAULT_API_KEY, "SAE_SERVE_FAULT_INJECTION": "1"},
-                        config={"engine": {"feature_timeout_s": FAULT_FEATURE_TIMEOUT_S}})
+    yield _fault_server(tmp_path_factory)
+    stop_shared("sae_serve_faults")
+
+
+@pytest.fixture(scope="session")
+def keyed_server(default_model_dir, tmp_path_factory) -> ServerHandle:
+    """The same server as ``fault_server`` (API key ``FAULT_API_KEY``), for tests that only need
+    a server with a key and leave it running for tests/test_faults.py (whose module fixture
+    stops it); stopped at the end of the session if that module did not run."""
+    yield _fault_server(tmp_path_factory)
     stop_shared("sae_serve_faults")

@@ -147,6 +147,7 @@ def test_grpc_methods_refuse_missing_or_wrong_keys(metadata):
         for name, req, streaming in [
             ("ListDictionaries", pb.ListDictionariesRequest(), False),
             ("GetFeature", pb.GetFeatureRequest(dictionary="d0", feature=1), False),
+            ("GetDictionarySummary", pb.GetDictionarySummaryRequest(dictionary="d0"), False),
             ("ExtractFeatures", pb.ExtractFeaturesRequest(text="x"), False),
             ("Generate", pb.GenerateRequest(text="x"), True),
         ]:

@@ -199,6 +199,8 @@ HTTP_CASES = [
     ("feature-route-path-id", "GET", "/v1/dictionaries/..%2F..%2Fetc%2Fpasswd/features/1", None, None, 404,
      "dictionary"),
     ("feature-route-top-n-zero", "GET", f"/v1/dictionaries/{D}/features/1?top_n=0", None, None, 400, "top_n"),
+    ("summary-unknown-dictionary", "GET", "/v1/dictionaries/nope/summary", None, None, 404, "dictionary"),
+    ("summary-path-id", "GET", "/v1/dictionaries/..%2F..%2Fetc%2Fpasswd/summary", None, None, 404, "dictionary"),
     # the response budget: tokens × values × dictionaries × choices, refused before generation
     ("budget-n-compare", "POST", "/v1/chat/completions",
      chat(max_tokens=64, n=8, compare=True, steering={"edits": [edit()]},
@@ -612,6 +614,8 @@ def grpc_cases() -> list[tuple]:
         ("search-limit-zero", "SearchFeatures", pb.SearchFeaturesRequest(dictionary=D, q="the", limit=0),
          C.INVALID_ARGUMENT, "limit"),
         ("search-unknown-dictionary", "SearchFeatures", pb.SearchFeaturesRequest(dictionary="nope", q="the"),
+         C.NOT_FOUND, "dictionary"),
+        ("summary-unknown-dictionary", "GetDictionarySummary", pb.GetDictionarySummaryRequest(dictionary="nope"),
          C.NOT_FOUND, "dictionary"),
         ("example-no-texts", "SearchByExample", pb.SearchByExampleRequest(dictionary=D), C.INVALID_ARGUMENT, "texts"),
         ("example-empty-text", "SearchByExample", pb.SearchByExampleRequest(dictionary=D, texts=[""]),

@@ -334,7 +334,7 @@ def _tiny_cfg(text_dir: Path, tmp: Path, **kw) -> TrainConfig:
     base = dict(hook_point="layers.1", data=[str(text_dir)], ctx_len=64, eval_fraction=0.2,
                 max_tokens=2000, d_sae=64, k=8, batch_size=128, steps=12, warmup_steps=2,
                 checkpoint_every=4, eval_tokens=96, cache_dir=str(tmp / "cache"),
-                progress=False, threads=1, harvest="transformers")
+                progress=False, threads=1, harvest="transformers", log_every=3)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -363,6 +363,17 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, text_dir, s
         assert math.isfinite(metrics["eval"][key]), key
     assert (tmp_path / "full" / "training_command.txt").read_text().strip() == "test"
     assert not (tmp_path / "full" / "checkpoints").exists()
+    # the curves: a line every log_every steps; the resumed run dropped the line it wrote
+    # after its checkpoint (step 6) and wrote it again, so both logs are the same
+    log = [json.loads(line) for line in (tmp_path / "full" / "training_log.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in log] == [3, 6, 9, 12]
+    assert [p["tokens"] for p in log] == [3 * 128, 6 * 128, 9 * 128, 12 * 128]
+    for p in log:
+        assert set(p) == {"step", "tokens", "loss", "fvu", "l0", "dead"}
+        assert 0 < p["fvu"] < 2 and 0 < p["l0"] <= 8 and 0 <= p["dead"] <= 1
+    assert log[-1]["fvu"] < log[0]["fvu"]
+    assert (tmp_path / "resumed" / "training_log.jsonl").read_text() == \
+        (tmp_path / "full" / "training_log.jsonl").read_text()
 
 
 def test_streaming_run_without_cache(tmp_path, text_dir, source):

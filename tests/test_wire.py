@@ -163,6 +163,21 @@ def test_dictionary_and_feature_info_round_trip():
     assert conv.feature_info_from_pb(conv.feature_info_pb(f)) == f
 
 
+def test_dictionary_summary_round_trips_with_and_without_its_optional_parts():
+    from sae_wire.models import DictionarySummary
+
+    full = DictionarySummary(
+        id="d", model="m", hook_point="layers.6", architecture="topk", d_in=8, d_sae=32, k=4, has_index=True,
+        fvu=0.125, l0=4.0, dead_frac=0.0, ce_loss_recovered=0.9, eval_tokens=100, index_tokens=50, never_fired=3,
+        density_log10_edges=[-2.0, -1.75, -1.5], density_counts=[20, 9],
+        training_log=[{"step": 10, "tokens": 1280, "loss": 0.5, "fvu": 0.5, "l0": 4.0, "dead": 0.25}])
+    assert conv.dictionary_summary_from_pb(conv.dictionary_summary_pb(full)) == full
+    bare = DictionarySummary(id="d", model="m", hook_point="layers.6", architecture="relu", d_in=8, d_sae=32,
+                             has_index=False)
+    back = conv.dictionary_summary_from_pb(conv.dictionary_summary_pb(bare))
+    assert back == bare and back.fvu is None and back.k is None
+
+
 def test_unset_optionals_take_the_shared_defaults():
     req = conv.generate_request_from_pb(pb.GenerateRequest(text="x", features=pb.FeatureRequest(dictionaries=["d"])))
     assert req.features.top_k == 8 and req.features.scope == "all"  # FeatureRequest's defaults

@@ -87,6 +87,8 @@ class TrainConfig(BaseModel):
     keep_checkpoints: bool = Field(False, description="keep the checkpoints once the dictionary is written")
     eval_tokens: int = Field(16384, gt=0, description="held-out tokens for the final evaluation")
     eval_every: int | None = Field(None, gt=0, description="reconstruction-only eval every N steps")
+    log_every: int = Field(10, gt=0, description="steps between lines of training_log.jsonl (the curves: loss, "
+                           "fvu, l0, dead of the training batch)")
     dense_threshold: float = Field(
         0.1, gt=0, le=1, description="firing rate above which a latent counts as dense (evaluation)"
     )
@@ -119,6 +121,7 @@ class TrainConfig(BaseModel):
             "keep_checkpoints",
             "eval_tokens",
             "eval_every",
+            "log_every",
             "dense_threshold",
             "weights_dtype",
             "progress",

@@ -3,7 +3,8 @@
 ``run(cfg, out_dir)`` is what ``sae-train`` calls. The output directory is servable as it
 is: ``cfg.json`` + ``sae_weights.safetensors`` + ``sparsity.safetensors`` (SAELens layout),
 ``metrics.json`` (held-out evaluation, training statistics, the resolved config and the
-command) and ``training_command.txt``. While training, ``checkpoints/`` holds the latest
+command), ``training_command.txt`` and ``training_log.jsonl`` (the curves: step, tokens,
+loss, fvu, l0, dead every ``log_every`` steps). While training, ``checkpoints/`` holds the latest
 checkpoint; running the same command again resumes from it and ends where an
 uninterrupted run would. It is removed at the end unless ``keep_checkpoints``.
 
@@ -16,6 +17,7 @@ residual stream like every other and SAELens reads it with the same numbers.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -30,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dictionary import DictionaryConfig, SparseDictionary, dtype_name
+from ..registry import TRAINING_LOG_FILE
 from .activations import (
     ActivationCache,
     HarvestSource,
@@ -125,6 +128,28 @@ def to_dictionary(trainer: SAETrainer, cfg: TrainConfig, scale: float, model_nam
         data["metadata"]["batchtopk_k"] = cfg.k
     data.update(extra_cfg or {})
     return SparseDictionary(DictionaryConfig.model_validate(data), t, dtype=cfg.weights_dtype)
+
+
+class TrainingLog:
+    """``training_log.jsonl`` in the output directory: one JSON line per log interval. A run
+    that starts at step 0 rewrites it; a resumed one keeps the lines up to its step (a line
+    written after the checkpoint it resumes from would be repeated otherwise)."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        kept: list[str] = []
+        if start_step and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def write(self, point: dict[str, float | int]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
 
 
 def _served_copy(dictionary: SparseDictionary) -> SparseDictionary:
@@ -253,6 +278,7 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
                                        "trainer": trainer.state_dict(),
                                        "optimizer": optimizer.state_dict()})
 
+    curves = TrainingLog(out / TRAINING_LOG_FILE, step)
     use_bf16 = cfg.autocast == "bfloat16"
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.architecture} {cfg.hook_point}",
                unit="step", disable=not cfg.progress, dynamic_ncols=True)
@@ -279,6 +305,9 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
         recent_fvu = ([*recent_fvu, fvu])[-50:]
         dead = float(trainer.dead_mask().float().mean())
         bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            curves.write({"step": step, "tokens": step * cfg.batch_size, "loss": float(out_step.loss),
+                          "fvu": fvu, "l0": l0, "dead": dead})
         bar.set_postfix(fvu=f"{ema_fvu:.3f}", l0=f"{ema_l0:.1f}", dead=f"{dead:.1%}", lr=f"{lr:.1e}",
                         refresh=False)
         if step % cfg.checkpoint_every == 0 and step < total:

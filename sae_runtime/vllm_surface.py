@@ -16,10 +16,11 @@ attribute check can see (how decoder layers hand on the residual stream) is owne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +204,60 @@ def wrap_execute_model(runner: Any, wrapper: Callable[..., Any]) -> Callable[[],
     return restore
 
 
+def wrap_sample_tokens(runner: Any, wrapper: Callable[..., Any]) -> Callable[[], None]:
+    """Route ``runner.sample_tokens(grammar_output)`` (the second half of a step, after
+    ``execute_model``) through ``wrapper(orig_sample, grammar_output)``; returns the
+    function that undoes it."""
+    orig = runner.sample_tokens
+
+    def sample_tokens(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(orig, *args, **kwargs)
+
+    runner.sample_tokens = sample_tokens
+
+    def restore() -> None:
+        runner.sample_tokens = orig
+
+    return restore
+
+
+def runner_device_type(runner: Any) -> str:
+    """``"cpu"``, ``"cuda"``, ... of the device the runner runs on (``runner.device``)."""
+    import torch
+
+    return torch.device(runner.device).type
+
+
+@contextlib.contextmanager
+def seeded_draws_held_back(runner: Any) -> Iterator[int]:
+    """While inside (around ``sample_tokens``), take the per-request generators (requests
+    with a ``seed``) of this step's rows whose sampled token vLLM discards (a prompt whose
+    prefill goes on next step, ``discard_request_mask``) out of
+    ``input_batch.generators``; yields how many. Put back on the way out.
+
+    Why: vLLM samples every row and afterwards "rewinds" a discarded row's generator with
+    ``gen.set_offset(gen.get_offset() - 4)`` (``GPUModelRunner._bookkeeping_sync``), which
+    a CPU ``torch.Generator`` refuses ("CPU Generator does not use offset"), killing the
+    engine core. Without its generator the row is sampled from the shared default
+    generator like any unseeded row, and the discarded token is dropped as before; the
+    seeded generator draws nothing this step, so the rewind is exact and nothing calls
+    ``set_offset`` on it. A seeded request gives the same tokens whether or not its
+    prefill was split.
+    """
+    batch = runner.input_batch
+    generators = batch.generators
+    if not generators:
+        yield 0
+        return
+    num_reqs = batch.num_reqs
+    discarded = runner.discard_request_mask.np[:num_reqs].nonzero()[0]
+    held = {int(i): generators.pop(int(i)) for i in discarded if int(i) in generators}
+    try:
+        yield len(held)
+    finally:
+        generators.update(held)
+
+
 def finished_request_ids(scheduler_output: Any) -> Any:
     """Ids of the requests that finished since the last step (``SchedulerOutput``)."""
     return scheduler_output.finished_req_ids
@@ -384,6 +439,31 @@ def _check_batch() -> None:
     _assigns(CachedRequestState, "num_prompt_tokens")
 
 
+def _check_discarded_samples() -> None:
+    import torch
+    from vllm.v1.sample.ops import topk_topp_sampler
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert _params(GPUModelRunner.sample_tokens)[:2] == ["self", "grammar_output"], \
+        "GPUModelRunner.sample_tokens no longer takes grammar_output"
+    _assigns(GPUModelRunner.__init__, "discard_request_mask", "device")
+    assert "discard_request_mask.np" in inspect.getsource(GPUModelRunner._bookkeeping_sync), \
+        "GPUModelRunner._bookkeeping_sync no longer reads discard_request_mask.np"
+    _assigns(InputBatch.__init__, "generators")
+    # A row draws from its own generator only when it is in the dict; the others share the
+    # default generator (the CPU sampler and the native one alike).
+    for fn in (topk_topp_sampler.TopKTopPSampler.forward_cpu, topk_topp_sampler.random_sample):
+        assert "generators.items()" in inspect.getsource(fn), \
+            f"{fn.__qualname__} no longer draws per request from generators.items()"
+    try:
+        torch.Generator(device="cpu").get_offset()
+    except RuntimeError:
+        pass  # still true: the rewind seeded_draws_held_back avoids would fail on CPU
+    else:
+        raise AssertionError("a CPU torch.Generator has an offset now: seeded_draws_held_back may be unneeded")
+
+
 def _check_scheduler_output() -> None:
     from vllm.v1.core.sched.output import SchedulerOutput
 
@@ -442,6 +522,10 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                _check_model_runner),
     Assumption("InputBatch.req_ids / num_reqs, CpuGpuBuffer.cpu, CachedRequestState.sampling_params / "
                "num_prompt_tokens", "batch_layout, request_extra_arg", _check_batch),
+    Assumption("GPUModelRunner.sample_tokens(grammar_output), discard_request_mask, device; "
+               "InputBatch.generators keyed by row; the samplers draw per request from generators.items(); "
+               "a CPU torch.Generator has no offset", "wrap_sample_tokens, runner_device_type, seeded_draws_held_back",
+               _check_discarded_samples),
     Assumption("SchedulerOutput.finished_req_ids / total_num_scheduled_tokens",
                "finished_request_ids, step_has_tokens", _check_scheduler_output),
 )

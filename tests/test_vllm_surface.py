@@ -46,6 +46,11 @@ def test_a_broken_assumption_is_caught(monkeypatch):
     monkeypatch.delattr(OutputProcessor, "get_num_unfinished_requests")
     with pytest.raises(AssertionError, match="get_num_unfinished_requests"):
         by_user["unfinished_requests"].check()
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    monkeypatch.setattr(topk_topp_sampler, "random_sample", lambda probs, generators: probs.argmax(-1))
+    with pytest.raises(AssertionError, match=r"generators\.items"):
+        by_user["wrap_sample_tokens, runner_device_type, seeded_draws_held_back"].check()
 
 
 def test_the_functions_read_what_the_assumptions_name():
@@ -118,3 +123,55 @@ def test_configure_environment(monkeypatch):
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+
+
+def test_seeded_draws_held_back():
+    """The discarded rows' seeded generators are out of the batch's dict while sampling, and
+    back afterwards; the others stay (stand-ins shaped like the runner: tests/test_seeded_sampling.py
+    runs the real engine)."""
+    import numpy as np
+    import torch
+
+    gens = {0: torch.Generator().manual_seed(1), 2: torch.Generator().manual_seed(2),
+            3: torch.Generator().manual_seed(3)}
+    before = dict(gens)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(generators=gens, num_reqs=3),
+        discard_request_mask=SimpleNamespace(np=np.array([False, True, True, True])),  # row 3: stale
+        device=torch.device("cpu"),
+        sample_tokens=lambda grammar_output: ("sampled", dict(gens)),
+    )
+    assert vllm_surface.runner_device_type(runner) == "cpu"
+    restore = vllm_surface.wrap_sample_tokens(
+        runner, lambda orig, g: _sample_holding_back(runner, orig, g))
+    held, (_, seen) = runner.sample_tokens("grammar")
+    assert held == 1 and set(seen) == {0, 3}  # row 1 has no generator, row 2 is discarded, row 3 beyond num_reqs
+    assert gens == before  # put back, the same objects
+    restore()
+    assert runner.sample_tokens("g") == ("sampled", before)
+
+    with pytest.raises(ValueError):  # put back on errors too
+        with vllm_surface.seeded_draws_held_back(runner):
+            assert 2 not in gens
+            raise ValueError
+    assert gens == before
+
+
+def _sample_holding_back(runner, orig, grammar_output):
+    with vllm_surface.seeded_draws_held_back(runner) as held:
+        return held, orig(grammar_output)
+
+
+def test_a_row_without_its_generator_leaves_it_untouched():
+    """What seeded_draws_held_back relies on, with vLLM's own native sampler: a seeded row left
+    out of ``generators`` draws nothing from its generator."""
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import random_sample
+
+    probs = torch.softmax(torch.randn(2, 50), dim=-1)
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    random_sample(probs.clone(), {})
+    assert torch.equal(gen.get_state(), state)
+    random_sample(probs.clone(), {1: gen})
+    assert not torch.equal(gen.get_state(), state)

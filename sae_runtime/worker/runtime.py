@@ -60,6 +60,8 @@ class SAEWorkerRuntime:
         self._fired: dict[int, torch.Tensor] = {}  # this step's evaluated conditions: id -> [tokens] bool
         self._chunks: list[Chunk] = []
         self._restore_execute: Callable[[], None] | None = None
+        self._restore_sample: Callable[[], None] | None = None
+        self.seeded_draws_held_back = 0
 
     # -- installation -------------------------------------------------------------------
 
@@ -69,12 +71,19 @@ class SAEWorkerRuntime:
             raise RuntimeError(f"the SAE step is not in decoder layers {missing[:5]}...")
         residual_op.set_step_function(self._step)
         self._restore_execute = vllm_surface.wrap_execute_model(self.runner, self._execute_model)
+        if vllm_surface.runner_device_type(self.runner) == "cpu":
+            # A seeded request whose prefill is split across steps would otherwise kill the
+            # engine core on CPU (see vllm_surface.seeded_draws_held_back); CUDA is left as is.
+            self._restore_sample = vllm_surface.wrap_sample_tokens(self.runner, self._sample_tokens)
 
     def uninstall(self) -> None:
         residual_op.set_step_function(None)
         if self._restore_execute is not None:
             self._restore_execute()
             self._restore_execute = None
+        if self._restore_sample is not None:
+            self._restore_sample()
+            self._restore_sample = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -86,6 +95,8 @@ class SAEWorkerRuntime:
             "dictionaries": sorted(self.dictionaries),
             # feature messages dropped because the side channel stayed full (see FeatureSender)
             "feature_messages_dropped": getattr(self.sender, "dropped_messages", 0),
+            # seeded rows of a split prefill whose discarded sample left their generator untouched
+            "seeded_draws_held_back": self.seeded_draws_held_back,
         }
 
     # -- per step -----------------------------------------------------------------------
@@ -110,6 +121,11 @@ class SAEWorkerRuntime:
                 chunks, self._chunks = self._chunks, []
                 if self.sender is not None:
                     self.sender.send(chunks)
+
+    def _sample_tokens(self, orig_sample: Any, *args: Any, **kwargs: Any) -> Any:
+        with vllm_surface.seeded_draws_held_back(self.runner) as held:
+            self.seeded_draws_held_back += held
+            return orig_sample(*args, **kwargs)
 
     def _state_of(self, req_id: str) -> RequestState | None:
         """The parsed spec of a request (``None`` if it has none), parsed on first sight."""

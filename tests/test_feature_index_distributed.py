@@ -7,8 +7,6 @@ A tiny corpus and the test dictionary keep it cheap; the two engines start at on
 from __future__ import annotations
 
 import logging
-import sqlite3
-from pathlib import Path
 
 import psutil
 import pytest
@@ -17,18 +15,10 @@ from sae_runtime.feature_index.build import build
 from sae_runtime.feature_index.config import IndexConfig
 from sae_runtime.training.data import iter_documents
 from tests.dictionary_factory import make_dictionary
+from tests.test_feature_index_build import _rows as _tables
 from tests.test_multinode import descendants, node_environment, node_pids
 
 pytestmark = pytest.mark.slow
-
-
-def _tables(path: Path) -> dict[str, list]:
-    db = sqlite3.connect(path)
-    out = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
-           for t in ("features", "examples", "random_windows")}
-    out["meta"] = [r for r in db.execute("SELECT * FROM meta ORDER BY key") if r[0] != "created"]
-    db.close()
-    return out
 
 
 def test_ray_build_on_two_nodes_equals_the_one_engine_build(tmp_path, default_model_dir, caplog):

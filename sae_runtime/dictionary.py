@@ -552,8 +552,13 @@ class SparseDictionary(nn.Module):
 
     # ------------------------------------------------------------ saving
 
-    def save(self, path: str | Path, *, extra_files: Mapping[str, Any] | None = None) -> Path:
+    def save(self, path: str | Path, *, extra_files: Mapping[str, Any] | None = None,
+             storage_dtype: str | torch.dtype | None = None) -> Path:
         """Write the dictionary as a SAELens directory and return its path.
+
+        ``storage_dtype`` stores the weights in another dtype than the one the dictionary
+        computes in (``cfg.json``'s ``dtype``, which a loader casts them to): float16 halves
+        the file of a float32 dictionary that is still served in float32.
 
         ``cfg.json`` is in SAELens 6's layout (see :func:`saelens_config_dict`), so
         ``SAE.load_from_disk`` reads every field, hook point included.
@@ -566,7 +571,8 @@ class SparseDictionary(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         # the tensors' dtype, even after .to()
         data = saelens_config_dict(self.cfg, dtype_name(self.dtype))
-        tensors = {name: param.detach().cpu().contiguous()
+        stored = parse_dtype(storage_dtype) if storage_dtype is not None else None
+        tensors = {name: param.detach().cpu().to(stored or param.dtype).contiguous()
                    for name, param in self.named_parameters()}
         _write_atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         if self.sparsity is not None:

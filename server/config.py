@@ -37,6 +37,7 @@ YAML example (every key optional)::
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,30 @@ from sae_runtime.engine.spec import SpecLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DICTIONARY_DIR = REPO_ROOT / "sae_runtime" / "data" / "default_dictionary"
+# Dictionaries of the embedded model at other depths (one folder per hook point), served
+# beside the others with --depth-dictionaries (README, "Dictionaries at several depths").
+DEPTH_DICTIONARIES_DIR = REPO_ROOT / "sae_runtime" / "data" / "depth_dictionaries"
+
+
+def depth_dictionary_dirs() -> list[Path]:
+    """The shipped depth dictionaries' folders, shallowest first."""
+    if not DEPTH_DICTIONARIES_DIR.is_dir():
+        return []
+    found = [p for p in DEPTH_DICTIONARIES_DIR.iterdir() if (p / "cfg.json").is_file()]
+
+    def depth(p: Path) -> tuple[int, str]:
+        tail = p.name.rsplit(".", 1)[-1]
+        return (int(tail) if tail.isdigit() else 10**6, p.name)
+
+    return sorted(found, key=depth)
+
+
+@functools.cache
+def _dictionary_id(folder: Path) -> str:
+    from sae_runtime.dictionary import SparseDictionary
+    from sae_runtime.registry import default_dictionary_id
+
+    return default_dictionary_id(SparseDictionary.load(folder))
 APP_NAME = "sae-serve"
 ENV_PREFIX = "SAE_SERVE_"  # SAE_SERVE_<FIELD> sets a field (see server/cli.py)
 API_KEYS_ENV = ENV_PREFIX + "API_KEYS"
@@ -165,6 +190,12 @@ class ServeConfig(BaseModel):
         "given; --no-default-dictionary: none unless given",
     )
 
+    depth_dictionaries: bool = Field(
+        default=False,
+        description="also serve the embedded model's dictionaries at other depths shipped in "
+        "sae_runtime/data/depth_dictionaries (an early and a late layer), to compare layers",
+    )
+
     @field_validator("api_keys")
     @classmethod
     def _keys_usable(cls, keys: list[SecretStr]) -> list[SecretStr]:
@@ -188,6 +219,13 @@ class ServeConfig(BaseModel):
     @property
     def exposed(self) -> bool:
         return self.host not in LOCAL_HOSTS
+
+    @model_validator(mode="after")
+    def _depths_available(self) -> ServeConfig:
+        if self.depth_dictionaries:
+            if not depth_dictionary_dirs():
+                raise ValueError(f"depth_dictionaries: no dictionary found in {DEPTH_DICTIONARIES_DIR}")
+        return self
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServeConfig:
@@ -232,6 +270,13 @@ class ServeConfig(BaseModel):
             and (DEFAULT_DICTIONARY_DIR / "cfg.json").is_file()
         ):
             update["dictionaries"] = [str(DEFAULT_DICTIONARY_DIR)]
+        if self.depth_dictionaries:
+            served = update.get("dictionaries", self.engine.dictionaries)
+            have = {str(Path(d).resolve()) for d in served}
+            extra = [p for p in depth_dictionary_dirs() if str(p.resolve()) not in have]
+            update["dictionaries"] = [*served, *map(str, extra)]
+            if self.engine.dictionary_ids is not None:  # the depth dictionaries keep their own ids
+                update["dictionary_ids"] = [*self.engine.dictionary_ids, *(_dictionary_id(p) for p in extra)]
         return self.engine.model_copy(update=update) if update else self.engine
 
     def total_ray_cpus(self) -> int:

@@ -54,7 +54,7 @@ def default_model_dir() -> Path:
 class EngineHarness:
     engine: Any
     loop: asyncio.AbstractEventLoop
-    dictionaries: dict[str, Path]  # role -> directory ("topk", "jumprelu", "trained" if present)
+    dictionaries: dict[str, Path]  # role -> directory ("topk", "jumprelu", "trained", "depth.L" if present)
     ids: dict[str, str]  # role -> served dictionary id
     mode: str  # "eager" or "compiled"
 
@@ -79,6 +79,11 @@ def engine_dictionaries(tmp_path_factory) -> dict[str, Path]:
     dicts["indexed"] = make_indexed_dictionary(root / "indexed8")
     if (DEFAULT_DICTIONARY / "cfg.json").is_file():
         dicts["trained"] = DEFAULT_DICTIONARY
+    # The dictionaries at other depths (sae-serve --depth-dictionaries), as "depth.<layer>".
+    from server.config import depth_dictionary_dirs
+
+    for folder in depth_dictionary_dirs():
+        dicts[f"depth.{folder.name.rsplit('.', 1)[-1]}"] = folder
     # Probes that read vLLM's residual stream at every hooked layer (see feature_reference).
     for layer in PROBE_LAYERS:
         dicts[f"probe{layer}"] = make_stream_probe(root / f"probe{layer}", hook_point=f"layers.{layer}",

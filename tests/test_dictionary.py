@@ -204,6 +204,18 @@ def test_save_load_round_trip(tmp_path, arch, dtype):
     assert saelens_config_dict(loaded.cfg) == saelens_config_dict(d.cfg, str(dtype)[6:])
 
 
+def test_weights_stored_in_half_precision_are_served_in_the_cfg_dtype(tmp_path):
+    d = make_dict("topk", dtype=torch.float32)
+    d.save(tmp_path, storage_dtype="float16")
+    stored = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert json.loads((tmp_path / "cfg.json").read_text())["dtype"] == "float32"
+    loaded = SparseDictionary.load(tmp_path)
+    assert loaded.dtype == torch.float32 and loaded.W_enc.dtype == torch.float32
+    for name, param in d.named_parameters():
+        assert torch.equal(getattr(loaded, name), param.half().float()), name
+
+
 def test_cfg_extras_preserved_and_extra_files_untouched(tmp_path):
     d = make_dict("jumprelu", context_size=128,
                   metadata=dict(META, neuronpedia_id="x/y", sae_lens_version="6.5.0"))

@@ -416,21 +416,23 @@ def test_engine_mode_is_the_one_asked_for(sae_engine):
         assert cfg.compilation_config.mode != 0  # CompilationMode.NONE
 
 
-def test_training_harvest_reads_what_the_engine_reads(sae_engine, default_model_dir):
+@pytest.mark.parametrize("role", ["trained", "depth.4", "depth.24"])
+def test_training_harvest_reads_what_the_engine_reads(sae_engine, default_model_dir, role):
     """sae-train's activations at a hook point are the ones the served hook sees: the
-    served dictionary's features of harvested activations match the engine's."""
-    if "trained" not in sae_engine.ids:
-        pytest.skip("no default dictionary in this checkout")
+    served dictionary's features of harvested activations match the engine's (the default
+    dictionary and the dictionaries at other depths)."""
+    if role not in sae_engine.ids:
+        pytest.skip(f"no {role} dictionary in this checkout")
     from sae_runtime.training.activations import ModelActivations
 
     eng = sae_engine.engine
-    d = SparseDictionary.load(sae_engine.dictionaries["trained"])
+    d = SparseDictionary.load(sae_engine.dictionaries[role])
     ids = eng.encode_text(PROMPT)
     source = ModelActivations(default_model_dir)
     ids_t = torch.tensor(ids)
     harvested = source.harvest([ids_t], [d.layer])[d.layer]
     trained_on = source.training_mask(ids_t[None], torch.tensor([len(ids)]))[0]
-    s = spec(features={"dictionaries": [sae_engine.ids["trained"]], "top_k": 8})
+    s = spec(features={"dictionaries": [sae_engine.ids[role]], "top_k": 8})
     feats = [f for f in sae_engine.run(eng.extract(ids, s.features)) if trained_on[f.position]]
     assert len(feats) == harvested.shape[0] > 5
     assert_topk_extraction_matches(

@@ -293,6 +293,49 @@ def test_fvu_is_about_the_mean_and_accumulates():
     assert float(batch_fvu(x, x_hat)) == pytest.approx(2 / 34)
 
 
+def test_sink_rows_flag_only_rows_far_above_the_median_norm():
+    from sae_runtime.training.activations import SINK_NORM_FACTOR, kept_rows, sink_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=g)
+    x[[7, 200]] *= 3 * SINK_NORM_FACTOR  # two sinks
+    x[50] *= 0.5 * SINK_NORM_FACTOR  # large, but not a sink
+    assert sink_rows(x).nonzero().flatten().tolist() == [7, 200]
+    assert sink_rows(x[:0]).shape == (0,)
+    # chunked over a table: the median is each chunk's
+    assert kept_rows(x.half(), chunk=128).tolist() == [i for i in range(300) if i not in (7, 200)]
+
+
+def test_shuffled_batches_draw_only_the_kept_rows():
+    from sae_runtime.training.activations import ShuffledBatches
+
+    table = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 3)
+    rows = torch.tensor([i for i in range(40) if i % 5])  # 32 rows kept
+    b = ShuffledBatches(table, 8, seed=3, rows=rows)
+    assert b.steps_per_epoch == 4
+    seen = torch.cat([b(s)[:, 0] for s in range(4)]).long().sort().values
+    assert seen.tolist() == rows.tolist()  # one epoch: every kept row once, no other
+    assert not torch.equal(b(4), b(0))  # reshuffled next epoch
+
+
+def test_evaluation_leaves_out_a_sink_beyond_position_0(source):
+    """A context that starts with two newlines has an attention sink at position 1 as well
+    (norm ~24,000 against ~140 at layer 12): not scored, not replaced."""
+    from sae_runtime.training.activations import sink_rows
+
+    ids = torch.tensor(source.tokenizer.encode("\n\nIt was a bright cold day in April, and the clocks were striking."))
+    stream = source.residuals(ids[None], [12])[12][0]
+    assert sink_rows(stream[1:]).nonzero().flatten().tolist() == [0]  # position 1
+    cfg = DictionaryConfig(architecture="topk", d_in=source.d_model, d_sae=64, k=4,
+                           metadata={"model_name": "m", "hook_name": "layers.12"})
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, source.d_model, generator=g)
+    d = SparseDictionary(cfg, {"W_enc": W.T.contiguous(), "W_dec": W, "b_enc": torch.zeros(64),
+                               "b_dec": torch.zeros(source.d_model)})
+    m, _ = evaluate(d, source, [ids], layer=12)
+    assert m["eval_tokens"] == len(ids) - 2
+
+
 def test_ce_loss_recovered_formula():
     assert ce_loss_recovered(2.0, 2.0, 6.0) == 1.0
     assert ce_loss_recovered(2.0, 6.0, 6.0) == 0.0

@@ -19,7 +19,9 @@ input of layer 0 is replaced.
 
 Only the *evaluated* positions are replaced and scored: real tokens other than position
 0 and special tokens, i.e. the positions the dictionary was trained for (position 0 is
-the attention sink, whose norm is ~100x the others'). Next-token losses are taken at the
+the attention sink, whose norm is ~100x the others', and any other token whose norm
+exceeds ``activations.SINK_NORM_FACTOR`` times the median of its batch: a sink beyond
+position 0, about one token in 4,000 of general text on the default model). Next-token losses are taken at the
 evaluated positions that have a next token. Then
 
 * ``fvu`` = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean over all evaluated tokens;
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from .. import hf_streams
 from ..dictionary import SparseDictionary
-from .activations import ModelActivations, batched
+from .activations import ModelActivations, batched, sink_rows
 
 
 @dataclass
@@ -119,6 +121,18 @@ class _CleanPass:
         return out.logits.float()
 
 
+def _without_sinks(mask: Tensor, stream: Tensor) -> Tensor:
+    """``mask`` with the attention sinks among its tokens (:func:`sink_rows`) switched off:
+    they are neither scored nor replaced by their reconstruction, like position 0."""
+    sinks = sink_rows(stream[mask])
+    if not bool(sinks.any()):
+        return mask
+    mask = mask.clone()
+    where = mask.nonzero()[sinks]
+    mask[where[:, 0], where[:, 1]] = False
+    return mask
+
+
 @torch.no_grad()
 def evaluate(dictionary: SparseDictionary, source: ModelActivations,
              contexts: Sequence[Tensor], *, layer: int, tokens_per_batch: int = 2048,
@@ -132,7 +146,9 @@ def evaluate(dictionary: SparseDictionary, source: ModelActivations,
         ids, lengths = source.pad(group)
         mask = source.training_mask(ids, lengths).to(source.device)
         if not lm_metrics:
-            x = source.residuals(ids, [layer])[layer][mask]
+            stream = source.residuals(ids, [layer])[layer]
+            mask = _without_sinks(mask, stream)
+            x = stream[mask]
             out = dictionary(x)
             stats.update(x, out.reconstruction, out.feature_acts)
             if progress:
@@ -140,6 +156,7 @@ def evaluate(dictionary: SparseDictionary, source: ModelActivations,
             continue
         clean = _CleanPass(source, ids, layer)
         clean_logits = clean.logits
+        mask = _without_sinks(mask, clean.x)
         x = clean.x[mask].float()
         out = dictionary(x)
         stats.update(x, out.reconstruction, out.feature_acts)

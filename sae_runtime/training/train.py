@@ -40,6 +40,8 @@ from .activations import (
     ShuffledBatches,
     StreamingBatches,
     cache_fingerprint,
+    kept_rows,
+    sink_rows,
 )
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -120,7 +122,7 @@ def to_dictionary(trainer: SAETrainer, cfg: TrainConfig, scale: float, model_nam
                      "trained_with": "sae-train", "trainer": cfg.architecture,
                      "folded_norm_scaling_factor": scale,
                      "context_size": cfg.ctx_len,
-                     "excluded_positions": "position 0 and special tokens"},
+                     "excluded_positions": "position 0, special tokens and attention sinks (norm over 10x the median)"},
     }
     if arch == "topk":
         data["k"] = cfg.k
@@ -231,10 +233,11 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
         if own_box:  # everything is on disk: free the engine before training
             harvester.close()
         table = cache.open(layer)
-        n_train = table.shape[0]
-        batches: ShuffledBatches | StreamingBatches = ShuffledBatches(table, cfg.batch_size, cfg.seed)
+        rows = kept_rows(table)  # attention sinks beyond position 0 left out
+        n_train = rows.numel()
+        batches: ShuffledBatches | StreamingBatches = ShuffledBatches(table, cfg.batch_size, cfg.seed, rows)
         gen = torch.Generator().manual_seed(cfg.seed + 17)
-        pick = torch.randperm(n_train, generator=gen)[:SCALE_SAMPLE].sort().values
+        pick = rows[torch.randperm(n_train, generator=gen)[:SCALE_SAMPLE]].sort().values
         sample = table[pick].float()
     else:
         n_train = sum(max(len(c) - 1, 0) for c in train_ctx)
@@ -244,6 +247,7 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
         sample_ctx = take_tokens(train_ctx, SCALE_SAMPLE)
         sample = torch.cat([harvester.harvest(sample_ctx[i:i + 8], [layer])[layer]
                             for i in range(0, len(sample_ctx), 8)])
+        sample = sample[~sink_rows(sample)]
     steps_per_epoch = max(1, n_train // cfg.batch_size)
     total = cfg.steps or max(1, int(cfg.epochs * steps_per_epoch))
     scale = (math.sqrt(d_in) / float(sample.norm(dim=1).mean())

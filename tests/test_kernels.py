@@ -157,8 +157,12 @@ def test_validation_errors(monkeypatch):
     feats = torch.tensor([[1, 2]])
     modes = torch.tensor([[2, 1]], dtype=torch.int8)
     vals = torch.tensor([[1.0, 2.0]])
-    with pytest.raises(ValueError, match="token_kth"):
+    with pytest.raises(ValueError, match="edit_acts"):
         K.steering_edit(x, slots, feats, modes, vals, activation="topk", **kw)
+    with pytest.raises(ValueError, match="edit_acts"):
+        K.steering_edit(x, slots, feats, modes, vals, activation="topk", edit_acts=torch.zeros(4, 1), **kw)
+    with pytest.raises(ValueError, match="edit_acts"):
+        K.steering_edit(x, slots, feats, modes, vals, activation="relu", edit_acts=torch.zeros(3, 2), **kw)
     with pytest.raises(ValueError, match="edit_modes must be"):
         K.steering_edit(x, slots, feats, torch.tensor([[7, 1]], dtype=torch.int8), vals, activation="relu", **kw)
     with pytest.raises(ValueError, match="edit_features"):
@@ -169,7 +173,7 @@ def test_validation_errors(monkeypatch):
         K.steering_edit(x, slots, feats, modes, vals[:, :1], activation="relu", **kw)
     with pytest.raises(ValueError, match="W_dec"):
         K.steering_edit(x, slots, feats, modes, vals, activation="relu", **{**kw, "W_dec": W_dec.t()})
-    # topk with only ADD edits needs no token_kth
+    # topk with only ADD edits needs no edit_acts
     K.steering_edit(x, slots, feats, torch.tensor([[1, 1]], dtype=torch.int8), vals, activation="topk", **kw)
 
 
@@ -296,10 +300,10 @@ def _dense_steer(x, slots, feats, modes, vals, W_enc, b_enc, W_dec, b_dec, act, 
     return out, pre
 
 
-def _kth_midpoint(pre64, k):
-    """A token_kth strictly between the k-th and (k+1)-th largest pre-activation."""
-    top = pre64.topk(k + 1, dim=1).values
-    return ((top[:, k - 1] + top[:, k]) / 2).float()
+def _slot_acts(acts, slots, feats):
+    """``edit_acts [N, E]``: token n's activation of each feature of its slot (0 without one)."""
+    feats_n = feats.to(acts.device)[slots.clamp(min=0).to(acts.device)]
+    return torch.where((slots >= 0).to(acts.device)[:, None], acts.gather(1, feats_n), 0.0).float()
 
 
 def _edits(d_sae, S=3, E=4, seed=1, modes=None):
@@ -327,12 +331,60 @@ def test_reference_steering_vs_dense(act, apply_b_dec, monkeypatch):
     # make sure some edited features are active for most tokens
     feats[:, 2] = (x.double() @ W_enc.double()).argmax(1)[:3]
     expect, pre = _dense_steer(x, slots, feats, modes, vals, W_enc, b_enc, W_dec, b_dec, act, thr, k, apply_b_dec)
-    kth = _kth_midpoint(pre, k) if act == "topk" else None
+    # topk: the caller's activations from the full encode (the others compute their own)
+    acts = _slot_acts(_dense_acts(pre, act, thr, k), slots, feats) if act == "topk" else None
     out = K.steering_edit(x, slots, feats, modes, vals, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
-                          activation=act, threshold=thr, token_kth=kth, apply_b_dec_to_input=apply_b_dec)  # fmt: skip
+                          activation=act, threshold=thr, edit_acts=acts, apply_b_dec_to_input=apply_b_dec)  # fmt: skip
     torch.testing.assert_close(out.double(), expect, rtol=1e-4, atol=1e-4)
     assert torch.equal(_bits(out[slots < 0]), _bits(x[slots < 0]))
     assert not torch.equal(out[slots >= 0], x[slots >= 0])
+
+
+def _steer_with_acts(x, slots, feats, modes, vals, W_dec, edit_acts):
+    """The design-notes table in float64 with ``a_i`` = ``edit_acts[n, e]``."""
+    xd = x.double().cpu()
+    out = xd.clone()
+    W = W_dec.double().cpu()
+    for n in range(x.shape[0]):
+        s = int(slots[n])
+        if s < 0:
+            continue
+        for e in range(feats.shape[1]):
+            m, f, v, a = int(modes[s, e]), int(feats[s, e]), float(vals[s, e]), float(edit_acts[n, e])
+            d = W[f]
+            c = float(xd[n] @ d) / float(d @ d)
+            out[n] += {0: 0.0, 1: v, 2: v - a, 3: (v - 1) * a, 4: -a, 5: -max(c - v, 0.0), 6: v - c}[m] * d
+    return out
+
+
+def _nan_encoder(W_enc, b_enc, thr):
+    """Encoder tensors full of NaN: an edit that reads any of them comes out NaN."""
+    return dict(
+        W_enc=torch.full_like(W_enc, float("nan")),
+        b_enc=torch.full_like(b_enc, float("nan")),
+        threshold=torch.full_like(thr, float("nan")),
+    )
+
+
+@pytest.mark.parametrize("act", ["relu", "jumprelu", "topk"])
+def test_reference_steering_uses_given_edit_acts(act, monkeypatch):
+    # edit_acts replace the activation (whatever the activation function) and the encoder is
+    # not read: token n's edit e gets edit_acts[n, e], also where two tokens share a slot.
+    monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
+    d_in, d_sae = 50, 300
+    W_enc, b_enc, W_dec, b_dec, thr = _dict(d_in, d_sae)
+    x = torch.randn(8, d_in)
+    slots = torch.tensor([0, 1, -1, 2, 0, -1, 1, 2])
+    feats, modes, vals = _edits(d_sae)
+    edit_acts = torch.rand(8, feats.shape[1]) * 3 + 0.5  # distinct per token and edit
+    expect = _steer_with_acts(x, slots, feats, modes, vals, W_dec, edit_acts)
+    out = K.steering_edit(x, slots, feats, modes, vals, W_dec=W_dec, b_dec=b_dec, activation=act,
+                          edit_acts=edit_acts, **_nan_encoder(W_enc, b_enc, thr))  # fmt: skip
+    torch.testing.assert_close(out.double(), expect, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_bits(out[slots < 0]), _bits(x[slots < 0]))
+    # the tokens sharing slot 0 got different edits: their own activations
+    d0 = (out - x)[[0, 4]]
+    assert not torch.allclose(d0[0], d0[1])
 
 
 def test_reference_steering_many_distinct_features(monkeypatch):
@@ -465,8 +517,8 @@ def _steer_case(tdev, d_in, dtype, act, modes=None, S=3, E=4, n=9, seed=0):
     feats[:, 2] = (x.float() @ W_enc.float()).argmax(1)[:S].cpu()  # edited features that fire
     feats, m, vals = feats.to(tdev), m.to(tdev), vals.to(tdev)
     pre = (x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()
-    kth = _kth_midpoint(pre, 16) if act == "topk" else None
-    kw = dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=thr, token_kth=kth)
+    acts = _slot_acts(_dense_acts(pre, act, thr, 16), slots, feats) if act == "topk" else None
+    kw = dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=thr, edit_acts=acts)
     return x, slots, feats, m, vals, kw
 
 
@@ -500,6 +552,22 @@ def test_triton_steering_edit(tdev, d_in, dtype, act, modes):
     assert torch.equal(_bits(x[slots < 0]), _bits(x0[slots < 0]))
 
 
+@pytest.mark.parametrize(
+    "act,dtype,d_in", [("topk", torch.float32, 50), ("relu", torch.float16, 576), ("jumprelu", torch.float32, 576)]
+)
+def test_triton_steering_edit_acts(tdev, act, dtype, d_in):
+    # the kernel reads edit_acts[n, e] (no encoder read: the encoder tensors are NaN)
+    x, slots, feats, m, vals, kw = _steer_case(tdev, d_in, dtype, act)
+    edit_acts = (torch.rand(x.shape[0], feats.shape[1]) * 3 + 0.5).to(tdev)
+    kw = {**kw, **_nan_encoder(kw["W_enc"], kw["b_enc"], kw["threshold"]), "edit_acts": edit_acts}
+    ref = R.steering_edit(x, slots, feats, m, vals, act=K.ACTIVATIONS[act], **kw)
+    out = K.steering_edit(x, slots, feats, m, vals, activation=act, **kw)
+    expect = _steer_with_acts(x, slots.cpu(), feats.cpu(), m.cpu(), vals.cpu(), kw["W_dec"], edit_acts.cpu())
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    torch.testing.assert_close(out.double().cpu(), expect.to(dtype).double(), **_tol(dtype))
+    assert torch.equal(_bits(out[slots < 0]), _bits(x[slots < 0]))
+
+
 def test_triton_steering_identity_and_empty(tdev):
     x, slots, feats, m, vals, kw = _steer_case(tdev, 50, torch.float32, "relu")
     x0 = x.clone()
@@ -513,7 +581,7 @@ def test_triton_steering_identity_and_empty(tdev):
         assert torch.equal(_bits(out), _bits(x0))
     # N = 0 tokens, S = 0 slots
     e = x[:0]
-    assert K.steering_edit(e, slots[:0], feats, m, vals, activation="relu", **{**kw, "token_kth": None}).shape == (
+    assert K.steering_edit(e, slots[:0], feats, m, vals, activation="relu", **{**kw, "edit_acts": None}).shape == (
         0, 50)  # fmt: skip
     out = K.steering_edit(x, torch.full_like(slots, -1), feats[:0], m[:0], vals[:0], activation="relu", **kw)
     assert torch.equal(_bits(out), _bits(x0))

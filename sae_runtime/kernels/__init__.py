@@ -191,8 +191,6 @@ def encode_topk(
     Returns ``(indices [N, k] int64, values [N, k] pre.dtype)``: values sorted descending,
     ties broken by the lower feature index; a row with fewer than k non-zero activations
     is padded with value 0 at the lowest-index inactive features (valid indices).
-    ``values[:, k - 1]`` of a topk dictionary's own k is a valid ``token_kth`` for
-    :func:`steering_edit`.
     """
     act = _act_code(activation)
     _check_tensor("pre", pre, 2, _FLOAT_DTYPES)
@@ -306,7 +304,7 @@ def steering_edit(
     b_dec: torch.Tensor | None,
     activation: str,
     threshold: torch.Tensor | None = None,
-    token_kth: torch.Tensor | None = None,
+    edit_acts: torch.Tensor | None = None,
     apply_b_dec_to_input: bool = True,
     inplace: bool = False,
 ) -> torch.Tensor:
@@ -315,19 +313,23 @@ def steering_edit(
     Token n uses edit slot ``token_slot[n]`` (-1: no edits; the row comes out bitwise
     unchanged, also when its slot holds only NONE padding). A slot holds E edits
     ``(edit_features[s, e], edit_modes[s, e], edit_values[s, e])``; with ``d_i = W_dec[i]``
-    and ``a_i`` the activation of feature i of the ORIGINAL x (only the edited features'
-    W_enc columns are read):
+    and ``a_i`` the activation of feature i of the ORIGINAL x:
     ADD ``x += v d_i``; CLAMP ``x += (v - a_i) d_i``; SCALE ``x += (v - 1) a_i d_i``;
     ABLATE ``x -= a_i d_i``; with ``c_i = <x, d_i> / ||d_i||^2`` (the stream's coefficient along
     ``d_i``, read from W_dec): PROJECT_CAP ``x -= max(c_i - v, 0) d_i`` (caps the projection on
     ``d_i / ||d_i||`` at ``v ||d_i||``); ORTHOGONAL ``x += (v - c_i) d_i`` (removes the
     component along ``d_i``, adds ``v d_i``). All edits of a slot add up (a repeated feature contributes
-    each time). ``a_i``: relu ``relu(pre_i)``; jumprelu ``pre_i if pre_i > threshold_i``;
-    topk ``relu(pre_i) if pre_i >= token_kth[n]`` (the token's k-th largest activation,
-    from a full encode, e.g. ``encode_topk(...)[1][:, k - 1]``, or any threshold between
-    it and the (k+1)-th: the worker passes the midpoint, so that the k-th feature's own
-    pre-activation, recomputed here with other rounding, stays in; required when a topk
-    dictionary has any non-ADD edit). Accumulates in float32, writes x's dtype.
+    each time). ``a_i`` is ``edit_acts[n, e]`` when the caller gives ``edit_acts [N, E]``
+    (the activation of token n's edited feature ``edit_features[token_slot[n], e]``, read
+    only where the mode is CLAMP/SCALE/ABLATE; W_enc, b_enc and threshold are then not
+    read). Without it the activation is computed here from the edited features' W_enc
+    columns only: relu ``relu(pre_i)``; jumprelu ``pre_i if pre_i > threshold_i``. A topk
+    dictionary's activation depends on all d_sae pre-activations, so its CLAMP/SCALE/ABLATE
+    edits need ``edit_acts``, read from one full encode of x (the worker gathers
+    ``SparseDictionary.encode(x)`` at the edited features): whether a feature is in the
+    top k is then decided within that one encode, where the k-th feature's own value is the
+    k-th value (a pre-activation recomputed apart, with other rounding, could fall an ulp
+    short of it). Accumulates in float32, writes x's dtype.
     Returns the edited tensor: ``x`` itself when ``inplace`` else a new tensor.
     """
     act = _act_code(activation)
@@ -349,13 +351,13 @@ def steering_edit(
         _check_tensor("b_dec", b_dec, 1, _FLOAT_DTYPES, dev, (d_in,))
         b_dec = b_dec.contiguous()
     threshold = _check_threshold(act, threshold, d_sae, dev)
-    if token_kth is not None:
-        _check_tensor("token_kth", token_kth, 1, _FLOAT_DTYPES, dev, (n,))
-        token_kth = token_kth.contiguous()
-    if act == reference.ACT_TOPK and token_kth is None:
-        # (only reached on misuse; on CUDA this check syncs)
+    if edit_acts is not None:
+        _check_tensor("edit_acts", edit_acts, 2, _FLOAT_DTYPES, dev, (n, E))
+        edit_acts = edit_acts.contiguous()
+    elif act == reference.ACT_TOPK:
+        # (on CUDA this check syncs: a topk dictionary with only ADD/PROJECT_CAP/ORTHOGONAL edits)
         need = (edit_modes >= EditMode.CLAMP) & (edit_modes <= EditMode.ABLATE)
-        _check(not bool(need.any()), "activation 'topk' needs token_kth [N] for clamp/scale/ablate edits")
+        _check(not bool(need.any()), "activation 'topk' needs edit_acts [N, E] for clamp/scale/ablate edits")
     if dev.type == "cpu" and S * E > 0:
         m = edit_modes.long()
         _check(bool(((m >= 0) & (m <= 6)).all()),
@@ -382,7 +384,7 @@ def steering_edit(
         b_dec=b_dec,
         act=act,
         threshold=threshold,
-        token_kth=token_kth,
+        edit_acts=edit_acts,
         apply_b_dec_to_input=apply_b_dec_to_input,
         inplace=inplace,
     )

@@ -17,7 +17,8 @@ Conventions shared with ``triton_kernels.py`` (keep the two in step):
   ``-0.0`` becomes ``+0.0``. NaN inputs: unspecified.
 * Steering-edit modes: 0 NONE, 1 ADD, 2 CLAMP, 3 SCALE, 4 ABLATE, 5 PROJECT_CAP,
   6 ORTHOGONAL; other values are ignored like NONE (the public entry rejects them on CPU).
-  CLAMP/SCALE/ABLATE read the feature's activation (encoder side); PROJECT_CAP/ORTHOGONAL
+  CLAMP/SCALE/ABLATE read the feature's activation (the caller's ``edit_acts``, else
+  computed from the edited features' encoder columns); PROJECT_CAP/ORTHOGONAL
   read the stream's coefficient along the decoder row, ``c = <x, d_i> / ||d_i||^2``.
 """
 
@@ -296,7 +297,7 @@ def steering_edit(
     b_dec: torch.Tensor | None,
     act: int,
     threshold: torch.Tensor | None = None,
-    token_kth: torch.Tensor | None = None,
+    edit_acts: torch.Tensor | None = None,
     apply_b_dec_to_input: bool = True,
     inplace: bool = False,
 ) -> torch.Tensor:
@@ -320,19 +321,21 @@ def steering_edit(
     need_dec = active & (modes >= MODE_PROJECT_CAP)
 
     xr = x[rows].float()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
     acts = torch.zeros(need.shape, dtype=torch.float32, device=x.device)
-    if bool(need.any()):
+    if edit_acts is not None:
+        # the caller's activations of each token's edited features: no encoder read
+        acts = torch.where(need, edit_acts[rows].float(), zero)
+    elif bool(need.any()):
+        if act == ACT_TOPK:  # whether a feature is in the top-k depends on all d_sae of them
+            raise ValueError("edit_acts [N, E] is required for clamp/scale/ablate edits (activation topk)")
         xin = xr - b_dec.float() if (apply_b_dec_to_input and b_dec is not None) else xr
         pre = _edited_feature_pre(xin, feats, need, W_enc)
         if b_enc is not None:
             pre = pre + b_enc.float()[feats]
-        zero = torch.zeros((), dtype=torch.float32, device=x.device)
         if act == ACT_JUMPRELU:
             thr = _required(threshold, "threshold (activation jumprelu)")
             acts = torch.where(pre > thr.float()[feats], pre, zero)
-        elif act == ACT_TOPK:
-            kth = _required(token_kth, "token_kth (activation topk)").float()[rows].unsqueeze(1)
-            acts = torch.where((pre >= kth) & (pre > 0), pre, zero)
         else:
             acts = torch.where(pre > 0, pre, zero)
         acts = torch.where(need, acts, zero)

@@ -375,7 +375,7 @@ def _steering_edit_kernel(
     feat_ptr,
     mode_ptr,
     val_ptr,
-    kth_ptr,
+    eacts_ptr,
     wenc_ptr,
     benc_ptr,
     thr_ptr,
@@ -384,10 +384,12 @@ def _steering_edit_kernel(
     D,
     E,
     stride_x,
+    stride_ea,
     stride_we_d,
     stride_we_f,
     stride_wd,
     ACT: tl.constexpr,
+    HAS_EACTS: tl.constexpr,
     HAS_BENC: tl.constexpr,
     SUB_BDEC: tl.constexpr,
     E_PAD: tl.constexpr,
@@ -406,7 +408,10 @@ def _steering_edit_kernel(
         feats = tl.load(feat_ptr + slot * E + e, mask=active, other=0).to(tl.int64)
         vals = tl.load(val_ptr + slot * E + e, mask=active, other=0.0).to(tl.float32)
         acts = tl.zeros([E_PAD], dtype=tl.float32)
-        if tl.max(need.to(tl.int32), axis=0) > 0:
+        if HAS_EACTS:
+            # the caller's activations of this token's edited features: no W_enc read
+            acts = tl.load(eacts_ptr + row * stride_ea + e, mask=need, other=0.0).to(tl.float32)
+        elif tl.max(need.to(tl.int32), axis=0) > 0:
             # phase 1: pre_i = <x - b_dec, W_enc[:, i]> + b_enc[i] for the edited features only
             dots = tl.zeros([E_PAD], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -427,10 +432,7 @@ def _steering_edit_kernel(
             if ACT == 1:  # jumprelu
                 thr = tl.load(thr_ptr + feats, mask=need, other=0.0).to(tl.float32)
                 a = tl.where(pre > thr, pre, 0.0)
-            elif ACT == 2:  # topk: inside the token's top-k iff pre >= its k-th largest pre
-                kth = tl.load(kth_ptr + row).to(tl.float32)
-                a = tl.where((pre >= kth) & (pre > 0.0), pre, 0.0)
-            else:
+            else:  # relu (a topk dictionary's clamp/scale/ablate edits come with edit_acts)
                 a = tl.where(pre > 0.0, pre, 0.0)
             acts = tl.where(need, a, 0.0)
         proj = tl.zeros([E_PAD], dtype=tl.float32)
@@ -485,7 +487,7 @@ def steering_edit(
     b_dec: torch.Tensor | None,
     act: int,
     threshold: torch.Tensor | None = None,
-    token_kth: torch.Tensor | None = None,
+    edit_acts: torch.Tensor | None = None,
     apply_b_dec_to_input: bool = True,
     inplace: bool = False,
 ) -> torch.Tensor:
@@ -499,13 +501,15 @@ def steering_edit(
     if n > 0 and S > 0 and E > 0:
         W_dec = W_dec if W_dec.stride(1) == 1 else W_dec.contiguous()
         dummy = out
+        eacts = edit_acts.contiguous() if edit_acts is not None else dummy
         _steering_edit_kernel[(n,)](
             out, token_slot.contiguous(), edit_features.contiguous(), edit_modes.contiguous(),
-            edit_values.contiguous(), token_kth if token_kth is not None else dummy,
+            edit_values.contiguous(), eacts,
             W_enc, b_enc if b_enc is not None else dummy, threshold if threshold is not None else dummy,
             W_dec, b_dec if b_dec is not None else dummy,
-            d, E, out.stride(0), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0),
-            ACT=act, HAS_BENC=b_enc is not None, SUB_BDEC=bool(apply_b_dec_to_input and b_dec is not None),
+            d, E, out.stride(0), eacts.stride(0), W_enc.stride(0), W_enc.stride(1), W_dec.stride(0),
+            ACT=act, HAS_EACTS=edit_acts is not None, HAS_BENC=b_enc is not None,
+            SUB_BDEC=bool(apply_b_dec_to_input and b_dec is not None),
             E_PAD=max(2, _next_pow2(E)), BLOCK_D=min(512, _next_pow2(d)), num_warps=4,
         )  # fmt: skip
     if inplace and out is not x:

@@ -223,20 +223,11 @@ class SAEWorkerRuntime:
             batch = _per_token_values(d, x, batch, self._fired)
         if d.activation == "gated":
             return _gated_edit_delta(d, xd, batch).float()
-        token_kth = None
+        # A top-k feature's activation depends on the whole encode: computed once here and
+        # handed to the kernel, which then reads no encoder weights.
+        edit_acts = None
         if d.activation == "topk" and batch.needs_activation:
-            if d.k is None:  # a top-k dictionary always has k (checked when it loads)
-                raise RuntimeError("top-k dictionary without k")
-            # The edit recomputes its feature's pre-activation with another GEMM, whose
-            # rounding differs from this one's: compared with the k-th value itself, the
-            # k-th feature could miss its own top-k by 1 ulp. Halfway to the (k+1)-th, the
-            # decision moves only where the gap itself is within rounding.
-            pre = d.encode_pre(xd)
-            top = torch.topk(pre, min(d.k + 1, pre.shape[-1]), dim=-1).values
-            token_kth = top[:, d.k - 1]
-            if top.shape[-1] > d.k:
-                token_kth = (token_kth + top[:, d.k]) / 2
-            token_kth = token_kth.contiguous()
+            edit_acts = _edit_feature_acts(d, xd, batch)
         edited = kernels.steering_edit(
             xd,
             batch.token_slot,
@@ -249,7 +240,7 @@ class SAEWorkerRuntime:
             b_dec=d.b_dec,
             activation=d.activation,
             threshold=getattr(d, "threshold", None) if d.activation == "jumprelu" else None,
-            token_kth=token_kth,
+            edit_acts=edit_acts,
             apply_b_dec_to_input=d.cfg.apply_b_dec_to_input,
         )
         return edited.float() - xd.float()
@@ -329,12 +320,35 @@ def _per_token_values(d: SparseDictionary, x: torch.Tensor, batch: EditBatch,
                      needs_activation=batch.needs_activation)
 
 
+# rows per encode chunk in _edit_feature_acts: bounds the dense [rows, d_sae] activations
+_EDIT_ENCODE_CHUNK_ELEMS = 1 << 25
+
+
+def _edit_feature_acts(d: SparseDictionary, xd: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+    """``[n, E]`` float32: the activation of each row's edited features, ``d.encode`` of the row
+    gathered at them (the edits whose activation only a full encode gives: top-k, gated).
+
+    One encode per row chunk, and the activation is read from it: for top-k a feature is
+    active iff its value in that encode is >= the token's k-th largest value there (the
+    dictionary's own rule), so the k-th feature is always in. (Recomputing an edited
+    feature's pre-activation apart and comparing it with the encode's k-th value would mix
+    two GEMMs whose rounding differs: the k-th feature itself could miss its own top-k.)"""
+    feats = batch.features[batch.token_slot.long().clamp(min=0)]  # [n, E]
+    n = xd.shape[0]
+    rows = max(1, _EDIT_ENCODE_CHUNK_ELEMS // d.d_sae)
+    if rows >= n:
+        return d.encode(xd).gather(1, feats).float()
+    return torch.cat(
+        [d.encode(xd[r0 : r0 + rows]).gather(1, feats[r0 : r0 + rows]).float() for r0 in range(0, n, rows)]
+    )
+
+
 def _gated_edit_delta(d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
     """Torch path for gated dictionaries (the steering kernel covers relu/jumprelu/topk)."""
     feats = batch.features[batch.token_slot.long()]  # [n, E]
     modes = batch.modes[batch.token_slot.long()]
     vals = batch.values[batch.token_slot.long()]
-    acts = d.encode(x).float().gather(1, feats)
+    acts = _edit_feature_acts(d, x, batch)
     coef = torch.zeros_like(vals)
     coef = torch.where(modes == kernels.EditMode.ADD, vals, coef)
     coef = torch.where(modes == kernels.EditMode.CLAMP, vals - acts, coef)

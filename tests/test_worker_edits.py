@@ -1,0 +1,100 @@
+"""The worker's steering edits on dictionaries whose activation needs the full encode (top-k,
+gated): the activation an edit reads is the dictionary's own encode of the token, so the
+token's k-th feature is always in its top k (no second GEMM to round it out). No engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from sae_runtime import kernels
+from sae_runtime.dictionary import DictionaryConfig, SparseDictionary
+from sae_runtime.worker import runtime
+from sae_runtime.worker.runtime import SAEWorkerRuntime
+from sae_runtime.worker.step_plan import EditBatch
+
+D_IN, D_SAE, K, N = 64, 512, 16, 96
+ABLATE, CLAMP = int(kernels.EditMode.ABLATE), int(kernels.EditMode.CLAMP)
+
+
+def _dictionary(arch: str) -> SparseDictionary:
+    # bfloat16: the encode rounds each pre-activation to 8 bits, so neighbouring values in
+    # a token's ranking often tie or sit within an ulp of each other at the k-th place.
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5,
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g) / D_IN**0.5,
+        "b_dec": torch.randn(D_IN, generator=g) * 0.1,
+    }
+    if arch == "gated":
+        t |= {
+            "b_gate": torch.randn(D_SAE, generator=g) * 0.3,
+            "r_mag": torch.randn(D_SAE, generator=g) * 0.2,
+            "b_mag": torch.randn(D_SAE, generator=g) * 0.3,
+        }
+    else:
+        t["b_enc"] = torch.randn(D_SAE, generator=g) * 0.1
+    cfg = DictionaryConfig(
+        architecture=arch,
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K if arch == "topk" else None,
+        dtype="bfloat16",
+        metadata={"hook_name": "layers.0"},
+    )
+    return SparseDictionary(cfg, t, dtype=torch.bfloat16)
+
+
+def _edit_delta(
+    d: SparseDictionary, x: torch.Tensor, feats: torch.Tensor, modes: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """The worker's delta for one slot per row (row n edits ``feats[n]``)."""
+    rt: Any = object.__new__(SAEWorkerRuntime)  # only the step's state, no vLLM runner
+    rt._fired = {}
+    n = x.shape[0]
+    batch = EditBatch(
+        rows=torch.arange(n),
+        token_slot=torch.arange(n, dtype=torch.int32),
+        features=feats,
+        modes=modes.to(torch.int32),
+        values=values.float(),
+        needs_activation=True,
+    )
+    return rt._edit_delta(d, x, batch)
+
+
+@pytest.mark.parametrize("chunk", [None, 7 * D_SAE])  # one encode / row chunks of 7 tokens
+@pytest.mark.parametrize("arch", ["topk", "gated"])
+@torch.inference_mode()  # as in the engine
+def test_edit_reads_the_activation_of_the_dictionarys_own_encode(arch, chunk, monkeypatch):
+    monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
+    if chunk is not None:
+        monkeypatch.setattr(runtime, "_EDIT_ENCODE_CHUNK_ELEMS", chunk)
+    d = _dictionary(arch)
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1))
+    xd = x.to(d.dtype)
+    acts = d.encode(xd)  # [N, D_SAE] bfloat16, the dictionary's reference
+    # features by their value: top-k by pre-activation (past the k-th, the encode is 0)
+    order = (d.encode_pre(xd) if arch == "topk" else acts).float().topk(K + 8, dim=1).indices
+    # per row: ablate its K-th feature (the one at the edge of its top k), and clamp to 1 a
+    # feature just past it (top-k: outside, activation 0; gated: active)
+    feats = torch.stack([order[:, K - 1], order[:, K + 4]], 1)
+    modes = torch.tensor([ABLATE, CLAMP]).expand(N, 2)
+    values = torch.tensor([0.0, 1.0]).expand(N, 2)
+    a = acts.gather(1, feats).float()
+    assert (a[:, 0] > 0).all()
+    if arch == "topk":
+        assert (a[:, 1] == 0).all() and (d.encode_pre(xd).gather(1, feats[:, 1:]) > 0).all()
+    delta = _edit_delta(d, x, feats, modes, values)
+    coef = torch.stack([-a[:, 0], 1.0 - a[:, 1]], 1)  # ablate: -a; clamp to 1: 1 - a
+    W = d.W_dec.float()
+    expect = torch.einsum("ne,ned->nd", coef, W[feats])
+    if arch == "topk":  # the kernel writes x's dtype back: the delta is what survives that
+        expect = (xd.float() + expect).to(d.dtype).float() - xd.float()
+    torch.testing.assert_close(delta, expect, rtol=1e-5, atol=1e-6)
+    # every row's K-th feature was ablated: removing -a d alone leaves the clamp's share
+    assert (delta.norm(dim=1) > 0).all()
+    alone = _edit_delta(d, x, feats[:, :1], modes[:, :1], values[:, :1])
+    assert (alone.norm(dim=1) > 0.5 * a[:, 0] * W[feats[:, 0]].norm(dim=1)).all()

@@ -727,6 +727,7 @@ def _write_atomic(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
     tmp = target.with_name(f".{target.name}.tmp")
     write(str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600: a server running as another user could not read it
     os.replace(tmp, target)
 
 

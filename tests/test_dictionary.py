@@ -209,6 +209,7 @@ def test_weights_stored_in_half_precision_are_served_in_the_cfg_dtype(tmp_path):
     d.save(tmp_path, storage_dtype="float16")
     stored = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert (tmp_path / "sae_weights.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others
     assert json.loads((tmp_path / "cfg.json").read_text())["dtype"] == "float32"
     loaded = SparseDictionary.load(tmp_path)
     assert loaded.dtype == torch.float32 and loaded.W_enc.dtype == torch.float32

@@ -310,7 +310,7 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
         dead = float(trainer.dead_mask().float().mean())
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            curves.write({"step": step, "tokens": step * cfg.batch_size, "loss": float(out_step.loss),
+            curves.write({"step": step, "tokens": step * cfg.batch_size, "loss": float(out_step.loss.detach()),
                           "fvu": fvu, "l0": l0, "dead": dead})
         bar.set_postfix(fvu=f"{ema_fvu:.3f}", l0=f"{ema_l0:.1f}", dead=f"{dead:.1%}", lr=f"{lr:.1e}",
                         refresh=False)

@@ -126,8 +126,9 @@ def test_build_writes_an_index_the_reader_opens_and_resumes_to_the_same_file(sae
     assert idx.d_sae == 512 and meta["top_k"] == "16" and meta["top_k_complete"] == "true"
     assert meta["dictionary_id"] == sae_engine.ids["topk"] and meta["hook_point"] == "layers.6"
     scored = int(meta["tokens_scored"])
-    # position 0 of each context is excluded (no special tokens in plain text)
-    assert scored == int(meta["context_tokens"]) - int(meta["contexts"]) > 500
+    # position 0 of each context is excluded (no special tokens in plain text), and the
+    # attention sinks beyond it
+    assert scored == int(meta["context_tokens"]) - int(meta["contexts"]) - int(meta["sink_tokens"]) > 500
     fired = [idx.feature(f) for f in range(512)]
     assert sum(r.n_fired for r in fired) <= 16 * scored and any(r.n_fired for r in fired)
     live = max(fired, key=lambda r: r.n_fired)
@@ -194,6 +195,50 @@ def test_build_writes_an_index_the_reader_opens_and_resumes_to_the_same_file(sae
     assert _rows(out) == _rows(whole)
     with pytest.raises(IndexBuildError, match=r"out: .* exists"):
         build(cfg, engine=engine, loop=loop)
+
+
+@slow
+def test_build_leaves_attention_sinks_beyond_position_0_out(sae_engine, corpus, tmp_path):
+    """A context that starts with two newlines has an attention sink at position 1 (stream
+    norm at layer 12 hundreds of times the others'), where the default dictionary's features
+    reach far beyond their ordinary values: the build leaves it out of every statistic like
+    position 0, and says so in the meta."""
+    if "trained" not in sae_engine.ids:
+        pytest.skip("no default dictionary")
+    engine, loop, dict_id = sae_engine.engine, sae_engine.loop, sae_engine.ids["trained"]
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus, data)
+    text = "\n\nThe ships sailed home across the calm sea, and the harbour filled with people waiting."
+    (data / "sink.txt").write_text(text)
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The engine's stream norms are those of the raw stream rows at the hook point.
+    (idx_, val, norms), = sae_engine.run(engine.harvest_features([ids], dict_id, 64, stream_norms=True))
+    streams = sae_engine.run(engine.harvest_streams([ids], ["layers.12"]))[0][12]
+    assert norms == pytest.approx(streams.norm(dim=1).numpy(), rel=1e-4)
+    assert norms[1] > 10 * np.median(norms[1:])  # position 1 is a sink
+    assert (norms[2:] < 10 * np.median(norms[1:])).all()
+    sink_feature, sink_act = int(idx_[1, 0]), float(val[1, 0])
+
+    out = build(IndexConfig(dictionary=str(sae_engine.dictionaries["trained"]), data=[str(data)],
+                            out=str(tmp_path / "sinks.sqlite"), ctx_len=64, shard_tokens=200, batch_tokens=128,
+                            top_n=5, window=8, random_windows=16, max_model_len=1024, progress=False),
+                engine=engine, loop=loop)
+    index = FeatureIndex(out)
+    meta = index.meta
+    sinks = int(meta["sink_tokens"])
+    assert sinks >= 1 and "10 x the median norm" in meta["sink_rule"]
+    assert int(meta["tokens_scored"]) == int(meta["context_tokens"]) - int(meta["contexts"]) - sinks
+    db = sqlite3.connect(out)
+    at_sink = db.execute("SELECT count(*) FROM examples WHERE doc = 'sink.txt' AND context_offset = 0 "
+                         "AND position = 1").fetchone()[0]
+    db.close()
+    assert at_sink == 0
+    # The sink's strongest feature would have its maximum there; the index's is far below it.
+    assert index.feature(sink_feature).max_act < sink_act / 5
+    for e in index.examples(sink_feature):  # in a window that holds the sink, its activation is 0
+        j = 1 - (e.position - e.peak)
+        if e.doc == "sink.txt" and e.context_offset == 0 and 0 <= j < len(e.acts):
+            assert e.acts[j] == 0
 
 
 @slow

@@ -149,3 +149,42 @@ def test_reservoir_keeps_the_contexts_of_smallest_key_with_their_firing_features
         start = next(i for i in range(len(text)) if text[i:i + len(tokens)] == tokens)
         a = dense(ctx)[start:start + len(tokens)]
         assert active.tolist() == (a > 0).any(0).tolist()
+
+
+def test_exclude_sinks_takes_the_norm_outliers_of_the_scored_tokens_out_of_the_masks(tmp_path):
+    """sae-index's attention-sink rule (``build.exclude_sinks``, sae-train's ``sink_norms``):
+    a scored token over 10x the median norm of all the scored tokens handed in is taken out
+    of its context's mask; unscored positions (position 0, whatever its norm) neither count
+    in the median nor change; the count goes into the statistics and survives merging and
+    saving."""
+    from sae_runtime.feature_index.build import exclude_sinks
+
+    ctxs = synthetic(6, seed=2)
+    rng = np.random.default_rng(0)
+    norms = [rng.uniform(100, 150, len(c.token_ids)).astype(np.float32) for c in ctxs]
+    for n in norms:
+        n[0] = 20_000.0  # position 0: not scored, not a sink here
+    scored_pos = [int(np.flatnonzero(c.mask)[0]) for c in ctxs[:2]]
+    norms[0][scored_pos[0]] = 25_000.0
+    norms[1][scored_pos[1]] = 1_600.0  # over 10x any median of the others (<= 150)
+    before = [c.mask.copy() for c in ctxs]
+    assert exclude_sinks(ctxs, norms) == 2
+    for i, (c, m) in enumerate(zip(ctxs, before, strict=True)):
+        want = m.copy()
+        if i < 2:
+            want[scored_pos[i]] = False
+        assert c.mask.tolist() == want.tolist()
+    s = run(ctxs)
+    s.sinks += 2
+    assert s.tokens == sum(int(m.sum()) for m in before) - 2
+    assert brute_force(ctxs)["max"].max() == pytest.approx(float(s.max_act.max()))
+    s.save(tmp_path / "s.pt")
+    other = run(synthetic(3, seed=9))
+    other.sinks = 1
+    loaded = IndexStats.load(tmp_path / "s.pt")
+    loaded.merge(other)
+    assert loaded.sinks == 3
+    # Nothing is a sink when no norm stands out; an empty batch has none.
+    assert exclude_sinks(synthetic(3, seed=4), [np.full(len(c.token_ids), 120.0, np.float32)
+                                                for c in synthetic(3, seed=4)]) == 0
+    assert exclude_sinks([], []) == 0

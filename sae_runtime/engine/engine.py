@@ -15,6 +15,7 @@ features (sae-index).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -547,35 +548,46 @@ class SAEEngine:
 
         return list(await asyncio.gather(*(one(ids) for ids in token_id_lists)))
 
-    async def harvest_features(self, token_id_lists: list[list[int]], dictionary: str,
-                               top_k: int) -> list[tuple[Any, Any]]:
+    async def harvest_features(self, token_id_lists: list[list[int]], dictionary: str, top_k: int, *,
+                               stream_norms: bool = False) -> list[tuple[Any, ...]]:
         """The ``top_k`` strongest features of ``dictionary`` at every prompt token.
 
         Returns, per prompt (same order), ``(indices int64 [T, top_k], values float32
         [T, top_k])`` as numpy arrays: exactly what :meth:`extract` returns for the same
-        prompt and ``top_k``, without building per-token objects. Like
-        :meth:`harvest_streams`: prefill only, prefix-cache reading skipped, every prompt in
-        flight at once (the caller bounds a call's size).
+        prompt and ``top_k``, without building per-token objects. With ``stream_norms`` a
+        third array, float32 ``[T]``: the L2 norm of each token's residual stream at the
+        dictionary's hook point (the rows the features were computed from, sent back by the
+        same requests as :meth:`harvest_streams` does; sae-index's attention-sink rule).
+        Like :meth:`harvest_streams`: prefill only, prefix-cache reading skipped, every
+        prompt in flight at once (the caller bounds a call's size).
         """
         import numpy as np
 
         spec = SAERequestSpec(features=FeatureRequest(dictionaries=[dictionary], top_k=top_k, scope="prompt"))
         self.validate(spec)
         params = self._prefill_params(token_id_lists)
+        layers = self.stream_layers([self.dictionary_info[dictionary].hook_point]) if stream_norms else []
 
-        async def one(ids: list[int]) -> tuple[Any, Any]:
+        async def one(ids: list[int]) -> tuple[Any, ...]:
             rid = uuid.uuid4().hex
             p = params.clone()
-            p.extra_args = {SPEC_KEY: to_worker_spec(spec, rid, self.dictionary_info).encode()}
-            rows = self.receiver.register(rid, [dictionary], kinds=("top",))
+            worker_spec = to_worker_spec(spec, rid, self.dictionary_info)
+            if layers:
+                worker_spec = dataclasses.replace(worker_spec, streams=layers)
+            p.extra_args = {SPEC_KEY: worker_spec.encode()}
+            rows = self.receiver.register(rid, [dictionary], kinds=("top",), streams=tuple(layers))
             try:
                 async for _ in self.llm.generate(vllm_surface.token_prompt(list(ids)), p, rid):
                     pass
-                await self._wait_for(rows, range(len(ids)))
+                wanted = range(len(ids))
+                await self._wait_for(rows, wanted)
                 table = rows.rows["top"][dictionary]
-                got = [table[pos] for pos in range(len(ids))]
-                return (np.stack([np.asarray(g[0]) for g in got]).astype(np.int64, copy=False),
-                        np.stack([g[1] for g in got]).astype(np.float32, copy=False))
+                got = [table[pos] for pos in wanted]
+                out: tuple[Any, ...] = (np.stack([np.asarray(g[0]) for g in got]).astype(np.int64, copy=False),
+                                        np.stack([g[1] for g in got]).astype(np.float32, copy=False))
+                if layers:
+                    out += (np.linalg.norm(rows.stream(layers[0], wanted), axis=1).astype(np.float32),)
+                return out
             finally:
                 self.receiver.unregister(rid)
 

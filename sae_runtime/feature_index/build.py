@@ -4,9 +4,11 @@ The corpus' documents are tokenized without special tokens and cut into contexts
 ``ctx_len`` tokens that never cross a document (as sae-train does); a seeded sample of
 them, ``max_tokens`` in all, is read. Every context runs through the same vLLM engine and
 feature extraction the server uses (:meth:`SAEEngine.harvest_features`: prefill only, the
-dictionary's top-k features of every token). Statistics skip position 0 and special tokens
-(``HarvestSource.training_mask``, the rule training uses) and accumulate in
-:class:`~.stats.IndexStats`.
+dictionary's top-k features of every token, and with them each token's residual-stream
+norm at the hook point). Statistics skip position 0 and special tokens
+(``HarvestSource.training_mask``, the rule training uses) and attention sinks beyond
+position 0 (:func:`exclude_sinks`: training's ``sink_norms`` rule, the median taken over the
+scored tokens of the shard), and accumulate in :class:`~.stats.IndexStats`.
 
 Contexts are processed in shards of about ``shard_tokens`` tokens; after each shard the
 accumulated statistics and the count of shards done go to the work dir (``<out>.work``),
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training.activations import HarvestSource
+from ..training.activations import SINK_NORM_FACTOR, HarvestSource, sink_norms
 from ..training.data import DataError, iter_documents
 from .config import DEFAULT_TOP_K_CAP, IndexConfig
 from .labels import METHOD, label_feature
@@ -54,6 +56,9 @@ START_TIMEOUT_S = 1800.0
 CALL_TIMEOUT_S = 3600.0
 MIN_CONTEXT = 2
 TOP_TOKENS = 10
+SINK_RULE = (f"scored tokens whose residual-stream norm at the hook point exceeds {SINK_NORM_FACTOR:g} x the "
+             "median norm of the scored tokens of their shard are attention sinks, left out of every statistic")
+"""The attention-sink rule, as the index's meta (``sink_rule``) and the run fingerprint record it."""
 
 
 class IndexBuildError(ValueError):
@@ -318,8 +323,10 @@ def build(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLo
 
 
 def _local_harvest(cfg: IndexConfig, runner: _EngineThread, eng: Any, model: ServedModel) -> Harvest:
-    """The shards through this process' engine; the engine computes the next batch while the
-    statistics of the previous one are added."""
+    """The shards through this process' engine, each batch's features with its tokens' stream
+    norms; a shard's statistics are added once all of it is harvested (the attention-sink
+    rule takes the median over the whole shard), while the engine computes the next shard's
+    first batch."""
     rules = _TokenRules(model.tokenizer)
     entry_id = model.entry.id
 
@@ -327,27 +334,54 @@ def _local_harvest(cfg: IndexConfig, runner: _EngineThread, eng: Any, model: Ser
                 bar: Any, after_shard: Callable[[int], None]) -> None:
         def submit(batch: list[int]) -> Any:
             ids = [contexts[i].token_ids.tolist() for i in batch]
-            return runner.submit(eng.harvest_features(ids, entry_id, top_k))
+            return runner.submit(eng.harvest_features(ids, entry_id, top_k, stream_norms=True))
 
-        for s in range(start, len(shards)):
-            batches = _batches(shards[s], contexts, cfg.batch_tokens)
-            pending = submit(batches[0])
-            for b, batch in enumerate(batches):
-                results = pending.result(CALL_TIMEOUT_S)
-                if b + 1 < len(batches):
-                    pending = submit(batches[b + 1])  # the engine runs it while we add this one
-                stats.update(context_features(contexts, batch, results, rules))
-                bar.update(sum(len(contexts[i].token_ids) for i in batch))
-            after_shard(s)
+        jobs = [(s, batch) for s in range(start, len(shards))
+                for batch in _batches(shards[s], contexts, cfg.batch_tokens)]
+        pending = submit(jobs[0][1]) if jobs else None
+        shard: list[tuple[list[int], Any]] = []
+        for j, (s, batch) in enumerate(jobs):
+            assert pending is not None
+            results = pending.result(CALL_TIMEOUT_S)
+            if j + 1 < len(jobs):
+                pending = submit(jobs[j + 1][1])  # the engine runs it while we add this one
+            shard.append((batch, results))
+            bar.update(sum(len(contexts[i].token_ids) for i in batch))
+            if j + 1 == len(jobs) or jobs[j + 1][0] != s:
+                ids = [i for b, _ in shard for i in b]
+                feats = context_features(contexts, ids, [r for _, rs in shard for r in rs], rules)
+                stats.sinks += exclude_sinks(feats, [r[2] for _, rs in shard for r in rs])
+                stats.update(feats)
+                shard = []
+                after_shard(s)
 
     return harvest
 
 
-def context_features(contexts: Sequence[Context], batch: Sequence[int],
-                     results: Sequence[tuple[np.ndarray, np.ndarray]], rules: _TokenRules) -> list[ContextFeatures]:
-    """The engine's features of the contexts ``batch`` (their indices), as the statistics take them."""
+def context_features(contexts: Sequence[Context], batch: Sequence[int], results: Sequence[tuple[np.ndarray, ...]],
+                     rules: _TokenRules) -> list[ContextFeatures]:
+    """The engine's features of the contexts ``batch`` (their indices), as the statistics take them
+    (the mask: the training token rules; :func:`exclude_sinks` then takes attention sinks out)."""
     return [ContextFeatures(ctx_id=i, token_ids=contexts[i].token_ids, mask=rules.mask(contexts[i].token_ids),
-                            indices=ix, values=vx) for i, (ix, vx) in zip(batch, results, strict=True)]
+                            indices=r[0], values=r[1]) for i, r in zip(batch, results, strict=True)]
+
+
+def exclude_sinks(feats: Sequence[ContextFeatures], norms: Sequence[np.ndarray]) -> int:
+    """Take the attention sinks beyond position 0 out of the contexts' masks, in place: the
+    scored tokens whose stream norm at the hook point (``norms``, per context ``[T]``) exceeds
+    ``SINK_NORM_FACTOR`` × the median norm of all the scored tokens of ``feats`` (sae-train's
+    rule, :func:`~sae_runtime.training.activations.sink_norms`). Returns how many there were."""
+    scored = [np.asarray(n, np.float32)[c.mask] for c, n in zip(feats, norms, strict=True)]
+    if not scored:
+        return 0
+    sinks = sink_norms(torch.from_numpy(np.concatenate(scored))).numpy()
+    off = 0
+    for c, n in zip(feats, scored, strict=True):
+        where = np.flatnonzero(c.mask)[sinks[off:off + len(n)]]
+        c.mask = c.mask.copy()
+        c.mask[where] = False
+        off += len(n)
+    return int(sinks.sum())
 
 
 def resolve_top_k(cfg: IndexConfig, entry: Any) -> tuple[int, bool]:
@@ -389,7 +423,8 @@ def _build(cfg: IndexConfig, model: ServedModel, harvest: Harvest, on_shard: Cal
             "d_sae": entry.d_sae, "architecture": entry.architecture, "corpus": json.dumps(cfg.data),
             "contexts": len(contexts), "context_tokens": total, "tokens_scored": stats.tokens,
             "ctx_len": cfg.ctx_len, "data_seed": cfg.data_seed, "top_n": cfg.top_n, "window": cfg.window,
-            "top_k": top_k, "top_k_complete": json.dumps(complete),
+            "top_k": top_k, "top_k_complete": json.dumps(complete), "sink_rule": SINK_RULE,
+            "sink_tokens": stats.sinks,
             "quantile_method": f"fine log-spaced histogram ({FINE_BINS} bins over 1e{FINE_LOG10_MIN:g}.."
                                f"1e{FINE_LOG10_MAX:g}), inverted CDF interpolated in the bin",
             "label_method": METHOD, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -586,13 +621,19 @@ def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: _EngineThr
     rules = _TokenRules(model.tokenizer)
     stop = {i: stats.reservoir_span(int(keys[i]), len(contexts[i].token_ids))[1] for i in chosen}
     prefixes = [Context(contexts[i].doc, contexts[i].offset, contexts[i].token_ids[:stop[i]]) for i in chosen]
+    ids, padded = [], []
     for batch in _batches(range(len(chosen)), prefixes, cfg.batch_tokens):
-        ids = [chosen[j] for j in batch]
+        ids += [chosen[j] for j in batch]
         results = runner.submit(eng.harvest_features([prefixes[j].token_ids.tolist() for j in batch],
-                                                     model.entry.id, top_k)).result(CALL_TIMEOUT_S)
-        padded = []
-        for i, (ix, vx) in zip(ids, results, strict=True):
-            rest = len(contexts[i].token_ids) - len(ix)
-            padded.append((np.pad(ix, ((0, rest), (0, 0))), np.pad(vx, ((0, rest), (0, 0)))))
-        stats.update(context_features(contexts, ids, padded, rules))
+                                                     model.entry.id, top_k, stream_norms=True)).result(CALL_TIMEOUT_S)
+        for j, (ix, vx, nx) in zip(batch, results, strict=True):
+            rest = len(contexts[chosen[j]].token_ids) - len(ix)
+            padded.append((np.pad(ix, ((0, rest), (0, 0))), np.pad(vx, ((0, rest), (0, 0))), np.pad(nx, (0, rest))))
+    # The sink rule's median here: over the scored tokens of the windows' contexts (their
+    # shards are not harvested; a sink's norm is far beyond 10x either median).
+    feats = context_features(contexts, ids, padded, rules)
+    for c in feats:  # the positions after the window were not harvested: not scored
+        c.mask = c.mask & (np.arange(len(c.mask)) < stop[c.ctx_id])
+    exclude_sinks(feats, [r[2] for r in padded])
+    stats.update(feats)
     return reservoir_windows(stats)

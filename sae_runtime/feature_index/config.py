@@ -90,4 +90,7 @@ class IndexConfig(BaseModel):
                 "window", "top_k", "random_windows", "shard_tokens", "dtype"}
         out = {k: v for k, v in self.model_dump().items() if k in keep}
         out["dictionary"] = str(self.dictionary_dir().resolve())
+        from .build import SINK_RULE
+
+        out["sink_rule"] = SINK_RULE  # a work dir of a run without it (or another rule) is not resumed
         return out

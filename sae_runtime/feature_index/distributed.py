@@ -3,10 +3,11 @@
 Each actor (:class:`IndexWorker`, ``--ray-workers`` of them, one per alive node by default,
 spread over the nodes) starts its own :class:`~sae_runtime.engine.engine.SAEEngine` serving
 the dictionary and runs whole shards through it exactly as a one-engine build does
-(:func:`.build._local_harvest`: ``SAEEngine.harvest_features``, the training token mask),
-into a fresh :class:`~.stats.IndexStats` per shard that it sends back. Ray's
-``ActorPool.map`` hands the shards out to whichever actor is free and returns the partial
-statistics in shard order; the driver merges each one into the run's statistics
+(:func:`.build._local_harvest`: ``SAEEngine.harvest_features``, the training token mask,
+the attention-sink rule with its median over the shard), into a fresh
+:class:`~.stats.IndexStats` per shard that it sends back. Ray's ``ActorPool.map`` hands the
+shards out to whichever actor is free and returns the partial statistics in shard order;
+the driver merges each one into the run's statistics
 (:meth:`IndexStats.merge`, exact: statistics depend only on which contexts were seen) and
 saves the work dir after it, so an interrupted distributed run resumes like a local one,
 and the index it writes equals a one-engine build of the same corpus.

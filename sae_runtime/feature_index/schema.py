@@ -9,15 +9,19 @@ fires with) and a label with the score of a detection test. Servers open it read
 ``meta(key TEXT PRIMARY KEY, value TEXT)``
     ``schema_version`` (:data:`SCHEMA_VERSION`), ``dictionary_id``, ``model``,
     ``hook_point``, ``d_sae``, ``corpus`` (what was read), ``tokens_scored`` (tokens the
-    statistics are over: position 0 and special tokens excluded), ``top_n``, ``window``,
+    statistics are over: position 0, special tokens and attention sinks excluded), ``top_n``, ``window``,
     ``quantile_levels`` and ``hist_bins`` (JSON), ``label_method``, ``created`` (UTC ISO
     time), ``builder`` (the sae-serve version); ``sae-index`` adds ``architecture``,
     ``contexts`` and ``context_tokens`` (what was read), ``ctx_len`` and ``data_seed`` (how
     the corpus was cut and sampled: documents tokenized without special tokens, contexts of
     ``ctx_len`` tokens never crossing a document), ``top_k`` (features read per token) and
     ``top_k_complete`` (``true`` when that is every nonzero feature: a TopK dictionary; for
-    other architectures the statistics see only each token's ``top_k`` strongest), and
-    ``quantile_method``. Values are text; numbers as decimal, lists as JSON.
+    other architectures the statistics see only each token's ``top_k`` strongest),
+    ``quantile_method``, ``sink_rule`` (which tokens beyond position 0 were left out as
+    attention sinks: those whose residual-stream norm at the hook point exceeds 10x the
+    median norm of the scored tokens of their shard, sae-train's rule,
+    ``sae_runtime.training.activations.SINK_NORM_FACTOR``) and ``sink_tokens`` (how many
+    were; not in ``tokens_scored``). Values are text; numbers as decimal, lists as JSON.
 
 ``features`` — one row per feature, every feature present (a feature that never fired
 has ``n_fired = 0``, ``max_act = 0`` and no examples):
@@ -49,8 +53,8 @@ has ``n_fired = 0``, ``max_act = 0`` and no examples):
 ``examples`` — the top-N max-activating contexts of each feature:
     ``feature INTEGER``, ``rank INTEGER`` (0 = strongest), ``activation REAL`` (the peak),
     ``token_ids BLOB`` (int32 × window), ``acts BLOB`` (float32 × window: the feature's
-    activation at each token of the window; 0 at positions the statistics exclude: position 0
-    and special tokens), ``peak INTEGER`` (offset of the peak token in the window),
+    activation at each token of the window; 0 at positions the statistics exclude: position 0,
+    special tokens and attention sinks), ``peak INTEGER`` (offset of the peak token in the window),
     ``doc TEXT`` (document id in the corpus), ``position INTEGER`` (the peak's position in its context),
     ``context_offset INTEGER`` (where the context starts in its document, in tokens of the
     document tokenized without special tokens: the context is that token list's slice

@@ -3,7 +3,8 @@
 :class:`IndexStats` takes the top-k features of every token of whole contexts
 (:class:`ContextFeatures`) and keeps, for every feature of the dictionary:
 
-- the number of scored tokens (the caller's mask: position 0 and special tokens excluded),
+- the number of scored tokens (the caller's mask: position 0, special tokens and attention
+  sinks excluded; ``sinks`` counts the sinks the caller took out),
   the tokens where the feature fired and its exact maximum;
 - a fine histogram of its nonzero activations on a fixed log-spaced grid
   (:data:`FINE_BINS` bins over ``[10**FINE_LOG10_MIN, 10**FINE_LOG10_MAX)``, one bin is
@@ -104,6 +105,8 @@ class IndexStats:
         self.before = (window * 3) // 4  # tokens before the peak in its window (when the context has them)
         self.tokens = 0
         self.contexts = 0
+        self.sinks = 0
+        """Attention-sink tokens the caller took out of the masks (counted by it, kept here)."""
         d, n, w = d_sae, top_n, window
         self.n_fired = torch.zeros(d, dtype=torch.int64)
         self.max_act = torch.zeros(d, dtype=torch.float32)
@@ -276,6 +279,7 @@ class IndexStats:
             raise ValueError(f"cannot merge statistics of other settings: {other._settings()} vs {self._settings()}")
         self.tokens += other.tokens
         self.contexts += other.contexts
+        self.sinks += other.sinks
         self.n_fired += other.n_fired
         self.max_act = torch.maximum(self.max_act, other.max_act)
         self.fine += other.fine
@@ -291,7 +295,8 @@ class IndexStats:
                 "top_acts", "rnd_key", "rnd_ctx", "rnd_tok", "rnd_active")
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"settings": self._settings(), "tokens": self.tokens, "contexts": self.contexts}
+        state: dict[str, Any] = {"settings": self._settings(), "tokens": self.tokens, "contexts": self.contexts,
+                                 "sinks": self.sinks}
         for name in self._TENSORS:
             tensor = getattr(self, name)
             if name == "fine":  # mostly empty: kept sparse
@@ -303,7 +308,7 @@ class IndexStats:
     def from_state_dict(cls, state: dict[str, Any]) -> IndexStats:
         d, top_n, window, reservoir, seed, cooc = state["settings"]
         out = cls(d, top_n=top_n, window=window, reservoir=reservoir, seed=seed, cooccurrence=cooc)
-        out.tokens, out.contexts = state["tokens"], state["contexts"]
+        out.tokens, out.contexts, out.sinks = state["tokens"], state["contexts"], state["sinks"]
         for name in cls._TENSORS:
             tensor = state[name]
             setattr(out, name, tensor.to_dense() if name == "fine" else tensor)

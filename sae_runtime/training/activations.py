@@ -249,9 +249,13 @@ one of them outweighs a whole batch in a squared error, and in FVU's variance.""
 
 def sink_rows(x: Tensor, factor: float = SINK_NORM_FACTOR) -> Tensor:
     """``[N]`` bool: the rows of ``x [N, d]`` whose norm exceeds ``factor`` × the median row norm."""
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
-    norms = x.float().norm(dim=-1)
+    return sink_norms(x.float().norm(dim=-1), factor)
+
+
+def sink_norms(norms: Tensor, factor: float = SINK_NORM_FACTOR) -> Tensor:
+    """:func:`sink_rows` of rows given by their norms ``[N]`` (what sae-index gets from the engine)."""
+    if norms.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=norms.device)
     return norms > factor * norms.median()
 
 

@@ -60,8 +60,9 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from sae_runtime.default_model import prepare_default_model
+    from sae_runtime.engine.background import EngineThread
     from sae_runtime.feature_index import INDEX_FILE, FeatureIndex
-    from sae_runtime.feature_index.build import ServedModel, _EngineThread, harvest_reservoir
+    from sae_runtime.feature_index.build import ENGINE_THREAD, ServedModel, harvest_reservoir, start_engine
     from sae_runtime.feature_index.config import DEFAULT_DICTIONARY_DIR, IndexConfig
     from sae_runtime.feature_index.explainer import Explainer, ExplainerSettings, label_index, score_label
     from sae_runtime.feature_index.labels import pick_non_activating
@@ -79,9 +80,9 @@ def main() -> int:
         if windows is None:
             t0 = time.monotonic()
             cfg = IndexConfig(out=str(path), progress=False)
-            runner = _EngineThread()
+            runner = EngineThread(name=ENGINE_THREAD)
             try:
-                eng = runner.start(cfg, cfg.dictionary_dir())
+                eng = start_engine(runner, cfg)
                 windows = harvest_reservoir(cfg, meta, runner, eng, ServedModel.of_engine(eng, cfg))
             finally:
                 runner.close()

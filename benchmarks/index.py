@@ -19,12 +19,10 @@ Run: ``.venv/bin/python benchmarks/index.py [--max-tokens 16384]``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,7 +47,8 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from sae_runtime.default_model import prepare_default_model
-    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+    from sae_runtime.engine.background import EngineThread
+    from sae_runtime.engine.engine import EngineConfig
     from sae_runtime.feature_index.build import build, corpus_contexts
     from sae_runtime.feature_index.config import DEFAULT_DICTIONARY_DIR, IndexConfig
 
@@ -65,24 +64,17 @@ def main() -> int:
         plain = bench_plain(args, model_dir, contexts)
         print(f"# measured: plain {plain:.1f} tokens/s", flush=True)
 
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
+        runner = EngineThread(name="sae-index-engine")
         engine_cfg = EngineConfig(dictionaries=[str(DEFAULT_DICTIONARY_DIR)], enforce_eager=not args.compiled,
                                   max_model_len=args.ctx_len + 1, enable_prefix_caching=False)
-        engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(engine_cfg), loop).result(1800)
+        engine = runner.start(engine_cfg, 1800)
         marks: list[float] = []
         try:
             t0 = time.perf_counter()
-            build(cfg, engine=engine, loop=loop, on_shard=lambda s: marks.append(time.perf_counter()))
+            build(cfg, engine=engine, loop=runner.loop, on_shard=lambda s: marks.append(time.perf_counter()))
             whole = n_tokens / (time.perf_counter() - t0)
         finally:
-            async def stop() -> None:
-                engine.shutdown()
-                await asyncio.sleep(0.2)
-
-            asyncio.run_coroutine_threadsafe(stop(), loop).result(120)
-            loop.call_soon_threadsafe(loop.stop)
+            runner.close()
         from sae_runtime.feature_index.build import _shards
 
         shards = _shards(corpus_contexts(cfg, tok), cfg.shard_tokens)

@@ -32,16 +32,16 @@ import json
 import logging
 import os
 import shutil
-import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..engine.background import EngineThread
 from ..training.activations import SINK_NORM_FACTOR, HarvestSource, sink_norms
 from ..training.data import DataError, iter_documents
 from .config import DEFAULT_TOP_K_CAP, IndexConfig
@@ -49,6 +49,9 @@ from .labels import METHOD, label_feature
 from .schema import HIST_BINS, QUANTILE_LEVELS
 from .stats import FINE_BINS, FINE_LOG10_MAX, FINE_LOG10_MIN, ContextFeatures, IndexStats
 from .store import Example, FeatureRecord, IndexWriter, RandomWindow, TokenCount
+
+if TYPE_CHECKING:
+    from ..engine.engine import EngineConfig, SAEEngine
 
 logger = logging.getLogger("sae_runtime.feature_index")
 
@@ -133,61 +136,28 @@ def _batches(ids: range, contexts: Sequence[Context], batch_tokens: int) -> list
     return [b for b in out if b]
 
 
-class _EngineThread:
-    """An SAEEngine on its own event loop in a background thread (or a given one)."""
+ENGINE_THREAD = "sae-index-engine"
+"""The name of the thread an engine started here runs its event loop in."""
 
-    def __init__(self, engine: Any = None, loop: asyncio.AbstractEventLoop | None = None):
-        if (engine is None) != (loop is None):
-            raise ValueError("pass both engine and the event loop it runs on, or neither")
-        self.engine, self.loop = engine, loop
-        self._own = engine is None
-        self._thread: threading.Thread | None = None
 
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+def engine_config(cfg: IndexConfig) -> EngineConfig:
+    """The engine sae-index starts for ``cfg``: its model and settings, serving its dictionary
+    (prefix caching off: every harvest request skips reading it)."""
+    from ..engine.engine import EngineConfig
 
-    def start(self, cfg: IndexConfig, dictionary_dir: Path) -> Any:
-        if self.engine is not None:
-            return self.engine
-        from ..engine.engine import EngineConfig, SAEEngine
+    return EngineConfig(model=None if cfg.model == "default" else cfg.model,
+                        dictionaries=[str(cfg.dictionary_dir())], dtype=cfg.dtype,
+                        enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
+                        max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
+                        enable_prefix_caching=False)
 
-        loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=loop.run_forever, name="sae-index-engine", daemon=True)
-        self._thread.start()
-        self.loop = loop
-        config = EngineConfig(model=None if cfg.model == "default" else cfg.model,
-                              dictionaries=[str(dictionary_dir)], dtype=cfg.dtype,
-                              enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-                              max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
-                              enable_prefix_caching=False)
-        try:
-            self.engine = self.submit(SAEEngine.start(config)).result(START_TIMEOUT_S)
-        except BaseException:
-            self._stop_loop()
-            raise
-        return self.engine
 
-    def _stop_loop(self) -> None:
-        if self._own and self.loop is not None and self._thread is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
-            self.loop, self._thread = None, None
-
-    def close(self) -> None:
-        if not self._own or self.engine is None:
-            return
-        engine, self.engine = self.engine, None
-
-        async def shutdown() -> None:
-            engine.shutdown()
-            await asyncio.sleep(0.2)
-
-        try:
-            self.submit(shutdown()).result(120)
-        finally:
-            self._stop_loop()
+def start_engine(runner: EngineThread, cfg: IndexConfig) -> SAEEngine:
+    """``runner``'s engine: the one handed in to it, else one started for ``cfg``
+    (:func:`engine_config`) within ``START_TIMEOUT_S``."""
+    if runner.engine is not None:
+        return runner.engine
+    return runner.start(engine_config(cfg), START_TIMEOUT_S)
 
 
 def _served_entry(engine: Any, dictionary_dir: Path) -> Any:
@@ -306,9 +276,9 @@ def build(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLo
         with ray_harvest(cfg, model) as harvest:
             out = _build(cfg, model, harvest, on_shard)
     else:
-        runner = _EngineThread(engine, loop)
+        runner = EngineThread(engine, loop, name=ENGINE_THREAD)
         try:
-            eng = runner.start(cfg, cfg.dictionary_dir())
+            eng = start_engine(runner, cfg)
             model = ServedModel.of_engine(eng, cfg)
             out = _build(cfg, model, _local_harvest(cfg, runner, eng, model), on_shard)
         finally:
@@ -322,7 +292,7 @@ def build(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEventLo
     return out
 
 
-def _local_harvest(cfg: IndexConfig, runner: _EngineThread, eng: Any, model: ServedModel) -> Harvest:
+def _local_harvest(cfg: IndexConfig, runner: EngineThread, eng: Any, model: ServedModel) -> Harvest:
     """The shards through this process' engine, each batch's features with its tokens' stream
     norms; a shard's statistics are added once all of it is harvested (the attention-sink
     rule takes the median over the whole shard), while the engine computes the next shard's
@@ -587,9 +557,9 @@ def relabel(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEvent
     if not missing:
         model = ServedModel.load(cfg)
     else:
-        runner = _EngineThread(engine, loop)
+        runner = EngineThread(engine, loop, name=ENGINE_THREAD)
         try:
-            eng = runner.start(cfg, cfg.dictionary_dir())
+            eng = start_engine(runner, cfg)
             model = ServedModel.of_engine(eng, cfg)
             windows = harvest_reservoir(cfg, meta, runner, eng, model)
         finally:
@@ -598,7 +568,7 @@ def relabel(cfg: IndexConfig, *, engine: Any = None, loop: asyncio.AbstractEvent
     return run_explainer(cfg, out, model.tokenizer)
 
 
-def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: _EngineThread, eng: Any,
+def harvest_reservoir(cfg: IndexConfig, meta: dict[str, str], runner: EngineThread, eng: Any,
                       model: ServedModel) -> list[RandomWindow]:
     """The random windows a build with the index's settings (``meta``: corpus, ``ctx_len``,
     ``data_seed``, ``contexts``, ``window``) keeps, harvesting only the contexts they come from

@@ -24,15 +24,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, overload
 
+from ..engine.background import EngineThread
 from .build import (
+    ENGINE_THREAD,
     START_TIMEOUT_S,
     Context,
     Harvest,
     IndexBuildError,
     ServedModel,
-    _EngineThread,
     _local_harvest,
     new_stats,
+    start_engine,
 )
 from .config import IndexConfig
 from .stats import IndexStats
@@ -66,8 +68,8 @@ class IndexWorker:
 
     def __init__(self, cfg_json: str):
         self.cfg = IndexConfig.model_validate_json(cfg_json)
-        self.runner = _EngineThread()
-        eng = self.runner.start(self.cfg, self.cfg.dictionary_dir())
+        self.runner = EngineThread(name=ENGINE_THREAD)
+        eng = start_engine(self.runner, self.cfg)
         self.model = ServedModel.of_engine(eng, self.cfg)
         self.harvest = _local_harvest(self.cfg, self.runner, eng, self.model)
 

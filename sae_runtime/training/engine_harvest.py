@@ -9,22 +9,22 @@ The tokens kept are the transformers harvest's (``HarvestSource.training_mask``:
 position 0, not special tokens), in the same order, so the activation cache and its
 fingerprint do not depend on the source.
 
-The engine runs on its own asyncio loop in a background thread (sae-train is synchronous)
-and is started on the first ``harvest`` call, so a run whose activation cache is already
-complete never starts it.
+The engine runs on its own asyncio loop in a background thread (sae-train is synchronous;
+:class:`sae_runtime.engine.background.EngineThread`) and is started on the first ``harvest``
+call, so a run whose activation cache is already complete never starts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..engine.background import EngineThread
 from ..model_info import read_model_info
 from .activations import HarvestSource
 
@@ -43,64 +43,30 @@ class EngineActivations(HarvestSource):
                  enforce_eager: bool = True):
         from transformers import AutoTokenizer
 
-        if (engine is None) != (loop is None):
-            raise ValueError("pass both engine and the event loop it runs on, or neither")
+        self._runner = EngineThread(engine, loop, name="sae-train-engine")  # checks engine and loop first
         self.model_path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         info = read_model_info(self.model_path)
         self.num_layers, self.d_model = info.num_layers, info.hidden_size
         self._token_rules()
-        self.engine, self.loop = engine, loop
-        self._own = engine is None  # started (and so shut down) here
-        self._thread: threading.Thread | None = None
         self._max_model_len, self._eager = max_model_len, enforce_eager
 
     # -- engine ---------------------------------------------------------------------------
 
-    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def _start(self) -> Any:
-        if self.engine is not None:
-            return self.engine
-        from ..engine.engine import EngineConfig, SAEEngine
+        if self._runner.engine is not None:
+            return self._runner.engine
+        from ..engine.engine import EngineConfig
 
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="sae-train-engine", daemon=True)
-        thread.start()
-        self.loop, self._thread = loop, thread
         # No dictionaries: hook points need none to hand their stream out. Prefix caching
         # off: every request skips reading it anyway.
         config = EngineConfig(model=self.model_path, max_model_len=self._max_model_len,
                               enforce_eager=self._eager, enable_prefix_caching=False)
-        try:
-            self.engine = self._run(SAEEngine.start(config), START_TIMEOUT_S)
-        except BaseException:
-            self._stop_loop()
-            raise
-        return self.engine
-
-    def _stop_loop(self) -> None:
-        if self.loop is not None and self._thread is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
-        self.loop, self._thread = None, None
+        return self._runner.start(config, START_TIMEOUT_S)
 
     def close(self) -> None:
-        if not self._own or self.engine is None:
-            return
-        engine, self.engine = self.engine, None
-
-        async def shutdown() -> None:
-            engine.shutdown()
-            await asyncio.sleep(0.2)  # let the cancelled output handler finish on this loop
-
-        try:
-            self._run(shutdown(), 120)
-        finally:
-            self._stop_loop()
+        """Shut the engine down if it was started here (a handed-in one keeps running)."""
+        self._runner.close()
 
     # -- harvest --------------------------------------------------------------------------
 
@@ -108,7 +74,7 @@ class EngineActivations(HarvestSource):
         """Per context ``{layer: float32 [T, d]}``: the stream of every token (position 0 too)."""
         engine = self._start()
         ids = [[int(t) for t in c.tolist()] for c in contexts]
-        return self._run(engine.harvest_streams(ids, list(layers)), CALL_TIMEOUT_S)
+        return self._runner.run(engine.harvest_streams(ids, list(layers)), CALL_TIMEOUT_S)
 
     def harvest(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> dict[int, Tensor]:
         streams = self.residuals(contexts, layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -94,13 +95,14 @@ def test_failed_start_stops_the_loop(fake_start):
 
 def test_start_timeout_stops_the_loop(monkeypatch):
     async def slow(cls, config=None):
-        await asyncio.sleep(30)
+        time.sleep(0.5)  # holds the loop past the timeout
+        return FakeEngine()
 
     monkeypatch.setattr(engine_module.SAEEngine, "start", classmethod(slow))
     runner = EngineThread(name="bg-test-slow")
     with pytest.raises(TimeoutError):
         runner.start(EngineConfig(), timeout=0.2)
-    assert not _threads("bg-test-slow") and runner.loop is None
+    assert not _threads("bg-test-slow") and runner.loop is None and runner.engine is None
 
 
 def test_handed_in_engine_is_left_running(fake_start):

@@ -49,7 +49,7 @@ def main() -> int:
     from sae_runtime.default_model import prepare_default_model
     from sae_runtime.engine.background import EngineThread
     from sae_runtime.engine.engine import EngineConfig
-    from sae_runtime.feature_index.build import build, corpus_contexts
+    from sae_runtime.feature_index.build import ENGINE_THREAD, build, corpus_contexts
     from sae_runtime.feature_index.config import DEFAULT_DICTIONARY_DIR, IndexConfig
 
     model_dir = prepare_default_model()
@@ -64,7 +64,7 @@ def main() -> int:
         plain = bench_plain(args, model_dir, contexts)
         print(f"# measured: plain {plain:.1f} tokens/s", flush=True)
 
-        runner = EngineThread(name="sae-index-engine")
+        runner = EngineThread(name=ENGINE_THREAD)
         engine_cfg = EngineConfig(dictionaries=[str(DEFAULT_DICTIONARY_DIR)], enforce_eager=not args.compiled,
                                   max_model_len=args.ctx_len + 1, enable_prefix_caching=False)
         engine = runner.start(engine_cfg, 1800)

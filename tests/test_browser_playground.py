@@ -11,9 +11,7 @@ saved under ``test-artifacts/playground/``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,28 +20,21 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser_helpers import ensure_chromium, launch_chromium, new_page, wait_ready
 from tests.server_fixtures import DICTIONARY_ID, FAULT_API_KEY, ServerHandle
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path(os.environ.get("SAE_SERVE_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = REPO / "test-artifacts" / "playground"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TEXT = "Paris is the capital of France. The cat slept on the warm windowsill."
 TIMEOUT_MS = 180_000  # a request on the shared 2-core machine can wait behind other tests' engines
 
 
 def _browser_or_skip() -> None:
-    if not CHROMIUM.exists():
-        subprocess.run(["bash", str(REPO / "scripts" / "setup_browser.sh")], timeout=1200, check=False)
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing and scripts/setup_browser.sh could not install it (needs root and apt)")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        pytest.skip("the python package playwright is missing (pip install -e '.[test]')")
+    reason = ensure_chromium()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 
@@ -73,9 +64,7 @@ class Tab:
 
 
 def _open(browser: Any, server: ServerHandle) -> Tab:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
+    page = new_page(browser, TIMEOUT_MS)
     tab = Tab(page, server.base_url)
     page.on("console", lambda m: tab.console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: tab.console_errors.append(f"page error: {e}"))
@@ -91,7 +80,7 @@ def tab(browser, live_server) -> Iterator[Tab]:
 
 
 def _wait_ready(tab: Tab) -> None:
-    tab.page.wait_for_selector(f"#dictionary option[value='{DICTIONARY_ID}']", state="attached")
+    wait_ready(tab.page, DICTIONARY_ID)
 
 
 def _api(server: ServerHandle, method: str, path: str, body: dict | None = None) -> Any:

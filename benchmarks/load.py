@@ -38,6 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(root_pid: int) -> list:
+    """``root_pid``'s psutil process and every process under it ([] once it has exited)."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def generated_tokens(base: str, headers: dict) -> float:
     try:
         text = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text

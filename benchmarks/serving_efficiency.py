@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-from load import free_port, start_server, stop_server  # noqa: E402  (benchmarks/load.py)
+from load import free_port, process_tree, start_server, stop_server  # noqa: E402  (benchmarks/load.py)
 
 TOPICS = ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"]
 
@@ -75,12 +75,7 @@ def _role(p: psutil.Process) -> str:
 def cpu_times(root_pid: int) -> dict[int, tuple[str, float]]:
     """pid -> (role, user + system CPU seconds) for ``root_pid`` and every process under it."""
     out = {}
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
+    for p in process_tree(root_pid):
         try:
             t = p.cpu_times()
             out[p.pid] = (_role(p), t.user + t.system)

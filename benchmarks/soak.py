@@ -30,12 +30,7 @@ import load
 
 def sample_tree(root_pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
+    for p in load.process_tree(root_pid):
         try:
             name = " ".join(p.cmdline())[:60] or p.name()
             key = f"{p.pid} {name}"

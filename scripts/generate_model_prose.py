@@ -17,6 +17,13 @@ least ``--min-words`` words, readable by ``sae-train --data``.
 
     .venv/bin/python scripts/generate_model_prose.py --out prose.jsonl --prompts 1200
 
+The shipped source ``prose`` (``sae_runtime/data/model_prose.jsonl.gz``, part of the default
+dictionary's training text) is two batches of one seeded shuffle of the prompts, written one
+after the other and gzipped (answers under 40 words dropped)::
+
+    scripts/generate_model_prose.py --out a.jsonl --prompts 1200
+    scripts/generate_model_prose.py --out b.jsonl --prompts 1500 --skip 1200
+
 On this 2-core CPU 1,200 prompts (377 k generated tokens) took 47 minutes beside other jobs.
 vLLM on CPU cannot seed requests one by one, so the engine is seeded once (``--seed``) and
 a rerun gives the same text only on the same machine and vLLM build.
@@ -73,13 +80,13 @@ TOPICS = [
 ]
 
 
-def prompts(n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` (genre, topic) pairs, a seeded sample of all of them."""
+def prompts(n: int, seed: int, skip: int = 0) -> list[tuple[str, str]]:
+    """``n`` (genre, topic) pairs of a seeded shuffle of all of them, after its first ``skip``."""
     pairs = [(g, t) for g in GENRES for t in TOPICS]
-    if not 0 < n <= len(pairs):
-        raise SystemExit(f"--prompts must be 1..{len(pairs)}")
+    if skip < 0 or not 0 < n <= len(pairs) - skip:
+        raise SystemExit(f"--prompts must be 1..{len(pairs) - max(skip, 0)} (--skip {skip} of {len(pairs)} pairs)")
     random.Random(seed).shuffle(pairs)
-    return pairs[:n]
+    return pairs[skip:skip + n]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the JSONL file to write")
     p.add_argument("--prompts", type=int, default=1200, help="how many genre x topic prompts")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first SKIP pairs of the shuffle (a later batch of the same sample)")
     p.add_argument("--max-tokens", type=int, default=400, help="new tokens per answer at most")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_runtime.training.train import resolve_model
 
-    pairs = prompts(args.prompts, args.seed)
+    pairs = prompts(args.prompts, args.seed, args.skip)
     llm = LLM(model=str(resolve_model("default")[0]), dtype="float32", max_model_len=1024, seed=args.seed,
               max_num_seqs=args.max_num_seqs)
     tok = llm.get_tokenizer()

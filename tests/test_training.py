@@ -449,3 +449,103 @@ def test_cli_config_file_and_flags(tmp_path, capsys):
     help_text = subprocess.run([sys.executable, "-m", "sae_runtime.training.cli", "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--architecture" in help_text and "examples:" in help_text
+
+
+# ------------------------------------------------------------------ sources with their own budgets
+
+
+def test_token_budgets_parse_and_refuse_what_is_not_one(tmp_path):
+    from sae_runtime.training.data import DataError, SourceBudget, source_budgets, split_budget
+
+    assert split_budget("general@1M") == ("general", 1_000_000, True)
+    assert split_budget("prose@all") == ("prose", None, True)
+    assert split_budget("texts/@250k") == ("texts/", 250_000, True)
+    assert split_budget("general") == ("general", None, False)
+    odd = tmp_path / "me@home.txt"
+    odd.write_text("x")
+    assert split_budget(str(odd)) == (str(odd), None, False)  # an existing path is a path
+    # no budget anywhere: one pool cut to max_tokens, as before
+    assert source_budgets(["a", "b"], 500) == [SourceBudget(("a", "b"), 500)]
+    # any budget: every source on its own (no budget = all of it; max_tokens does not apply)
+    assert source_budgets(["a@100", "b"], 500) == [SourceBudget(("a",), 100), SourceBudget(("b",), None)]
+    for bad, words in [("general@abc", "'abc' is not a token budget"), ("general@0", "'0' is not"),
+                       ("general@1.5", "'1.5' is not"), ("general@infk", "'infk' is not"),
+                       ("@100", "needs a source")]:
+        with pytest.raises(DataError, match=words):
+            split_budget(bad)
+    with pytest.raises(DataError, match="names a more than once"):
+        source_budgets(["a@100", "a@200"], None)
+    with pytest.raises(ValueError) as info:  # the CLI names the flag
+        resolve(["--data", "general@lots"])
+    assert "--data" in str(info.value) and "'lots' is not a token budget" in str(info.value), str(info.value)
+
+
+def test_gzipped_text_and_jsonl_are_read(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps({"text": t}) for t in TEXT[:2]) + "\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(TEXT[2])
+    docs = list(iter_documents([str(tmp_path)]))
+    assert [(d.doc_id, d.text) for d in docs] == [("a.jsonl.gz#1", TEXT[0]), ("a.jsonl.gz#2", TEXT[1]),
+                                                  ("b.txt.gz", TEXT[2])]
+
+
+def test_cache_identity_follows_the_text(tmp_path):
+    """An edited file, or a rebuilt general corpus, is harvested again (not served from a stale cache)."""
+    from sae_runtime.training import corpus
+    from sae_runtime.training.data import source_identity
+
+    (tmp_path / "a.txt").write_text(TEXT[0])
+    before = source_identity(str(tmp_path))
+    (tmp_path / "a.txt").write_text(TEXT[0] + " And one more sentence.")
+    assert source_identity(str(tmp_path)) != before
+    assert source_identity("general") == {"corpus": "general", "build_version": corpus.BUILD_VERSION}
+
+
+def test_row_tables_read_rows_across_tables():
+    from sae_runtime.training.activations import RowTables
+
+    a, b, c = torch.randn(5, 3), torch.randn(2, 3), torch.randn(4, 3)
+    joined = RowTables([a, b, c])
+    assert joined.shape == (11, 3)
+    for idx in ([0, 4, 5, 6, 7, 10], [6], [], list(range(11))):
+        i = torch.tensor(idx, dtype=torch.long)
+        assert torch.equal(joined[i], torch.cat([a, b, c])[i])
+
+
+def test_sources_on_their_own_budgets_share_caches(tmp_path, text_dir, source):
+    """``--data A@N B``: each source drawn to its own budget, with its own activation cache (a
+    run that names A@N again harvests nothing), per-source held-out scores in metrics.json."""
+    from sae_runtime.training.train import run
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"Item {i}. " + t[::-1]}) for i, t in enumerate(TEXT)) + "\n")
+    cache = tmp_path / "cache"
+    m = run(_tiny_cfg(text_dir, tmp_path, data=[f"{text_dir}@600", str(other)], steps=4,
+                        max_tokens=300),
+            tmp_path / "mix", command="test", source=source)
+    per = m["data"]["per_source"]
+    assert [p["sources"] for p in per] == [[str(text_dir)], [str(other)]]
+    assert [p["max_tokens"] for p in per] == [600, None]
+    assert 600 <= per[0]["train_context_tokens"] < 600 + 64  # whole contexts up to the budget
+    assert per[1]["train_context_tokens"] > 500  # all of it: max_tokens (300) does not apply
+    assert m["training"]["train_activations"] == per[0]["train_activations"] + per[1]["train_activations"]
+    assert set(m["eval_per_source"]) == {str(text_dir), str(other)}
+    for e in m["eval_per_source"].values():
+        assert math.isfinite(e["fvu"]) and e["eval_tokens"] > 0
+    caches = sorted(p.name for p in cache.iterdir())
+    assert len(caches) == 2
+    stamp = {p: p.stat().st_mtime_ns for p in cache.rglob("*.f16")}
+    # the first source alone, on the same budget: its cache is reused, nothing is harvested
+    alone = run(_tiny_cfg(text_dir, tmp_path, data=[f"{text_dir}@600"], steps=2), tmp_path / "alone",
+                command="test", source=source)
+    assert sorted(p.name for p in cache.iterdir()) == caches
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.f16")} == stamp
+    assert alone["training"]["train_activations"] == per[0]["train_activations"]
+    assert "per_source" not in alone["data"] and "eval_per_source" not in alone
+    # without budgets the two are one pool, cut to max_tokens together (another cache)
+    pooled = run(_tiny_cfg(text_dir, tmp_path, data=[str(text_dir), str(other)], steps=2, max_tokens=700),
+                 tmp_path / "pooled", command="test", source=source)
+    assert "per_source" not in pooled["data"] and len(list(cache.iterdir())) == 3

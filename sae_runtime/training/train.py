@@ -24,11 +24,13 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..dictionary import DictionaryConfig, SparseDictionary, dtype_name
@@ -37,6 +39,7 @@ from .activations import (
     ActivationCache,
     HarvestSource,
     ModelActivations,
+    RowTables,
     ShuffledBatches,
     StreamingBatches,
     cache_fingerprint,
@@ -45,7 +48,7 @@ from .activations import (
 )
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import load_split, take_tokens
+from .data import SourceBudget, SplitContexts, load_split, source_budgets, source_identity, take_tokens
 from .evaluate import evaluate
 from .trainers import SAETrainer, train_step
 
@@ -95,6 +98,50 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step >= decay_start and total > decay_start:
         return cfg.lr * max(0.0, (total - step) / (total - decay_start))
     return cfg.lr
+
+
+@dataclass
+class DrawnPool:
+    """One pool of training text as drawn for a run: its budget, split, training contexts
+    (empty when its activation cache is already complete) and cache."""
+
+    pool: SourceBudget
+    split: SplitContexts
+    train: list[Tensor]
+    cache: ActivationCache | None
+    rows: Tensor | None = None
+    """The cache rows that train (attention sinks left out), once opened."""
+
+    def train_tokens(self) -> int:
+        """Context tokens of its training side, from the cache when they were not tokenized."""
+        if self.train or self.cache is None:
+            return SplitContexts.tokens(self.train)
+        return int(self.cache.meta["capacity"])
+
+    def record(self) -> dict[str, Any]:
+        return {"sources": list(self.pool.sources), "max_tokens": self.pool.max_tokens,
+                "train_documents": self.split.n_train_docs, "eval_documents": self.split.n_eval_docs,
+                "train_context_tokens": self.train_tokens(),
+                "train_activations": None if self.rows is None else int(self.rows.numel())}
+
+
+def eval_shares(drawn: Sequence[DrawnPool], eval_tokens: int) -> list[list[Tensor]]:
+    """Each pool's held-out contexts for the final evaluation: the first ``eval_tokens`` of one
+    pool's; with pools drawn apart, each pool's share of ``eval_tokens`` in proportion to its
+    training tokens (the evaluation mixes sources as training did)."""
+    weights = [d.train_tokens() for d in drawn]
+    total = max(sum(weights), 1)
+    return [take_tokens(d.split.eval, max(1, round(eval_tokens * w / total)))
+            for d, w in zip(drawn, weights, strict=True)]
+
+
+def mixed(shares: Sequence[Sequence[Tensor]], seed: int) -> list[Tensor]:
+    """The pools' held-out contexts as one evaluation set (seeded order when there are several)."""
+    out = [c for share in shares for c in share]
+    if len(shares) > 1:
+        order = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed + 2)).tolist()
+        out = [out[i] for i in order]
+    return out
 
 
 def build_trainer(cfg: TrainConfig, d_in: int) -> SAETrainer:
@@ -207,39 +254,60 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
     d_in = harvester.d_model
 
     # ---------------------------------------------------------------- data
-    cache: ActivationCache | None = None
-    fp = ""  # the cache's fingerprint, set with it
+    pools = source_budgets(cfg.data, cfg.max_tokens)  # one pool, or one per source with its own budget
+    cache_root_dir = None
     if cfg.cache:
         from ..default_model import cache_root
 
-        fp = cache_fingerprint(version=1, model=model_name if cfg.model == "default" else str(model_path),
-                               layers=[layer], ctx_len=cfg.ctx_len, data=cfg.data,
-                               text_field=cfg.text_field, eval_fraction=cfg.eval_fraction,
-                               seed=cfg.data_seed, max_tokens=cfg.max_tokens)
-        root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "activations"
-        cache = ActivationCache(root / fp)
-    # With a complete cache the training text is not needed again: tokenize only the held-out side.
-    cached = cache is not None and cache.complete(fp)
-    split = load_split(cfg.data, harvester.tokenizer, ctx_len=cfg.ctx_len,
-                       eval_fraction=cfg.eval_fraction, seed=cfg.data_seed,
-                       text_field=cfg.text_field, eval_only=cached)
-    train_ctx = take_tokens(split.train, cfg.max_tokens)
-    eval_ctx = take_tokens(split.eval, cfg.eval_tokens)
-    if not train_ctx and not cached:
-        raise ValueError("no training text after the held-out split")
-    if cache is not None:
-        cache.harvest(harvester, train_ctx, [layer], fingerprint=fp,
-                      tokens_per_batch=cfg.harvest_tokens_per_batch, progress=cfg.progress)
-        if own_box:  # everything is on disk: free the engine before training
-            harvester.close()
-        table = cache.open(layer)
-        rows = kept_rows(table)  # attention sinks beyond position 0 left out
+        cache_root_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "activations"
+    drawn: list[DrawnPool] = []
+    for pool in pools:
+        cache: ActivationCache | None = None
+        fp = ""  # the cache's fingerprint, set with it
+        if cache_root_dir is not None:
+            fp = cache_fingerprint(version=2, model=model_name if cfg.model == "default" else str(model_path),
+                                   layers=[layer], ctx_len=cfg.ctx_len, data=list(pool.sources),
+                                   text=[source_identity(s) for s in pool.sources],
+                                   text_field=cfg.text_field, eval_fraction=cfg.eval_fraction,
+                                   seed=cfg.data_seed, max_tokens=pool.max_tokens)
+            cache = ActivationCache(cache_root_dir / fp)
+        # With a complete cache the training text is not needed again: tokenize only the held-out side.
+        cached = cache is not None and cache.complete(fp)
+        split = load_split(list(pool.sources), harvester.tokenizer, ctx_len=cfg.ctx_len,
+                           eval_fraction=cfg.eval_fraction, seed=cfg.data_seed,
+                           text_field=cfg.text_field, eval_only=cached)
+        train_ctx = take_tokens(split.train, pool.max_tokens)
+        if not train_ctx and not cached:
+            raise ValueError(f"no training text in {', '.join(pool.sources)} after the held-out split")
+        if cache is not None:
+            cache.harvest(harvester, train_ctx, [layer], fingerprint=fp,
+                          tokens_per_batch=cfg.harvest_tokens_per_batch, progress=cfg.progress)
+        drawn.append(DrawnPool(pool, split, train_ctx, cache))
+    if own_box and cache_root_dir is not None:  # everything is on disk: free the engine before training
+        harvester.close()
+    shares = eval_shares(drawn, cfg.eval_tokens)
+    eval_ctx = mixed(shares, cfg.data_seed)
+    if cache_root_dir is not None:
+        tables, parts, start = [], [], 0
+        for d in drawn:
+            assert d.cache is not None
+            t = d.cache.open(layer)
+            d.rows = kept_rows(t)  # attention sinks beyond position 0 left out
+            tables.append(t)
+            parts.append(d.rows + start)
+            start += t.shape[0]
+        table: Tensor | RowTables = tables[0] if len(tables) == 1 else RowTables(tables)
+        rows = torch.cat(parts)
         n_train = rows.numel()
         batches: ShuffledBatches | StreamingBatches = ShuffledBatches(table, cfg.batch_size, cfg.seed, rows)
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         pick = rows[torch.randperm(n_train, generator=gen)[:SCALE_SAMPLE]].sort().values
         sample = table[pick].float()
     else:
+        train_ctx = [c for d in drawn for c in d.train]
+        if len(drawn) > 1:  # sources drawn apart are mixed here, not fed one after another
+            order = torch.randperm(len(train_ctx), generator=torch.Generator().manual_seed(cfg.data_seed + 3))
+            train_ctx = [train_ctx[i] for i in order.tolist()]
         n_train = sum(max(len(c) - 1, 0) for c in train_ctx)
         batches = StreamingBatches(harvester, train_ctx, layer, cfg.batch_size, cfg.seed,
                                    buffer_tokens=cfg.buffer_tokens,
@@ -335,15 +403,24 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
                               dense_threshold=cfg.dense_threshold, progress=ebar.update)
     ebar.set_postfix(fvu=f"{metrics['fvu']:.3f}", ce_rec=f"{metrics.get('ce_loss_recovered', 0):.3f}")
     ebar.close()
+    per_source = {}
+    if len(drawn) > 1:  # the same held-out contexts, source by source
+        for d, share in zip(drawn, shares, strict=True):
+            per_source[",".join(d.pool.sources)], _ = evaluate(served, source, share, layer=layer,
+                                                               dense_threshold=cfg.dense_threshold)
     trained_steps = total - start_step
     result = {
         "model_name": model_name, "hook_point": cfg.hook_point,
         "trainer": cfg.architecture, "architecture": served.architecture,
         "d_in": d_in, "d_sae": served.d_sae, "k": cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
         "eval": metrics,
+        **({"eval_per_source": per_source} if per_source else {}),
         "eval_note": ("held-out documents; evaluated positions exclude position 0 and special "
                       "tokens; dead/dense over eval_tokens; CE/KL with the reconstruction "
-                      "spliced in at the evaluated positions"),
+                      "spliced in at the evaluated positions"
+                      + ("; sources drawn on their own budgets contribute held-out tokens in proportion "
+                         "to their training tokens, and eval_per_source scores each one's alone"
+                         if per_source else "")),
         "training": {
             "steps": total, "batch_size": cfg.batch_size, "tokens_seen": total * cfg.batch_size,
             "train_activations": n_train, "final_train_fvu_last50": sum(recent_fvu) / max(len(recent_fvu), 1),
@@ -355,9 +432,11 @@ def _run(cfg: TrainConfig, out_dir: str | os.PathLike, command: str | None, stop
             "tokens_per_s": trained_steps * cfg.batch_size / max(train_time, 1e-9),
             "device": str(device), "threads": torch.get_num_threads(),
         },
-        "data": {"sources": cfg.data, "train_documents": split.n_train_docs,
-                 "eval_documents": split.n_eval_docs, "eval_contexts": len(eval_ctx),
-                 "ctx_len": cfg.ctx_len},
+        "data": {"sources": cfg.data,
+                 "train_documents": sum(d.split.n_train_docs for d in drawn),
+                 "eval_documents": sum(d.split.n_eval_docs for d in drawn), "eval_contexts": len(eval_ctx),
+                 "ctx_len": cfg.ctx_len,
+                 **({"per_source": [d.record() for d in drawn]} if len(drawn) > 1 else {})},
         "config": cfg.model_dump(),
         "command": command,
         "versions": {"torch": torch.__version__, "sae_serve_dictionary_dtype": dtype_name(dictionary.dtype)},

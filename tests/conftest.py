@@ -51,14 +51,21 @@ def default_model_dir() -> Path:
 
 @dataclass
 class EngineHarness:
-    engine: Any
-    loop: asyncio.AbstractEventLoop
+    runner: Any  # the EngineThread the engine runs on
     dictionaries: dict[str, Path]  # role -> directory ("topk", "jumprelu", "trained", "depth.L" if present)
     ids: dict[str, str]  # role -> served dictionary id
     mode: str  # "eager" or "compiled"
 
+    @property
+    def engine(self) -> Any:
+        return self.runner.engine
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.runner.loop
+
     def run(self, coro: Coroutine, timeout: float = 600) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.runner.run(coro, timeout)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +120,6 @@ def sae_engine(request, default_model_dir, engine_dictionaries) -> EngineHarness
     engine = runner.start(config, timeout=900)
     try:
         ids = dict(zip(roles, engine.registry.ids(), strict=True))
-        assert runner.loop is not None
-        yield EngineHarness(engine, runner.loop, engine_dictionaries, ids, request.param)
+        yield EngineHarness(runner, engine_dictionaries, ids, request.param)
     finally:
         runner.close()

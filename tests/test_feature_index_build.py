@@ -76,6 +76,18 @@ def test_corpus_contexts_and_an_empty_corpus(tmp_path, default_model_dir, corpus
     for c in ctxs:  # each context is its document's tokens from its offset
         ids = tok((corpus / c.doc).read_text(), add_special_tokens=False)["input_ids"]
         assert c.token_ids.tolist() == ids[c.offset:c.offset + 64]
+    # sources on their own budgets (as sae-train --data SOURCE@TOKENS): each sampled to its own
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("Notes on the harbour, the boats and the tides of the northern sea. " * 40)
+    mixed = corpus_contexts(IndexConfig(data=[f"{corpus}@200", f"{other}@all"], max_tokens=50, ctx_len=64), tok)
+    from_corpus = [c for c in mixed if c.doc != "notes.txt"]
+    assert 200 <= sum(len(c.token_ids) for c in from_corpus) < 264
+    notes_tokens = len(tok((other / "notes.txt").read_text(), add_special_tokens=False)["input_ids"])
+    assert sum(len(c.token_ids) for c in mixed if c.doc == "notes.txt") == notes_tokens  # all of it
+    assert [c.doc for c in mixed] != sorted((c.doc for c in mixed), key=lambda d: d == "notes.txt")  # mixed
+    with pytest.raises(ValueError, match="'many' is not a token budget"):
+        IndexConfig(data=[f"{corpus}@many"])
 
 
 # -- through the session engine -------------------------------------------------------------

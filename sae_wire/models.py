@@ -325,8 +325,8 @@ class GenerateChunkOut(BaseModel):
     steering_applied: SteeringApplied | None = Field(default=None, description="first chunk of a steered request")
 
 
-class DictionaryInfoOut(BaseModel):
-    """``GET /v1/dictionaries`` entry and gRPC DictionaryInfo."""
+class DictionaryShape(BaseModel):
+    """What every description of a served dictionary starts with: its id, model, hook point and shape."""
 
     id: str
     model: str
@@ -335,6 +335,11 @@ class DictionaryInfoOut(BaseModel):
     d_in: int
     d_sae: int
     k: int | None = None
+
+
+class DictionaryInfoOut(DictionaryShape):
+    """``GET /v1/dictionaries`` entry and gRPC DictionaryInfo."""
+
     metrics: dict[str, Any] | None = None
 
 
@@ -350,20 +355,13 @@ class TrainingLogPoint(BaseModel):
     dead: float = Field(description="fraction of features that did not fire in the dead window")
 
 
-class DictionarySummary(BaseModel):
+class DictionarySummary(DictionaryShape):
     """``GET /v1/dictionaries/{id}/summary``: what the playground's dictionary page shows.
 
     Metrics come from the dictionary's ``metrics.json`` (``sae-train``'s held-out evaluation),
     the density histogram from its feature index, the curves from ``training_log.jsonl``;
     each is absent (null / empty) when the dictionary lacks that file."""
 
-    id: str
-    model: str
-    hook_point: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    k: int | None = None
     has_index: bool
     fvu: float | None = Field(default=None, description="fraction of variance unexplained (held out)")
     l0: float | None = Field(default=None, description="mean active features per token (held out)")

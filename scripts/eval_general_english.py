@@ -5,8 +5,8 @@ Two kinds of text, both unseen by a dictionary trained with sae-train's defaults
 * the committed evaluation set ``sae_runtime/data/general_english_eval.jsonl``: 32 short
   passages in many genres, written for this project (one context each);
 * the held-out split of each part of the general corpus (``sae-corpus``; sae-train's
-  split: ``--eval-fraction 0.05 --data-seed 0``), the first ``--tokens-per-part`` tokens of
-  its shuffled held-out contexts.
+  split: ``--eval-fraction 0.05 --data-seed 0``), and of the shipped model-written prose
+  (``--data prose``), the first ``--tokens-per-part`` tokens of its shuffled held-out contexts.
 
 Metrics come from ``sae_runtime.training.evaluate`` as in ``metrics.json``: position 0 and
 special tokens excluded, FVU about the mean, CE loss recovered against zero ablation.
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from sae_runtime.training.activations import ModelActivations
     from sae_runtime.training.data import (
         GENERAL_ENGLISH_PASSAGES,
+        MODEL_PROSE,
         chunk_documents,
         general_english_passages,
         is_held_out,
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             split = load_split([str(f)], tok, ctx_len=args.ctx_len, eval_fraction=0.05, seed=0, eval_only=True)
             sets.append((f"{f.stem} held-out", take_tokens(split.eval, args.tokens_per_part)))
+        # the shipped model-written prose (sae-train --data prose), its held-out split
+        split = load_split([MODEL_PROSE], tok, ctx_len=args.ctx_len, eval_fraction=0.05, seed=0, eval_only=True)
+        sets.append(("prose held-out", take_tokens(split.eval, args.tokens_per_part)))
 
     results = {"dictionary": str(args.dictionary), "model": model_name, "hook_point": dictionary.hook_point,
                "date": time.strftime("%Y-%m-%d"), "sets": {}}

@@ -492,6 +492,15 @@ def test_gzipped_text_and_jsonl_are_read(tmp_path):
                                                   ("b.txt.gz", TEXT[2])]
 
 
+def test_shipped_model_prose_is_a_named_source():
+    from sae_runtime.training.data import MODEL_PROSE, MODEL_PROSE_PATH, source_identity
+
+    docs = list(iter_documents([MODEL_PROSE]))
+    assert len(docs) > 2000 and all(len(d.text.split()) >= 40 for d in docs)
+    assert docs[0].doc_id.startswith(MODEL_PROSE_PATH.name + "#")
+    assert source_identity(MODEL_PROSE)["corpus"] == MODEL_PROSE
+
+
 def test_cache_identity_follows_the_text(tmp_path):
     """An edited file, or a rebuilt general corpus, is harvested again (not served from a stale cache)."""
     from sae_runtime.training import corpus

@@ -253,7 +253,7 @@ DEFAULT_DICTIONARY = Path(sae_runtime.__file__).parent / "data" / "default_dicti
 def test_committed_default_dictionary_is_in_saelens6_layout():
     raw = json.loads((DEFAULT_DICTIONARY / "cfg.json").read_text())
     assert saelens_reads_as_6x(raw)
-    assert raw["architecture"] == "topk" and raw["k"] == 64
+    assert raw["architecture"] == "topk" and raw["k"] == 96
     assert raw["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     assert raw["metadata"]["hook_point"] == "layers.12"
     d = SparseDictionary.load(DEFAULT_DICTIONARY)

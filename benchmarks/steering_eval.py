@@ -82,7 +82,7 @@ CONCEPTS = [
                                                    "teacher", "teachers", "learning")),
     Concept("computer", "computers and software", ("computer", "computers", "software", "program", "programs",
                                                    "programming")),
-    Concept("court", "courts, judges and trials", ("court", "courts", "judge", "judges", "trial", "lawsuit")),
+    Concept("music", "music and songs", ("music", "musical", "song", "songs", "musician", "melody")),
     Concept("water", "water, rivers and lakes", ("water", "waters", "river", "rivers", "lake", "lakes")),
     Concept("ship", "ships and sailing", ("ship", "ships", "vessel", "vessels", "sail", "sailing", "sailors",
                                           "boat", "boats")),

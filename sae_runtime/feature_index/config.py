@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from ..training.data import source_budgets
+from ..training.data import check_sources
 
 ENV_PREFIX = "SAE_INDEX_"
 DEFAULT_DICTIONARY_DIR = Path(__file__).resolve().parents[1] / "data" / "default_dictionary"
@@ -77,11 +77,8 @@ class IndexConfig(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _budgets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("no text to read: give at least one source")
-        source_budgets(v, None)  # a malformed SOURCE@TOKENS or a source named twice is refused here
-        return v
+    def _sources(cls, v: list[str]) -> list[str]:
+        return check_sources(v)  # a malformed SOURCE@TOKENS or a source named twice is refused here
 
     def dictionary_dir(self) -> Path:
         return Path(self.dictionary).expanduser() if self.dictionary else DEFAULT_DICTIONARY_DIR

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..hook_points import canonical_hook_point, parse_hook_point
-from .data import source_budgets
+from .data import check_sources
 
 ENV_PREFIX = "SAE_TRAIN_"  # SAE_TRAIN_<FIELD> sets a field
 
@@ -104,11 +104,8 @@ class TrainConfig(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _budgets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("no training text: give at least one source")
-        source_budgets(v, None)  # a malformed SOURCE@TOKENS or a source named twice is refused here
-        return v
+    def _sources(cls, v: list[str]) -> list[str]:
+        return check_sources(v)  # a malformed SOURCE@TOKENS or a source named twice is refused here
 
     @field_validator("hook_point")
     @classmethod

@@ -283,6 +283,15 @@ def split_budget(spec: str) -> tuple[str, int | None, bool]:
     return name, int(value), True
 
 
+def check_sources(data: list[str]) -> list[str]:
+    """A ``--data`` list as the configs accept it (their validator): at least one source, no
+    malformed ``SOURCE@TOKENS``, no source named twice; ``ValueError`` otherwise."""
+    if not data:
+        raise ValueError("no text: give at least one source")
+    source_budgets(data, None)
+    return data
+
+
 def source_budgets(data: Sequence[str], max_tokens: int | None) -> list[SourceBudget]:
     """How ``sae-train --data`` draws its training text.
 

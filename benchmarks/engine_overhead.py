@@ -12,8 +12,11 @@ For each mode (vLLM compiled, the default, and eager), the same 32 concurrent re
 6. steering (a clamp and an add) on half of the requests;
 7. extraction on all and steering on half.
 
-Each configuration runs ``--repeats`` times after a warm-up; tokens/s is the median. The
-ratios are to plain vLLM in the same mode and to plain compiled vLLM.
+Per mode, plain vLLM and the SAE engine run at once and the configurations take turns:
+after a warm-up of each, ``--repeats`` rounds of one batch per configuration, so a change in
+the machine's speed during the run falls on every row alike; tokens/s is the median of the
+rounds. The ratios are to plain vLLM in the same mode and to plain compiled vLLM. The
+binding is vLLM's (``VLLM_CPU_OMP_THREADS_BIND``, inherited by both engines).
 Run: ``.venv/bin/python benchmarks/engine_overhead.py [--modes compiled,eager]``.
 """
 
@@ -30,7 +33,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 PROMPTS = [
@@ -65,7 +67,9 @@ async def run_batch(submit, n_tokens: int) -> float:
     return total / dt
 
 
-async def bench_plain(args, eager: bool) -> float:
+async def start_plain(args, eager: bool) -> tuple[dict, object]:
+    """Plain vLLM (no worker extension, no SAE op in the layers): ``{"plain vLLM": submit}``
+    and the engine."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -73,7 +77,7 @@ async def bench_plain(args, eager: bool) -> float:
     from sae_runtime.default_model import prepare_default_model
 
     model_dir = prepare_default_model()
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    vllm_surface.configure_environment(2.0)
     os.environ.pop("SAE_SERVE_HOOKS", None)  # plain vLLM: no SAE step op in the layers
     llm = vllm_surface.start_async_llm(
         model=str(model_dir), dtype="float32", enforce_eager=eager, max_model_len=1024,
@@ -91,15 +95,11 @@ async def bench_plain(args, eager: bool) -> float:
             n = len(out.outputs[0].token_ids)
         return n
 
-    try:
-        await run_batch(submit, args.tokens)  # warm-up
-        rates = [await run_batch(submit, args.tokens) for _ in range(args.repeats)]
-    finally:
-        llm.shutdown()
-    return statistics.median(rates)
+    return {"plain vLLM": submit}, llm
 
 
-async def bench_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, float]:
+async def start_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> tuple[dict, object]:
+    """The SAE engine (the op in every layer) and one submit function per configuration."""
     from vllm import SamplingParams
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
@@ -112,7 +112,7 @@ async def bench_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, f
     extra_ids = [f"layers.{L}" for L in EXTRA_LAYERS]
     eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir), *map(str, extra)],
                                              dictionary_ids=[did, *extra_ids], max_model_len=1024, max_num_seqs=64,
-                                             enforce_eager=eager))
+                                             enforce_eager=eager, kv_cache_gib=2.0))
     ids = [eng.encode_text(p) for p in PROMPTS]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     extract = {"dictionaries": [did], "top_k": 8}
@@ -130,18 +130,38 @@ async def bench_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, f
         "extract all + steer half": lambda i: SAERequestSpec.model_validate(
             {"features": extract, **({"steering": steer} if i % 2 else {})}),
     }
-    results = {}
-    try:
-        for name, make_spec in configs.items():
-            async def submit(i, make_spec=make_spec):
-                out = await eng.complete(ids[i], params, make_spec(i))
-                return out.num_generated_tokens
+    submits = {}
+    for name, make_spec in configs.items():
+        async def submit(i, make_spec=make_spec):
+            out = await eng.complete(ids[i], params, make_spec(i))
+            return out.num_generated_tokens
 
-            await run_batch(submit, args.tokens)
-            results[name] = statistics.median([await run_batch(submit, args.tokens) for _ in range(args.repeats)])
+        submits[name] = submit
+    return submits, eng
+
+
+async def bench_mode(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, float]:
+    """Both engines at once (an idle vLLM engine parks its processes after a second), every
+    configuration warmed up, then ``--repeats`` rounds of one batch per configuration in
+    turn: drift of the machine's speed over the run falls on every row alike."""
+    plain, llm = await start_plain(args, eager)
+    engines = [llm]
+    try:
+        sae, eng = await start_sae(args, dict_dir, tmp, eager)
+        engines.append(eng)
+        submits = {**plain, **sae}
+        for submit in submits.values():
+            await run_batch(submit, args.tokens)  # warm-up
+        rates: dict[str, list[float]] = {name: [] for name in submits}
+        for r in range(args.repeats):
+            for name, submit in submits.items():
+                rates[name].append(await run_batch(submit, args.tokens))
+            print(f"# round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
     finally:
-        eng.shutdown()
-    return results
+        for e in engines:
+            e.shutdown()
+        llm.shutdown = lambda *a, **k: None  # AsyncLLM.__del__ calls it again at exit (see SAEEngine.shutdown)
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 def main() -> int:
@@ -155,12 +175,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dict_dir = dictionary_dir(Path(tmp))
         for mode in modes:
-            eager = mode == "eager"
-            rows.append((mode, "plain vLLM", asyncio.run(bench_plain(args, eager))))
-            print(f"# measured: {rows[-1]}", flush=True)  # partial results survive a kill
-            for name, rate in asyncio.run(bench_sae(args, dict_dir, Path(tmp), eager)).items():
+            for name, rate in asyncio.run(bench_mode(args, dict_dir, Path(tmp), mode == "eager")).items():
                 rows.append((mode, name, rate))
-                print(f"# measured: {rows[-1]}", flush=True)
+                print(f"# measured: {rows[-1]}", flush=True)  # partial results survive a kill
     plain = {mode: rate for mode, name, rate in rows if name == "plain vLLM"}
     base = plain.get("compiled", next(iter(plain.values())))
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "(vLLM default)")

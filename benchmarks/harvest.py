@@ -8,14 +8,16 @@ go through:
    request with ``max_tokens=1``, a group of ``--group-tokens`` tokens in flight at once;
 2. the vLLM harvest (``EngineActivations.harvest``, what ``sae-train --harvest vllm`` runs):
    the same requests asking for the raw stream at ``--hook-point``, rows masked as for
-   training and gathered on the host;
+   training and gathered on the host; once with every layer of the model, once stopped after
+   the hook point's layer (``HarvestEngineConfig.stop_after_layer``, sae-train's default);
 3. the transformers harvest (``ModelActivations.harvest``, ``--harvest transformers``):
    forward passes of ``--tf-group-tokens`` tokens stopping after the hook point.
 
 Tokens/s counts context tokens (every position is computed). Each runs ``--repeats`` times
 over all contexts after a warm-up on 4 contexts; the median is reported, with the ratios to
-plain vLLM. vLLM runs in the mode sae-train uses (eager) unless ``--compiled``; both vLLM
-runs use the same engine settings (prefix caching off, same context length and batch).
+plain vLLM. vLLM runs in the mode sae-train uses (eager) unless ``--compiled``; every vLLM
+run uses the same engine settings (prefix caching off, same context length and batch, the
+CPU binding of ``--bind``: every CPU by default, as sae-train's engine).
 Run: ``.venv/bin/python benchmarks/harvest.py [--contexts 64 --ctx-len 256]``; a tiny check:
 ``--contexts 4 --ctx-len 32 --repeats 1``.
 """
@@ -99,10 +101,11 @@ async def _start_plain(args, model_dir: Path):
         max_num_seqs=64, seed=0, enable_prefix_caching=False)
 
 
-def bench_engine(args, model_dir: Path, contexts: list, layer: int) -> float:
+def bench_engine(args, model_dir: Path, contexts: list, layer: int, stop: bool = True) -> float:
     from sae_runtime.training.engine_harvest import EngineActivations
 
-    source = EngineActivations(model_dir, max_model_len=args.ctx_len + 1, enforce_eager=not args.compiled)
+    source = EngineActivations(model_dir, max_model_len=args.ctx_len + 1, enforce_eager=not args.compiled,
+                               stop_after_hook_point=stop)
 
     def run_group(group: list) -> None:
         acts = source.harvest(group, [layer])[layer]
@@ -132,7 +135,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compiled", action="store_true", help="vLLM in compiled mode (default: eager)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the transformers harvest")
+    parser.add_argument("--bind", default="all",
+                        help="VLLM_CPU_OMP_THREADS_BIND of every vLLM engine here: 'all' (every CPU: what "
+                        "sae-train's and sae-index's engines use), 'auto' (vLLM's default), or CPU ids")
     args = parser.parse_args()
+
+    from sae_runtime import vllm_surface
+
+    # Set for the whole run, so both plain vLLM and the harvest engines start with it (a set
+    # variable wins over HarvestEngineConfig.cpu_threads_bind).
+    os.environ[vllm_surface.CPU_BIND_ENV] = vllm_surface.all_cpus_binding() if args.bind == "all" else args.bind
 
     import torch
     from transformers import AutoTokenizer
@@ -152,7 +164,9 @@ def main() -> int:
 
     rows: list[tuple[str, float]] = []
     for name, fn in (("plain vLLM prefill (max_tokens=1)", lambda: bench_plain(args, model_dir, contexts)),
-                     ("vLLM harvest (sae-train --harvest vllm)",
+                     ("vLLM harvest, every layer",
+                      lambda: bench_engine(args, model_dir, contexts, layer, stop=False)),
+                     ("vLLM harvest, stopped after the hook point (sae-train --harvest vllm)",
                       lambda: bench_engine(args, model_dir, contexts, layer)),
                      ("transformers harvest (--harvest transformers)",
                       lambda: bench_transformers(args, model_dir, contexts, layer))):
@@ -162,7 +176,8 @@ def main() -> int:
     mode = "compiled" if args.compiled else "eager"
     print(f"\n{len(contexts)} contexts × {args.ctx_len} tokens ({n_tokens} tokens), {args.hook_point}, float32, "
           f"vLLM {mode}, {args.group_tokens} tokens in flight; transformers {args.tf_group_tokens} tokens per "
-          f"pass, {torch.get_num_threads()} torch threads; {platform.machine()}, {os.cpu_count()} CPUs; "
+          f"pass, {torch.get_num_threads()} torch threads; VLLM_CPU_OMP_THREADS_BIND="
+          f"{os.environ[vllm_surface.CPU_BIND_ENV]}; {platform.machine()}, {os.cpu_count()} CPUs; "
           f"median of {args.repeats}\n")
     print("| path | tokens/s | ratio to plain vLLM prefill |")
     print("|---|---:|---:|")

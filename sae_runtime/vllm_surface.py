@@ -49,6 +49,31 @@ def configure_environment(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+"""vLLM's CPU thread binding of its worker: ``auto`` (its default: one thread per physical core
+of the NUMA node, some cores left to other processes), ``nobind``, or CPU ids such as ``0-1``."""
+
+
+def all_cpus_binding() -> str:
+    """A :data:`CPU_BIND_ENV` value binding one worker thread to each CPU this process may use."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
+@contextlib.contextmanager
+def cpu_threads_bind(value: str | None) -> Iterator[None]:
+    """Set :data:`CPU_BIND_ENV` (``"all"``: :func:`all_cpus_binding`) while an engine starts
+    (its processes copy the environment when they start), then restore it; ``None``, or the
+    variable already set by the operator, leaves it as it is."""
+    if value is None or CPU_BIND_ENV in os.environ:
+        yield
+        return
+    os.environ[CPU_BIND_ENV] = all_cpus_binding() if value == "all" else value
+    try:
+        yield
+    finally:
+        os.environ.pop(CPU_BIND_ENV, None)
+
+
 # --------------------------------------------------------------------------- the engine (API process)
 
 
@@ -127,8 +152,10 @@ def client_error_classes() -> tuple[type[Exception], type[Exception], type[Excep
 
 # --------------------------------------------------------------------------- model loading (worker)
 
-LoadedModelCallback = Callable[[Any, int, str], object]  # what it returns is ignored
-"""``fn(model, num_hidden_layers, architecture)``, called on the served model once loaded."""
+LoadedModelCallback = Callable[[Any, int, str, dict[str, Any]], object]  # what it returns is ignored
+"""``fn(model, num_hidden_layers, architecture, additional_config)``, called on the served
+model once loaded; ``additional_config`` is the engine's ``additional_config`` argument (the
+dict vLLM carries to every process for plugins; ``{}`` when unset)."""
 
 
 _PATCHED_ATTR = "_sae_patched"
@@ -150,7 +177,9 @@ def wrap_model_loader(on_loaded: LoadedModelCallback) -> None:
         model = orig_load(self, vllm_config, model_config, *args, **kwargs)
         if model_config is vllm_config.model_config:
             architectures = getattr(model_config, "architectures", None) or [type(model).__name__]
-            on_loaded(model, model_config.get_total_num_hidden_layers(), architectures[0])
+            extra = getattr(vllm_config, "additional_config", None)
+            on_loaded(model, model_config.get_total_num_hidden_layers(), architectures[0],
+                      dict(extra) if isinstance(extra, dict) else {})
         return model
 
     # Replacing a method of vLLM's class (and marking the class with an attribute of our own
@@ -354,7 +383,7 @@ def _check_engine_args() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     wanted = {"model", "served_model_name", "dtype", "enforce_eager", "max_model_len", "max_num_seqs", "seed",
-              "enable_prefix_caching", "worker_extension_cls", "compilation_config"}
+              "enable_prefix_caching", "worker_extension_cls", "compilation_config", "additional_config"}
     missing = wanted - _fields(AsyncEngineArgs)
     assert not missing, f"AsyncEngineArgs has no field(s) {sorted(missing)}"
 
@@ -394,7 +423,7 @@ def _check_environment() -> None:
     import vllm.envs
 
     names = set(vllm.envs.environment_variables)
-    missing = {"VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_AOT_COMPILE"} - names
+    missing = {"VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_AOT_COMPILE", CPU_BIND_ENV} - names
     assert not missing, f"vLLM no longer reads {sorted(missing)}"
 
 
@@ -407,6 +436,9 @@ def _check_model_loader() -> None:
         f"BaseModelLoader.load_model takes {params}, not (self, vllm_config, model_config, ...)"
     for name in ("get_total_num_hidden_layers", "get_hidden_size", "architectures"):
         assert hasattr(ModelConfig, name), f"ModelConfig.{name} is gone"
+    from vllm.config import VllmConfig
+
+    assert "additional_config" in _fields(VllmConfig), "VllmConfig.additional_config is gone"
 
 
 def _check_worker_runner() -> None:

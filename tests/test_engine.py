@@ -524,3 +524,54 @@ def test_sae_train_harvests_through_the_engine(sae_engine, default_model_dir, tm
     xv, xt = ActivationCache(dv).open(1).float(), ActivationCache(dt).open(1).float()
     assert xv.shape == xt.shape and xv.shape[0] > 128
     torch.testing.assert_close(xv, xt, atol=2e-3, rtol=2e-3)  # float16 rounding of ~1e-6 differences
+
+
+def test_harvest_engine_stops_after_the_deepest_hook_point(default_model_dir, hf_model):
+    """sae-train's own harvest engine runs the model only through the deepest layer asked for
+    (``HarvestEngineConfig.stop_after_layer``): its worker keeps 2 of 30 decoder layers for a
+    harvest at embeddings and layers.1, the streams there are still transformers' (all 30
+    layers run there), and a deeper hook point is refused by name."""
+    from sae_runtime import hf_streams
+    from sae_runtime.training.engine_harvest import EngineActivations
+
+    harvester = EngineActivations(default_model_dir, max_model_len=256)
+    try:
+        ids = harvester.tokenizer(PROMPT)["input_ids"]
+        (got,) = harvester.residuals([torch.tensor(ids)], [-1, 1])
+        eng = harvester._runner.engine
+        assert eng.last_layer == 1
+        (stats,) = harvester._runner.run(eng.worker_stats(), 60)
+        assert stats["layers"] == 2  # 28 layers dropped: the harvest computed 2 of 30
+        ref = hf_streams.residual_streams(hf_model, torch.tensor([ids]), [-1, 1], stop_early=False)
+        for L in (-1, 1):
+            rel = (got[L] - ref[L][0]).norm(dim=-1) / ref[L][0].norm(dim=-1)
+            assert got[L].shape == (len(ids), 576) and rel.max() < STREAM_RTOL, (L, rel.max().item())
+        with pytest.raises(SpecError, match=r"hook_points\[0\]: 'layers.2' is not a hook point .*stops after "
+                                            r"layers.1"):
+            harvester._runner.run(eng.harvest_streams([ids], ["layers.2"]), 60)
+    finally:
+        harvester.close()
+
+
+def test_harvest_engine_layer_bound_is_checked():
+    """``stop_after_layer`` outside the model, before a dictionary's layer, or 'dictionaries'
+    without one is refused before vLLM starts; a serving config never stops early."""
+    from types import SimpleNamespace
+
+    from sae_runtime.engine.engine import EngineConfig, HarvestEngineConfig, last_layer
+
+    registry = [SimpleNamespace(id="a", layer=6), SimpleNamespace(id="b", layer=12)]
+    assert last_layer(EngineConfig(), registry, 30) is None
+    assert last_layer(HarvestEngineConfig(), registry, 30) is None
+    assert last_layer(HarvestEngineConfig(stop_after_layer="dictionaries"), registry, 30) == 12
+    assert last_layer(HarvestEngineConfig(stop_after_layer=12), registry, 30) == 12
+    assert last_layer(HarvestEngineConfig(stop_after_layer=29), [], 30) == 29
+    with pytest.raises(ValueError, match=r"stop_after_layer 11 drops the layers of dictionaries \['b'\]"):
+        last_layer(HarvestEngineConfig(stop_after_layer=11), registry, 30)
+    with pytest.raises(ValueError, match=r"stop_after_layer 30: the model has layers.0 .. layers.29"):
+        last_layer(HarvestEngineConfig(stop_after_layer=30), [], 30)
+    with pytest.raises(ValueError, match="serves no dictionary"):
+        last_layer(HarvestEngineConfig(stop_after_layer="dictionaries"), [], 30)
+    with pytest.raises(ValidationError):
+        HarvestEngineConfig(stop_after_layer="deepest")
+    assert "stop_after_layer" not in EngineConfig.model_fields  # not a sae-serve flag

@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -45,9 +45,11 @@ from sae_runtime.model_info import read_model_info
 from sae_runtime.protocol import (
     HOOKS_ENV,
     INSTALL_RPC,
+    MODEL_OPTIONS_KEY,
     OP_NAMES,
     SPEC_KEY,
     STATS_RPC,
+    STOP_AFTER_LAYER,
     WORKER_EXTENSION,
     DictionaryToLoad,
     InstallConfig,
@@ -79,6 +81,45 @@ class EngineConfig(BaseModel):
                                      "(else 503)")
     limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields (max_edits=N...); "
                                    "sae-serve's --max-* settings win over these")
+
+
+DEEPEST_DICTIONARY: Literal["dictionaries"] = "dictionaries"
+"""``HarvestEngineConfig.stop_after_layer`` value: the layer of the deepest dictionary served."""
+
+
+class HarvestEngineConfig(EngineConfig):
+    """An engine that only reads streams and features (sae-train's and sae-index's harvests).
+    Not a serving setting: ``sae-serve`` builds a plain :class:`EngineConfig`."""
+
+    stop_after_layer: int | Literal["dictionaries"] | None = Field(
+        default=None, description="run the model only through this decoder layer, or through the deepest "
+        "dictionary's ('dictionaries'); the deeper layers are dropped when it loads, so a harvest at layers.12 "
+        "of a 30-layer model computes 13 layers. The logits, hence any generated text, are meaningless")
+    cpu_threads_bind: str | None = Field(
+        default="all", description="VLLM_CPU_OMP_THREADS_BIND of the engine's worker on CPU: 'all' = one thread "
+        "on each CPU this process may use (a harvest has the machine to itself: twice vLLM's own choice's "
+        "prefill on 2 cores, benchmarks/README.md), CPU ids such as '0-1', or None = vLLM's default; the "
+        "variable set in the environment wins")
+
+
+def last_layer(config: EngineConfig, registry: DictionaryRegistry, num_layers: int) -> int | None:
+    """The last decoder layer the engine runs (``None``: all of them); ``ValueError`` for a
+    ``stop_after_layer`` outside the model or before a dictionary's layer."""
+    last = config.stop_after_layer if isinstance(config, HarvestEngineConfig) else None
+    if last is None:
+        return None
+    if last == DEEPEST_DICTIONARY:
+        if not len(registry):
+            raise ValueError("stop_after_layer 'dictionaries': the engine serves no dictionary")
+        return max(r.layer for r in registry)
+    assert isinstance(last, int)
+    if not 0 <= last < num_layers:
+        raise ValueError(f"stop_after_layer {last}: the model has layers.0 .. layers.{num_layers - 1}")
+    deeper = [r.id for r in registry if r.layer > last]
+    if deeper:
+        raise ValueError(f"stop_after_layer {last} drops the layers of dictionaries {deeper}: they hook after "
+                         f"layers.{last}")
+    return last
 
 
 def _compilation_config(eager: bool, backend: str = "") -> dict[str, Any] | None:
@@ -137,6 +178,8 @@ class SAEEngine:
         self.receiver = receiver
         self.tokenizer = tokenizer
         self.limits = SpecLimits(**config.limits)
+        self.last_layer = last_layer(config, registry, shape.num_layers)
+        """The last decoder layer this engine runs (``None``: every layer; see :class:`HarvestEngineConfig`)."""
         self.dictionary_info = {
             r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k,
                                  decoder_norm_max=_decoder_norm_max(r),
@@ -171,20 +214,24 @@ class SAEEngine:
             hidden_size=shape.hidden_size,
             ids=config.dictionary_ids,
         )
+        last = last_layer(config, registry, shape.num_layers)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-        llm = vllm_surface.start_async_llm(
-            compilation_config=_compilation_config(config.enforce_eager, config.compile_backend),
-            model=str(model_dir),
-            served_model_name=model_name,
-            dtype=config.dtype,
-            enforce_eager=config.enforce_eager,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            seed=config.seed,
-            enable_prefix_caching=config.enable_prefix_caching,
-            worker_extension_cls=WORKER_EXTENSION,
-        )
+        bind = config.cpu_threads_bind if isinstance(config, HarvestEngineConfig) else None
+        with vllm_surface.cpu_threads_bind(bind):
+            llm = vllm_surface.start_async_llm(
+                compilation_config=_compilation_config(config.enforce_eager, config.compile_backend),
+                model=str(model_dir),
+                served_model_name=model_name,
+                dtype=config.dtype,
+                enforce_eager=config.enforce_eager,
+                max_model_len=config.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                seed=config.seed,
+                enable_prefix_caching=config.enable_prefix_caching,
+                worker_extension_cls=WORKER_EXTENSION,
+                additional_config={} if last is None else {MODEL_OPTIONS_KEY: {STOP_AFTER_LAYER: last}},
+            )
         receiver = FeatureReceiver()
         try:
             receiver.start()
@@ -483,7 +530,7 @@ class SAEEngine:
         if isinstance(hook_points, (str, int)) or not hook_points:
             raise SpecError("hook_points", f"expected a non-empty list of hook points, got {hook_points!r}")
         layers = []
-        n = self.shape.num_layers
+        n = self.shape.num_layers if self.last_layer is None else self.last_layer + 1
         for i, h in enumerate(hook_points):
             where = f"hook_points[{i}]"
             if isinstance(h, bool) or not isinstance(h, (str, int)):
@@ -496,8 +543,9 @@ class SAEEngine:
             else:
                 layer = h
             if not -1 <= layer < n:
+                stopped = "" if n == self.shape.num_layers else f"; this engine stops after layers.{n - 1}"
                 raise SpecError(where, f"{h!r} is not a hook point of this model (valid: embeddings = -1, "
-                                f"layers.0 .. layers.{n - 1})")
+                                f"layers.0 .. layers.{n - 1}{stopped})")
             layers.append(layer)
         return sorted(set(layers))
 

@@ -51,7 +51,7 @@ from .stats import FINE_BINS, FINE_LOG10_MAX, FINE_LOG10_MIN, ContextFeatures, I
 from .store import Example, FeatureRecord, IndexWriter, RandomWindow, TokenCount
 
 if TYPE_CHECKING:
-    from ..engine.engine import EngineConfig, SAEEngine
+    from ..engine.engine import HarvestEngineConfig, SAEEngine
 
 logger = logging.getLogger("sae_runtime.feature_index")
 
@@ -148,16 +148,17 @@ ENGINE_THREAD = "sae-index-engine"
 """The name of the thread an engine started here runs its event loop in."""
 
 
-def engine_config(cfg: IndexConfig) -> EngineConfig:
-    """The engine sae-index starts for ``cfg``: its model and settings, serving its dictionary
-    (prefix caching off: every harvest request skips reading it)."""
-    from ..engine.engine import EngineConfig
+def engine_config(cfg: IndexConfig) -> HarvestEngineConfig:
+    """The engine sae-index starts for ``cfg``: its model and settings, serving its dictionary,
+    the model stopped after the dictionary's layer (prefix caching off: every harvest request
+    skips reading it)."""
+    from ..engine.engine import DEEPEST_DICTIONARY, HarvestEngineConfig
 
-    return EngineConfig(model=None if cfg.model == "default" else cfg.model,
-                        dictionaries=[str(cfg.dictionary_dir())], dtype=cfg.dtype,
-                        enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
-                        max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
-                        enable_prefix_caching=False)
+    return HarvestEngineConfig(model=None if cfg.model == "default" else cfg.model,
+                               dictionaries=[str(cfg.dictionary_dir())], dtype=cfg.dtype,
+                               enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len,
+                               max_num_seqs=cfg.max_num_seqs, kv_cache_gib=cfg.kv_cache_gib,
+                               enable_prefix_caching=False, stop_after_layer=DEEPEST_DICTIONARY)
 
 
 def start_engine(runner: EngineThread, cfg: IndexConfig) -> SAEEngine:

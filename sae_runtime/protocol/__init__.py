@@ -41,6 +41,15 @@ HOOKS_ENV = "SAE_SERVE_HOOKS"
 the model's decoder layers. Set by the engine before vLLM starts (worker processes inherit
 it); a plain vLLM run in the same environment leaves it unset and is untouched."""
 
+MODEL_OPTIONS_KEY = "sae_serve"
+"""Key of the engine's model options in vLLM's ``additional_config`` (the config field vLLM
+carries to every process for plugins), read by the ``sae_serve`` plugin when the model is
+loaded. Its value: ``{STOP_AFTER_LAYER: int}`` or nothing."""
+STOP_AFTER_LAYER = "stop_after_layer"
+"""Model option: run the decoder layers only through this one (the deeper ones are removed
+once the model is loaded). For engines that only read streams and features (sae-train's and
+sae-index's harvests): their logits, hence any generated text, are meaningless."""
+
 OP_NAME = "sae_serve::residual_step"
 """Custom op of the SAE step for layers that hand on ``(hidden_states, residual)``."""
 STREAM_OP_NAME = "sae_serve::stream_step"

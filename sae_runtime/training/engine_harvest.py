@@ -11,7 +11,10 @@ fingerprint do not depend on the source.
 
 The engine runs on its own asyncio loop in a background thread (sae-train is synchronous;
 :class:`sae_runtime.engine.background.EngineThread`) and is started on the first ``harvest``
-call, so a run whose activation cache is already complete never starts it.
+call, so a run whose activation cache is already complete never starts it. It runs the model
+only through the deepest layer asked for (``HarvestEngineConfig.stop_after_layer``): a
+harvest at ``layers.12`` of the embedded 30-layer model computes 13 layers, as the
+transformers harvest does.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class EngineActivations(HarvestSource):
 
     def __init__(self, model_path: str | os.PathLike, *, engine: Any = None,
                  loop: asyncio.AbstractEventLoop | None = None, max_model_len: int = 2048,
-                 enforce_eager: bool = True):
+                 enforce_eager: bool = True, stop_after_hook_point: bool = True):
         from transformers import AutoTokenizer
 
         self._runner = EngineThread(engine, loop, name="sae-train-engine")  # checks engine and loop first
@@ -50,18 +53,21 @@ class EngineActivations(HarvestSource):
         self.num_layers, self.d_model = info.num_layers, info.hidden_size
         self._token_rules()
         self._max_model_len, self._eager = max_model_len, enforce_eager
+        self._truncate = stop_after_hook_point
 
     # -- engine ---------------------------------------------------------------------------
 
-    def _start(self) -> Any:
+    def _start(self, layers: Sequence[int]) -> Any:
         if self._runner.engine is not None:
             return self._runner.engine
-        from ..engine.engine import EngineConfig
+        from ..engine.engine import HarvestEngineConfig
 
         # No dictionaries: hook points need none to hand their stream out. Prefix caching
-        # off: every request skips reading it anyway.
-        config = EngineConfig(model=self.model_path, max_model_len=self._max_model_len,
-                              enforce_eager=self._eager, enable_prefix_caching=False)
+        # off: every request skips reading it anyway. The model stops after the deepest
+        # layer asked for (the later calls of a run ask for the same layers).
+        config = HarvestEngineConfig(model=self.model_path, max_model_len=self._max_model_len,
+                                     enforce_eager=self._eager, enable_prefix_caching=False,
+                                     stop_after_layer=max(0, *layers) if self._truncate else None)
         return self._runner.start(config, START_TIMEOUT_S)
 
     def close(self) -> None:
@@ -72,7 +78,7 @@ class EngineActivations(HarvestSource):
 
     def residuals(self, contexts: Sequence[Tensor], layers: Sequence[int]) -> list[dict[int, Tensor]]:
         """Per context ``{layer: float32 [T, d]}``: the stream of every token (position 0 too)."""
-        engine = self._start()
+        engine = self._start(layers)
         ids = [[int(t) for t in c.tolist()] for c in contexts]
         return self._runner.run(engine.harvest_streams(ids, list(layers)), CALL_TIMEOUT_S)
 

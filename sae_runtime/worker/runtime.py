@@ -93,6 +93,8 @@ class SAEWorkerRuntime:
             "plans_built": self._plans.builds,
             "plans_reused": self._plans.reuses,
             "dictionaries": sorted(self.dictionaries),
+            # decoder layers the model runs (fewer than the model has with stop_after_layer)
+            "layers": len(self.layers),
             # feature messages dropped because the side channel stayed full (see FeatureSender)
             "feature_messages_dropped": getattr(self.sender, "dropped_messages", 0),
             # seeded rows of a split prefill whose discarded sample left their generator untouched

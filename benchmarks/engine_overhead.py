@@ -13,10 +13,11 @@ For each mode (vLLM compiled, the default, and eager), the same 32 concurrent re
 7. extraction on all and steering on half.
 
 Per mode, plain vLLM and the SAE engine run at once and the configurations take turns:
-after a warm-up of each, ``--repeats`` rounds of one batch per configuration, so a change in
-the machine's speed during the run falls on every row alike; tokens/s is the median of the
-rounds. The ratios are to plain vLLM in the same mode and to plain compiled vLLM. The
-binding is vLLM's (``VLLM_CPU_OMP_THREADS_BIND``, inherited by both engines).
+after a warm-up of each, ``--repeats`` rounds of one batch per configuration (each round
+starting one configuration later), so a change in the machine's speed during the run falls
+on every row alike; tokens/s is the median of the rounds. The ratios are to plain vLLM in
+the same mode and to plain compiled vLLM. The binding is vLLM's
+(``VLLM_CPU_OMP_THREADS_BIND``, inherited by both engines).
 Run: ``.venv/bin/python benchmarks/engine_overhead.py [--modes compiled,eager]``.
 """
 
@@ -153,9 +154,10 @@ async def bench_mode(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, 
         for submit in submits.values():
             await run_batch(submit, args.tokens)  # warm-up
         rates: dict[str, list[float]] = {name: [] for name in submits}
+        names = list(submits)
         for r in range(args.repeats):
-            for name, submit in submits.items():
-                rates[name].append(await run_batch(submit, args.tokens))
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one later
+                rates[name].append(await run_batch(submits[name], args.tokens))
             print(f"# round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
     finally:
         for e in engines:

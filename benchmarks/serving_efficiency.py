@@ -10,8 +10,11 @@ go through:
    streamed chat completions over HTTP from this process (``stream=true``, features in
    each chunk when asked for), every token read.
 
-tokens/s is generated tokens over wall time for the whole batch; median of ``--repeats``
-after a warm-up. Where the time goes: over the timed batches of each configuration, the CPU
+Both run at once (the server started first, then the engine in this process; an idle vLLM
+engine parks its processes) and take turns: after a warm-up of every configuration,
+``--repeats`` rounds of one batch of each, so a change in the machine's speed falls on both
+sides alike. tokens/s is generated tokens over wall time for the whole batch; the median of
+the rounds. Where the time goes: over the timed batches of each configuration, the CPU
 seconds of every process (this one, and every process under it or under ``sae-serve``:
 Ray's proxy, controller and replica, vLLM's engine core and worker, Ray's own daemons) per
 wall second, grouped by role; two cores give at most 2.0. The ratio server/engine is what
@@ -92,68 +95,83 @@ def usage(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, floa
     return out
 
 
-async def timed(batch, repeats: int, key: tuple[str, int, bool], roots: list[int]) -> float:
-    """Median tokens/s of ``repeats`` runs of ``batch`` (after one warm-up), recording the
-    CPU use of every process under ``roots`` over the timed runs in ``CPU_USAGE[key]``."""
-    await batch()
+def _snap(roots: tuple[list[int], list[int]]) -> dict[int, tuple[str, float]]:
+    """:func:`cpu_times` of the processes under ``roots[0]`` but not under ``roots[1]``."""
+    out: dict[int, tuple[str, float]] = {}
+    for r in roots[0]:
+        out.update(cpu_times(r))
+    for r in roots[1]:
+        for pid in cpu_times(r):
+            out.pop(pid, None)
+    return out
 
-    def snap() -> dict[int, tuple[str, float]]:
-        out: dict[int, tuple[str, float]] = {}
-        for r in roots:
-            out.update(cpu_times(r))
-        return out
 
-    before, t0 = snap(), time.perf_counter()
-    rates = [await batch() for _ in range(repeats)]
-    CPU_USAGE[key] = usage(before, snap(), time.perf_counter() - t0)
-    return statistics.median(rates)
+async def rounds(batches: dict, repeats: int, roots: dict) -> dict:
+    """Median tokens/s of every batch function of ``batches`` (key -> ``async () -> tokens/s``):
+    one warm-up each, then ``repeats`` rounds of one run of each in turn (each round starting
+    one key later), so a change in the machine's speed falls on every key alike. Records the
+    CPU use of the processes of ``roots[key]`` (:func:`_snap`) over the key's timed runs in
+    ``CPU_USAGE``."""
+    for batch in batches.values():
+        await batch()
+    keys = list(batches)
+    rates: dict = {k: [] for k in keys}
+    cpu: dict = {k: {} for k in keys}
+    wall: dict = {k: 0.0 for k in keys}
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            before, t0 = _snap(roots[key]), time.perf_counter()
+            rates[key].append(await batches[key]())
+            dt = time.perf_counter() - t0
+            wall[key] += dt
+            for role, v in usage(before, _snap(roots[key]), dt).items():
+                cpu[key][role] = cpu[key].get(role, 0.0) + v * dt
+        print(f"# round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    for key in keys:
+        CPU_USAGE[key] = {role: v / wall[key] for role, v in cpu[key].items()}
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write about the history of {TOPICS[i % len(TOPICS)]} (note {i})."}]
 
 
-async def engine_rates(args, bind: str | None, concurrencies: list[int]) -> dict[tuple[int, bool], float]:
-    """tokens/s of the in-process engine per (concurrency, features)."""
-    from vllm import SamplingParams
-
+async def start_engine(args) -> object:
+    """The in-process engine with the server's default engine settings (and its dictionary)."""
     from sae_runtime.engine.engine import SAEEngine
-    from sae_runtime.engine.spec import SAERequestSpec
     from server.config import ServeConfig
 
-    if bind:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    else:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     config = ServeConfig().engine
     if not config.dictionaries:
         config = config.model_copy(update={"dictionaries": [str(REPO / "sae_runtime/data/default_dictionary")]})
     if args.eager:
         config = config.model_copy(update={"enforce_eager": True})
-    eng = await SAEEngine.start(config)
+    return await SAEEngine.start(config)
+
+
+def engine_batches(args, eng, concurrencies: list[int]) -> dict:
+    """(\"engine\", streams, features) -> an ``async () -> tokens/s`` batch on the in-process engine."""
+    from vllm import SamplingParams
+
+    from sae_runtime.engine.spec import SAERequestSpec
+
     did = eng.registry.ids()[0]
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     features = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8, "scope": "generated"}})
-    out: dict[tuple[int, bool], float] = {}
-    try:
-        for n in concurrencies:
-            ids = [eng.encode_chat(messages(i)) for i in range(n)]
-            for with_features in (False, True):
-                spec = features if with_features else None
+    out = {}
+    for n in concurrencies:
+        ids = [eng.encode_chat(messages(i)) for i in range(n)]
+        for with_features in (False, True):
+            spec = features if with_features else None
 
-                async def batch(ids=ids, spec=spec) -> float:
-                    t0 = time.perf_counter()
-                    outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
-                    total = sum(o.num_generated_tokens for o in outs)
-                    assert total == len(ids) * args.tokens, total
-                    return total / (time.perf_counter() - t0)
+            async def batch(ids=ids, spec=spec) -> float:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
+                total = sum(o.num_generated_tokens for o in outs)
+                assert total == len(ids) * args.tokens, total
+                return total / (time.perf_counter() - t0)
 
-                out[(n, with_features)] = await timed(batch, args.repeats, ("engine", n, with_features),
-                                                      [os.getpid()])
-                print(f"  engine  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
-                      flush=True)
-    finally:
-        eng.shutdown()
+            out[("engine", n, with_features)] = batch
     return out
 
 
@@ -184,9 +202,31 @@ async def stream_chat(client: httpx.AsyncClient, base: str, i: int, args, did: s
     raise RuntimeError("stream ended without usage")
 
 
-async def server_rates(
-    args, bind: str | None, concurrencies: list[int], out_dir: Path
-) -> dict[tuple[int, bool], float]:
+def server_batches(args, client, base: str, did: str, concurrencies: list[int]) -> dict:
+    """(\"server\", streams, features) -> an ``async () -> tokens/s`` batch of streamed chats."""
+    out = {}
+    for n in concurrencies:
+        for with_features in (False, True):
+            want = did if with_features else None
+
+            async def batch(n=n, want=want) -> float:
+                t0 = time.perf_counter()
+                counts = await asyncio.gather(*[stream_chat(client, base, i, args, want) for i in range(n)])
+                total = sum(counts)
+                assert total == n * args.tokens, (total, n * args.tokens)
+                return total / (time.perf_counter() - t0)
+
+            out[("server", n, with_features)] = batch
+    return out
+
+
+async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Path) -> dict:
+    """The server and the in-process engine at once (an idle vLLM engine parks its processes
+    after a second), their batches in turn (:func:`rounds`): (side, streams, features) -> tokens/s."""
+    if bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    else:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     http_port, grpc_port = free_port(), free_port()
     base = f"http://127.0.0.1:{http_port}"
     extra = ["--cpu-threads-bind", bind] if bind else []
@@ -196,33 +236,23 @@ async def server_rates(
         dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
     )
     proc = start_server(server_args, http_port, grpc_port, out_dir)
-    out: dict[tuple[int, bool], float] = {}
+    eng = None
     try:
         dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
-        did = dicts[0]["id"]
         args.model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        eng = await start_engine(args)
         limits = httpx.Limits(max_connections=max(concurrencies) + 4)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            for n in concurrencies:
-                for with_features in (False, True):
-                    want = did if with_features else None
-
-                    async def batch(n=n, want=want) -> float:
-                        t0 = time.perf_counter()
-                        counts = await asyncio.gather(*[stream_chat(client, base, i, args, want) for i in range(n)])
-                        total = sum(counts)
-                        assert total == n * args.tokens, (total, n * args.tokens)
-                        return total / (time.perf_counter() - t0)
-
-                    out[(n, with_features)] = await timed(batch, args.repeats, ("server", n, with_features),
-                                                          [os.getpid(), proc.pid])
-                    print(
-                        f"  server  n={n:<3} features={with_features!s:<5} {out[(n, with_features)]:7.1f} tok/s",
-                        flush=True,
-                    )
+            batches = {**engine_batches(args, eng, concurrencies),
+                       **server_batches(args, client, base, dicts[0]["id"], concurrencies)}
+            # the engine's side: this process's tree less the server's (idle meanwhile); the server's: both
+            roots = {k: ([os.getpid()], [proc.pid]) if k[0] == "engine" else ([os.getpid(), proc.pid], [])
+                     for k in batches}
+            return await rounds(batches, args.repeats, roots)
     finally:
+        if eng is not None:
+            eng.shutdown()
         stop_server(proc)
-    return out
 
 
 def main() -> int:
@@ -244,12 +274,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for bind in binds:
             label = bind or "default"
-            print(f"binding {label}: in-process engine", flush=True)
-            eng = asyncio.run(engine_rates(args, bind, concurrencies))
-            print(f"binding {label}: sae-serve", flush=True)
-            srv = asyncio.run(server_rates(args, bind, concurrencies, Path(tmp)))
-            for key in eng:
-                rows.append((label, key[0], key[1], eng[key], srv[key]))
+            print(f"binding {label}: sae-serve and the in-process engine, in turn", flush=True)
+            rates = asyncio.run(compare(args, bind, concurrencies, Path(tmp)))
+            for n in concurrencies:
+                for feats in (False, True):
+                    rows.append((label, n, feats, rates[("engine", n, feats)], rates[("server", n, feats)]))
     print(
         f"\n{args.tokens} new tokens per request, greedy, chat template, "
         f"{'eager' if args.eager else 'compiled'} mode, median of {args.repeats}\n"

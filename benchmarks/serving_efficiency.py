@@ -223,8 +223,12 @@ def server_batches(args, client, base: str, did: str, concurrencies: list[int]) 
 async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Path) -> dict:
     """The server and the in-process engine at once (an idle vLLM engine parks its processes
     after a second), their batches in turn (:func:`rounds`): (side, streams, features) -> tokens/s."""
-    if bind:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    from server.config import ServeConfig
+
+    # the in-process engine gets what the server's replica gets (sae-serve's default: "all")
+    engine_bind = bind or ServeConfig().cpu_threads_bind
+    if engine_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_bind
     else:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     http_port, grpc_port = free_port(), free_port()

@@ -38,12 +38,16 @@ def configure_environment(kv_cache_gib: float) -> None:
       RAM), unless the operator set it.
     - ``VLLM_USE_V2_MODEL_RUNNER=0``: the V1 model runner, whose persistent input batch the
       SAE step reads (:func:`batch_layout`).
+    - ``VLLM_CPU_OMP_THREADS_BIND=all`` (sae-serve's own value, not vLLM's) becomes this
+      machine's CPU ids (:func:`all_cpus_binding`): a replica resolves it on its own node.
     - ``VLLM_USE_AOT_COMPILE=0`` unless set: vLLM 0.32 (CPU) with torch 2.13 writes
       AOT-compiled artifacts it cannot load back ("'function' object has no attribute
       'finalize_loading'"), so every compiled start compiled again (~150 s here). The
       non-AOT compile cache loads: a warm compiled start takes ~70 s (measured on this
       project's 2-core CPU machines).
     """
+    if os.environ.get(CPU_BIND_ENV) == "all":
+        os.environ[CPU_BIND_ENV] = all_cpus_binding()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
@@ -51,7 +55,9 @@ def configure_environment(kv_cache_gib: float) -> None:
 
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 """vLLM's CPU thread binding of its worker: ``auto`` (its default: one thread per physical core
-of the NUMA node, some cores left to other processes), ``nobind``, or CPU ids such as ``0-1``."""
+of the NUMA node, some cores left to other processes), ``nobind``, or CPU ids such as ``0-1``;
+sae-serve adds ``all`` (every CPU this process may use), resolved by
+:func:`configure_environment` before vLLM reads it."""
 
 
 def all_cpus_binding() -> str:

@@ -125,6 +125,35 @@ def test_configure_environment(monkeypatch):
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
 
 
+def test_cpu_binding_all_is_this_machines_cpus(monkeypatch):
+    """``all`` (sae-serve's value, the server's and the harvest engines' default) becomes the
+    CPU ids this process may use before vLLM reads the variable; an operator's value stays."""
+    import os
+
+    from server import deployment
+    from server.config import ServeConfig
+
+    env = vllm_surface.CPU_BIND_ENV
+    cpus = sorted(os.sched_getaffinity(0))
+    assert vllm_surface.all_cpus_binding() == ",".join(map(str, cpus))
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_AOT_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(env, "all")  # what a replica's runtime env carries by default
+    assert deployment.replica_env(ServeConfig())[env] == "all"
+    vllm_surface.configure_environment(1.0)
+    assert os.environ[env] == ",".join(map(str, cpus))
+    monkeypatch.delenv(env)
+    with vllm_surface.cpu_threads_bind("all"):  # a harvest engine's start
+        assert os.environ[env] == ",".join(map(str, cpus))
+    assert env not in os.environ  # restored once the engine's processes have it
+    with vllm_surface.cpu_threads_bind(None):
+        assert env not in os.environ
+    monkeypatch.setenv(env, "0")
+    with vllm_surface.cpu_threads_bind("all"):
+        assert os.environ[env] == "0"  # the operator's binding wins
+    assert ServeConfig(cpu_threads_bind="auto").cpu_threads_bind == "auto"
+
+
 def test_seeded_draws_held_back():
     """The discarded rows' seeded generators are out of the batch's dict while sampling, and
     back afterwards; the others stay (stand-ins shaped like the runner: tests/test_seeded_sampling.py

@@ -549,6 +549,14 @@ def test_harvest_engine_stops_after_the_deepest_hook_point(default_model_dir, hf
         with pytest.raises(SpecError, match=r"hook_points\[0\]: 'layers.2' is not a hook point .*stops after "
                                             r"layers.1"):
             harvester._runner.run(eng.harvest_streams([ids], ["layers.2"]), 60)
+        from vllm import SamplingParams
+
+        from sae_runtime.engine.engine import EngineError
+
+        with pytest.raises(EngineError, match=r"stops after layers.1 .*meaningless"):  # no text from half a model
+            harvester._runner.run(eng.complete(ids, SamplingParams(max_tokens=4)), 60)
+        (one,) = harvester._runner.run(eng.harvest_streams([ids[:5]], ["embeddings"]), 60)  # still serving
+        assert one[-1].shape == (5, 576)
     finally:
         harvester.close()
 

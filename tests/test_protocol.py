@@ -184,7 +184,7 @@ def test_engine_refuses_bad_harvest_hook_points_naming_them(hook_points, field, 
     from sae_runtime.engine.engine import SAEEngine
     from sae_runtime.engine.spec import ModelShape, SpecError
 
-    engine: Any = SimpleNamespace(shape=ModelShape(num_layers=30, hidden_size=576))
+    engine: Any = SimpleNamespace(shape=ModelShape(num_layers=30, hidden_size=576), last_layer=None)
     assert SAEEngine.stream_layers(engine, ["embeddings", 12, "blocks.3.hook_resid_pre", "layers.12"]) == [-1, 2, 12]
     with pytest.raises(SpecError) as info:
         SAEEngine.stream_layers(engine, hook_points)

@@ -74,6 +74,7 @@ def _fake_service():
         """Streams: row p of a text is ``ids[p] + p/10`` in every entry (hidden size 8)."""
 
         shape = ModelShape(num_layers=30, hidden_size=8)
+        last_layer = None  # every layer runs (not a harvest engine)
         stream_layers = SAEEngine.stream_layers
 
         def __init__(self) -> None:

@@ -312,6 +312,9 @@ class SAEEngine:
 
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError("sampling_params must be a vllm.SamplingParams")
+        if self.last_layer is not None and sampling_params.max_tokens != 1:
+            raise EngineError(f"this engine stops after layers.{self.last_layer} (HarvestEngineConfig."
+                              f"stop_after_layer): it reads prompts (max_tokens=1), its text would be meaningless")
         if not prompt_token_ids:
             raise SpecError("prompt", "is empty")
         if len(prompt_token_ids) >= self.config.max_model_len:

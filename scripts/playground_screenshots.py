@@ -96,8 +96,9 @@ def screenshots(base: str, dictionary: str, text: str, word: str, out: Path,
             page.screenshot(
                 path=str(out / "playground.png"), clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height}
             )
-            # the card by its link (a fresh page on #view=feature&feature=N): clicking the third
-            # link of the token's list once left the card without its examples here (open question)
+            # the card by its URL (a fresh page on #view=feature&feature=N, what the token's link
+            # opens): one run on a busy machine once timed out after clicking the link; on a quiet
+            # machine the click renders the card in 0.2 s (tests/test_browser_playground.py clicks)
             card = new_page(browser, TIMEOUT_MS)
             card.on("pageerror", lambda e: errors.append(str(e)))
             card.goto(f"{base}/ui/#view=feature&feature={feature}")

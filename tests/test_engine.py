@@ -583,3 +583,9 @@ def test_harvest_engine_layer_bound_is_checked():
     with pytest.raises(ValidationError):
         HarvestEngineConfig(stop_after_layer="deepest")
     assert "stop_after_layer" not in EngineConfig.model_fields  # not a sae-serve flag
+    # sae-index's own engine stops after its dictionary's layer and binds every CPU
+    from sae_runtime.feature_index.build import engine_config
+    from sae_runtime.feature_index.config import IndexConfig
+
+    index_engine = engine_config(IndexConfig())
+    assert (index_engine.stop_after_layer, index_engine.cpu_threads_bind) == ("dictionaries", "all")

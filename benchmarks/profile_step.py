@@ -2,7 +2,8 @@
 
 ``run`` drives the engine (default model and dictionary, eager mode so that Python frames of
 the model stay visible) through ``--batches`` batches of 32 concurrent requests × 64 new
-tokens with top-8 extraction at the dictionary's hook point on every request. ``shares``
+tokens with top-8 extraction at the dictionary's hook point on every request (``--dicts 4``:
+at four hook points, as engine_overhead.py's row). ``shares``
 reads py-spy's collapsed stacks (``--format raw``) and prints, among the samples of the vLLM
 worker's ``execute_model``, the share of each part of the SAE step.
 
@@ -54,19 +55,26 @@ def frames(stack: str) -> set[tuple[str, str]]:
 
 
 async def run(args: argparse.Namespace) -> None:
+    import tempfile
+
     from vllm import SamplingParams
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
     from sae_runtime.engine.spec import SAERequestSpec
+    from tests.dictionary_factory import make_dictionary
 
     default = REPO / "sae_runtime" / "data" / "default_dictionary"
-    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(default)], max_model_len=1024, max_num_seqs=64,
-                                             enforce_eager=True))
+    tmp = Path(tempfile.mkdtemp(prefix="profile_step_"))
+    # extra dictionaries of the default's shape at other layers, as engine_overhead.py's
+    # four-hook-point row
+    extra = [make_dictionary(tmp / f"extra_{L}", layer=L, d_sae=4608, architecture="topk", k=64, seed=L)
+             for L in (4, 20, 28)[:args.dicts - 1]]
+    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(default), *map(str, extra)], max_model_len=1024,
+                                             max_num_seqs=64, enforce_eager=not args.compiled))
     try:
-        did = eng.registry.ids()[0]
         ids = [eng.encode_text(f"Write a short paragraph about topic number {i}.") for i in range(32)]
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-        spec = SAERequestSpec.model_validate({"features": {"dictionaries": [did], "top_k": 8}})
+        spec = SAERequestSpec.model_validate({"features": {"dictionaries": eng.registry.ids(), "top_k": 8}})
         for b in range(args.batches):
             t0 = time.perf_counter()
             outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
@@ -183,10 +191,16 @@ def features_path(args: argparse.Namespace) -> None:
     def ms(fn) -> float:
         return min(timeit.repeat(fn, number=50, repeat=3)) / 50 * 1e3
 
+    from sae_runtime import vllm_surface
+
+    packed = [vllm_surface.cpu_packed_matmul(W) for _, W, _, _ in dicts]
     encode_only = ms(lambda: [kernels.encode_features(x, W, b, bd, k, activation="relu") for _, W, b, bd in dicts])
+    encode_packed = ms(lambda: [kernels.encode_features(x, W, b, bd, k, activation="relu", matmul=m)
+                                for (_, W, b, bd), m in zip(dicts, packed, strict=True)])
     print(f"{n} requests × 1 token, top-{k} of {args.dicts} dictionar{'y' if args.dicts == 1 else 'ies'} "
           f"({len(chunks)} chunks per step), ms per step, one thread:")
-    print(f"  worker: encode + top-k {encode_only:.2f}; with host copy and chunks {ms(worker):.2f}")
+    print(f"  worker: encode + top-k {encode_only:.2f} (torch's matmul), {encode_packed:.2f} (the prepacked "
+          f"matmul the worker uses); torch's with host copy and chunks {ms(worker):.2f}")
     print(f"  side channel: encode_message {ms(lambda: encode_message(chunks)):.2f}")
     print(f"  API process: decode_message + per-request tables {ms(api):.2f}; "
           f"per-token objects handed out {ms(hand_out):.2f} (includes building the tables again)")
@@ -197,6 +211,10 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--batches", type=int, default=4)
+    r.add_argument("--dicts", type=int, default=1, choices=range(1, 5),
+                   help="dictionaries to extract from (1: the default; more: random ones at layers 4, 20, 28)")
+    r.add_argument("--compiled", action="store_true", help="torch.compile the model (Python frames of the model "
+                   "are then hidden from the profile)")
     s = sub.add_parser("shares")
     s.add_argument("path", type=Path)
     c = sub.add_parser("plan")

@@ -293,6 +293,32 @@ def seeded_draws_held_back(runner: Any) -> Iterator[int]:
         generators.update(held)
 
 
+def cpu_packed_matmul(weight: Any) -> Callable[[Any], Any] | None:
+    """``x -> x @ weight`` (``weight [K, N]``, ``x [M, K]`` of its dtype) through the oneDNN
+    matmul with prepacked weights that vLLM's CPU linear layers use, or None where there is
+    none (a tensor not on the CPU, a vLLM build without oneDNN, a weight it refuses).
+
+    Why: torch's ``x @ weight`` on this project's CPUs runs a decode batch's encode (32 rows ×
+    576 × 4608, float32) at about half the speed of the model's own prepacked layers
+    (benchmarks/README.md, "the encoder's matmul"); the packed copy of the weight (as large
+    as ``weight``) is taken once, so later changes to ``weight`` are not seen."""
+    if weight.device.type != "cpu":
+        return None
+    from vllm import _custom_ops as ops
+
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    try:
+        handler = ops.create_onednn_mm(weight, 32)  # 32: oneDNN primitives cached (one per row count)
+    except RuntimeError:
+        return None
+
+    def matmul(x: Any) -> Any:
+        return ops.onednn_mm(handler, x, None)
+
+    return matmul
+
+
 def finished_request_ids(scheduler_output: Any) -> Any:
     """Ids of the requests that finished since the last step (``SchedulerOutput``)."""
     return scheduler_output.finished_req_ids
@@ -529,6 +555,14 @@ def _check_openai_protocol() -> None:
             assert field in request.model_fields, f"{request.__name__}.{field}"
 
 
+def _check_onednn_mm() -> None:
+    from vllm import _custom_ops as ops
+
+    assert isinstance(getattr(ops, "_supports_onednn", None), bool), "vllm._custom_ops._supports_onednn"
+    assert _params(ops.create_onednn_mm)[:2] == ["weight", "primitive_cache_size"], "create_onednn_mm(weight, size)"
+    assert _params(ops.onednn_mm) == ["dnnl_handler", "x", "bias"], "onednn_mm(dnnl_handler, x, bias)"
+
+
 ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("AsyncLLM.errored is a property", "engine_errored", _check_errored),
     Assumption("AsyncLLM.output_processor.get_num_unfinished_requests()", "unfinished_requests",
@@ -564,6 +598,8 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "InputBatch.generators keyed by row; the samplers draw per request from generators.items(); "
                "a CPU torch.Generator has no offset", "wrap_sample_tokens, runner_device_type, seeded_draws_held_back",
                _check_discarded_samples),
+    Assumption("vllm._custom_ops: _supports_onednn, create_onednn_mm(weight [K, N], cache size), "
+               "onednn_mm(handler, x, bias)", "cpu_packed_matmul", _check_onednn_mm),
     Assumption("SchedulerOutput.finished_req_ids / total_num_scheduled_tokens",
                "finished_request_ids, step_has_tokens", _check_scheduler_output),
 )

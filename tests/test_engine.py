@@ -86,6 +86,9 @@ def test_extraction_matches_transformers_reference(sae_engine, hf_model):
             [tok.features[j].values for tok in out.features], [tok.features[j].indices for tok in out.features],
             d, hf_stream(hf_model, full, d.layer))
     assert checked > 50  # the comparison saw real, non-zero activations
+    # ...encoded through vLLM's prepacked CPU matmul (vllm_surface.cpu_packed_matmul), not torch's
+    (stats,) = sae_engine.run(eng.worker_stats())
+    assert {sae_engine.ids[r] for r in roles} <= set(stats["packed_encoders"])
 
 
 def _engine_stream(sae_engine, ids: list[int], layer: int) -> torch.Tensor:

@@ -236,13 +236,15 @@ def chunk(rid: str, positions: list[int], k: int = 2) -> FeatureChunk:
 
 
 @pytest.mark.parametrize("frames", [
-    [b"not json"],
-    [b"{}"],
-    [json.dumps([{"rid": "r", "dict": D, "n": 2, "m": 2, "has_idx": True}]).encode(), b"\0" * 8],
-    [json.dumps([{"rid": "r", "dict": D, "n": 1, "m": 2, "has_idx": False}]).encode(), b"\0" * 4, b"\0" * 7],
-    [json.dumps([{"rid": 5, "dict": D, "n": 0, "m": 0, "has_idx": False}]).encode(), b"", b""],
-    [json.dumps([{"rid": "r", "dict": D, "n": -1, "m": 2, "has_idx": False}]).encode(), b"", b""],
-    [json.dumps([]).encode(), b"extra"],
+    [b"not json", b""],
+    [b"{}", b""],
+    [json.dumps([{"rid": "r", "dict": D, "n": 2, "m": 2, "has_idx": True}]).encode(), b"\0" * 8],  # body short
+    [json.dumps([{"rid": "r", "dict": D, "n": 1, "m": 2, "has_idx": False}]).encode(), b"\0" * 11],
+    [json.dumps([{"rid": 5, "dict": D, "n": 0, "m": 0, "has_idx": False}]).encode(), b""],
+    [json.dumps([{"rid": "r", "dict": D, "n": -1, "m": 2, "has_idx": False}]).encode(), b""],
+    [json.dumps([]).encode(), b"extra"],  # body longer than the header says
+    [json.dumps([{"rid": "r", "dict": D, "n": 1, "m": 1, "has_idx": False}]).encode(), b"\0" * 8, b""],  # 3 frames
+    [json.dumps([]).encode()],  # no body
     [],
 ])
 def test_decode_refuses_malformed_messages_with_one_error_type(frames):

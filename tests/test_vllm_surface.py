@@ -154,6 +154,53 @@ def test_cpu_binding_all_is_this_machines_cpus(monkeypatch):
     assert ServeConfig(cpu_threads_bind="auto").cpu_threads_bind == "auto"
 
 
+def test_cpu_packed_matmul_is_x_at_weight():
+    """vLLM's prepacked oneDNN matmul (what the worker encodes with on CPU) computes
+    ``x @ W`` to float32 rounding for every row count and a strided ``x``; no packing off
+    the CPU."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(576, 4608, generator=g) / 24
+    matmul = vllm_surface.cpu_packed_matmul(W)
+    assert matmul is not None  # this project's vLLM CPU build has oneDNN (scripts/setup_venv.sh)
+    for x in (torch.randn(1, 576, generator=g), torch.randn(32, 576, generator=g),
+              torch.randn(300, 576, generator=g), torch.randn(64, 576, generator=g)[::2]):
+        torch.testing.assert_close(matmul(x), x @ W, rtol=1e-5, atol=1e-5)
+    assert vllm_surface.cpu_packed_matmul(torch.empty(4, 4, device="meta")) is None
+
+
+def test_encode_features_through_the_packed_matmul():
+    """``kernels.encode_features(matmul=...)`` encodes through it (the worker's extraction on
+    CPU) and gives torch's top-k: values to rounding, indices wherever the order is not
+    decided by rounding (consecutive activations more than 1e-4 apart)."""
+    import torch
+
+    from sae_runtime import kernels
+
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(64, 576, generator=g), torch.randn(576, 4608, generator=g) / 24
+    b_enc, b_dec = torch.randn(4608, generator=g) / 10, torch.randn(576, generator=g) / 10
+    packed = vllm_surface.cpu_packed_matmul(W)
+    calls = []
+
+    def matmul(xin):
+        calls.append(tuple(xin.shape))
+        return packed(xin)
+
+    k = 8
+    idx, vals = kernels.encode_features(x, W, b_enc, b_dec, k, activation="relu", matmul=matmul)
+    assert calls == [(64, 576)]
+    ref_idx, ref_vals = kernels.encode_features(x, W, b_enc, b_dec, k, activation="relu")
+    torch.testing.assert_close(vals, ref_vals, rtol=1e-5, atol=1e-5)
+    top = ((x - b_dec) @ W + b_enc).relu().topk(k + 1, dim=1).values
+    robust = ((top[:, :-1] - top[:, 1:]) > 1e-4).all(1)
+    assert robust.sum() > 32
+    assert torch.equal(idx[robust], ref_idx[robust])
+    with pytest.raises(ValueError, match="matmul must be callable"):
+        kernels.encode_features(x, W, b_enc, b_dec, k, activation="relu", matmul="onednn")
+
+
 def test_seeded_draws_held_back():
     """The discarded rows' seeded generators are out of the batch's dict while sampling, and
     back afterwards; the others stay (stand-ins shaped like the runner: tests/test_seeded_sampling.py

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import ModuleType
 
 import torch
@@ -221,6 +221,7 @@ def encode_features(
     activation: str,
     threshold: torch.Tensor | None = None,
     apply_b_dec_to_input: bool = True,
+    matmul: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k feature activations of ``x [N, d_in]``: ``act((x - b_dec) @ W_enc + b_enc)``.
 
@@ -229,9 +230,13 @@ def encode_features(
     is :func:`encode_topk`. (A fused Triton matmul+epilogue is not provided: nothing
     showed it beating cuBLAS + the epilogue kernel.) x is cast to W_enc's dtype (never the
     weights to x's), so values come back in W_enc's dtype. For "topk" dictionaries k must
-    be at most the dictionary's own k.
+    be at most the dictionary's own k. ``matmul``, if given, computes ``xin @ W_enc`` for the
+    centred rows ``xin [rows, d_in]`` (W_enc's dtype) instead of torch: the worker passes a
+    prepacked CPU matmul (``vllm_surface.cpu_packed_matmul``); results then differ from
+    torch's by rounding only.
     """
     _check_tensor("x", x, 2, _FLOAT_DTYPES)
+    _check(matmul is None or callable(matmul), f"matmul must be callable or None, got {type(matmul).__name__}")
     n, d_in = x.shape
     _check_tensor("W_enc", W_enc, 2, _FLOAT_DTYPES, x.device, (d_in, None))
     d_sae = W_enc.shape[1]
@@ -246,11 +251,11 @@ def encode_features(
         )
     rows = max(1, _ENCODE_CHUNK_ELEMS // d_sae)
     if rows >= n:
-        pre = reference.encode_pre(x, W_enc, b_dec, apply_b_dec_to_input)
+        pre = reference.encode_pre(x, W_enc, b_dec, apply_b_dec_to_input, matmul)
         return encode_topk(pre, k, activation=activation, b_enc=b_enc, threshold=threshold)
     outs = [
         encode_topk(
-            reference.encode_pre(x[r0 : r0 + rows], W_enc, b_dec, apply_b_dec_to_input),
+            reference.encode_pre(x[r0 : r0 + rows], W_enc, b_dec, apply_b_dec_to_input, matmul),
             k,
             activation=activation,
             b_enc=b_enc,

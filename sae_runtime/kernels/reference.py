@@ -24,6 +24,8 @@ Conventions shared with ``triton_kernels.py`` (keep the two in step):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -130,10 +132,17 @@ def _canonical_topk(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     with zeros): for those rows only, the k-th-valued picks are replaced by the
     lowest-index elements of that value.
     """
-    vals, idx = acts.topk(k, dim=1, largest=True, sorted=True)
+    if k < acts.shape[1]:
+        # one more than asked: the k-th value also occurs outside the selection iff the
+        # (k+1)-th largest equals it (cheaper than comparing every element with it)
+        vals, idx = acts.topk(k + 1, dim=1, largest=True, sorted=True)
+        boundary = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+        vals, idx = vals[:, :k], idx[:, :k]
+    else:
+        vals, idx = acts.topk(k, dim=1, largest=True, sorted=True)
+        boundary = vals.new_empty(0, dtype=torch.int64)
     kth = vals[:, -1:]
     n_sel = (vals == kth).sum(1)  # picks equal to the k-th value: the last n_sel slots
-    boundary = ((acts == kth).sum(1) > n_sel).nonzero().squeeze(1)
     if boundary.numel():
         eq = acts[boundary] == kth[boundary]
         want = n_sel[boundary]
@@ -180,14 +189,16 @@ def encode_pre(
     W_enc: torch.Tensor,
     b_dec: torch.Tensor | None,
     apply_b_dec_to_input: bool,
+    matmul: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Pre-activations without b_enc: ``(x - b_dec) @ W_enc`` in W_enc's dtype (cuBLAS/BLAS).
+    """Pre-activations without b_enc: ``(x - b_dec) @ W_enc`` in W_enc's dtype (cuBLAS/BLAS,
+    or ``matmul``, which computes ``xin @ W_enc`` its own way: a prepacked copy of W_enc).
 
     x (small) is cast to the weights' dtype, never the weights to x's.
     """
     x = x.to(W_enc.dtype)
     xin = x - b_dec.to(x.dtype) if (apply_b_dec_to_input and b_dec is not None) else x
-    return xin @ W_enc
+    return xin @ W_enc if matmul is None else matmul(xin)
 
 
 # ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class FeatureSender:
         if not chunks:
             return
         try:
-            self._sock.send_multipart(encode_message(chunks), copy=False)
+            self._sock.send_multipart(encode_message(chunks), copy=False)  # two frames (header, body)
             self.sent_messages += 1
         except zmq.Again:
             self.dropped_messages += 1

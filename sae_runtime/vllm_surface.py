@@ -299,8 +299,8 @@ def cpu_packed_matmul(weight: Any) -> Callable[[Any], Any] | None:
     none (a tensor not on the CPU, a vLLM build without oneDNN, a weight it refuses).
 
     Why: torch's ``x @ weight`` on this project's CPUs runs a decode batch's encode (32 rows ×
-    576 × 4608, float32) at about half the speed of the model's own prepacked layers
-    (benchmarks/README.md, "the encoder's matmul"); the packed copy of the weight (as large
+    576 × 4608, float32) at about half the speed of this one (benchmarks/README.md, engine
+    overhead, "the encoders' matmul prepacked"); the packed copy of the weight (as large
     as ``weight``) is taken once, so later changes to ``weight`` are not seen."""
     if weight.device.type != "cpu":
         return None

@@ -49,6 +49,14 @@ EXTRA_LAYERS = (4, 20, 28)
 several hook points."""
 
 
+def extra_dictionaries(tmp: Path, count: int = len(EXTRA_LAYERS)) -> list[Path]:
+    """The first ``count`` extra dictionaries (random, the default's shape) at EXTRA_LAYERS."""
+    from tests.dictionary_factory import make_dictionary
+
+    return [make_dictionary(tmp / f"extra_{L}", layer=L, d_sae=4608, architecture="topk", k=64, seed=L)
+            for L in EXTRA_LAYERS[:count]]
+
+
 def dictionary_dir(tmp: Path) -> Path:
     default = REPO / "sae_runtime" / "data" / "default_dictionary"
     if (default / "cfg.json").is_file():
@@ -105,10 +113,8 @@ async def start_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> tuple[dict,
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
     from sae_runtime.engine.spec import SAERequestSpec
-    from tests.dictionary_factory import make_dictionary
 
-    extra = [make_dictionary(tmp / f"extra_{L}", layer=L, d_sae=4608, architecture="topk", k=64, seed=L)
-             for L in EXTRA_LAYERS]
+    extra = extra_dictionaries(tmp)
     did = "main"
     extra_ids = [f"layers.{L}" for L in EXTRA_LAYERS]
     eng = await SAEEngine.start(EngineConfig(dictionaries=[str(dict_dir), *map(str, extra)],

@@ -61,28 +61,27 @@ async def run(args: argparse.Namespace) -> None:
 
     from sae_runtime.engine.engine import EngineConfig, SAEEngine
     from sae_runtime.engine.spec import SAERequestSpec
-    from tests.dictionary_factory import make_dictionary
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from engine_overhead import extra_dictionaries  # the four-hook-point row's dictionaries
 
     default = REPO / "sae_runtime" / "data" / "default_dictionary"
-    tmp = Path(tempfile.mkdtemp(prefix="profile_step_"))
-    # extra dictionaries of the default's shape at other layers, as engine_overhead.py's
-    # four-hook-point row
-    extra = [make_dictionary(tmp / f"extra_{L}", layer=L, d_sae=4608, architecture="topk", k=64, seed=L)
-             for L in (4, 20, 28)[:args.dicts - 1]]
-    eng = await SAEEngine.start(EngineConfig(dictionaries=[str(default), *map(str, extra)], max_model_len=1024,
-                                             max_num_seqs=64, enforce_eager=not args.compiled))
-    try:
-        ids = [eng.encode_text(f"Write a short paragraph about topic number {i}.") for i in range(32)]
-        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-        spec = SAERequestSpec.model_validate({"features": {"dictionaries": eng.registry.ids(), "top_k": 8}})
-        for b in range(args.batches):
-            t0 = time.perf_counter()
-            outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
-            n = sum(o.num_generated_tokens for o in outs)
-            print(f"batch {b}: {n / (time.perf_counter() - t0):.1f} tokens/s", flush=True)
-        print("worker stats:", await eng.worker_stats(), flush=True)
-    finally:
-        eng.shutdown()
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
+        extra = extra_dictionaries(Path(tmp), args.dicts - 1)
+        eng = await SAEEngine.start(EngineConfig(dictionaries=[str(default), *map(str, extra)], max_model_len=1024,
+                                                 max_num_seqs=64, enforce_eager=not args.compiled))
+        try:
+            ids = [eng.encode_text(f"Write a short paragraph about topic number {i}.") for i in range(32)]
+            params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+            spec = SAERequestSpec.model_validate({"features": {"dictionaries": eng.registry.ids(), "top_k": 8}})
+            for b in range(args.batches):
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*[eng.complete(x, params, spec) for x in ids])
+                n = sum(o.num_generated_tokens for o in outs)
+                print(f"batch {b}: {n / (time.perf_counter() - t0):.1f} tokens/s", flush=True)
+            print("worker stats:", await eng.worker_stats(), flush=True)
+        finally:
+            eng.shutdown()
 
 
 def shares(path: Path) -> None:
@@ -151,7 +150,7 @@ def features_path(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from sae_runtime import kernels
+    from sae_runtime import kernels, vllm_surface
     from sae_runtime.engine.engine import SAEEngine
     from sae_runtime.engine.feature_channel import RequestFeatures
     from sae_runtime.protocol import FeatureChunk, decode_message, encode_message
@@ -191,8 +190,6 @@ def features_path(args: argparse.Namespace) -> None:
     def ms(fn) -> float:
         return min(timeit.repeat(fn, number=50, repeat=3)) / 50 * 1e3
 
-    from sae_runtime import vllm_surface
-
     packed = [vllm_surface.cpu_packed_matmul(W) for _, W, _, _ in dicts]
     encode_only = ms(lambda: [kernels.encode_features(x, W, b, bd, k, activation="relu") for _, W, b, bd in dicts])
     encode_packed = ms(lambda: [kernels.encode_features(x, W, b, bd, k, activation="relu", matmul=m)
@@ -212,7 +209,8 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("--batches", type=int, default=4)
     r.add_argument("--dicts", type=int, default=1, choices=range(1, 5),
-                   help="dictionaries to extract from (1: the default; more: random ones at layers 4, 20, 28)")
+                   help="dictionaries to extract from (1: the default; more: engine_overhead.py's random ones, "
+                   "EXTRA_LAYERS)")
     r.add_argument("--compiled", action="store_true", help="torch.compile the model (Python frames of the model "
                    "are then hidden from the profile)")
     s = sub.add_parser("shares")

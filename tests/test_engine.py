@@ -72,6 +72,7 @@ def test_extraction_matches_transformers_reference(sae_engine, hf_model):
     ids = eng.encode_text(PROMPT)
     roles = ["topk", "jumprelu"]
     s = spec(features={"dictionaries": [sae_engine.ids[r] for r in roles], "top_k": 8, "scope": "all"})
+    (before,) = sae_engine.run(eng.worker_stats())
     out = sae_engine.run(eng.complete(ids, greedy(6), s))
     # Every prompt token and every generated token the model read (all but the last).
     assert [f.position for f in out.features] == list(range(len(ids) + len(out.token_ids) - 1))
@@ -86,9 +87,11 @@ def test_extraction_matches_transformers_reference(sae_engine, hf_model):
             [tok.features[j].values for tok in out.features], [tok.features[j].indices for tok in out.features],
             d, hf_stream(hf_model, full, d.layer))
     assert checked > 50  # the comparison saw real, non-zero activations
-    # ...encoded through vLLM's prepacked CPU matmul (vllm_surface.cpu_packed_matmul), not torch's
+    # ...encoded through vLLM's prepacked CPU matmul (vllm_surface.cpu_packed_matmul), not torch's:
+    # both dictionaries at each of the request's steps (a prefill and 5 decode steps at least)
     (stats,) = sae_engine.run(eng.worker_stats())
     assert {sae_engine.ids[r] for r in roles} <= set(stats["packed_encoders"])
+    assert stats["packed_encodes"] - before["packed_encodes"] >= 2 * len(out.token_ids)
 
 
 def _engine_stream(sae_engine, ids: list[int], layer: int) -> torch.Tensor:

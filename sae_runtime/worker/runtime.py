@@ -50,8 +50,9 @@ class SAEWorkerRuntime:
         # ``xin @ W_enc`` of each dictionary for extraction: vLLM's prepacked CPU matmul where
         # there is one (about twice torch's speed at decode batch sizes; costs a packed copy
         # of W_enc), else None (torch). Gated dictionaries encode through their own module.
-        self.encoders = {name: vllm_surface.cpu_packed_matmul(d.W_enc) if d.activation != "gated" else None
-                         for name, d in dictionaries.items()}
+        self.encoders = {name: self._counted(vllm_surface.cpu_packed_matmul(d.W_enc)) if d.activation != "gated"
+                         else None for name, d in dictionaries.items()}
+        self.packed_encodes = 0  # calls of those matmuls (worker stats)
         self.sender = sender
         model = vllm_surface.runner_model(runner)
         self.layers = hooked_layers(model)
@@ -67,6 +68,18 @@ class SAEWorkerRuntime:
         self._restore_execute: Callable[[], None] | None = None
         self._restore_sample: Callable[[], None] | None = None
         self.seeded_draws_held_back = 0
+
+    def _counted(self, matmul: Callable[[torch.Tensor], torch.Tensor] | None
+                 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``matmul`` counting its calls in ``packed_encodes`` (None stays None)."""
+        if matmul is None:
+            return None
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            self.packed_encodes += 1
+            return matmul(x)
+
+        return counted
 
     # -- installation -------------------------------------------------------------------
 
@@ -100,6 +113,7 @@ class SAEWorkerRuntime:
             "dictionaries": sorted(self.dictionaries),
             # dictionaries whose extraction encodes through a prepacked matmul (cpu_packed_matmul)
             "packed_encoders": sorted(name for name, m in self.encoders.items() if m is not None),
+            "packed_encodes": self.packed_encodes,
             # decoder layers the model runs (fewer than the model has with stop_after_layer)
             "layers": len(self.layers),
             # feature messages dropped because the side channel stayed full (see FeatureSender)
@@ -277,7 +291,7 @@ class SAEWorkerRuntime:
                     activation=d.activation,
                     threshold=getattr(d, "threshold", None) if d.activation == "jumprelu" else None,
                     apply_b_dec_to_input=d.cfg.apply_b_dec_to_input,
-                    matmul=self.encoders.get(name),
+                    matmul=self.encoders[name],
                 )
             idx_np = idx.to(torch.int32).cpu().numpy()
             vals_np = vals.float().cpu().numpy()

@@ -476,10 +476,19 @@ class SparseDictionary(nn.Module):
                 f"{self.architecture} dictionary has no tensor {name!r}")
         return value
 
-    def _activations(self, x: Tensor, ids: Tensor | None) -> Tensor:
-        """Activations of all features (``ids=None``) or of the columns ``ids``."""
+    def _activations(self, x: Tensor, ids: Tensor | None,
+                     matmul: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Activations of all features (``ids=None``) or of the columns ``ids``; ``matmul``
+        (all features only, not gated) computes ``xc @ W_enc`` of 2-D ``xc`` its own way."""
         xc = self._centered(x)
         arch = self.cfg.architecture
+        if matmul is not None and (ids is not None or arch == "gated"):
+            raise ValueError("matmul computes every feature's pre-activation: not for a subset or a gated dictionary")
+
+        def times_w_enc(t: Tensor) -> Tensor:
+            if matmul is None:
+                return t @ self.W_enc
+            return matmul(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], self.d_sae)
 
         def pick(t: Tensor) -> Tensor:
             return t if ids is None else t[..., ids]
@@ -490,7 +499,7 @@ class SparseDictionary(nn.Module):
                 raise DictionaryFormatError("topk dictionary without k")
             # Whether a feature survives depends on every other feature's value, so the
             # full pre-activation is needed even for a few columns.
-            acts = (xc @ self.W_enc + self._needed(self.b_enc, "b_enc")).relu()
+            acts = (times_w_enc(xc) + self._needed(self.b_enc, "b_enc")).relu()
             # Keep values >= the k-th largest. Ties at the k-th value are all kept, so
             # the result never depends on how a sort breaks ties (CPU, CUDA and Triton
             # agree); with continuous values this is exactly top-k. When fewer than k
@@ -507,16 +516,21 @@ class SparseDictionary(nn.Module):
             magnitude = (xc @ (W_enc * pick(self._needed(self.r_mag, "r_mag")).exp())
                          + pick(self._needed(self.b_mag, "b_mag"))).relu()
             return magnitude * (gate > 0)
-        pre = xc @ W_enc + pick(self._needed(self.b_enc, "b_enc"))
+        pre = (xc @ W_enc if ids is not None else times_w_enc(xc)) + pick(self._needed(self.b_enc, "b_enc"))
         if arch == "jumprelu":
             # relu(pre) where pre > threshold, as SAELens and Gemma Scope compute it;
             # equal to pre * (pre > threshold) whenever the threshold is >= 0.
             return pre.relu() * (pre > pick(self._needed(self.threshold, "threshold")))
         return pre.relu()
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations ``a = act(encode_pre(x))`` ``[..., d_sae]``."""
-        return self._activations(x, None)
+    def encode(self, x: Tensor, matmul: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Dense feature activations ``a = act(encode_pre(x))`` ``[..., d_sae]``.
+
+        ``matmul`` (optional, not for gated dictionaries) computes the encoder's ``xin @
+        W_enc`` of a 2-D ``xin`` in its stead: the worker's prepacked copy of W_enc, so its
+        steering edits read the activations its extraction returns (the same GEMM).
+        """
+        return self._activations(x, None, matmul)
 
     def feature_activations(self, x: Tensor, feature_ids: Tensor | list[int]) -> Tensor:
         """Activations of the given features only, ``[..., len(feature_ids)]``.

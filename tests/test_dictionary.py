@@ -110,6 +110,29 @@ def test_encode_pre(arch):
         assert torch.equal((d.encode(x) > 0), (d.encode(x) > 0) & (pre > 0))
 
 
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_encode_through_a_given_matmul(arch):
+    """``encode(x, matmul)`` computes ``xin @ W_enc`` with ``matmul`` (the worker's packed
+    copy of W_enc) on 2-D rows, whatever x's leading dimensions, and is otherwise encode."""
+    d = make_dict(arch)
+    x = inputs(12).reshape(3, 4, D_IN)
+    calls: list[tuple[int, ...]] = []
+
+    def matmul(xin: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(xin.shape))
+        return 2.0 * (xin @ d.W_enc)  # doubled: shows the encode used it
+
+    # the doubled GEMM is the encode of a dictionary whose W_enc is doubled
+    t = random_tensors(arch)
+    t["W_enc"] = 2.0 * t["W_enc"]
+    twice = SparseDictionary(make_cfg(arch), t)
+    torch.testing.assert_close(d.encode(x, matmul), twice.encode(x))
+    assert calls == [(12, D_IN)]
+    torch.testing.assert_close(d.encode(x, lambda xin: xin @ d.W_enc), d.encode(x))
+    with pytest.raises(ValueError, match="matmul"):
+        make_dict("gated").encode(x, matmul)
+
+
 def test_apply_b_dec_to_input_false():
     d = make_dict("standard", apply_b_dec_to_input=False)
     x = inputs()

@@ -48,7 +48,8 @@ def _dictionary(arch: str) -> SparseDictionary:
 
 
 def _edit_delta(
-    d: SparseDictionary, x: torch.Tensor, feats: torch.Tensor, modes: torch.Tensor, values: torch.Tensor
+    d: SparseDictionary, x: torch.Tensor, feats: torch.Tensor, modes: torch.Tensor, values: torch.Tensor,
+    matmul: Any = None,
 ) -> torch.Tensor:
     """The worker's delta for one slot per row (row n edits ``feats[n]``)."""
     rt: Any = object.__new__(SAEWorkerRuntime)  # only the step's state, no vLLM runner
@@ -62,7 +63,7 @@ def _edit_delta(
         values=values.float(),
         needs_activation=True,
     )
-    return rt._edit_delta(d, x, batch)
+    return rt._edit_delta(d, x, batch, matmul)
 
 
 @pytest.mark.parametrize("chunk", [None, 7 * D_SAE])  # one encode / row chunks of 7 tokens
@@ -98,3 +99,38 @@ def test_edit_reads_the_activation_of_the_dictionarys_own_encode(arch, chunk, mo
     assert (delta.norm(dim=1) > 0).all()
     alone = _edit_delta(d, x, feats[:, :1], modes[:, :1], values[:, :1])
     assert (alone.norm(dim=1) > 0.5 * a[:, 0] * W[feats[:, 0]].norm(dim=1)).all()
+
+
+@torch.inference_mode()
+def test_topk_edit_reads_the_encode_of_the_packed_matmul_extraction_uses(monkeypatch):
+    """On CPU the worker extracts through vLLM's prepacked encoder matmul; an edit that reads
+    a top-k feature's activation encodes through the same matmul, so it sees the activations
+    the request's features report (no second GEMM rounding them apart)."""
+    from sae_runtime import vllm_surface
+
+    monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
+    d = _dictionary("topk")
+    packed = vllm_surface.cpu_packed_matmul(d.W_enc)
+    if packed is None:
+        pytest.skip("no prepacked CPU matmul on this machine")
+    calls = []
+
+    def matmul(xin: torch.Tensor) -> torch.Tensor:
+        calls.append(xin.shape[0])
+        return packed(xin)
+
+    x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(2))
+    xd = x.to(d.dtype)
+    acts = d.encode(xd, matmul)  # what the packed extraction reports as active
+    calls.clear()
+    order = acts.float().topk(K, dim=1).indices
+    feats = order[:, K - 1 :]  # each row's K-th feature: ablate it
+    modes = torch.full((N, 1), ABLATE)
+    values = torch.zeros(N, 1)
+    delta = _edit_delta(d, x, feats, modes, values, matmul)
+    assert sum(calls) == N  # the edit's encode went through the packed matmul
+    a = acts.gather(1, feats).float()
+    assert (a[:, 0] > 0).all()
+    expect = torch.einsum("ne,ned->nd", -a, d.W_dec.float()[feats])
+    expect = (xd.float() + expect).to(d.dtype).float() - xd.float()
+    torch.testing.assert_close(delta, expect, rtol=1e-5, atol=1e-6)

@@ -50,6 +50,7 @@ class SAEWorkerRuntime:
         # ``xin @ W_enc`` of each dictionary for extraction: vLLM's prepacked CPU matmul where
         # there is one (about twice torch's speed at decode batch sizes; costs a packed copy
         # of W_enc), else None (torch). Gated dictionaries encode through their own module.
+        # The steering edits that read a top-k feature's activation encode through it too.
         self.encoders = {name: self._counted(vllm_surface.cpu_packed_matmul(d.W_enc)) if d.activation != "gated"
                          else None for name, d in dictionaries.items()}
         self.packed_encodes = 0  # calls of those matmuls (worker stats)
@@ -217,7 +218,7 @@ class SAEWorkerRuntime:
             new_hidden = hidden.clone()
             for name, batch in lp.edits.items():
                 x = _stream_rows(hidden, residual, batch.rows)
-                delta = self._edit_delta(self.dictionaries[name], x, batch)
+                delta = self._edit_delta(self.dictionaries[name], x, batch, self.encoders[name])
                 new_hidden.index_add_(0, batch.rows, delta.to(hidden.dtype))
             if lp.vectors is not None:
                 new_hidden.index_add_(0, lp.vectors.rows, lp.vectors.vectors.to(hidden.dtype))
@@ -239,8 +240,10 @@ class SAEWorkerRuntime:
             self._chunks.append(StreamChunk(j.rid, L, j.positions, x[off:off + n]))
             off += n
 
-    def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch) -> torch.Tensor:
-        """``edited − x`` for the edit batch rows (each edit computed from the original x)."""
+    def _edit_delta(self, d: SparseDictionary, x: torch.Tensor, batch: EditBatch,
+                    matmul: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``edited − x`` for the edit batch rows (each edit computed from the original x);
+        ``matmul``: the dictionary's packed encoder matmul, as in extraction (None: torch's)."""
         xd = x.to(d.dtype)
         if batch.per_norm is not None or batch.cond is not None:
             batch = _per_token_values(d, x, batch, self._fired)
@@ -250,7 +253,7 @@ class SAEWorkerRuntime:
         # handed to the kernel, which then reads no encoder weights.
         edit_acts = None
         if d.activation == "topk" and batch.needs_activation:
-            edit_acts = _edit_feature_acts(d, xd, batch)
+            edit_acts = _edit_feature_acts(d, xd, batch, matmul)
         edited = kernels.steering_edit(
             xd,
             batch.token_slot,
@@ -348,7 +351,8 @@ def _per_token_values(d: SparseDictionary, x: torch.Tensor, batch: EditBatch,
 _EDIT_ENCODE_CHUNK_ELEMS = 1 << 25
 
 
-def _edit_feature_acts(d: SparseDictionary, xd: torch.Tensor, batch: EditBatch) -> torch.Tensor:
+def _edit_feature_acts(d: SparseDictionary, xd: torch.Tensor, batch: EditBatch,
+                       matmul: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``[n, E]`` float32: the activation of each row's edited features, ``d.encode`` of the row
     gathered at them (the edits whose activation only a full encode gives: top-k, gated).
 
@@ -356,14 +360,16 @@ def _edit_feature_acts(d: SparseDictionary, xd: torch.Tensor, batch: EditBatch) 
     active iff its value in that encode is >= the token's k-th largest value there (the
     dictionary's own rule), so the k-th feature is always in. (Recomputing an edited
     feature's pre-activation apart and comparing it with the encode's k-th value would mix
-    two GEMMs whose rounding differs: the k-th feature itself could miss its own top-k.)"""
+    two GEMMs whose rounding differs: the k-th feature itself could miss its own top-k.)
+    ``matmul`` is the encoder matmul extraction uses (the worker's packed one): an edit then
+    reads the very activations the request's features report."""
     feats = batch.features[batch.token_slot.long().clamp(min=0)]  # [n, E]
     n = xd.shape[0]
     rows = max(1, _EDIT_ENCODE_CHUNK_ELEMS // d.d_sae)
     if rows >= n:
-        return d.encode(xd).gather(1, feats).float()
+        return d.encode(xd, matmul).gather(1, feats).float()
     return torch.cat(
-        [d.encode(xd[r0 : r0 + rows]).gather(1, feats[r0 : r0 + rows]).float() for r0 in range(0, n, rows)]
+        [d.encode(xd[r0 : r0 + rows], matmul).gather(1, feats[r0 : r0 + rows]).float() for r0 in range(0, n, rows)]
     )
 
 

@@ -226,7 +226,7 @@ async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Pat
     from server.config import ServeConfig
 
     # the in-process engine gets what the server's replica gets (sae-serve's default: "all")
-    engine_bind = bind or ServeConfig().cpu_threads_bind
+    engine_bind = bind or ServeConfig().engine.cpu_threads_bind
     if engine_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine_bind
     else:

@@ -18,6 +18,7 @@ YAML example (every key optional)::
       dictionaries: [sae_runtime/data/default_dictionary]
       dtype: float32
       kv_cache_gib: 1
+      cpu_threads_bind: all      # VLLM_CPU_OMP_THREADS_BIND of the engine's worker (flag --cpu-threads-bind)
     # limits (per request unless said otherwise); over them: 400/413/429
     max_request_bytes: 4194304   # HTTP body / gRPC message
     max_edits: 256               # steering edits per request
@@ -92,13 +93,26 @@ class AutoscalingConfig(BaseModel):
                                            description="autoscaling: requests per replica it aims at")
 
 
+class ServeEngineConfig(EngineConfig):
+    """Each replica's engine: :class:`EngineConfig` with the CPU binding sae-serve chose."""
+
+    cpu_threads_bind: str | None = Field(
+        default="all",
+        description="VLLM_CPU_OMP_THREADS_BIND of each replica's engine on CPU: 'all' = one worker thread on "
+        "every CPU of the replica's machine (1.2-1.6x the tokens/s of vLLM's own choice under serving on 2 "
+        "cores, benchmarks/README.md 'Serving efficiency'); 'auto' = vLLM's choice (one thread per physical "
+        "core, some left to the API process and Ray; consider it with several replicas on one machine); CPU ids "
+        "such as '0-1'; None = leave the variable as the environment has it (which wins when set)",
+    )
+
+
 class ServeConfig(BaseModel):
     """Everything ``sae-serve`` needs to start; defaults serve the default model locally."""
 
     # Errors name the field but never echo its value: it may be an API key.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: ServeEngineConfig = Field(default_factory=ServeEngineConfig)
     host: str = Field(default="127.0.0.1", description="HTTP bind address (gRPC: see README)")
     http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port (OpenAI-compatible API)")
     grpc_port: int = Field(default=50051, ge=1, le=65535, description="gRPC port")
@@ -177,14 +191,6 @@ class ServeConfig(BaseModel):
     )
     max_replicas_per_node: int | None = Field(
         default=None, ge=1, description="at most this many replicas (engines) on one Ray node; 1 spreads them"
-    )
-    cpu_threads_bind: str | None = Field(
-        default="all",
-        description="VLLM_CPU_OMP_THREADS_BIND of each replica's engine on CPU: 'all' = one worker thread on "
-        "every CPU of the replica's machine (1.2-1.6x the tokens/s of vLLM's own choice under serving on 2 "
-        "cores, benchmarks/README.md 'Serving efficiency'); 'auto' = vLLM's choice (one thread per physical "
-        "core, some left to the API process and Ray; consider it with several replicas on one machine); CPU ids "
-        "such as '0-1'; None = leave the variable as the environment has it",
     )
     feature_top_n: int = Field(default=10, ge=1, le=1000, description="default tokens per list in feature info")
     use_default_dictionary: bool = Field(

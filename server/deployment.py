@@ -86,8 +86,6 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.engine.kv_cache_gib))),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
-    if config.cpu_threads_bind:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
     if faults.enabled():  # chaos tests only (server/faults.py); explicit, so that it reaches other nodes
         env[faults.FAULT_INJECTION_ENV] = "1"
     return env

@@ -238,8 +238,8 @@ class SAEService:
                 try:
                     out["engine_unfinished_requests"] = vllm_surface.unfinished_requests(self.engine.llm)
                     stats = await asyncio.wait_for(self.engine.worker_stats(), 10)
-                    out["workers"] = [{k: v for k, v in w.items() if k in ("tracked_requests", "requests_with_spec",
-                                                                            "steps")} for w in stats]
+                    shown = ("tracked_requests", "requests_with_spec", "steps", "cpu_threads_bind")
+                    out["workers"] = [{k: v for k, v in w.items() if k in shown} for w in stats]
                 except Exception as exc:  # report, never fail the health answer itself
                     out["detail_error"] = type(exc).__name__
         return out

@@ -7,11 +7,13 @@ transformers on the same checkpoint, stopping at the hook point.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from sae_runtime import vllm_surface
 from sae_runtime.dictionary import SparseDictionary
 from sae_runtime.engine.spec import SAERequestSpec, SpecError
 from tests.conftest import PROBE_LAYERS
@@ -548,6 +550,9 @@ def test_harvest_engine_stops_after_the_deepest_hook_point(default_model_dir, hf
         assert eng.last_layer == 1
         (stats,) = harvester._runner.run(eng.worker_stats(), 60)
         assert stats["layers"] == 2  # 28 layers dropped: the harvest computed 2 of 30
+        # a harvest engine binds its worker to every CPU (unless the environment sets it)
+        bind = os.environ.get(vllm_surface.CPU_BIND_ENV, "all")
+        assert stats["cpu_threads_bind"] == (vllm_surface.all_cpus_binding() if bind == "all" else bind)
         ref = hf_streams.residual_streams(hf_model, torch.tensor([ids]), [-1, 1], stop_early=False)
         for L in (-1, 1):
             rel = (got[L] - ref[L][0]).norm(dim=-1) / ref[L][0].norm(dim=-1)

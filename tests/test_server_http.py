@@ -6,6 +6,8 @@ dictionary's own encode (the same reference the engine tests use), over HTTP and
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import httpx
 import pytest
@@ -38,6 +40,12 @@ def http(live_server):
 def test_health_models_and_dictionaries(http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["dictionaries"] == [DICTIONARY_ID]
+    # the replica's engine bound its worker to every CPU (the server's default binding,
+    # engine.cpu_threads_bind "all"), unless this environment sets the variable itself
+    (worker,) = http.get("/health", params={"detail": 1}).json()["workers"]
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "all")
+    every_cpu = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    assert worker["cpu_threads_bind"] == (every_cpu if bind == "all" else bind)
     models = http.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL]
     assert models[0]["supports_chat"] is True and models[0]["max_model_len"] == 512  # tests/server_fixtures.py

@@ -130,7 +130,9 @@ def test_cpu_binding_all_is_this_machines_cpus(monkeypatch):
     CPU ids this process may use before vLLM reads the variable; an operator's value stays."""
     import os
 
+    from sae_runtime.engine.engine import EngineConfig, HarvestEngineConfig
     from server import deployment
+    from server.cli import build_parser, config_from_args
     from server.config import ServeConfig
 
     env = vllm_surface.CPU_BIND_ENV
@@ -138,12 +140,11 @@ def test_cpu_binding_all_is_this_machines_cpus(monkeypatch):
     assert vllm_surface.all_cpus_binding() == ",".join(map(str, cpus))
     for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_USE_AOT_COMPILE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(env, "all")  # what a replica's runtime env carries by default
-    assert deployment.replica_env(ServeConfig())[env] == "all"
+    monkeypatch.setenv(env, "all")  # an operator's "all"
     vllm_surface.configure_environment(1.0)
     assert os.environ[env] == ",".join(map(str, cpus))
     monkeypatch.delenv(env)
-    with vllm_surface.cpu_threads_bind("all"):  # a harvest engine's start
+    with vllm_surface.cpu_threads_bind("all"):  # a replica's or a harvest engine's start
         assert os.environ[env] == ",".join(map(str, cpus))
     assert env not in os.environ  # restored once the engine's processes have it
     with vllm_surface.cpu_threads_bind(None):
@@ -151,7 +152,13 @@ def test_cpu_binding_all_is_this_machines_cpus(monkeypatch):
     monkeypatch.setenv(env, "0")
     with vllm_surface.cpu_threads_bind("all"):
         assert os.environ[env] == "0"  # the operator's binding wins
-    assert ServeConfig(cpu_threads_bind="auto").cpu_threads_bind == "auto"
+    # one setting, the engine's: sae-serve's engines and the harvest engines bind every CPU
+    # by default, a plain in-process engine leaves the variable as it is
+    assert ServeConfig().engine.cpu_threads_bind == "all" == HarvestEngineConfig().cpu_threads_bind
+    assert EngineConfig().cpu_threads_bind is None
+    assert env not in deployment.replica_env(ServeConfig())  # set by the engine as it starts, not by Ray
+    cli = config_from_args(build_parser().parse_args(["--cpu-threads-bind", "auto"]), environ={})
+    assert cli.engine.cpu_threads_bind == "auto" and cli.resolved_engine().cpu_threads_bind == "auto"
 
 
 def test_cpu_packed_matmul_is_x_at_weight():

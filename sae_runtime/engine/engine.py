@@ -81,6 +81,11 @@ class EngineConfig(BaseModel):
                                      "(else 503)")
     limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields (max_edits=N...); "
                                    "sae-serve's --max-* settings win over these")
+    cpu_threads_bind: str | None = Field(
+        default=None, description="VLLM_CPU_OMP_THREADS_BIND of the engine's worker on CPU while it starts: "
+        "'all' = one thread on each CPU this process may use, CPU ids such as '0-1', 'auto' = vLLM's choice (one "
+        "thread per physical core, some left to other processes), None = leave the variable as the environment "
+        "has it; the variable set in the environment wins")
 
 
 DEEPEST_DICTIONARY: Literal["dictionaries"] = "dictionaries"
@@ -89,17 +94,15 @@ DEEPEST_DICTIONARY: Literal["dictionaries"] = "dictionaries"
 
 class HarvestEngineConfig(EngineConfig):
     """An engine that only reads streams and features (sae-train's and sae-index's harvests).
-    Not a serving setting: ``sae-serve`` builds a plain :class:`EngineConfig`."""
+    Not a serving setting: ``sae-serve``'s engine is a :class:`server.config.ServeEngineConfig`."""
 
     stop_after_layer: int | Literal["dictionaries"] | None = Field(
         default=None, description="run the model only through this decoder layer, or through the deepest "
         "dictionary's ('dictionaries'); the deeper layers are dropped when it loads, so a harvest at layers.12 "
         "of a 30-layer model computes 13 layers. The logits, hence any generated text, are meaningless")
     cpu_threads_bind: str | None = Field(
-        default="all", description="VLLM_CPU_OMP_THREADS_BIND of the engine's worker on CPU: 'all' = one thread "
-        "on each CPU this process may use (a harvest has the machine to itself: twice vLLM's own choice's "
-        "prefill on 2 cores, benchmarks/README.md), CPU ids such as '0-1', or None = vLLM's default; the "
-        "variable set in the environment wins")
+        default="all", description="as EngineConfig's, 'all' by default: a harvest has the machine to itself "
+        "(twice vLLM's own choice's prefill on 2 cores, benchmarks/README.md)")
 
 
 def last_layer(config: EngineConfig, registry: DictionaryRegistry, num_layers: int) -> int | None:
@@ -217,8 +220,7 @@ class SAEEngine:
         last = last_layer(config, registry, shape.num_layers)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-        bind = config.cpu_threads_bind if isinstance(config, HarvestEngineConfig) else None
-        with vllm_surface.cpu_threads_bind(bind):
+        with vllm_surface.cpu_threads_bind(config.cpu_threads_bind):
             llm = vllm_surface.start_async_llm(
                 compilation_config=_compilation_config(config.enforce_eager, config.compile_backend),
                 model=str(model_dir),

@@ -19,6 +19,7 @@ which need no dictionary at their hook point and are sent as stream chunks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,8 @@ class SAEWorkerRuntime:
             # dictionaries whose extraction encodes through a prepacked matmul (cpu_packed_matmul)
             "packed_encoders": sorted(name for name, m in self.encoders.items() if m is not None),
             "packed_encodes": self.packed_encodes,
+            # the CPU thread binding this worker started with (None: vLLM's default, 'auto')
+            "cpu_threads_bind": os.environ.get(vllm_surface.CPU_BIND_ENV),
             # decoder layers the model runs (fewer than the model has with stop_after_layer)
             "layers": len(self.layers),
             # feature messages dropped because the side channel stayed full (see FeatureSender)

@@ -171,7 +171,8 @@ def _max_activations(entry: Any) -> Any:
 
 class SAEEngine:
     def __init__(self, config: EngineConfig, llm: Any, registry: DictionaryRegistry, model_dir: Path,
-                 model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any):
+                 model_name: str, shape: ModelShape, receiver: FeatureReceiver, tokenizer: Any,
+                 last: int | None):
         self.config = config
         self.llm = llm
         self.registry = registry
@@ -181,7 +182,7 @@ class SAEEngine:
         self.receiver = receiver
         self.tokenizer = tokenizer
         self.limits = SpecLimits(**config.limits)
-        self.last_layer = last_layer(config, registry, shape.num_layers)
+        self.last_layer = last
         """The last decoder layer this engine runs (``None``: every layer; see :class:`HarvestEngineConfig`)."""
         self.dictionary_info = {
             r.id: DictionaryInfo(id=r.id, hook_point=r.hook_point, d_sae=r.d_sae, k=r.k,
@@ -247,7 +248,7 @@ class SAEEngine:
             receiver.close()
             llm.shutdown()
             raise
-        return cls(config, llm, registry, model_dir, model_name, shape, receiver, tokenizer)
+        return cls(config, llm, registry, model_dir, model_name, shape, receiver, tokenizer, last)
 
     def shutdown(self) -> None:
         """Stop vLLM (engine core and worker processes) and close the side channel."""

@@ -93,18 +93,17 @@ def hook_decoder_layers(model: nn.Module, num_layers: int, architecture: str = "
     return path
 
 
-def stop_after_layer(model: nn.Module, last: int) -> int:
+def stop_after_layer(model: nn.Module, last: int) -> None:
     """Drop the decoder layers after ``last`` from ``model`` (hooked first by
     :func:`hook_decoder_layers`), so that its forward ends there: the streams at layers
     ``embeddings .. layers.{last}`` are what the full model computes, the logits are not.
     The models vLLM ships loop over their layer list (``islice(self.layers, start, end)``
-    or a slice), which a shorter list ends early. Returns the number of layers kept."""
+    or a slice), which a shorter list ends early."""
     layers = hooked_layers(model)
     if not 0 <= last < len(layers):
         raise ValueError(f"stop_after_layer {last} is not a decoder layer of {type(model).__name__} "
                          f"(layers.0 .. layers.{len(layers) - 1})")
     del layers[last + 1:]
-    return len(layers)
 
 
 def hooked_layers(model: nn.Module) -> nn.ModuleList:

@@ -146,6 +146,8 @@ async def start_engine(args) -> object:
         config = config.model_copy(update={"dictionaries": [str(REPO / "sae_runtime/data/default_dictionary")]})
     if args.eager:
         config = config.model_copy(update={"enforce_eager": True})
+    if args.stream_interval is not None:
+        config = config.model_copy(update={"stream_interval": args.stream_interval})
     return await SAEEngine.start(config)
 
 
@@ -236,6 +238,8 @@ async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Pat
     extra = ["--cpu-threads-bind", bind] if bind else []
     if args.eager:
         extra.append("--eager")
+    if args.stream_interval is not None:
+        extra += ["--stream-interval", str(args.stream_interval)]
     server_args = argparse.Namespace(
         dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
     )
@@ -270,6 +274,8 @@ def main() -> int:
         help="comma-separated VLLM_CPU_OMP_THREADS_BIND values; 'default' = sae-serve's default",
     )
     p.add_argument("--eager", action="store_true", help="both sides in vLLM's eager mode (starts faster)")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="both sides' engine.stream_interval (tokens per streamed chunk); default: sae-serve's")
     p.add_argument("--start-timeout", type=float, default=900.0)
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -285,7 +291,8 @@ def main() -> int:
                     rows.append((label, n, feats, rates[("engine", n, feats)], rates[("server", n, feats)]))
     print(
         f"\n{args.tokens} new tokens per request, greedy, chat template, "
-        f"{'eager' if args.eager else 'compiled'} mode, median of {args.repeats}\n"
+        f"{'eager' if args.eager else 'compiled'} mode, stream_interval "
+        f"{args.stream_interval or 'default'}, median of {args.repeats}\n"
     )
     print("| binding | streams | features | engine tokens/s | server tokens/s | server / engine |")
     print("|---|---:|---|---:|---:|---:|")

@@ -128,9 +128,13 @@ def output_kind(name: str) -> Any:
     return RequestOutputKind[name]
 
 
-def stream_deltas(params: Any) -> None:
-    """Make ``params`` (a ``SamplingParams``) stream only the new tokens of each step."""
+def stream_deltas(params: Any, interval: int = 1) -> None:
+    """Make ``params`` (a ``SamplingParams``) stream only the new tokens: every step's, or,
+    with ``interval`` > 1, the first token at once and then ``interval`` tokens at a time
+    (``SamplingParams.stream_interval``, unless the params already set one)."""
     params.output_kind = output_kind("DELTA")
+    if interval > 1 and params.stream_interval is None:
+        params.stream_interval = interval
 
 
 def is_engine_dead_error(exc: BaseException) -> bool:
@@ -441,7 +445,8 @@ def _check_sampling_params() -> None:
 
     missing_kinds = {"CUMULATIVE", "DELTA", "FINAL_ONLY"} - set(RequestOutputKind.__members__)
     assert not missing_kinds, f"RequestOutputKind has no {sorted(missing_kinds)}"
-    missing = {"extra_args", "output_kind", "skip_reading_prefix_cache", "n"} - set(_params(SamplingParams))
+    missing = {"extra_args", "output_kind", "skip_reading_prefix_cache", "n", "stream_interval"} - set(
+        _params(SamplingParams))
     assert not missing, f"SamplingParams has no field(s) {sorted(missing)}"
 
 
@@ -575,7 +580,8 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                _check_attention_ops),
     Assumption("vllm.inputs.engine.tokens_input(prompt_token_ids, *, cache_salt)", "token_prompt",
                _check_tokens_input),
-    Assumption("SamplingParams.extra_args / output_kind / skip_reading_prefix_cache, RequestOutputKind members",
+    Assumption("SamplingParams.extra_args / output_kind / skip_reading_prefix_cache / stream_interval, "
+               "RequestOutputKind members",
                "output_kind, stream_deltas, request_extra_arg (and SAEEngine.generate)", _check_sampling_params),
     Assumption("vllm.v1.engine.exceptions.EngineDeadError / EngineGenerateError", "is_engine_dead_error",
                _check_engine_dead),

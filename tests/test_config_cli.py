@@ -160,6 +160,9 @@ def test_serve_bad_values_name_the_flag_variable_or_key(tmp_path, capsys):
         serve([], {"SAE_SERVE_ENFORCE_EAGER": "maybe"})
     with pytest.raises(ConfigError, match=r"^SAE_SERVE_HTTP_PORT: Input should be less than or equal to 65535"):
         serve([], {"SAE_SERVE_HTTP_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"^--stream-interval: Input should be greater than or equal to 1"):
+        serve(["--stream-interval", "0"])
+    assert serve(["--stream-interval", "4"]).engine.stream_interval == 4
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine:\n  max_num_seqs: many\nhttp_prot: 1\n")
     with pytest.raises(ConfigError) as err:

@@ -224,6 +224,38 @@ def test_isolation_in_one_batch(sae_engine):
     assert sum(mixed[k].token_ids != plain[k].token_ids for k in alone) >= 3
 
 
+def test_stream_interval_streams_the_same_tokens_and_features_in_larger_chunks(sae_engine):
+    """``EngineConfig.stream_interval`` N: the first token comes at once, then N tokens per
+    chunk (vLLM's stream_interval on the request); the tokens, the text and every token's
+    features are those of the per-token stream."""
+    eng = sae_engine.engine
+    ids = eng.encode_text(PROMPT)
+    sp = spec(features={"dictionaries": [sae_engine.ids["topk"]], "top_k": 4, "scope": "generated"})
+
+    async def chunks():
+        return [c async for c in eng.generate(ids, greedy(10), sp)]
+
+    per_token = sae_engine.run(chunks())
+    config = eng.config
+    eng.config = config.model_copy(update={"stream_interval": 4})
+    try:
+        grouped = sae_engine.run(chunks())
+    finally:
+        eng.config = config
+    assert [len(c.token_ids) for c in per_token] == [1] * 10
+    assert [len(c.token_ids) for c in grouped] == [1, 4, 4, 1]
+    assert [t for c in grouped for t in c.token_ids] == [t for c in per_token for t in c.token_ids]
+    assert "".join(c.text for c in grouped) == "".join(c.text for c in per_token)
+    a = [f for c in per_token for f in c.features]
+    b = [f for c in grouped for f in c.features]
+    assert [f.position for f in b] == [f.position for f in a] == list(range(len(ids), len(ids) + 9))
+    # the same step batches (one request): the same top-k, values to rounding
+    for x, y in zip(a, b, strict=True):
+        assert x.features[0].indices == y.features[0].indices, x.position
+        assert x.features[0].values == pytest.approx(y.features[0].values, rel=1e-5, abs=1e-6)
+    assert sum(len(c.features) > 1 for c in grouped) == 2  # features came with the chunks of 4
+
+
 def _promoted_tokens(hf_model, direction: torch.Tensor, n: int) -> list[int]:
     g = hf_model.model.norm.weight.detach()
     logits = hf_model.lm_head.weight.detach() @ (direction * g)

@@ -81,6 +81,10 @@ class EngineConfig(BaseModel):
                                      "(else 503)")
     limits: dict[str, int] = Field(default_factory=dict, description="overrides of SpecLimits fields (max_edits=N...); "
                                    "sae-serve's --max-* settings win over these")
+    stream_interval: int = Field(
+        default=1, ge=1, description="tokens per streamed chunk after the first, which comes at once (vLLM's "
+        "stream_interval, set on each request): fewer, larger chunks cost the server less per token; the "
+        "text, tokens and features are the same")
     cpu_threads_bind: str | None = Field(
         default=None, description="VLLM_CPU_OMP_THREADS_BIND of the engine's worker on CPU while it starts: "
         "'all' = one thread on each CPU this process may use, CPU ids such as '0-1', 'auto' = vLLM's choice (one "
@@ -328,7 +332,7 @@ class SAEEngine:
         self.validate(spec)
         request_id = request_id or uuid.uuid4().hex
         params = sampling_params.clone()
-        vllm_surface.stream_deltas(params)
+        vllm_surface.stream_deltas(params, self.config.stream_interval)
         salt = steering_salt(spec) if spec is not None else None
 
         features: RequestFeatures | None = None  # what the side channel brings (features, watched values)

@@ -528,7 +528,7 @@ class SparseDictionary(nn.Module):
 
         ``matmul`` (optional, not for gated dictionaries) computes the encoder's ``xin @
         W_enc`` of a 2-D ``xin`` in its stead: the worker's prepacked copy of W_enc, so its
-        steering edits read the activations its extraction returns (the same GEMM).
+        steering edits and its extraction compute pre-activations with the same GEMM.
         """
         return self._activations(x, None, matmul)
 

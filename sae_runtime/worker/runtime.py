@@ -364,8 +364,9 @@ def _edit_feature_acts(d: SparseDictionary, xd: torch.Tensor, batch: EditBatch,
     dictionary's own rule), so the k-th feature is always in. (Recomputing an edited
     feature's pre-activation apart and comparing it with the encode's k-th value would mix
     two GEMMs whose rounding differs: the k-th feature itself could miss its own top-k.)
-    ``matmul`` is the encoder matmul extraction uses (the worker's packed one): an edit then
-    reads the very activations the request's features report."""
+    ``matmul`` is the encoder matmul extraction uses (the worker's packed one), so an edit
+    reads pre-activations from the same GEMM as the features a request reports (equal for
+    an equal stream)."""
     feats = batch.features[batch.token_slot.long().clamp(min=0)]  # [n, E]
     n = xd.shape[0]
     rows = max(1, _EDIT_ENCODE_CHUNK_ELEMS // d.d_sae)

@@ -34,6 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from rounds import interleaved  # noqa: E402  (benchmarks/rounds.py)
+
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 PROMPTS = [
@@ -148,23 +151,16 @@ async def start_sae(args, dict_dir: Path, tmp: Path, eager: bool) -> tuple[dict,
 
 
 async def bench_mode(args, dict_dir: Path, tmp: Path, eager: bool) -> dict[str, float]:
-    """Both engines at once (an idle vLLM engine parks its processes after a second), every
-    configuration warmed up, then ``--repeats`` rounds of one batch per configuration in
-    turn: drift of the machine's speed over the run falls on every row alike."""
+    """Both engines at once (an idle vLLM engine parks its processes after a second), their
+    configurations in turn (:func:`rounds.interleaved`, ``--repeats`` rounds)."""
     plain, llm = await start_plain(args, eager)
     engines = [llm]
     try:
         sae, eng = await start_sae(args, dict_dir, tmp, eager)
         engines.append(eng)
         submits = {**plain, **sae}
-        for submit in submits.values():
-            await run_batch(submit, args.tokens)  # warm-up
-        rates: dict[str, list[float]] = {name: [] for name in submits}
-        names = list(submits)
-        for r in range(args.repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one later
-                rates[name].append(await run_batch(submits[name], args.tokens))
-            print(f"# round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+        batches = {name: (lambda submit=submit: run_batch(submit, args.tokens)) for name, submit in submits.items()}
+        rates = await interleaved(batches, args.repeats)
     finally:
         for e in engines:
             e.shutdown()

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from load import free_port, process_tree, start_server, stop_server  # noqa: E402  (benchmarks/load.py)
+from rounds import interleaved  # noqa: E402  (benchmarks/rounds.py)
 
 TOPICS = ["rivers", "bread", "clocks", "bridges", "music", "maps", "glass", "paper"]
 
@@ -107,27 +110,23 @@ def _snap(roots: tuple[list[int], list[int]]) -> dict[int, tuple[str, float]]:
 
 
 async def rounds(batches: dict, repeats: int, roots: dict) -> dict:
-    """Median tokens/s of every batch function of ``batches`` (key -> ``async () -> tokens/s``):
-    one warm-up each, then ``repeats`` rounds of one run of each in turn (each round starting
-    one key later), so a change in the machine's speed falls on every key alike. Records the
-    CPU use of the processes of ``roots[key]`` (:func:`_snap`) over the key's timed runs in
-    ``CPU_USAGE``."""
-    for batch in batches.values():
-        await batch()
-    keys = list(batches)
-    rates: dict = {k: [] for k in keys}
-    cpu: dict = {k: {} for k in keys}
-    wall: dict = {k: 0.0 for k in keys}
-    for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            before, t0 = _snap(roots[key]), time.perf_counter()
-            rates[key].append(await batches[key]())
-            dt = time.perf_counter() - t0
-            wall[key] += dt
-            for role, v in usage(before, _snap(roots[key]), dt).items():
-                cpu[key][role] = cpu[key].get(role, 0.0) + v * dt
-        print(f"# round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
-    for key in keys:
+    """Median tokens/s of every batch function of ``batches`` (key -> ``async () -> tokens/s``)
+    measured in turn (:func:`rounds.interleaved`). Records the CPU use of the processes of
+    ``roots[key]`` (:func:`_snap`) over the key's timed runs in ``CPU_USAGE``."""
+    cpu: dict = {k: {} for k in batches}
+    wall: dict = {k: 0.0 for k in batches}
+
+    @contextlib.contextmanager
+    def cpu_of(key) -> Iterator[None]:
+        before, t0 = _snap(roots[key]), time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        wall[key] += dt
+        for role, v in usage(before, _snap(roots[key]), dt).items():
+            cpu[key][role] = cpu[key].get(role, 0.0) + v * dt
+
+    rates = await interleaved(batches, repeats, around=cpu_of)
+    for key in batches:
         CPU_USAGE[key] = {role: v / wall[key] for role, v in cpu[key].items()}
     return {k: statistics.median(v) for k, v in rates.items()}
 

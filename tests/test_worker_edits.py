@@ -134,3 +134,37 @@ def test_topk_edit_reads_the_encode_of_the_packed_matmul_extraction_uses(monkeyp
     expect = torch.einsum("ne,ned->nd", -a, d.W_dec.float()[feats])
     expect = (xd.float() + expect).to(d.dtype).float() - xd.float()
     torch.testing.assert_close(delta, expect, rtol=1e-5, atol=1e-6)
+
+
+@torch.inference_mode()
+def test_topk_condition_reads_the_encode_of_the_packed_matmul():
+    """A condition (`when`) on a top-k feature is evaluated from the full encode through the
+    packed matmul extraction uses: it fires exactly where that encode's activation is above
+    the threshold, and the matmul is called (torch's is not used)."""
+    from sae_runtime import vllm_surface
+    from sae_runtime.worker.step_plan import ConditionJob, LayerPlan
+
+    d = _dictionary("topk")
+    packed = vllm_surface.cpu_packed_matmul(d.W_enc)
+    if packed is None:
+        pytest.skip("no prepacked CPU matmul on this machine")
+    calls = []
+
+    def matmul(xin: torch.Tensor) -> torch.Tensor:
+        calls.append(xin.shape[0])
+        return packed(xin)
+
+    rt: Any = object.__new__(SAEWorkerRuntime)
+    rt.dictionaries, rt.encoders, rt._fired = {"d": d}, {"d": matmul}, {}
+    hidden = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))
+    rows = torch.arange(0, N, 2)
+    acts = d.encode(hidden[rows].to(d.dtype), matmul)
+    feature = int(acts.float().gt(0).sum(0).argmax())  # active on many rows, not all
+    above = float(acts[:, feature].float().median())
+    calls.clear()
+    plan = LayerPlan(conditions=[ConditionJob(cid=0, dictionary="d", feature=feature, above=above, rows=rows)])
+    assert rt._apply_layer(0, plan, hidden, None) is None  # no edit: the stream is untouched
+    assert calls == [rows.numel()]
+    expect = torch.zeros(N, dtype=torch.bool)
+    expect[rows] = acts[:, feature].float() > above
+    assert torch.equal(rt._fired[0], expect) and 0 < int(expect.sum()) < rows.numel()

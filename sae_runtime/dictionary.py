@@ -479,11 +479,13 @@ class SparseDictionary(nn.Module):
     def _activations(self, x: Tensor, ids: Tensor | None,
                      matmul: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Activations of all features (``ids=None``) or of the columns ``ids``; ``matmul``
-        (all features only, not gated) computes ``xc @ W_enc`` of 2-D ``xc`` its own way."""
+        computes the full ``xc @ W_enc`` of 2-D ``xc`` its own way wherever it is needed (every
+        column, or top-k's); a column subset of another architecture needs only its columns
+        (torch). Not for gated dictionaries."""
         xc = self._centered(x)
         arch = self.cfg.architecture
-        if matmul is not None and (ids is not None or arch == "gated"):
-            raise ValueError("matmul computes every feature's pre-activation: not for a subset or a gated dictionary")
+        if matmul is not None and arch == "gated":
+            raise ValueError("matmul computes W_enc's pre-activations: a gated dictionary's are not those")
 
         def times_w_enc(t: Tensor) -> Tensor:
             if matmul is None:
@@ -528,19 +530,21 @@ class SparseDictionary(nn.Module):
 
         ``matmul`` (optional, not for gated dictionaries) computes the encoder's ``xin @
         W_enc`` of a 2-D ``xin`` in its stead: the worker's prepacked copy of W_enc, so its
-        steering edits and its extraction compute pre-activations with the same GEMM.
+        steering edits, conditions and extraction compute pre-activations with the same GEMM.
         """
         return self._activations(x, None, matmul)
 
-    def feature_activations(self, x: Tensor, feature_ids: Tensor | list[int]) -> Tensor:
+    def feature_activations(self, x: Tensor, feature_ids: Tensor | list[int],
+                            matmul: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Activations of the given features only, ``[..., len(feature_ids)]``.
 
         Equal to ``encode(x)[..., feature_ids]`` but, except for top-k, computes only
         those columns. This is the torch reference the steering kernels are checked
-        against.
+        against. ``matmul`` as in :meth:`encode`: used by top-k, whose columns need the
+        full pre-activation.
         """
         ids = torch.as_tensor(feature_ids, dtype=torch.long, device=self.W_enc.device)
-        return self._activations(x, ids)
+        return self._activations(x, ids, matmul)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Reconstruction ``a @ W_dec + b_dec`` ``[..., d_in]``."""

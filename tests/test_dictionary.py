@@ -129,6 +129,12 @@ def test_encode_through_a_given_matmul(arch):
     torch.testing.assert_close(d.encode(x, matmul), twice.encode(x))
     assert calls == [(12, D_IN)]
     torch.testing.assert_close(d.encode(x, lambda xin: xin @ d.W_enc), d.encode(x))
+    # some columns: top-k needs the full pre-activation (through matmul), the others only theirs
+    calls.clear()
+    ids = [3, 50]
+    torch.testing.assert_close(d.feature_activations(x, ids, matmul),
+                               (twice if arch == "topk" else d).feature_activations(x, ids))
+    assert calls == ([(12, D_IN)] if arch == "topk" else [])
     with pytest.raises(ValueError, match="matmul"):
         make_dict("gated").encode(x, matmul)
 

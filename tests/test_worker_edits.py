@@ -101,24 +101,31 @@ def test_edit_reads_the_activation_of_the_dictionarys_own_encode(arch, chunk, mo
     assert (alone.norm(dim=1) > 0.5 * a[:, 0] * W[feats[:, 0]].norm(dim=1)).all()
 
 
-@torch.inference_mode()
-def test_topk_edit_reads_the_encode_of_the_packed_matmul_extraction_uses(monkeypatch):
-    """On CPU the worker extracts through vLLM's prepacked encoder matmul; an edit that reads
-    a top-k feature's activation encodes through the same matmul, so it sees the activations
-    the request's features report (no second GEMM rounding them apart)."""
+def _counted_packed_matmul(d: SparseDictionary) -> tuple[Any, list[int]]:
+    """The worker's packed encoder matmul for ``d`` (skips the test where there is none) and
+    the row counts of its calls."""
     from sae_runtime import vllm_surface
 
-    monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
-    d = _dictionary("topk")
     packed = vllm_surface.cpu_packed_matmul(d.W_enc)
     if packed is None:
         pytest.skip("no prepacked CPU matmul on this machine")
-    calls = []
+    calls: list[int] = []
 
     def matmul(xin: torch.Tensor) -> torch.Tensor:
         calls.append(xin.shape[0])
         return packed(xin)
 
+    return matmul, calls
+
+
+@torch.inference_mode()
+def test_topk_edit_reads_the_encode_of_the_packed_matmul_extraction_uses(monkeypatch):
+    """On CPU the worker extracts through vLLM's prepacked encoder matmul; an edit that reads
+    a top-k feature's activation encodes through the same matmul, so it sees the activations
+    the request's features report (no second GEMM rounding them apart)."""
+    monkeypatch.setenv("SAE_KERNELS_BACKEND", "torch")
+    d = _dictionary("topk")
+    matmul, calls = _counted_packed_matmul(d)
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(2))
     xd = x.to(d.dtype)
     acts = d.encode(xd, matmul)  # what the packed extraction reports as active
@@ -141,19 +148,10 @@ def test_topk_condition_reads_the_encode_of_the_packed_matmul():
     """A condition (`when`) on a top-k feature is evaluated from the full encode through the
     packed matmul extraction uses: it fires exactly where that encode's activation is above
     the threshold, and the matmul is called (torch's is not used)."""
-    from sae_runtime import vllm_surface
     from sae_runtime.worker.step_plan import ConditionJob, LayerPlan
 
     d = _dictionary("topk")
-    packed = vllm_surface.cpu_packed_matmul(d.W_enc)
-    if packed is None:
-        pytest.skip("no prepacked CPU matmul on this machine")
-    calls = []
-
-    def matmul(xin: torch.Tensor) -> torch.Tensor:
-        calls.append(xin.shape[0])
-        return packed(xin)
-
+    matmul, calls = _counted_packed_matmul(d)
     rt: Any = object.__new__(SAEWorkerRuntime)
     rt.dictionaries, rt.encoders, rt._fired = {"d": d}, {"d": matmul}, {}
     hidden = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(3))

@@ -51,8 +51,8 @@ class SAEWorkerRuntime:
         # ``xin @ W_enc`` of each dictionary for extraction: vLLM's prepacked CPU matmul where
         # there is one (about twice torch's speed at decode batch sizes; costs a packed copy
         # of W_enc), else None (torch). Gated dictionaries encode through their own module.
-        # The steering edits and conditions that read a top-k feature's activation (a full
-        # encode) encode through it too.
+        # The edits, conditions and named features that read a top-k feature's activation
+        # (a full encode) encode through it too (SparseDictionary.encode / feature_activations).
         self.encoders = {name: self._counted(vllm_surface.cpu_packed_matmul(d.W_enc)) if d.activation != "gated"
                          else None for name, d in dictionaries.items()}
         self.packed_encodes = 0  # calls of those matmuls (worker stats)
@@ -214,13 +214,9 @@ class SAEWorkerRuntime:
         for job in lp.conditions:  # before any edit at this hook point
             d = self.dictionaries[job.dictionary]
             x = _stream_rows(hidden, residual, job.rows).to(d.dtype)
-            matmul = self.encoders[job.dictionary]
-            if d.activation == "topk" and matmul is not None:
-                # a top-k feature's activation needs the full encode anyway: through the
-                # matmul extraction uses, so the condition reads what features report
-                act = d.encode(x, matmul)[:, job.feature].float()
-            else:
-                act = d.feature_activations(x, torch.tensor([job.feature], device=x.device))[:, 0].float()
+            # (a top-k feature's activation needs the full encode: through extraction's matmul)
+            feature = torch.tensor([job.feature], device=x.device)
+            act = d.feature_activations(x, feature, self.encoders[job.dictionary])[:, 0].float()
             fired = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             fired[job.rows] = act > job.above
             self._fired[job.cid] = fired
@@ -317,7 +313,7 @@ class SAEWorkerRuntime:
                 off += n
         for j, x in zip(jobs, x_of, strict=True):
             if j.feature_ids is not None:
-                named = d.feature_activations(x, j.feature_ids).float().cpu().numpy()
+                named = d.feature_activations(x, j.feature_ids, self.encoders[name]).float().cpu().numpy()
                 self._chunks.append(FeatureChunk(j.rid, name, j.positions, None, named, watch=j.watch))
 
 

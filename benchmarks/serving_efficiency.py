@@ -221,6 +221,16 @@ def server_batches(args, client, base: str, did: str, concurrencies: list[int]) 
     return out
 
 
+def replica_base() -> str:
+    """The HTTP address of the replica's own server under Ray Serve's direct ingress (the
+    first port of Ray's replica range, 30000-31000, that answers ``/v1/models``)."""
+    for port in range(30000, 30100):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return f"http://127.0.0.1:{port}"
+    raise SystemExit("direct ingress: no replica answers on ports 30000-30099")
+
+
 async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Path) -> dict:
     """The server and the in-process engine at once (an idle vLLM engine parks its processes
     after a second), their batches in turn (:func:`rounds`): (side, streams, features) -> tokens/s."""
@@ -242,9 +252,14 @@ async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Pat
     server_args = argparse.Namespace(
         dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
     )
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     proc = start_server(server_args, http_port, grpc_port, out_dir)
     eng = None
     try:
+        if args.direct_ingress:
+            base = replica_base()
+            print(f"direct ingress: the replica answers at {base}", flush=True)
         dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
         args.model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         eng = await start_engine(args)
@@ -275,6 +290,9 @@ def main() -> int:
     p.add_argument("--eager", action="store_true", help="both sides in vLLM's eager mode (starts faster)")
     p.add_argument("--stream-interval", type=int, default=None,
                    help="both sides' engine.stream_interval (tokens per streamed chunk); default: sae-serve's")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="the server under Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); "
+                        "the streams go to the replica's own HTTP port, not through the proxy")
     p.add_argument("--start-timeout", type=float, default=900.0)
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]

@@ -20,10 +20,14 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_runtime.config_cli import ConfigError, FieldSpec, Option, add_options, field_specs, resolve
+
+if TYPE_CHECKING:
+    from server.config import ServeConfig
 
 # How sae-serve's flags deviate from the generated ``--field-name`` (see
 # :mod:`sae_runtime.config_cli`); every other field of ServeConfig (engine and autoscaling
@@ -134,6 +138,25 @@ def exposure_warnings(config: Any) -> list[str]:
     return out
 
 
+def print_direct_ingress(config: ServeConfig, scheme: str, grpc_tls: str, stop: threading.Event,
+                         wait_s: float = 60.0) -> None:
+    """One line per replica's own address (``--direct-ingress``), once Ray's controller lists
+    them (a replica's servers start as it comes up); a warning if none shows within ``wait_s``."""
+    from server import launcher
+
+    deadline = time.monotonic() + wait_s
+    while not (targets := launcher.direct_ingress_targets(config)) and time.monotonic() < deadline:
+        if stop.wait(1.0):
+            return
+    for protocol, ip, port in targets:
+        where = f"HTTP on {scheme}://{ip}:{port}/v1" if protocol == "http" else f"gRPC{grpc_tls} on {ip}:{port}"
+        print(f"sae-serve: direct ingress: a replica answers {where}", flush=True)
+    if not targets:
+        print("sae-serve: WARNING: --direct-ingress: Ray lists no replica address (on a cluster, start its nodes "
+              "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1); the proxy's ports above still answer",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             scheme, grpc_tls = ("https", " over TLS") if config.tls_enabled else ("http", "")
             print(f"sae-serve: ready. HTTP (OpenAI-compatible) on {scheme}://{config.host}:{config.http_port}/v1  "
                   f"gRPC{grpc_tls} on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)
+            if config.direct_ingress:
+                print_direct_ingress(config, scheme, grpc_tls, stop)
             while not stop.wait(1.0):
                 pass
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ YAML example (every key optional)::
     # multi-node: join a running Ray cluster instead of starting one (README: "Multi-node")
     ray_address: null            # e.g. 10.0.0.5:6379 or auto
     proxy_location: EveryNode    # HeadOnly / EveryNode: where Serve runs HTTP+gRPC proxies
+    direct_ingress: false        # replicas also answer on their own ports, without Ray's proxy (printed at start)
     max_replicas_per_node: null  # 1 = at most one engine per node
 """
 
@@ -188,6 +189,13 @@ class ServeConfig(BaseModel):
     )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         default="EveryNode", description="Ray Serve's HTTP/gRPC proxies on every node or on the head node only"
+    )
+    direct_ingress: bool = Field(
+        default=False,
+        description="each replica also answers HTTP and gRPC on its own port (Ray Serve's direct ingress: the "
+        "first free ports from 30000 / 40000 on its node, printed once ready), with the same keys, TLS and "
+        "/health; clients there skip Ray's proxy (faster: benchmarks/README.md, serving efficiency). The "
+        "proxy's ports keep working",
     )
     max_replicas_per_node: int | None = Field(
         default=None, ge=1, description="at most this many replicas (engines) on one Ray node; 1 spreads them"

@@ -102,6 +102,12 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
     # on gRPC messages (Ray's default accepts 2 GiB requests).
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "server.proxy_health.proxy_middlewares")
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.grpc_max_message_bytes))
+    if config.direct_ingress:
+        # Replicas start their own HTTP and gRPC servers (Ray's replica port ranges), with the
+        # proxy's middlewares (the callback above) and gRPC patch (keys, TLS). Ray holds a
+        # stopping replica for 30 s so that a load balancer in front notices; none is assumed.
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -128,6 +134,31 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
                                  enable_reflection=not config.api_keys),
     )
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def direct_ingress_targets(config: ServeConfig) -> list[tuple[str, str, int]]:
+    """``(protocol, host, port)`` of every running replica's own server (``direct_ingress``),
+    as Ray's controller lists them ("http" first, then "grpc"); empty when Ray's Serve runs without
+    direct ingress (on a cluster, ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` must be set where
+    ``ray start`` runs) or no replica is running (the controller then names the proxies,
+    which are left out)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    proxy_ports = {"http": config.http_port, "grpc": config.grpc_port}
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    out: list[tuple[str, str, int]] = []
+    groups: list[Any] = ray.get(controller.get_target_groups.remote(APP_NAME), timeout=30)
+    for group in groups:
+        protocol = str(getattr(group.protocol, "value", group.protocol)).lower()
+        for t in group.targets:
+            if t.port == proxy_ports.get(protocol):
+                continue
+            # a replica's HTTP server listens on `host` (its node's address only for 0.0.0.0 / ::);
+            # its gRPC server on every interface, as Ray's proxy's does
+            ip = config.host if protocol == "http" and config.host not in ("0.0.0.0", "::") else t.ip
+            out.append((protocol, ip, int(t.port)))
+    return sorted(out, key=lambda t: (t[0] != "http", t[1], t[2]))
 
 
 def scrub_key_environment() -> None:

@@ -599,6 +599,8 @@ def test_tls_settings_are_checked_at_start(tmp_path):
 # -- the live server: keys (one from SAE_SERVE_API_KEYS, one from --api-key) and TLS ----------------
 # One server for all of them, started as a user starts it (eager, to start sooner): the key
 # probes of the key checks run against it over HTTPS / gRPC+TLS, so TLS is checked along the way.
+# It runs with --direct-ingress, so the replica's own ports get the same checks
+# (test_live_direct_ingress_...).
 
 LIVE_ENV_KEY = "sk-live-env-key-3c2b1a0f9e"
 
@@ -611,7 +613,8 @@ def tls_server(default_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sae_serve_tls")
     cert, key = make_self_signed(tmp)
     dictionary = make_dictionary(tmp / "topk6", layer=6, d_sae=512, architecture="topk", k=16, seed=1)
-    server = start_server(tmp, dictionary, ("--eager", "--tls-cert", cert, "--tls-key", key, "--api-key", FLAG_KEY),
+    server = start_server(tmp, dictionary, ("--eager", "--tls-cert", cert, "--tls-key", key, "--api-key", FLAG_KEY,
+                                            "--direct-ingress"),
                           {"SAE_SERVE_API_KEYS": LIVE_ENV_KEY}, tls_ca=Path(cert))
     yield server
     _rc, left = server.stop()
@@ -701,6 +704,61 @@ def test_live_grpc_every_rpc_but_check_needs_a_key_over_tls(tls_server, monkeypa
     argv = ["--target", tls_server.grpc_target, "--tls-ca", str(tls_server.tls_ca)]
     assert client_cli.main([*argv, "extract", "Paris is", "-d", tls_server.dictionary_id, "-k", "2"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def _direct_ingress_ports(server, timeout_s: float = 120) -> tuple[int, int]:
+    """The replica's own HTTPS and gRPC ports, from sae-serve's ready lines (--direct-ingress)."""
+    import re
+
+    pattern = re.compile(r"direct ingress: a replica answers HTTP on https://127\.0\.0\.1:(\d+)/v1\n"
+                         r"sae-serve: direct ingress: a replica answers gRPC over TLS on [\d.]+:(\d+)\n")
+    deadline = time.monotonic() + timeout_s
+    while not (m := pattern.search(log := server.log_path.read_text(errors="replace"))):
+        assert time.monotonic() < deadline, log[-3000:]
+        time.sleep(0.5)
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.slow
+def test_live_direct_ingress_replica_ports_keep_keys_tls_and_answers(tls_server):
+    """--direct-ingress: the replica's own HTTPS and gRPC ports (printed once ready) need the
+    keys and TLS like the proxy's, and answer what the proxy answers."""
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from clients.grpc_client import SAEClient
+
+    http_port, grpc_port = _direct_ingress_ports(tls_server)
+    assert {http_port, grpc_port}.isdisjoint({tls_server.http_port, tls_server.grpc_port})
+    replica, proxy = f"https://127.0.0.1:{http_port}", tls_server.base_url
+    body = {"model": "default", "prompt": "The history of Paris", "max_tokens": 6, "temperature": 0.0,
+            "features": {"dictionaries": [tls_server.dictionary_id], "top_k": 3}}
+    with httpx.Client(verify=tls_server.verify, timeout=120) as c:
+        h = c.get(f"{replica}/health")
+        assert h.status_code == 200 and "open_streams" not in h.json()
+        for path in ("/health?detail=1", "/v1/models"):
+            r = c.get(f"{replica}{path}")
+            assert r.status_code == 401 and r.json()["error"]["param"] == "authorization", (path, r.text)
+        assert c.post(f"{replica}/v1/completions", json=body).status_code == 401
+        body["model"] = c.get(f"{replica}/v1/models", headers=LIVE_AUTH).json()["data"][0]["id"]
+        direct = c.post(f"{replica}/v1/completions", json=body, headers=LIVE_AUTH)
+        via_proxy = c.post(f"{proxy}/v1/completions", json=body, headers=LIVE_AUTH)
+    assert direct.status_code == via_proxy.status_code == 200, (direct.text, via_proxy.text)
+    d, p = direct.json()["choices"][0], via_proxy.json()["choices"][0]
+    assert d["text"] == p["text"] and d["text"]
+    d_ids = [[f["indices"] for f in t["features"]] for t in d["features"]]
+    assert d_ids == [[f["indices"] for f in t["features"]] for t in p["features"]] and len(d_ids) > 5
+    with pytest.raises(httpx.HTTPError):  # HTTPS only, as at the proxy
+        httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10)
+    target = f"127.0.0.1:{grpc_port}"
+    with SAEClient(target, api_key=FLAG_KEY, tls_ca=str(tls_server.tls_ca)) as c:
+        assert [x.id for x in c.list_dictionaries()] == [tls_server.dictionary_id]
+    with SAEClient(target, tls_ca=str(tls_server.tls_ca), retry_attempts=1) as c, \
+            pytest.raises(grpc.RpcError) as err:
+        c.list_dictionaries()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(target) as plain, pytest.raises(grpc.RpcError):  # TLS only
+        health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10)
 
 
 def _environ(pid: int) -> bytes:

@@ -23,7 +23,11 @@ whole comparison once per CPU thread binding (``VLLM_CPU_OMP_THREADS_BIND``; ``d
 what sae-serve does with no setting), since the binding decides how the engine shares the
 cores with the API process, Ray's proxy and vLLM's engine core.
 
-Run: ``.venv/bin/python benchmarks/serving_efficiency.py [--concurrency 8,32] [--bind default,0-1]``.
+``--direct-ingress`` starts the server with ``--direct-ingress`` and sends the streams to the
+replica's own port (Ray Serve's direct ingress) instead of through Ray's proxy.
+
+Run: ``.venv/bin/python benchmarks/serving_efficiency.py [--concurrency 8,32] [--bind default,0-1]
+[--direct-ingress]``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -221,14 +226,15 @@ def server_batches(args, client, base: str, did: str, concurrencies: list[int]) 
     return out
 
 
-def replica_base() -> str:
-    """The HTTP address of the replica's own server under Ray Serve's direct ingress (the
-    first port of Ray's replica range, 30000-31000, that answers ``/v1/models``)."""
-    for port in range(30000, 30100):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return f"http://127.0.0.1:{port}"
-    raise SystemExit("direct ingress: no replica answers on ports 30000-30099")
+def replica_base(log: Path, timeout_s: float = 120.0) -> str:
+    """The replica's own HTTP address under ``--direct-ingress``, from sae-serve's ready line."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = re.search(r"a replica answers HTTP on (\S+)/v1", log.read_text(errors="replace"))
+        if m:
+            return m.group(1)
+        time.sleep(1)
+    raise SystemExit(f"--direct-ingress: sae-serve printed no replica address; see {log}")
 
 
 async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Path) -> dict:
@@ -249,16 +255,16 @@ async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Pat
         extra.append("--eager")
     if args.stream_interval is not None:
         extra += ["--stream-interval", str(args.stream_interval)]
+    if args.direct_ingress:
+        extra.append("--direct-ingress")
     server_args = argparse.Namespace(
         dictionary_dir=None, dictionary=None, server_args=" ".join(extra), start_timeout=args.start_timeout
     )
-    if args.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     proc = start_server(server_args, http_port, grpc_port, out_dir)
     eng = None
     try:
         if args.direct_ingress:
-            base = replica_base()
+            base = replica_base(out_dir / "server.log")
             print(f"direct ingress: the replica answers at {base}", flush=True)
         dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
         args.model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -291,7 +297,7 @@ def main() -> int:
     p.add_argument("--stream-interval", type=int, default=None,
                    help="both sides' engine.stream_interval (tokens per streamed chunk); default: sae-serve's")
     p.add_argument("--direct-ingress", action="store_true",
-                   help="the server under Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); "
+                   help="the server with --direct-ingress (Ray Serve's direct ingress); "
                         "the streams go to the replica's own HTTP port, not through the proxy")
     p.add_argument("--start-timeout", type=float, default=900.0)
     args = p.parse_args()

@@ -710,13 +710,15 @@ def _direct_ingress_ports(server, timeout_s: float = 120) -> tuple[int, int]:
     """The replica's own HTTPS and gRPC ports, from sae-serve's ready lines (--direct-ingress)."""
     import re
 
-    pattern = re.compile(r"direct ingress: a replica answers HTTP on https://127\.0\.0\.1:(\d+)/v1\n"
-                         r"sae-serve: direct ingress: a replica answers gRPC over TLS on [\d.]+:(\d+)\n")
+    http = re.compile(r"direct ingress: a replica answers HTTP on https://127\.0\.0\.1:(\d+)/v1\n")
+    grpc_ = re.compile(r"direct ingress: a replica answers gRPC over TLS on [\d.]+:(\d+)\n")
     deadline = time.monotonic() + timeout_s
-    while not (m := pattern.search(log := server.log_path.read_text(errors="replace"))):
+    while True:  # (Ray's forwarded log lines may come between the two)
+        log = server.log_path.read_text(errors="replace")
+        if (h := http.search(log)) and (g := grpc_.search(log)):
+            return int(h.group(1)), int(g.group(1))
         assert time.monotonic() < deadline, log[-3000:]
         time.sleep(0.5)
-    return int(m.group(1)), int(m.group(2))
 
 
 @pytest.mark.slow

@@ -135,6 +135,9 @@ def exposure_warnings(config: Any) -> list[str]:
                    "anyone who can reach this port can use the model. Set --api-key / SAE_SERVE_API_KEYS.")
     out.append(f"sae-serve: note: Ray 2.60's gRPC proxy listens on all interfaces (port {config.grpc_port}) and no "
                "API key is set; firewall that port or set --api-key / SAE_SERVE_API_KEYS.")
+    if config.direct_ingress:
+        out.append("sae-serve: note: with --direct-ingress each replica's gRPC server listens on all interfaces too "
+                   "(ports from 40000) without an API key; firewall them or set --api-key / SAE_SERVE_API_KEYS.")
     return out
 
 

@@ -207,6 +207,10 @@ def test_binding_beyond_loopback_without_keys_warns():
     local = exposure_warnings(ServeConfig())
     assert not any("WARNING" in w for w in local)  # only the note about Ray's gRPC bind address
     assert exposure_warnings(ServeConfig(host="0.0.0.0", api_keys=[KEY])) == []
+    # direct ingress: the replicas' gRPC servers bind every interface too
+    assert not any("40000" in w for w in local)
+    assert any("--direct-ingress" in w and "40000" in w for w in exposure_warnings(ServeConfig(direct_ingress=True)))
+    assert exposure_warnings(ServeConfig(direct_ingress=True, api_keys=[KEY])) == []
 
 
 def test_no_request_field_is_code_a_pickle_or_a_path():

@@ -166,3 +166,46 @@ def test_topk_condition_reads_the_encode_of_the_packed_matmul():
     expect = torch.zeros(N, dtype=torch.bool)
     expect[rows] = acts[:, feature].float() > above
     assert torch.equal(rt._fired[0], expect) and 0 < int(expect.sum()) < rows.numel()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 10])
+@torch.inference_mode()
+def test_conditions_on_one_dictionary_share_one_encode(monkeypatch, chunk_rows):
+    """Several requests' conditions on one top-k dictionary at a hook point (two of them on
+    the same request's rows) are evaluated from one encode of the rows they cover, each row
+    once (in row chunks where the dense activations would be large), and each condition
+    fires exactly where that encode's activation of its feature is above its threshold."""
+    from sae_runtime.worker import runtime
+    from sae_runtime.worker.step_plan import ConditionJob, LayerPlan
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(runtime, "_EDIT_ENCODE_CHUNK_ELEMS", chunk_rows * D_SAE)
+    d = _dictionary("topk")
+    matmul, calls = _counted_packed_matmul(d)
+    rt: Any = object.__new__(SAEWorkerRuntime)
+    rt.dictionaries, rt.encoders, rt._fired = {"d": d}, {"d": matmul}, {}
+    hidden = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(5))
+    a_rows, b_rows, c_rows = torch.arange(0, 32), torch.arange(40, 72), torch.arange(80, 96)
+    covered = torch.cat([a_rows, b_rows, c_rows])  # sorted, as the worker reads them
+    step = chunk_rows or len(covered)
+    acts = torch.cat([d.encode(hidden[covered[r0:r0 + step]].to(d.dtype), matmul).float()
+                      for r0 in range(0, len(covered), step)])
+    busy = acts.gt(0).sum(0).argsort(descending=True)
+    f1, f2, f3 = (int(busy[i]) for i in range(3))  # features active on many rows
+    jobs = [(0, f1, a_rows), (1, f2, a_rows), (2, f1, b_rows), (3, f3, c_rows)]
+    thresholds = {}
+    for cid, f, rows in jobs:
+        sel = acts[torch.searchsorted(covered, rows), f]
+        thresholds[cid] = float(sel.median())
+    calls.clear()
+    plan = LayerPlan(conditions=[ConditionJob(cid=cid, dictionary="d", feature=f, above=thresholds[cid], rows=rows)
+                                 for cid, f, rows in jobs])
+    assert rt._apply_layer(0, plan, hidden, None) is None
+    assert sum(calls) == len(covered) and len(calls) == -(-len(covered) // step)
+    any_fired = 0
+    for cid, f, rows in jobs:
+        expect = torch.zeros(N, dtype=torch.bool)
+        expect[rows] = acts[torch.searchsorted(covered, rows), f] > thresholds[cid]
+        assert torch.equal(rt._fired[cid], expect), cid
+        any_fired += int(expect.sum())
+    assert 0 < any_fired < 2 * len(a_rows) + len(b_rows) + len(c_rows)

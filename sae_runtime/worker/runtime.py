@@ -32,6 +32,7 @@ from sae_runtime.worker import residual_op
 from sae_runtime.worker.decoder_layers import LAYER_ATTR, hooked_layers
 from sae_runtime.worker.feature_sender import FeatureSender
 from sae_runtime.worker.step_plan import (
+    ConditionJob,
     EditBatch,
     ExtractJob,
     PlanCache,
@@ -211,15 +212,8 @@ class SAEWorkerRuntime:
 
     def _apply_layer(self, L: int, lp: Any, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
         new_hidden = hidden
-        for job in lp.conditions:  # before any edit at this hook point
-            d = self.dictionaries[job.dictionary]
-            x = _stream_rows(hidden, residual, job.rows).to(d.dtype)
-            # (a top-k feature's activation needs the full encode: through extraction's matmul)
-            feature = torch.tensor([job.feature], device=x.device)
-            act = d.feature_activations(x, feature, self.encoders[job.dictionary])[:, 0].float()
-            fired = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-            fired[job.rows] = act > job.above
-            self._fired[job.cid] = fired
+        if lp.conditions:  # before any edit at this hook point
+            self._evaluate_conditions(lp.conditions, hidden, residual)
         if lp.edits or lp.vectors is not None:
             new_hidden = hidden.clone()
             for name, batch in lp.edits.items():
@@ -233,6 +227,38 @@ class SAEWorkerRuntime:
         if lp.streams:
             self._copy_streams(L, lp.streams, new_hidden, residual)
         return None if new_hidden is hidden else new_hidden
+
+    def _evaluate_conditions(self, jobs: list[ConditionJob], hidden: torch.Tensor,
+                             residual: torch.Tensor | None) -> None:
+        """Where each condition fires (``self._fired[cid]``, over the step's rows).
+
+        One activation pass per dictionary for all of its conditions at this hook point: a
+        decode batch whose requests each carry a ``when`` on one top-k dictionary costs one
+        encode of the batch's rows, not one encode per request. Rows shared by several
+        conditions (one request's) are read once. A top-k feature's activation needs the
+        full encode, through extraction's matmul, in row chunks that bound the dense
+        ``[rows, d_sae]`` activations as :func:`_edit_feature_acts` does."""
+        by_dictionary: dict[str, list[ConditionJob]] = {}
+        for job in jobs:
+            by_dictionary.setdefault(job.dictionary, []).append(job)
+        for name, group in by_dictionary.items():
+            d = self.dictionaries[name]
+            feats = sorted({j.feature for j in group})
+            rows, where = torch.unique(torch.cat([j.rows for j in group]), return_inverse=True)
+            col = torch.cat([torch.full_like(j.rows, feats.index(j.feature)) for j in group])
+            x = _stream_rows(hidden, residual, rows).to(d.dtype)
+            ids = torch.tensor(feats, device=x.device)
+            step = max(1, _EDIT_ENCODE_CHUNK_ELEMS // d.d_sae if d.activation == "topk" else x.shape[0])
+            acts = torch.cat([d.feature_activations(x[r0:r0 + step], ids, self.encoders[name]).float()
+                              for r0 in range(0, x.shape[0], step)])  # [unique rows, features]
+            act = acts[where, col]
+            off = 0
+            for j in group:
+                n = j.rows.numel()
+                fired = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+                fired[j.rows] = act[off:off + n] > j.above
+                self._fired[j.cid] = fired
+                off += n
 
     def _copy_streams(self, L: int, jobs: list[StreamJob], hidden: torch.Tensor,
                       residual: torch.Tensor | None) -> None:

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -226,15 +225,17 @@ def server_batches(args, client, base: str, did: str, concurrencies: list[int]) 
     return out
 
 
-def replica_base(log: Path, timeout_s: float = 120.0) -> str:
-    """The replica's own HTTP address under ``--direct-ingress``, from sae-serve's ready line."""
+def replica_base(base: str, log: Path, timeout_s: float = 120.0) -> str:
+    """The replica's own HTTP address under ``--direct-ingress``, from ``/health?detail=1``
+    (``direct_ingress``; the replica's servers come up a moment after sae-serve's ready line)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        m = re.search(r"a replica answers HTTP on (\S+)/v1", log.read_text(errors="replace"))
-        if m:
-            return m.group(1)
+        addresses = httpx.get(f"{base}/health?detail=1", timeout=30).json().get("direct_ingress") or []
+        http = [a["address"] for a in addresses if a["protocol"] == "http"]
+        if http:
+            return http[0].removesuffix("/v1")
         time.sleep(1)
-    raise SystemExit(f"--direct-ingress: sae-serve printed no replica address; see {log}")
+    raise SystemExit(f"--direct-ingress: /health?detail=1 lists no replica address; see {log}")
 
 
 async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Path) -> dict:
@@ -264,7 +265,7 @@ async def compare(args, bind: str | None, concurrencies: list[int], out_dir: Pat
     eng = None
     try:
         if args.direct_ingress:
-            base = replica_base(out_dir / "server.log")
+            base = replica_base(base, out_dir / "server.log")
             print(f"direct ingress: the replica answers at {base}", flush=True)
         dicts = httpx.get(f"{base}/v1/dictionaries", timeout=30).json()["data"]
         args.model_name = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]

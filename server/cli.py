@@ -141,20 +141,21 @@ def exposure_warnings(config: Any) -> list[str]:
     return out
 
 
-def print_direct_ingress(config: ServeConfig, scheme: str, grpc_tls: str, stop: threading.Event,
-                         wait_s: float = 60.0) -> None:
+def print_direct_ingress(config: ServeConfig, stop: threading.Event, wait_s: float = 60.0) -> None:
     """One line per replica's own address (``--direct-ingress``), once Ray's controller lists
-    them (a replica's servers start as it comes up); a warning if none shows within ``wait_s``."""
+    them (a replica's servers start as it comes up); a warning if none shows within ``wait_s``.
+    ``/health?detail=1`` lists the same addresses (``direct_ingress``)."""
     from server import launcher
 
     deadline = time.monotonic() + wait_s
-    while not (targets := launcher.direct_ingress_targets(config)) and time.monotonic() < deadline:
+    while not (addresses := launcher.direct_ingress(config)) and time.monotonic() < deadline:
         if stop.wait(1.0):
             return
-    for protocol, ip, port in targets:
-        where = f"HTTP on {scheme}://{ip}:{port}/v1" if protocol == "http" else f"gRPC{grpc_tls} on {ip}:{port}"
+    for a in addresses:
+        where = f"HTTP on {a['address']}" if a["protocol"] == "http" else \
+            f"gRPC{' over TLS' if a['tls'] else ''} on {a['address']}"
         print(f"sae-serve: direct ingress: a replica answers {where}", flush=True)
-    if not targets:
+    if not addresses:
         print("sae-serve: WARNING: --direct-ingress: Ray lists no replica address (on a cluster, start its nodes "
               "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1); the proxy's ports above still answer",
               file=sys.stderr, flush=True)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sae-serve: ready. HTTP (OpenAI-compatible) on {scheme}://{config.host}:{config.http_port}/v1  "
                   f"gRPC{grpc_tls} on {config.host}:{config.grpc_port} (sae_serve.v1.SAEService)", flush=True)
             if config.direct_ingress:
-                print_direct_ingress(config, scheme, grpc_tls, stop)
+                print_direct_ingress(config, stop)
             while not stop.wait(1.0):
                 pass
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ class SAEDeployment(SAEGrpcMethods):
     # Ray Serve awaits an async constructor; Python's typing knows no such thing.
     async def __init__(self, config_json: str, api_key_digests: list[str] | None = None):  # type: ignore[misc]
         self.config = ServeConfig.model_validate_json(config_json)
+        self._tls: bool | None = None  # whether this deployment serves TLS (known on first need)
         self.max_request_bytes = self.config.max_request_bytes
         self.api_keys = ApiKeys(api_key_digests or [])
         engine_config = self.config.resolved_engine()
@@ -51,7 +52,16 @@ class SAEDeployment(SAEGrpcMethods):
             replica, app = None, None
         self.service = SAEService(self.engine, ServiceMetrics(replica), self.config.feature_top_n,
                                   max_concurrent_streams=self.config.max_concurrent_streams,
-                                  vectors=deployment_store(app))
+                                  vectors=deployment_store(app),
+                                  direct_ingress=self._direct_ingress if self.config.direct_ingress else None)
+
+    async def _direct_ingress(self) -> list[dict[str, Any]]:
+        """The replicas' own addresses (``--direct-ingress``), for ``/health?detail=1``."""
+        from server import launcher, proxy_auth
+
+        if self._tls is None:  # this copy of the config has no TLS files: the proxies' settings say
+            self._tls = bool(proxy_auth.load_settings().get("tls"))
+        return await launcher.direct_ingress_async(self.config, self._tls)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_http_app(self.service, self.config.max_request_bytes, self.api_keys,

@@ -136,19 +136,18 @@ def start(config: ServeConfig, after_ray_init: Callable[[], None] | None = None,
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
 
 
-def direct_ingress_targets(config: ServeConfig) -> list[tuple[str, str, int]]:
-    """``(protocol, host, port)`` of every running replica's own server (``direct_ingress``),
-    as Ray's controller lists them ("http" first, then "grpc"); empty when Ray's Serve runs without
-    direct ingress (on a cluster, ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` must be set where
-    ``ray start`` runs) or no replica is running (the controller then names the proxies,
-    which are left out)."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
+def direct_ingress_addresses(config: ServeConfig, groups: list[Any], tls: bool | None = None) -> list[dict[str, Any]]:
+    """Every running replica's own server (``direct_ingress``) from Ray's controller target
+    groups (``get_target_groups(APP_NAME)``), HTTP first: ``{"protocol": "http", "address":
+    "https://127.0.0.1:30000/v1", "tls": true}``, ``{"protocol": "grpc", "address":
+    "10.0.0.5:40000", "tls": true}``. Empty when Ray's Serve runs without direct ingress (on a
+    cluster, ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` must be set where ``ray start`` runs) or no
+    replica is running (the controller then names the proxies, which are left out). ``tls``:
+    whether they serve TLS (default ``config.tls_enabled``; a replica's copy of the config has
+    no TLS files, so a replica says it from sae-serve's published proxy settings)."""
+    tls = config.tls_enabled if tls is None else tls
     proxy_ports = {"http": config.http_port, "grpc": config.grpc_port}
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    out: list[tuple[str, str, int]] = []
-    groups: list[Any] = ray.get(controller.get_target_groups.remote(APP_NAME), timeout=30)
+    targets: list[tuple[str, str, int]] = []
     for group in groups:
         protocol = str(getattr(group.protocol, "value", group.protocol)).lower()
         for t in group.targets:
@@ -157,8 +156,32 @@ def direct_ingress_targets(config: ServeConfig) -> list[tuple[str, str, int]]:
             # a replica's HTTP server listens on `host` (its node's address only for 0.0.0.0 / ::);
             # its gRPC server on every interface, as Ray's proxy's does
             ip = config.host if protocol == "http" and config.host not in ("0.0.0.0", "::") else t.ip
-            out.append((protocol, ip, int(t.port)))
-    return sorted(out, key=lambda t: (t[0] != "http", t[1], t[2]))
+            targets.append((protocol, ip, int(t.port)))
+    scheme = "https" if tls else "http"
+    return [{"protocol": protocol,
+             "address": f"{scheme}://{ip}:{port}/v1" if protocol == "http" else f"{ip}:{port}",
+             "tls": tls}
+            for protocol, ip, port in sorted(targets, key=lambda t: (t[0] != "http", t[1], t[2]))]
+
+
+def _serve_controller() -> Any:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+def direct_ingress(config: ServeConfig) -> list[dict[str, Any]]:
+    """:func:`direct_ingress_addresses` as Ray's controller lists them now (for the CLI)."""
+    import ray
+
+    groups = ray.get(_serve_controller().get_target_groups.remote(APP_NAME), timeout=30)
+    return direct_ingress_addresses(config, groups)
+
+
+async def direct_ingress_async(config: ServeConfig, tls: bool | None = None) -> list[dict[str, Any]]:
+    """:func:`direct_ingress` from an event loop (a replica's ``/health?detail=1``)."""
+    return direct_ingress_addresses(config, await _serve_controller().get_target_groups.remote(APP_NAME), tls)
 
 
 def scrub_key_environment() -> None:

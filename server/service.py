@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -132,8 +132,11 @@ class SAEService:
     """One replica's API over its engine."""
 
     def __init__(self, engine: SAEEngine, metrics: ServiceMetrics | None = None, feature_top_n: int = 10,
-                 max_concurrent_streams: int | None = None, vectors: VectorStore | None = None):
+                 max_concurrent_streams: int | None = None, vectors: VectorStore | None = None,
+                 direct_ingress: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None):
         self.engine = engine
+        # the replicas' own addresses (--direct-ingress) for /health?detail=1, None without it
+        self.direct_ingress = direct_ingress
         self.vectors = vectors or MemoryVectorStore()
         self.metrics = metrics or ServiceMetrics()
         self.feature_top_n = feature_top_n
@@ -242,6 +245,11 @@ class SAEService:
                     out["workers"] = [{k: v for k, v in w.items() if k in shown} for w in stats]
                 except Exception as exc:  # report, never fail the health answer itself
                     out["detail_error"] = type(exc).__name__
+            if self.direct_ingress is not None:
+                try:
+                    out["direct_ingress"] = await asyncio.wait_for(self.direct_ingress(), 10)
+                except Exception as exc:
+                    out["direct_ingress_error"] = type(exc).__name__
         return out
 
     # -- prompts and specs ---------------------------------------------------------------

@@ -213,6 +213,32 @@ def test_binding_beyond_loopback_without_keys_warns():
     assert exposure_warnings(ServeConfig(direct_ingress=True, api_keys=[KEY])) == []
 
 
+def test_direct_ingress_addresses_leave_out_the_proxies_and_say_the_scheme():
+    """The replicas' own addresses (printed once ready, listed in /health?detail=1) from Ray's
+    controller target groups: the proxies' ports left out, HTTP on --host unless it binds
+    every interface, https and TLS when TLS is on, HTTP first."""
+    from server.launcher import direct_ingress_addresses
+
+    def group(protocol: str, *targets: tuple[str, int]):
+        return SimpleNamespace(protocol=SimpleNamespace(value=protocol.upper()),
+                               targets=[SimpleNamespace(ip=ip, port=port) for ip, port in targets])
+
+    groups = [group("grpc", ("10.0.0.5", 50051), ("10.0.0.5", 40000)),
+              group("http", ("10.0.0.5", 8000), ("10.0.0.5", 30001), ("10.0.0.6", 30000))]
+    plain = direct_ingress_addresses(ServeConfig(direct_ingress=True), groups)
+    assert plain == [{"protocol": "http", "address": "http://127.0.0.1:30000/v1", "tls": False},
+                     {"protocol": "http", "address": "http://127.0.0.1:30001/v1", "tls": False},
+                     {"protocol": "grpc", "address": "10.0.0.5:40000", "tls": False}]
+    cluster = direct_ingress_addresses(ServeConfig(direct_ingress=True, host="0.0.0.0"), groups)
+    assert [a["address"] for a in cluster] == ["http://10.0.0.5:30001/v1", "http://10.0.0.6:30000/v1",
+                                               "10.0.0.5:40000"]
+    assert direct_ingress_addresses(ServeConfig(direct_ingress=True), [group("http", ("10.0.0.5", 8000))]) == []
+    # a replica's copy of the config has no TLS files: it passes what the proxies' settings say
+    tls = direct_ingress_addresses(ServeConfig(direct_ingress=True), groups, tls=True)
+    assert [(a["address"], a["tls"]) for a in tls] == [("https://127.0.0.1:30000/v1", True),
+                                                       ("https://127.0.0.1:30001/v1", True), ("10.0.0.5:40000", True)]
+
+
 def test_no_request_field_is_code_a_pickle_or_a_path():
     """Request models hold only plain data, and no field names a file: dictionaries and the
     model are ids looked up among what was loaded at start, never opened from a request."""
@@ -711,18 +737,28 @@ def test_live_grpc_every_rpc_but_check_needs_a_key_over_tls(tls_server, monkeypa
 
 
 def _direct_ingress_ports(server, timeout_s: float = 120) -> tuple[int, int]:
-    """The replica's own HTTPS and gRPC ports, from sae-serve's ready lines (--direct-ingress)."""
-    import re
+    """The replica's own HTTPS and gRPC ports under --direct-ingress: listed by /health?detail=1
+    (through the proxy, with a key) and printed by sae-serve once ready, the same in both."""
+    import httpx
 
-    http = re.compile(r"direct ingress: a replica answers HTTP on https://127\.0\.0\.1:(\d+)/v1\n")
-    grpc_ = re.compile(r"direct ingress: a replica answers gRPC over TLS on [\d.]+:(\d+)\n")
     deadline = time.monotonic() + timeout_s
-    while True:  # (Ray's forwarded log lines may come between the two)
-        log = server.log_path.read_text(errors="replace")
-        if (h := http.search(log)) and (g := grpc_.search(log)):
-            return int(h.group(1)), int(g.group(1))
-        assert time.monotonic() < deadline, log[-3000:]
+    while "direct ingress: a replica answers gRPC" not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, server.log_path.read_text(errors="replace")[-3000:]
         time.sleep(0.5)
+    health = httpx.get(f"{server.base_url}/health?detail=1", headers=LIVE_AUTH, verify=server.verify, timeout=60)
+    assert health.status_code == 200, health.text
+    addresses = health.json()["direct_ingress"]
+    log = server.log_path.read_text(errors="replace")
+    for a in addresses:  # (Ray's forwarded log lines may come between the two)
+        where = f"HTTP on {a['address']}" if a["protocol"] == "http" else f"gRPC over TLS on {a['address']}"
+        assert f"sae-serve: direct ingress: a replica answers {where}\n" in log, (a, log[-3000:])
+    http = [a for a in addresses if a["protocol"] == "http"]
+    grpc_ = [a for a in addresses if a["protocol"] == "grpc"]
+    assert len(http) == len(grpc_) == 1 and http[0]["tls"] and grpc_[0]["tls"], addresses
+    h = re.fullmatch(r"https://127\.0\.0\.1:(\d+)/v1", http[0]["address"])
+    g = re.fullmatch(r"[\d.]+:(\d+)", grpc_[0]["address"])
+    assert h and g, addresses
+    return int(h.group(1)), int(g.group(1))
 
 
 @pytest.mark.slow

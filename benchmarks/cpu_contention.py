@@ -6,8 +6,9 @@ measures the engine alone against the engine beside a synthetic load of known si
 process that spins ``busy`` seconds every ``period`` seconds (``--load busy:period``,
 several allowed), e.g. ``0.01:0.1`` = 10 ms every 100 ms, about 0.1 core in short bursts,
 the shape of a server process waking once per decode step. The in-process ``SAEEngine``
-with sae-serve's default engine settings and binding runs 32 greedy requests × 64 new
-tokens (no features); configurations take turns round after round (``rounds.py``); median
+with sae-serve's default engine settings and binding (``serving_efficiency.start_engine``)
+runs 32 greedy chat requests × 64 new tokens (its prompts, no features); configurations
+take turns round after round (``rounds.py``); median
 tokens/s and the ratio to the engine alone, with the load's measured CPU share.
 
     .venv/bin/python benchmarks/cpu_contention.py [--load 0.005:0.1,0.01:0.1,0.02:0.1] [--repeats 5]
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 from rounds import interleaved  # noqa: E402  (benchmarks/rounds.py)
+from serving_efficiency import messages, start_engine  # noqa: E402  (the same engine and prompts)
 
 SPIN = """
 import sys, time
@@ -61,18 +63,14 @@ async def main() -> int:
 
     from vllm import SamplingParams
 
-    from sae_runtime.engine.engine import SAEEngine
     from server.config import ServeConfig
 
-    config = ServeConfig().engine
-    if config.cpu_threads_bind:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
-    if not config.dictionaries:
-        config = config.model_copy(update={"dictionaries": [str(REPO / "sae_runtime/data/default_dictionary")]})
-    eng = await SAEEngine.start(config)
+    bind = ServeConfig().engine.cpu_threads_bind  # sae-serve's binding, as its replica gets it
+    if bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    eng = await start_engine(argparse.Namespace(eager=False, stream_interval=None))
     try:
-        ids = [eng.encode_chat([{"role": "user", "content": f"Write about the history of rivers (note {i})."}])
-               for i in range(args.streams)]
+        ids = [eng.encode_chat(messages(i)) for i in range(args.streams)]
         params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
         load_cpu: dict[tuple[float, ...] | None, list[float]] = {}
 

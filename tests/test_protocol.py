@@ -232,8 +232,11 @@ def test_units_and_conditions_travel_and_are_planned_per_step():
     plan = build_step_plan([(a, 0, np.array([0, 1, 2])), (b, 3, np.array([0, 1]))], {"early": 1, "late": 2},
                            torch.device("cpu"))
     assert plan is not None
-    jobs = plan.layers[1].conditions
-    assert [(j.cid, j.rows.tolist()) for j in jobs] == [(0, [0, 1, 2]), (1, [3, 4])]
+    group = plan.layers[1].conditions["early"]  # both requests' conditions, one group
+    assert group.cids == [0, 1] and group.rows.tolist() == [0, 1, 2, 3, 4] and group.features.tolist() == [2]
+    assert group.condition.tolist() == [0, 0, 0, 1, 1] and group.step_row.tolist() == [0, 1, 2, 3, 4]
+    assert group.at_row.tolist() == [0, 1, 2, 3, 4] and group.at_feature.tolist() == [0] * 5
+    assert group.above.tolist() == [0.5] * 5
     batch = plan.layers[2].edits["late"]
     assert batch.cond is not None and batch.per_norm is not None
     assert batch.cond.tolist() == [[0, -1], [1, -1]] and batch.per_norm.tolist() == [[True, False], [True, False]]

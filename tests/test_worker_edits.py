@@ -148,7 +148,7 @@ def test_topk_condition_reads_the_encode_of_the_packed_matmul():
     """A condition (`when`) on a top-k feature is evaluated from the full encode through the
     packed matmul extraction uses: it fires exactly where that encode's activation is above
     the threshold, and the matmul is called (torch's is not used)."""
-    from sae_runtime.worker.step_plan import ConditionJob, LayerPlan
+    from sae_runtime.worker.step_plan import ConditionGroup, ConditionJob, LayerPlan
 
     d = _dictionary("topk")
     matmul, calls = _counted_packed_matmul(d)
@@ -160,7 +160,8 @@ def test_topk_condition_reads_the_encode_of_the_packed_matmul():
     feature = int(acts.float().gt(0).sum(0).argmax())  # active on many rows, not all
     above = float(acts[:, feature].float().median())
     calls.clear()
-    plan = LayerPlan(conditions=[ConditionJob(cid=0, dictionary="d", feature=feature, above=above, rows=rows)])
+    job = ConditionJob(cid=0, dictionary="d", feature=feature, above=above, rows=rows)
+    plan = LayerPlan(conditions={"d": ConditionGroup.of([job], torch.device("cpu"))})
     assert rt._apply_layer(0, plan, hidden, None) is None  # no edit: the stream is untouched
     assert calls == [rows.numel()]
     expect = torch.zeros(N, dtype=torch.bool)
@@ -176,7 +177,7 @@ def test_conditions_on_one_dictionary_share_one_encode(monkeypatch, chunk_rows):
     once (in row chunks where the dense activations would be large), and each condition
     fires exactly where that encode's activation of its feature is above its threshold."""
     from sae_runtime.worker import runtime
-    from sae_runtime.worker.step_plan import ConditionJob, LayerPlan
+    from sae_runtime.worker.step_plan import ConditionGroup, ConditionJob, LayerPlan
 
     if chunk_rows is not None:
         monkeypatch.setattr(runtime, "_EDIT_ENCODE_CHUNK_ELEMS", chunk_rows * D_SAE)
@@ -198,8 +199,10 @@ def test_conditions_on_one_dictionary_share_one_encode(monkeypatch, chunk_rows):
         sel = acts[torch.searchsorted(covered, rows), f]
         thresholds[cid] = float(sel.median())
     calls.clear()
-    plan = LayerPlan(conditions=[ConditionJob(cid=cid, dictionary="d", feature=f, above=thresholds[cid], rows=rows)
-                                 for cid, f, rows in jobs])
+    group = ConditionGroup.of([ConditionJob(cid=cid, dictionary="d", feature=f, above=thresholds[cid], rows=rows)
+                               for cid, f, rows in jobs], torch.device("cpu"))
+    assert group.rows.tolist() == covered.tolist() and group.features.tolist() == sorted({f1, f2, f3})
+    plan = LayerPlan(conditions={"d": group})
     assert rt._apply_layer(0, plan, hidden, None) is None
     assert sum(calls) == len(covered) and len(calls) == -(-len(covered) // step)
     any_fired = 0

@@ -32,7 +32,7 @@ from sae_runtime.worker import residual_op
 from sae_runtime.worker.decoder_layers import LAYER_ATTR, hooked_layers
 from sae_runtime.worker.feature_sender import FeatureSender
 from sae_runtime.worker.step_plan import (
-    ConditionJob,
+    ConditionGroup,
     EditBatch,
     ExtractJob,
     PlanCache,
@@ -228,37 +228,23 @@ class SAEWorkerRuntime:
             self._copy_streams(L, lp.streams, new_hidden, residual)
         return None if new_hidden is hidden else new_hidden
 
-    def _evaluate_conditions(self, jobs: list[ConditionJob], hidden: torch.Tensor,
+    def _evaluate_conditions(self, groups: dict[str, ConditionGroup], hidden: torch.Tensor,
                              residual: torch.Tensor | None) -> None:
-        """Where each condition fires (``self._fired[cid]``, over the step's rows).
-
-        One activation pass per dictionary for all of its conditions at this hook point: a
-        decode batch whose requests each carry a ``when`` on one top-k dictionary costs one
-        encode of the batch's rows, not one encode per request. Rows shared by several
-        conditions (one request's) are read once. A top-k feature's activation needs the
-        full encode, through extraction's matmul, in row chunks that bound the dense
-        ``[rows, d_sae]`` activations as :func:`_edit_feature_acts` does."""
-        by_dictionary: dict[str, list[ConditionJob]] = {}
-        for job in jobs:
-            by_dictionary.setdefault(job.dictionary, []).append(job)
-        for name, group in by_dictionary.items():
+        """Where each condition fires (``self._fired[cid]``, over the step's rows): per
+        dictionary one activation pass over the rows its conditions cover (the plan's
+        :class:`ConditionGroup`). A top-k feature's activation needs the full encode, through
+        extraction's matmul, in row chunks that bound the dense ``[rows, d_sae]`` activations
+        as :func:`_edit_feature_acts` does."""
+        for name, g in groups.items():
             d = self.dictionaries[name]
-            feats = sorted({j.feature for j in group})
-            rows, where = torch.unique(torch.cat([j.rows for j in group]), return_inverse=True)
-            col = torch.cat([torch.full_like(j.rows, feats.index(j.feature)) for j in group])
-            x = _stream_rows(hidden, residual, rows).to(d.dtype)
-            ids = torch.tensor(feats, device=x.device)
+            x = _stream_rows(hidden, residual, g.rows).to(d.dtype)
             step = max(1, _EDIT_ENCODE_CHUNK_ELEMS // d.d_sae if d.activation == "topk" else x.shape[0])
-            acts = torch.cat([d.feature_activations(x[r0:r0 + step], ids, self.encoders[name]).float()
-                              for r0 in range(0, x.shape[0], step)])  # [unique rows, features]
-            act = acts[where, col]
-            off = 0
-            for j in group:
-                n = j.rows.numel()
-                fired = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-                fired[j.rows] = act[off:off + n] > j.above
-                self._fired[j.cid] = fired
-                off += n
+            acts = torch.cat([d.feature_activations(x[r0:r0 + step], g.features, self.encoders[name]).float()
+                              for r0 in range(0, x.shape[0], step)])  # [rows, features]
+            fired = torch.zeros(len(g.cids), hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            fired[g.condition, g.step_row] = acts[g.at_row, g.at_feature] > g.above
+            for i, cid in enumerate(g.cids):
+                self._fired[cid] = fired[i]
 
     def _copy_streams(self, L: int, jobs: list[StreamJob], hidden: torch.Tensor,
                       residual: torch.Tensor | None) -> None:

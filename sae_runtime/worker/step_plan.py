@@ -16,6 +16,7 @@ reuses it while the layout does not change, refreshing only the positions it rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,18 +162,57 @@ class StreamJob:
 
 @dataclass
 class ConditionJob:
-    """Evaluate one condition on some rows at its dictionary's hook point (before the edits there)."""
+    """One request's condition on its rows, as planned (a :class:`ConditionGroup` evaluates it
+    with the others on its dictionary at its hook point, before the edits there)."""
 
     cid: int  # the step's condition id (EditBatch.cond)
     dictionary: str
     feature: int
     above: float
-    rows: torch.Tensor  # [n] int64
+    rows: torch.Tensor  # [n] int64 step rows (CPU)
+
+
+@dataclass
+class ConditionGroup:
+    """Every condition on one dictionary at its hook point, evaluated together from one
+    activation pass over the rows they cover (each row once: a decode batch whose requests
+    each carry a ``when`` on one top-k dictionary costs one encode, not one per request).
+    Built once per batch layout, with the plan; an *entry* is one (condition, row) pair."""
+
+    cids: list[int]  # the step's condition ids, in entry order
+    rows: torch.Tensor  # [U] int64: the step rows the conditions cover, sorted, each once
+    features: torch.Tensor  # [F] int64: the distinct features the conditions read
+    at_row: torch.Tensor  # [M] int64: each entry's index in ``rows``
+    at_feature: torch.Tensor  # [M] int64: each entry's index in ``features``
+    condition: torch.Tensor  # [M] int64: each entry's index in ``cids``
+    step_row: torch.Tensor  # [M] int64: each entry's step row
+    above: torch.Tensor  # [M] float32: each entry's threshold
+
+    @classmethod
+    def of(cls, jobs: list[ConditionJob], device: torch.device) -> ConditionGroup:
+        """The group of ``jobs`` (one dictionary's, rows on the CPU)."""
+        feats = sorted({j.feature for j in jobs})
+        step_row = torch.cat([j.rows for j in jobs])
+        rows, at_row = torch.unique(step_row, return_inverse=True)
+
+        def per_entry(value: Callable[[int, ConditionJob], float | int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat([torch.full(j.rows.shape, value(i, j), dtype=dtype) for i, j in enumerate(jobs)])
+
+        return cls(
+            cids=[j.cid for j in jobs],
+            rows=rows.to(device),
+            features=torch.tensor(feats, dtype=torch.int64, device=device),
+            at_row=at_row.to(device),
+            at_feature=per_entry(lambda _, j: feats.index(j.feature), torch.int64).to(device),
+            condition=per_entry(lambda i, _: i, torch.int64).to(device),
+            step_row=step_row.to(device),
+            above=per_entry(lambda _, j: j.above, torch.float32).to(device),
+        )
 
 
 @dataclass
 class LayerPlan:
-    conditions: list[ConditionJob] = field(default_factory=list)
+    conditions: dict[str, ConditionGroup] = field(default_factory=dict)  # dictionary -> its conditions here
     edits: dict[str, EditBatch] = field(default_factory=dict)
     vectors: VectorBatch | None = None
     extract: dict[str, list[ExtractJob]] = field(default_factory=dict)
@@ -275,6 +315,7 @@ def build_step_plan(
     # dictionary -> ([row index tensors], [slot per row tensors], [slots], [step condition ids of each slot's request])
     edit_acc: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[ScopedEdits], list[torch.Tensor]]] = {}
     n_conditions = 0
+    cond_acc: dict[tuple[int, str], list[ConditionJob]] = {}  # (layer, dictionary) -> its conditions
     vec_acc: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     positioned: list[tuple[ExtractJob | StreamJob, int, np.ndarray]] = []
 
@@ -287,8 +328,8 @@ def build_step_plan(
         # The request's conditions get step-wide ids and are evaluated on all its rows.
         cmap = torch.arange(n_conditions, n_conditions + len(state.conditions), dtype=torch.int64)
         for c, cid in zip(state.conditions, cmap.tolist(), strict=True):
-            layer(dict_layers[c.dictionary]).conditions.append(
-                ConditionJob(cid, c.dictionary, c.feature, c.above, rows.to(device)))
+            cond_acc.setdefault((dict_layers[c.dictionary], c.dictionary), []).append(
+                ConditionJob(cid, c.dictionary, c.feature, c.above, rows))
         n_conditions += len(state.conditions)
 
         for name, scoped in state.edits.items():
@@ -349,6 +390,8 @@ def build_step_plan(
                     layer(L).streams.append(stream_job)
                     positioned.append((stream_job, item, local))
 
+    for (L, name), jobs in cond_acc.items():
+        layer(L).conditions[name] = ConditionGroup.of(jobs, device)
     for name, (rows_l, slot_l, slots, cmaps) in edit_acc.items():
         if not rows_l:
             continue
